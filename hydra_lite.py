@@ -1,0 +1,988 @@
+"""hydra-lite: a small Llama inference runtime with Hydra speculative decoding.
+
+One file you can vendor. Plain PyTorch everywhere; with kernels.py beside it and a CUDA GPU, the hot paths run
+as Triton kernels and each decoding step is replayed as a CUDA graph.
+
+    python hydra_lite.py --prompt "Why is the sky blue?"                 # default model + heads
+    python hydra_lite.py --checkpoint DIR --heads HEADS_DIR --mode hydra --prompt "..."
+
+Hydra (Ankner et al. 2024, arXiv 2402.05109): draft heads on the base model's last hidden state propose a tree
+of continuations, head k conditioned on the tokens drafted before it; the base model checks the whole tree in
+one forward pass with a tree attention mask and keeps the longest path it agrees with.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # Triton kernels are optional: without them (or without a GPU) the reference ops below run.
+    import kernels as _kernels
+except ImportError:
+    try:
+        from . import kernels as _kernels  # vendored inside a package
+    except ImportError:
+        _kernels = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "smollm2-135m-instruct")
+DEFAULT_HEADS = os.path.join(HERE, "heads", "smollm2-135m-hydra++")
+
+
+class HydraLiteError(Exception):
+    """Bad input from the user: a missing file, a wrong shape, an impossible setting."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int
+    vocab_size: int
+    head_dim: int = 0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    bos_id: Optional[int] = 1
+    eos_ids: list = field(default_factory=lambda: [2])
+    add_bos: bool = True
+    chat_template: str = "none"
+    default_system: Optional[str] = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise HydraLiteError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        missing = [k for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size") if k not in d]
+        if missing:
+            raise HydraLiteError(f"config is missing {missing}")
+        return cls(**known)
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise HydraLiteError(f"{path} not found")
+    except json.JSONDecodeError as e:
+        raise HydraLiteError(f"{path} is not valid JSON: {e}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference ops. Plain PyTorch: the CPU path, and the oracle that tests hold kernels.py's Triton kernels to.
+# Shapes: activations [B, T, ...]; a KV cache layer [B, S, n_kv_heads, head_dim]; lens[b] = tokens of row b
+# already in the cache. New tokens are written at slots lens[b] .. lens[b]+T-1 and lens is left unchanged.
+
+
+def rms_norm_ref(x, w, eps, residual=None):
+    """RMSNorm(x [+ residual]); with a residual also returns the sum (the next residual stream)."""
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+    return y if residual is None else (y, x)
+
+
+def swiglu_ref(gate_up):
+    """silu(gate) * up, for the fused [..., 2*hidden] output of w13."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rope_rotate(x, cos, sin):
+    """Rotate-half RoPE. x [B, T, H, D]; cos, sin [B, T, D/2] float32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def rope_cache_write_ref(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, lens):
+    """Rotate q and k by their positions pos [B, T]; write k and v into the cache at slots lens[b] + t.
+    Returns rotated q. cos_table, sin_table: [max_pos, D/2] float32."""
+    cos, sin = cos_table[pos], sin_table[pos]
+    q, k = rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
+    B, T = pos.shape
+    slots = lens[:, None].long() + torch.arange(T, device=q.device)
+    rows = torch.arange(B, device=q.device)[:, None].expand(B, T)
+    k_cache[rows, slots] = k.to(k_cache.dtype)
+    v_cache[rows, slots] = v.to(v_cache.dtype)
+    return q
+
+
+def attention_ref(q, k_cache, v_cache, lens, mask=None):
+    """Attention of T new tokens over their row's cache: every cached slot < lens[b] is visible; among the new
+    tokens (slots lens[b] ..) query i sees key j where mask[i, j] (mask [T, T] bool; None = causal).
+    q [B, T, Hq, D] -> [B, T, Hq, D]. Covers prefill, decoding (T=1) and tree verification."""
+    B, T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    out = torch.empty_like(q)
+    for b in range(B):  # rows have different lengths
+        n = int(lens[b]) + T
+        k = k_cache[b, :n].float().repeat_interleave(Hq // Hkv, dim=1)  # [n, Hq, D]
+        v = v_cache[b, :n].float().repeat_interleave(Hq // Hkv, dim=1)
+        scores = torch.einsum("thd,shd->hts", q[b].float(), k) / math.sqrt(D)
+        visible = torch.ones(T, n, dtype=torch.bool, device=q.device)
+        visible[:, n - T:] = mask
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[b] = torch.einsum("hts,shd->thd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def kv_compact_ref(k_all, v_all, lens, path):
+    """After verification, move the accepted tree tokens' keys/values to the front of the tree's slots:
+    slot lens[b] + path[b, j] -> slot lens[b] + j, in every layer. k_all, v_all [L, B, S, Hkv, D];
+    path [B, P] node indices (entries past the accepted length are j itself: a no-op copy)."""
+    B, P = path.shape
+    rows = torch.arange(B, device=path.device)[:, None].expand(B, P)
+    src = lens[:, None].long() + path.long()
+    dst = lens[:, None].long() + torch.arange(P, device=path.device)
+    for cache in (k_all, v_all):
+        cache[:, rows, dst] = cache[:, rows, src]  # the gather copies first, so overlapping moves are safe
+
+
+def accept_greedy_ref(tree_tokens, base_pred, retrieve):
+    """Greedy verification. tree_tokens, base_pred [B, T]: the drafted token at each tree node and the base
+    model's argmax after it. retrieve [P, depth+1]: node indices of each root-to-leaf path, -1 padded.
+    Returns n_accept [B] (tokens accepted, root included, >= 1) and path [B, depth+1] (the accepted nodes,
+    then j for the unused tail so a KV compaction over it is a no-op)."""
+    valid = retrieve >= 0
+    idx = retrieve.clamp(min=0)
+    cand = tree_tokens[:, idx]  # [B, P, D1]
+    pred = base_pred[:, idx]
+    match = (cand[:, :, 1:] == pred[:, :, :-1]) & valid[None, :, 1:]
+    accepted = match.int().cumprod(dim=-1).sum(dim=-1)  # [B, P]
+    best = accepted.argmax(dim=-1)  # first longest path
+    n_accept = accepted.gather(1, best[:, None])[:, 0] + 1
+    j = torch.arange(retrieve.shape[1], device=retrieve.device)
+    path = torch.where(j[None] < n_accept[:, None], idx[best], j[None])
+    return n_accept, path
+
+
+# Dispatch: Triton on CUDA tensors when kernels.py is importable, else the references above.
+USE_TRITON = os.environ.get("HYDRA_LITE_TRITON", "1") != "0"
+
+
+def _triton(x):
+    return USE_TRITON and _kernels is not None and x.is_cuda
+
+
+def rms_norm(x, w, eps, residual=None):
+    return (_kernels.rms_norm if _triton(x) else rms_norm_ref)(x, w, eps, residual)
+
+
+def swiglu(gate_up):
+    return (_kernels.swiglu if _triton(gate_up) else swiglu_ref)(gate_up)
+
+
+def rope_cache_write(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, lens):
+    fn = _kernels.rope_cache_write if _triton(q) else rope_cache_write_ref
+    return fn(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, lens)
+
+
+def attention(q, k_cache, v_cache, lens, mask=None):
+    if not _triton(q):
+        return attention_ref(q, k_cache, v_cache, lens, mask)
+    if q.shape[1] == 1:
+        return _kernels.decode_attention(q, k_cache, v_cache, lens)
+    return _kernels.tree_attention(q, k_cache, v_cache, lens, mask)
+
+
+def kv_compact(k_all, v_all, lens, path):
+    (_kernels.kv_compact if _triton(k_all) else kv_compact_ref)(k_all, v_all, lens, path)
+
+
+def accept_greedy(tree_tokens, base_pred, retrieve):
+    return (_kernels.accept_greedy if _triton(tree_tokens) else accept_greedy_ref)(tree_tokens, base_pred, retrieve)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+def rope_tables(cfg, max_pos, device):
+    """cos/sin [max_pos, head_dim/2] in float32, with Llama-3 frequency scaling when configured."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    rs = cfg.rope_scaling
+    if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_len = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq  # blend between the two regimes
+        inv_freq = torch.where(wavelen > old_len / lo, inv_freq / factor, torch.where(wavelen < old_len / hi, inv_freq, scaled))
+    elif rs:
+        raise HydraLiteError(f"unsupported rope_scaling {rs}")
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
+    return freqs.cos().float().to(device), freqs.sin().float().to(device)
+
+
+class Block(nn.Module):
+    """One Llama decoder layer with fused q/k/v and gate/up projections."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        self.attn_norm = nn.Parameter(torch.ones(cfg.dim))
+        self.wqkv = nn.Parameter(torch.empty(qkv, cfg.dim))
+        self.wo = nn.Parameter(torch.empty(cfg.dim, cfg.n_heads * cfg.head_dim))
+        self.ffn_norm = nn.Parameter(torch.ones(cfg.dim))
+        self.w13 = nn.Parameter(torch.empty(2 * cfg.hidden_dim, cfg.dim))
+        self.w2 = nn.Parameter(torch.empty(cfg.dim, cfg.hidden_dim))
+
+    def forward(self, x, residual, rope, pos, k_cache, v_cache, lens, mask):
+        """x: this layer's input before its norm, residual: the stream to add it to (None for the first
+        layer). Returns the attention+MLP output and the new residual, so each add fuses with the next norm."""
+        c = self.cfg
+        B, T, _ = x.shape
+        h, residual = rms_norm(x, self.attn_norm, c.norm_eps, residual) if residual is not None else (rms_norm(x, self.attn_norm, c.norm_eps), x)
+        q, k, v = F.linear(h, self.wqkv).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
+        q = q.view(B, T, c.n_heads, c.head_dim)
+        k = k.view(B, T, c.n_kv_heads, c.head_dim)
+        v = v.view(B, T, c.n_kv_heads, c.head_dim)
+        q = rope_cache_write(q, k, v, rope[0], rope[1], pos, k_cache, v_cache, lens)
+        a = F.linear(attention(q, k_cache, v_cache, lens, mask).reshape(B, T, -1), self.wo)
+        h, residual = rms_norm(a, self.ffn_norm, c.norm_eps, residual)
+        return F.linear(swiglu(F.linear(h, self.w13)), self.w2), residual
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: [n_layers, batch, max_len, n_kv_heads, head_dim], and lens[b],
+    the number of valid slots of row b. Slots past lens hold scratch (e.g. rejected tree tokens)."""
+
+    def __init__(self, n_layers, batch, max_len, n_kv_heads, head_dim, device, dtype):
+        shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.max_len = max_len
+
+    def rows(self, b0, b1):
+        """A view on rows b0..b1-1 sharing storage (to prefill one prompt at a time)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.lens, view.max_len = self.k[:, b0:b1], self.v[:, b0:b1], self.lens[b0:b1], self.max_len
+        return view
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.dim))
+        self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim))
+        self.rope = None
+
+    @property
+    def output_weight(self):
+        return self.embed.weight if self.lm_head is None else self.lm_head
+
+    def new_cache(self, batch, max_len=None):
+        max_len = max_len or self.cfg.max_seq_len
+        p = self.embed.weight
+        if self.rope is None or self.rope[0].shape[0] < max_len or self.rope[0].device != p.device:
+            self.rope = rope_tables(self.cfg, max(max_len, 1), p.device)
+        return KVCache(self.cfg.n_layers, batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, p.device, p.dtype)
+
+    def forward(self, tokens, cache, pos=None, mask=None):
+        """tokens [B, T] -> last hidden states [B, T, dim] after the final norm. Writes the tokens' keys/values
+        at slots lens[b] + t; the caller advances cache.lens (or compacts, for a tree). pos [B, T]: RoPE
+        positions (default lens[b] + t); mask [T, T]: which new tokens see which (default causal)."""
+        B, T = tokens.shape
+        if pos is None:
+            pos = cache.lens[:, None].long() + torch.arange(T, device=tokens.device)
+        x, residual = self.embed(tokens), None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, self.rope, pos, cache.k[i], cache.v[i], cache.lens, mask)
+        return rms_norm(x, self.norm, self.cfg.norm_eps, residual)[0]
+
+    def logits(self, h):
+        return F.linear(h, self.output_weight)
+
+    @torch.no_grad()
+    def forward_logits(self, tokens):
+        """Full-sequence logits without a persistent cache (for tests and scoring)."""
+        cache = self.new_cache(tokens.shape[0], tokens.shape[1])
+        return self.logits(self(tokens, cache)).float()
+
+
+def load_safetensors(paths):
+    from safetensors.torch import load_file
+
+    state = {}
+    for p in paths:
+        state.update(load_file(p))
+    return state
+
+
+def shard_files(directory, stem):
+    """stem.safetensors, or stem-00001-of-0000N.safetensors shards."""
+    single = os.path.join(directory, stem + ".safetensors")
+    if os.path.exists(single):
+        return [single]
+    shards = sorted(f for f in os.listdir(directory) if f.startswith(stem + "-") and f.endswith(".safetensors"))
+    if not shards:
+        raise HydraLiteError(f"no {stem}.safetensors in {directory}")
+    return [os.path.join(directory, f) for f in shards]
+
+
+def load_state(module, state, what):
+    """Strict load with an error that names the tensor."""
+    expected = module.state_dict()
+    for name, t in expected.items():
+        if name not in state:
+            raise HydraLiteError(f"{what}: missing tensor {name}")
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise HydraLiteError(f"{what}: tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(t.shape)}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise HydraLiteError(f"{what}: unexpected tensors {extra[:5]}")
+    module.load_state_dict(state)
+
+
+def _model_state(raw, cfg):
+    """Runtime tensor names (FORMAT.md) -> this module's parameter names."""
+    state = {"embed.weight": raw.pop("embed", None), "norm": raw.pop("norm", None)}
+    if not cfg.tie_embeddings:
+        state["lm_head"] = raw.pop("lm_head", None)
+    state.update(raw)
+    return {k: v for k, v in state.items() if v is not None}
+
+
+def load_model(path, device="cpu", dtype=None):
+    """Load a runtime checkpoint directory (see FORMAT.md; make one with convert.py)."""
+    if not os.path.isdir(path):
+        raise HydraLiteError(f"checkpoint {path} not found; make one with: python convert.py smollm2  (or convert.py HF_DIR)")
+    cfg = Config.from_dict(read_json(os.path.join(path, "config.json")))
+    dtype = dtype or getattr(torch, cfg.dtype)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    state = _model_state(load_safetensors(shard_files(path, "model")), cfg)
+    model = model.to_empty(device="cpu")
+    load_state(model, {k: v.to(dtype) for k, v in state.items()}, path)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.path = path
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer and chat templates (no jinja: the common template families are written out here)
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+class Tokenizer:
+    def __init__(self, path, cfg: Config):
+        self.cfg = cfg
+        if os.path.exists(os.path.join(path, "tokenizer.json")):
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self.tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+            self.sp = None
+        elif os.path.exists(os.path.join(path, "tokenizer.model")):
+            import sentencepiece
+
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model"))
+            self.tok = None
+        else:
+            raise HydraLiteError(f"no tokenizer.json or tokenizer.model in {path}")
+
+    def encode(self, text, bos=None):
+        ids = self.tok.encode(text, add_special_tokens=False).ids if self.tok else self.sp.encode(text)
+        bos = self.cfg.add_bos if bos is None else bos
+        return ([self.cfg.bos_id] if bos and self.cfg.bos_id is not None else []) + ids
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        return self.tok.decode(ids, skip_special_tokens=True) if self.tok else self.sp.decode(ids)
+
+    def token_id(self, piece):
+        return self.tok.token_to_id(piece) if self.tok else (self.sp.piece_to_id(piece) if piece else None)
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        """messages: [{"role": "system"|"user"|"assistant", "content": str}] -> token ids."""
+        family, system = self.cfg.chat_template, self.cfg.default_system
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        if family == "chatml":
+            text = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+            text += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return self.encode(text + ("<|im_start|>assistant\n" if add_generation_prompt else ""))
+        if family == "llama3":
+            turn = lambda role, content: f"<|start_header_id|>{role}<|end_header_id|>\n\n{content.strip()}<|eot_id|>"
+            text = "<|begin_of_text|>" + (turn("system", system) if system else "")
+            text += "".join(turn(m["role"], m["content"]) for m in messages)
+            return self.encode(text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else ""), bos=False)
+        if family == "llama2":  # BOS/EOS around each exchange, as ids so sentencepiece models work too
+            ids, sys_text = [], f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
+            for i in range(0, len(messages), 2):
+                user = (sys_text if i == 0 else "") + messages[i]["content"]
+                ids += self.encode(f"[INST] {user.strip()} [/INST]", bos=True)
+                if i + 1 < len(messages):
+                    ids += self.encode(" " + messages[i + 1]["content"].strip(), bos=False) + self.cfg.eos_ids[:1]
+            return ids
+        if family == "vicuna":
+            ids = self.encode((system or VICUNA_SYSTEM) + " ", bos=True)
+            for m in messages:
+                if m["role"] == "user":
+                    ids += self.encode(f"USER: {m['content']} ", bos=False)
+                else:
+                    ids += self.encode(f"ASSISTANT: {m['content']}", bos=False) + self.cfg.eos_ids[:1]
+            return ids + (self.encode("ASSISTANT:", bos=False) if add_generation_prompt else [])
+        return self.encode("\n".join(m["content"] for m in messages))
+
+
+class TextStream:
+    """Turns a growing token list into printable text increments (holds back split UTF-8 characters)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
+
+    def push(self, ids):
+        self.ids += list(ids)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.printed = text[self.printed:], len(text)
+        return new
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def sample(logits, sp: SamplingParams, generator=None):
+    """logits [B, V] -> tokens [B]."""
+    if sp.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / sp.temperature
+    if sp.top_k > 0:
+        kth = logits.topk(min(sp.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sp.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > sp.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Draft heads (Medusa, Hydra, Hydra++) and the token tree
+
+
+class ResBlock(nn.Module):
+    """y = res(x) + silu(W x + b); res is the identity, or a projection when x is wider (grounded heads)."""
+
+    def __init__(self, dim, in_dim):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(dim, in_dim))
+        self.b = nn.Parameter(torch.zeros(dim))
+        self.res_w = nn.Parameter(torch.empty(dim, in_dim)) if in_dim != dim else None
+        self.res_b = nn.Parameter(torch.zeros(dim)) if in_dim != dim else None
+
+    def forward(self, x):
+        res = x if self.res_w is None else F.linear(x, self.res_w, self.res_b)
+        return res + F.silu(F.linear(x, self.w, self.b))
+
+
+class Head(nn.Module):
+    def __init__(self, dim, in_dim, n_layers, vocab_size, own_lm, lm_bias):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResBlock(dim, in_dim if j == 0 else dim) for j in range(n_layers))
+        self.lm_w = nn.Parameter(torch.empty(vocab_size, dim)) if own_lm else None
+        self.lm_b = nn.Parameter(torch.zeros(vocab_size)) if lm_bias else None
+
+    def forward(self, x, base_lm_w):
+        for block in self.blocks:
+            x = block(x)
+        return F.linear(x, base_lm_w if self.lm_w is None else self.lm_w, self.lm_b)
+
+
+@dataclass
+class HeadsConfig:
+    n_heads: int
+    n_layers: int
+    dim: int
+    vocab_size: int
+    grounded: bool
+    prefix: bool
+    lm_head: str = "own"
+    lm_bias: bool = False
+    kind: str = ""
+    source: str = ""
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class DraftHeads(nn.Module):
+    """Head k predicts the token k+2 places after its hidden state h. Medusa: head k sees h. Hydra (grounded):
+    head k sees concat(h, embed(t_0..t_k)), t_0 the base model's token and t_1..t_k the drafted ones.
+    Hydra++ (prefix): h first goes through one extra decoder layer with its own KV cache."""
+
+    def __init__(self, hc: HeadsConfig, base_cfg: Config):
+        super().__init__()
+        self.hc = hc
+        if hc.dim != base_cfg.dim or hc.vocab_size != base_cfg.vocab_size:
+            raise HydraLiteError(f"heads are for dim={hc.dim}, vocab={hc.vocab_size}; base has dim={base_cfg.dim}, vocab={base_cfg.vocab_size}")
+        self.heads = nn.ModuleList(
+            Head(hc.dim, (k + 2) * hc.dim if hc.grounded else hc.dim, hc.n_layers, hc.vocab_size, hc.lm_head == "own", hc.lm_bias)
+            for k in range(hc.n_heads))
+        if hc.prefix:
+            self.prefix = Block(base_cfg)
+            self.prefix_norm = nn.Parameter(torch.ones(hc.dim))
+        else:
+            self.prefix = None
+
+    def run_prefix(self, h, rope, cache, pos=None):
+        """Hydra++: the extra decoder layer over base hidden states h [B, T, dim]; writes its cache like the
+        base model (the caller advances cache.lens)."""
+        B, T, _ = h.shape
+        if pos is None:
+            pos = cache.lens[:, None].long() + torch.arange(T, device=h.device)
+        x, residual = self.prefix(h, None, rope, pos, cache.k[0], cache.v[0], cache.lens, None)
+        return rms_norm(x, self.prefix_norm, self.prefix.cfg.norm_eps, residual)[0]
+
+
+def load_heads(path, base: Llama):
+    if not os.path.isdir(path):
+        raise HydraLiteError(f"heads {path} not found (train some with train_heads.py, or convert with convert.py --heads)")
+    hc = HeadsConfig.from_dict(read_json(os.path.join(path, "heads.json")))
+    with torch.device("meta"):
+        heads = DraftHeads(hc, base.cfg)
+    state = load_safetensors(shard_files(path, "heads"))
+    state = {("prefix_norm" if k == "prefix.norm" else k): v for k, v in state.items()}
+    p = base.embed.weight
+    heads = heads.to_empty(device="cpu")
+    load_state(heads, {k: v.to(p.dtype) for k, v in state.items()}, path)
+    return heads.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
+
+
+def save_heads(heads: DraftHeads, path):
+    """Write heads in the runtime format (FORMAT.md)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    state = {("prefix.norm" if k == "prefix_norm" else k): v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    save_file(state, os.path.join(path, "heads.safetensors"))
+    with open(os.path.join(path, "heads.json"), "w") as f:
+        json.dump({"format": "hydra-lite-heads/1", **heads.hc.__dict__}, f, indent=1)
+
+
+# Tree choices: each entry is a path of top-k ranks from the root (the base model's own next token); [0, 1] is
+# "head 0's best token, then head 1's second best after it". Default: a 64-node tree grown greedily from
+# estimated per-depth acceptance rates (rank r at depth d ~ 0.75^d / (r+1)): wide near the root, deep on the top-1
+# spine.
+def default_tree(size=63, depth=4, top=10):
+    import heapq
+
+    score = lambda path: math.prod(0.75 / (r + 1) for r in path)
+    chosen, frontier = [], [(-score([r]), [r]) for r in range(top)]
+    heapq.heapify(frontier)
+    while frontier and len(chosen) < size:
+        _, path = heapq.heappop(frontier)
+        chosen.append(path)
+        if len(path) < depth:
+            for r in range(top):
+                heapq.heappush(frontier, (-score(path + [r]), path + [r]))
+    return sorted(chosen, key=lambda p: (len(p), p))
+
+
+class Tree:
+    """Static buffers for a tree of choices. Node 0 is the root; node i > 0 is choice i-1 sorted by depth."""
+
+    def __init__(self, choices, device="cpu"):
+        choices = sorted((list(c) for c in choices), key=lambda p: (len(p), p))
+        if not choices:
+            raise HydraLiteError("tree needs at least one choice")
+        index = {(): 0}
+        for i, c in enumerate(choices):
+            if tuple(c[:-1]) not in index:
+                raise HydraLiteError(f"tree choice {c} has no parent {c[:-1]} in the tree")
+            if tuple(c) in index:
+                raise HydraLiteError(f"tree choice {c} appears twice")
+            index[tuple(c)] = i + 1
+        self.choices, self.size, self.depth = choices, len(choices) + 1, max(len(c) for c in choices)
+        parent = [0] + [index[tuple(c[:-1])] for c in choices]
+        depth = [0] + [len(c) for c in choices]
+        rank = [0] + [c[-1] for c in choices]
+        mask = torch.zeros(self.size, self.size, dtype=torch.bool)
+        for i in range(self.size):  # a node sees itself and its ancestors
+            j = i
+            while True:
+                mask[i, j] = True
+                if j == 0:
+                    break
+                j = parent[j]
+        paths = [[0] + [index[tuple(c[:n])] for n in range(1, len(c) + 1)] for c in choices
+                 if not any(len(o) == len(c) + 1 and o[:-1] == c for o in choices)]  # leaves
+        retrieve = torch.full((len(paths), self.depth + 1), -1, dtype=torch.long)
+        for p, nodes in enumerate(paths):
+            retrieve[p, :len(nodes)] = torch.tensor(nodes)
+        # Per depth d >= 1: the nodes there, which parent (among the depth d-1 nodes that have children) and
+        # which rank each takes; node_path[i] lists the nodes from the root to i (for grounded head inputs).
+        self.levels = []
+        for d in range(1, self.depth + 1):
+            nodes = [i for i in range(self.size) if depth[i] == d]
+            parents = sorted({parent[i] for i in nodes})
+            self.levels.append(dict(
+                nodes=torch.tensor(nodes, device=device), parents=torch.tensor(parents, device=device),
+                parent_slot=torch.tensor([parents.index(parent[i]) for i in nodes], device=device),
+                rank=torch.tensor([rank[i] for i in nodes], device=device), k=max(rank[i] for i in nodes) + 1))
+        node_path = torch.zeros(self.size, self.depth + 1, dtype=torch.long)
+        for i in range(self.size):
+            j, chain = i, []
+            while True:
+                chain.append(j)
+                if j == 0:
+                    break
+                j = parent[j]
+            node_path[i, :len(chain)] = torch.tensor(chain[::-1])
+        self.node_path = node_path.to(device)
+        self.mask, self.retrieve = mask.to(device), retrieve.to(device)
+        self.node_depth = torch.tensor(depth, device=device)
+
+    def to(self, device):
+        return Tree(self.choices, device)
+
+
+def draft(heads: DraftHeads, base: Llama, tree: Tree, h, root):
+    """Fill the tree: h [B, dim] (the hidden state after which `root` [B] comes) -> tree tokens [B, size]."""
+    B = h.shape[0]
+    tokens = torch.zeros(B, tree.size, dtype=torch.long, device=h.device)
+    tokens[:, 0] = root
+    lm_w = base.output_weight
+    if not heads.hc.grounded:  # Medusa: every head reads h alone; a node takes its rank of its depth's head
+        for d, lv in enumerate(tree.levels):
+            top = heads.heads[d](h, lm_w).topk(lv["k"], dim=-1).indices  # [B, k]
+            tokens[:, lv["nodes"]] = top[:, lv["rank"]]
+        return tokens
+    for d, lv in enumerate(tree.levels):  # Hydra: depth by depth, each head conditioned on its path's tokens
+        path = tree.node_path[lv["parents"], :d + 1]  # [n_par, d+1]: root .. parent
+        emb = base.embed(tokens[:, path]).flatten(2)  # [B, n_par, (d+1)*dim]
+        x = torch.cat([h[:, None, :].expand(B, path.shape[0], -1), emb], dim=-1)
+        top = heads.heads[d](x, lm_w).topk(lv["k"], dim=-1).indices  # [B, n_par, k]
+        tokens[:, lv["nodes"]] = top[:, lv["parent_slot"], lv["rank"]]
+    return tokens
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    accepted: int = 0  # tokens gained by active rows over all steps
+    row_steps: int = 0  # active rows summed over steps
+
+    @property
+    def tokens_per_s(self):
+        return self.new_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def mean_accept(self):
+        """Mean acceptance length: tokens a sequence gains per base-model step (1.0 for plain decoding)."""
+        return self.accepted / self.row_steps if self.row_steps else 0.0
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepGraph:
+    """Replays fn(*static_inputs) as a CUDA graph; plain call elsewhere. Inputs are copied into static buffers."""
+
+    def __init__(self, fn, example_inputs, use_graph):
+        self.fn, self.graph = fn, None
+        if not use_graph:
+            return
+        self.inputs = [x.clone() for x in example_inputs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (Triton compiles, cuBLAS picks kernels) outside the capture
+            fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, *inputs):
+        if self.graph is None:
+            return self.fn(*inputs)
+        for buf, x in zip(self.inputs, inputs):
+            buf.copy_(x)
+        self.graph.replay()
+        return self.outputs
+
+
+class Generator:
+    """Batched generation with one model (and optionally draft heads). Caches and CUDA graphs are built per
+    (batch, max_len, tree) and reused across calls."""
+
+    def __init__(self, model: Llama, tokenizer=None, heads: Optional[DraftHeads] = None, tree_choices=None,
+                 cuda_graphs=True):
+        self.model, self.tokenizer, self.heads = model, tokenizer, heads
+        self.device = model.embed.weight.device
+        # Graph capture needs the Triton path: the reference attention reads lengths on the host.
+        self.use_graphs = cuda_graphs and self.device.type == "cuda" and USE_TRITON and _kernels is not None
+        self.tree = Tree(tree_choices or default_tree(), self.device) if heads is not None else None
+        if heads is not None and self.tree.depth > heads.hc.n_heads:
+            raise HydraLiteError(f"tree is {self.tree.depth} deep but there are only {heads.hc.n_heads} heads")
+        self._key = None
+
+    # -- setup shared by both modes
+    def _setup(self, batch, max_len, mode):
+        key = (batch, max_len, mode)
+        if self._key == key:
+            return
+        self._key = key
+        self.cache = self.model.new_cache(batch, max_len)
+        self.prefix_cache = None
+        if mode != "ar" and self.heads.prefix is not None:
+            c = self.model.cfg
+            self.prefix_cache = KVCache(1, batch, max_len, c.n_kv_heads, c.head_dim, self.device, self.cache.k.dtype)
+        B = batch
+        if mode == "ar":
+            self.step = StepGraph(self._ar_step, [torch.zeros(B, dtype=torch.long, device=self.device)], self.use_graphs)
+        else:
+            ex = [torch.zeros(B, dtype=torch.long, device=self.device),
+                  torch.zeros(B, self.model.cfg.dim, device=self.device, dtype=self.cache.k.dtype)]
+            self.step = StepGraph(self._spec_step, ex, self.use_graphs)
+        self.cache.lens.zero_()  # graph warm-up wrote scratch
+        if self.prefix_cache is not None:
+            self.prefix_cache.lens.zero_()
+
+    def _prefill(self, prompts):
+        """Fill each row's cache with its prompt. Returns the base logits after the prompt [B, V] and the
+        hidden state the draft heads start from [B, dim] (Hydra++: the prefix layer's output)."""
+        logits, h_draft = [], []
+        for b, ids in enumerate(prompts):
+            row = self.cache.rows(b, b + 1)
+            row.lens.zero_()
+            h = self.model(torch.tensor([ids], device=self.device), row)
+            row.lens += len(ids)
+            logits.append(self.model.logits(h[:, -1]))
+            if self.prefix_cache is not None:
+                prow = self.prefix_cache.rows(b, b + 1)
+                prow.lens.zero_()
+                h = self.heads.run_prefix(h, self.model.rope, prow)
+                prow.lens += len(ids)
+            h_draft.append(h[:, -1])
+        return torch.cat(logits), torch.cat(h_draft)
+
+    # -- one step of each mode (captured as a CUDA graph on GPU)
+    def _ar_step(self, tokens):
+        h = self.model(tokens[:, None], self.cache)
+        self.cache.lens += 1
+        return self.model.logits(h[:, 0])
+
+    def _spec_step(self, root, h):
+        """Draft a tree after `root`, verify it, accept, compact. Returns the accepted tokens [B, depth+1]
+        (valid up to n_accept), n_accept [B], the base logits after the last accepted token, and the next h."""
+        tree, cache, B = self.tree, self.cache, root.shape[0]
+        tokens = draft(self.heads, self.model, tree, h, root)
+        pos = cache.lens[:, None].long() + tree.node_depth[None]
+        hidden = self.model(tokens, cache, pos, tree.mask)  # [B, T, dim]
+        logits = self.model.logits(hidden)  # [B, T, V]
+        n_accept, path = accept_greedy(tokens, logits.argmax(-1), tree.retrieve)
+        rows = torch.arange(B, device=root.device)[:, None]
+        accepted = tokens[rows, path]  # [B, depth+1]
+        last = path.gather(1, (n_accept - 1)[:, None])  # [B, 1] node index of the last accepted token
+        next_logits = logits[rows, last][:, 0]
+        next_h = hidden[rows, last][:, 0]
+        if self.prefix_cache is not None:  # the extra layer sees the accepted hidden states, in order
+            acc_hidden = hidden[rows, path]
+            h_pre = self.heads.run_prefix(acc_hidden, self.model.rope, self.prefix_cache)
+            self.prefix_cache.lens += n_accept.to(torch.int32)
+            next_h = h_pre[rows, (n_accept - 1)[:, None]][:, 0]
+        kv_compact(cache.k, cache.v, cache.lens, path)
+        cache.lens += n_accept.to(torch.int32)
+        return accepted, n_accept, next_logits, next_h
+
+    @torch.inference_mode()
+    def generate(self, prompts, max_new_tokens=256, sampling=None, mode=None, on_text=None, stop_at_eos=True):
+        """prompts: list of token-id lists. mode: "ar", or "spec" (needs heads; the default when heads are
+        loaded). on_text(row, text) is called with each new piece of text (needs a tokenizer).
+        Returns (list of generated id lists, Stats)."""
+        sampling = sampling or SamplingParams()
+        mode = mode or ("spec" if self.heads is not None else "ar")
+        if mode == "spec" and self.heads is None:
+            raise HydraLiteError("speculative decoding needs draft heads (--heads)")
+        if mode == "spec" and sampling.temperature > 0:
+            raise HydraLiteError("speculative decoding here is greedy only; use --temperature 0 or --mode ar")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise HydraLiteError("every prompt needs at least one token")
+        B = len(prompts)
+        extra = (self.tree.size if mode == "spec" else 1) + 1
+        longest = max(len(p) for p in prompts)
+        max_len = min(self.model.cfg.max_seq_len, longest + max_new_tokens + extra)
+        max_len = -(-max_len // 256) * 256  # round up so the graphs are reused across similar calls
+        if longest + extra > max_len or longest + extra > self.model.cfg.max_seq_len:
+            raise HydraLiteError(f"prompt of {longest} tokens does not fit the context of {self.model.cfg.max_seq_len}")
+        self._setup(B, max_len, mode)
+        stats, eos = Stats(prompt_tokens=sum(map(len, prompts))), set(self.model.cfg.eos_ids)
+        streams = [TextStream(self.tokenizer) for _ in range(B)] if on_text and self.tokenizer else None
+        out, done = [[] for _ in range(B)], [False] * B
+
+        def emit(b, ids):
+            for t in ids:
+                if done[b]:
+                    return
+                if stop_at_eos and t in eos:
+                    done[b] = True
+                    return
+                out[b].append(t)
+                stats.new_tokens += 1
+                if streams:
+                    text = streams[b].push([t])
+                    if text:
+                        on_text(b, text)
+                if len(out[b]) >= max_new_tokens:
+                    done[b] = True
+
+        t0 = time.perf_counter()
+        logits, h = self._prefill(prompts)
+        token = sample(logits, sampling)
+        _sync(self.device)
+        stats.prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        first = token.tolist()
+        for b in range(B):
+            emit(b, [first[b]])
+        while not all(done):
+            if int(self.cache.lens.max()) + extra >= max_len:
+                break  # context full
+            active = [b for b in range(B) if not done[b]]
+            if mode == "ar":
+                logits = self.step(token)
+                token = sample(logits, sampling)
+                new, n = token.tolist(), [1] * B
+                for b in active:
+                    emit(b, [new[b]])
+            else:
+                accepted, n_accept, logits, h = self.step(token, h)
+                token = logits.argmax(-1)
+                acc, n, nxt = accepted.tolist(), n_accept.tolist(), token.tolist()
+                for b in active:  # the tree's root was emitted last step; emit the rest and the bonus token
+                    emit(b, acc[b][1:n[b]] + [nxt[b]])
+            stats.steps += 1
+            stats.row_steps += len(active)
+            stats.accepted += sum(n[b] for b in active)
+        _sync(self.device)
+        stats.decode_s = time.perf_counter() - t0
+        return out, stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Llama inference with Hydra speculative decoding")
+    ap.add_argument("--prompt", action="append", help="prompt (repeat for a batch)")
+    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="runtime checkpoint dir (convert.py makes one)")
+    ap.add_argument("--heads", default=None, help="draft heads dir (default: the shipped SmolLM2 Hydra++ heads)")
+    ap.add_argument("--mode", choices=["ar", "medusa", "hydra"], default=None,
+                    help="ar: plain decoding; medusa/hydra: speculative with the given heads (default: hydra when heads load)")
+    ap.add_argument("--tree", default=None, help="tree choices as JSON (list of rank paths), or a .json file")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text")
+    ap.add_argument("--system", default=None, help="system prompt for the chat template")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        return _run_cli(args)
+    except HydraLiteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_cli(args):
+    if not args.prompt:
+        raise HydraLiteError("give a --prompt")
+    torch.manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    model = load_model(args.checkpoint, args.device, dtype)
+    tok = Tokenizer(args.checkpoint, model.cfg)
+    heads = None
+    if args.mode != "ar":
+        heads_path = args.heads or (DEFAULT_HEADS if args.checkpoint == DEFAULT_CHECKPOINT else None)
+        if heads_path and (args.heads or os.path.isdir(heads_path)):
+            heads = load_heads(heads_path, model)
+        elif args.mode in ("medusa", "hydra"):
+            raise HydraLiteError(f"--mode {args.mode} needs --heads")
+    if heads is not None and args.mode == "medusa" and heads.hc.grounded:
+        raise HydraLiteError("--mode medusa needs Medusa heads; these are Hydra heads")
+    if heads is not None and args.mode == "hydra" and not heads.hc.grounded:
+        raise HydraLiteError("--mode hydra needs Hydra heads; these are Medusa heads")
+    tree = None
+    if args.tree:
+        tree = json.load(open(args.tree)) if args.tree.endswith(".json") else json.loads(args.tree)
+    gen = Generator(model, tok, heads, tree, cuda_graphs=not args.no_cuda_graphs)
+    if args.raw or model.cfg.chat_template == "none":
+        prompts = [tok.encode(p) for p in args.prompt]
+    else:
+        prompts = [tok.encode_chat([{"role": "system", "content": args.system}] * bool(args.system) + [{"role": "user", "content": p}]) for p in args.prompt]
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    single = len(prompts) == 1
+    outs, stats = gen.generate(prompts, args.max_new_tokens, sampling,
+                               on_text=(lambda b, t: print(t, end="", flush=True)) if single else None)
+    if not single:
+        for i, ids in enumerate(outs):
+            print(f"--- [{i}] {tok.decode(ids)}")
+    mode = "ar" if heads is None else ("hydra" if heads.hc.grounded else "medusa") + ("++" if heads.hc.prefix else "")
+    print(f"\n[{mode}] {stats.prompt_tokens} prompt tokens, {stats.new_tokens} new tokens in {stats.decode_s:.2f}s: "
+          f"{stats.tokens_per_s:.1f} tokens/s, {stats.steps} steps, mean acceptance length {stats.mean_accept:.2f} "
+          f"(prefill {stats.prefill_s * 1000:.0f} ms, {args.device}, {str(dtype).replace('torch.', '')})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
