@@ -1,0 +1,173 @@
+"""Runtime invariants on tiny random models (CPU, float32): cached decoding equals a full forward, and greedy
+speculative decoding (Medusa, Hydra, Hydra++) equals greedy autoregressive decoding token for token."""
+import pytest
+import torch
+
+import hydra_lite as hl
+
+
+def tiny_model(seed, n_heads=4, n_kv_heads=2, tie=True, rope_scaling=None, vocab=97):
+    torch.manual_seed(seed)
+    cfg = hl.Config(dim=32 * n_heads // 2, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=80,
+                    vocab_size=vocab, max_seq_len=1024, tie_embeddings=tie, rope_scaling=rope_scaling, eos_ids=[])
+    model = hl.Llama(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5 if p.dim() == 2 else 0.1)  # sharp logits: fewer greedy near-ties
+        if p.dim() == 1:
+            p.data += 1.0
+    return model.eval()
+
+
+def tiny_heads(model, grounded, prefix, seed=1, n_heads=4, lm_head="base"):
+    torch.manual_seed(seed)
+    c = model.cfg
+    hc = hl.HeadsConfig(n_heads=n_heads, n_layers=2, dim=c.dim, vocab_size=c.vocab_size, grounded=grounded,
+                        prefix=prefix, lm_head=lm_head, lm_bias=lm_head == "own")
+    heads = hl.DraftHeads(hc, c)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return heads.eval()
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,tie,scaling", [(4, 4, True, None), (4, 2, False, None), (6, 2, True, LLAMA3_SCALING)])
+def test_cached_decoding_equals_full_forward(n_heads, n_kv_heads, tie, scaling):
+    model = tiny_model(seed=n_heads + n_kv_heads, n_heads=n_heads, n_kv_heads=n_kv_heads, tie=tie, rope_scaling=scaling)
+    tokens = torch.randint(0, model.cfg.vocab_size, (3, 90))  # past original_max_position_embeddings
+    full = model.forward_logits(tokens)
+    cache = model.new_cache(3, 128)
+    with torch.no_grad():
+        pieces = [model.logits(model(tokens[:, :37], cache))]
+        cache.lens += 37
+        for t in range(37, 90):
+            pieces.append(model.logits(model(tokens[:, t:t + 1], cache)))
+            cache.lens += 1
+    step = torch.cat(pieces, 1).float()
+    assert (step - full).abs().max() < 1e-3 * full.abs().max()
+    assert torch.equal(step.argmax(-1), full.argmax(-1))
+
+
+def test_ragged_rows_match_single_rows():
+    """A batch whose rows hold different lengths decodes each row as if it were alone."""
+    model = tiny_model(3)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (5, 17, 9)]
+    gen = hl.Generator(model)
+    batch, _ = gen.generate(prompts, 20, stop_at_eos=False)
+    for p, out in zip(prompts, batch):
+        alone, _ = hl.Generator(model).generate([p], 20, stop_at_eos=False)
+        assert alone[0] == out
+
+
+@pytest.mark.parametrize("grounded,prefix", [(False, False), (True, False), (True, True)], ids=["medusa", "hydra", "hydra++"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_speculative_equals_autoregressive(grounded, prefix, batch):
+    model = tiny_model(10 + batch)
+    heads = tiny_heads(model, grounded, prefix, lm_head="own" if grounded else "base")
+    torch.manual_seed(batch)
+    prompts = [torch.randint(0, 97, (int(n),)).tolist() for n in torch.randint(3, 30, (batch,))]
+    ar, ar_stats = hl.Generator(model).generate(prompts, 48, stop_at_eos=False)
+    spec, spec_stats = hl.Generator(model, heads=heads).generate(prompts, 48, stop_at_eos=False)
+    assert spec == ar
+    assert ar_stats.mean_accept == 1.0 and spec_stats.mean_accept >= 1.0
+
+
+def test_oracle_drafts_are_accepted_and_compacted(monkeypatch):
+    """Drafts that follow the true greedy continuation for a random number of steps per row: every such token
+    must be accepted (mean acceptance > 1), and compaction must keep the output equal to plain decoding."""
+    model = tiny_model(7)
+    heads = tiny_heads(model, True, False)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (6, 13)]
+    ar, _ = hl.Generator(model).generate(prompts, 60, stop_at_eos=False)
+    gen = hl.Generator(model, heads=heads)
+    real_draft = hl.draft
+    gen_prompt_lens = [len(p) for p in prompts]
+    rng = torch.Generator().manual_seed(0)
+
+    def oracle_draft(heads_, base, tree, h, root):
+        tokens = real_draft(heads_, base, tree, h, root)
+        for b in range(tokens.shape[0]):
+            at = int(gen.cache.lens[b]) - gen_prompt_lens[b]  # index of the root in the output
+            node, good = 0, int(torch.randint(0, tree.depth + 1, (1,), generator=rng))
+            for d in range(1, good + 1):  # follow rank-0 children along the true continuation
+                children = [i for i in range(tree.size) if int(tree.node_depth[i]) == d and int(tree.node_path[i, d - 1]) == node]
+                if not children or at + d >= len(ar[b]):
+                    break
+                node = children[0]
+                tokens[b, node] = ar[b][at + d]
+        return tokens
+
+    monkeypatch.setattr(hl, "draft", oracle_draft)
+    spec, stats = gen.generate(prompts, 60, stop_at_eos=False)
+    assert spec == ar
+    assert stats.mean_accept > 1.8
+
+
+def test_tree_buffers():
+    tree = hl.Tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    assert tree.size == 7 and tree.depth == 3
+    # nodes: 0 root, 1 [0], 2 [1], 3 [0,0], 4 [0,1], 5 [1,0], 6 [0,0,0]
+    assert tree.node_depth.tolist() == [0, 1, 1, 2, 2, 2, 3]
+    assert tree.mask[6].nonzero().flatten().tolist() == [0, 1, 3, 6]
+    assert tree.mask[5].nonzero().flatten().tolist() == [0, 2, 5]
+    assert sorted(map(tuple, tree.retrieve.tolist())) == [(0, 1, 3, 6), (0, 1, 4, -1), (0, 2, 5, -1)]
+    assert tree.levels[1]["parents"].tolist() == [1, 2] and tree.levels[1]["rank"].tolist() == [0, 1, 0]
+    with pytest.raises(hl.HydraLiteError, match="no parent"):
+        hl.Tree([[0, 1]])
+    with pytest.raises(hl.HydraLiteError, match="twice"):
+        hl.Tree([[0], [0]])
+    assert len(hl.default_tree()) == 63 and hl.Tree(hl.default_tree()).depth == 4
+
+
+def test_accept_greedy_ref():
+    retrieve = torch.tensor([[0, 1, 3], [0, 1, 4], [0, 2, -1]])
+    tokens = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 8, 9], [5, 6, 7, 8, 9]])
+    # row 0: base says 6 after root, 9 after node 1 -> path 0,1,4 accepted fully
+    # row 1: base says 7 after root -> path 0,2 (length 2; the padding slot reads node 0's token 5, which
+    #        the base predicts after node 2, but padding must never match)
+    # row 2: base agrees with nothing -> root only
+    pred = torch.tensor([[6, 9, 0, 0, 0], [7, 0, 5, 0, 0], [1, 1, 1, 1, 1]])
+    n, path = hl.accept_greedy_ref(tokens, pred, retrieve)
+    assert n.tolist() == [3, 2, 1]
+    assert path.tolist() == [[0, 1, 4], [0, 2, 2], [0, 1, 2]]
+
+
+def test_sampling():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    greedy = logits.argmax(-1)
+    assert torch.equal(hl.sample(logits, hl.SamplingParams()), greedy)
+    assert torch.equal(hl.sample(logits, hl.SamplingParams(temperature=1.0, top_k=1)), greedy)
+    assert torch.equal(hl.sample(logits, hl.SamplingParams(temperature=1.0, top_p=1e-6)), greedy)
+    draws = torch.stack([hl.sample(logits, hl.SamplingParams(temperature=1.0, top_k=3)) for _ in range(200)])
+    top3 = logits.topk(3, -1).indices
+    assert all((draws[:, b, None] == top3[b]).any(-1).all() for b in range(4))
+    assert len(set(draws[:, 0].tolist())) > 1
+
+
+def test_bad_inputs(tmp_path):
+    model = tiny_model(0)
+    with pytest.raises(hl.HydraLiteError, match="not found"):
+        hl.load_model(str(tmp_path / "nope"))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(hl.HydraLiteError, match="not valid JSON"):
+        hl.load_model(str(tmp_path))
+    with pytest.raises(hl.HydraLiteError, match="only 2 heads"):
+        hl.Generator(model, heads=tiny_heads(model, True, False, n_heads=2))
+    with pytest.raises(hl.HydraLiteError, match="at least one token"):
+        hl.Generator(model).generate([[]])
+    with pytest.raises(hl.HydraLiteError, match="does not fit"):
+        hl.Generator(model).generate([[1] * 2000])
+    with pytest.raises(hl.HydraLiteError, match="multiple"):
+        hl.Config(dim=32, n_layers=1, n_heads=4, n_kv_heads=3, hidden_dim=8, vocab_size=10)
+
+
+def test_heads_save_load_roundtrip(tmp_path):
+    model = tiny_model(2)
+    heads = tiny_heads(model, True, True)
+    hl.save_heads(heads, str(tmp_path))
+    again = hl.load_heads(str(tmp_path), model)
+    for (n, a), (m, b) in zip(heads.state_dict().items(), again.state_dict().items()):
+        assert n == m and torch.equal(a, b)
