@@ -593,13 +593,25 @@ def load_heads(path, base: Llama):
     return heads.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
 
 
-def save_heads(heads: DraftHeads, path):
-    """Write heads in the runtime format (FORMAT.md)."""
+def save_heads(heads: DraftHeads, path, shard_mb=15):
+    """Write heads in the runtime format (FORMAT.md), in shards of at most shard_mb MB."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
+    for f in os.listdir(path):  # stale shards from an earlier save would be loaded too
+        if f.startswith("heads") and f.endswith(".safetensors"):
+            os.remove(os.path.join(path, f))
     state = {("prefix.norm" if k == "prefix_norm" else k): v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
-    save_file(state, os.path.join(path, "heads.safetensors"))
+    shards, size = [{}], 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > shard_mb * 1e6:
+            shards.append({})
+            size = 0
+        shards[-1][k], size = v, size + nbytes
+    for i, shard in enumerate(shards):
+        name = "heads.safetensors" if len(shards) == 1 else f"heads-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, name))
     with open(os.path.join(path, "heads.json"), "w") as f:
         json.dump({"format": "hydra-lite-heads/1", **heads.hc.__dict__}, f, indent=1)
 

@@ -167,7 +167,8 @@ def test_bad_inputs(tmp_path):
 def test_heads_save_load_roundtrip(tmp_path):
     model = tiny_model(2)
     heads = tiny_heads(model, True, True)
-    hl.save_heads(heads, str(tmp_path))
+    hl.save_heads(heads, str(tmp_path), shard_mb=0.05)
+    assert len(list(tmp_path.glob("heads-*.safetensors"))) > 2
     again = hl.load_heads(str(tmp_path), model)
     for (n, a), (m, b) in zip(heads.state_dict().items(), again.state_dict().items()):
         assert n == m and torch.equal(a, b)

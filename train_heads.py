@@ -1,0 +1,271 @@
+"""Train draft heads (Medusa, Hydra, Hydra++) for a hydra-lite base model by self-distillation.
+
+    python train_heads.py data   --checkpoint CKPT --prompts questions.jsonl --out runs/data.pt
+    python train_heads.py train  --checkpoint CKPT --data runs/data.pt --kind hydra++ --out heads/my-heads
+
+`data` lets the base model answer the prompts itself (batched, sampled at several temperatures), so the heads
+learn the distribution they will be asked to predict. `train` freezes the base model and fits the heads with
+the teacher loss of Hydra++: each head matches the base model's own next-token distribution at its offset
+(soft cross-entropy), with uniform noise on the heads' inputs.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import hydra_lite as hl
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def read_prompts(path, ids=None):
+    """A JSONL file of {"turns": [...]} (ShareGPT/MT-bench style), {"prompt": ...} or {"text": ...} rows.
+    ids: keep rows whose index is in this set. Every turn becomes its own single-turn prompt."""
+    prompts = []
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if not line.strip() or (ids is not None and i not in ids):
+                continue
+            row = json.loads(line)
+            prompts += row.get("turns") or [row.get("prompt") or row["text"]]
+    return prompts
+
+
+def parse_range(spec):
+    """'0-79' -> {0..79}; None -> None (all rows)."""
+    if not spec:
+        return None
+    lo, hi = spec.split("-")
+    return set(range(int(lo), int(hi) + 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Self-distillation data
+
+
+def make_data(model, tok, prompts, samples, temperatures, max_new_tokens, batch):
+    """Each prompt answered `samples` times by the base model, temperatures cycling. Returns a list of
+    (token ids, index where the answer starts)."""
+    gen = hl.Generator(model, tok)
+    jobs = [(p, temperatures[s % len(temperatures)]) for p in prompts for s in range(samples)]
+    jobs.sort(key=lambda j: j[1])  # one temperature per batch
+    rows, t0, done_tokens = [], time.time(), 0
+    for i in range(0, len(jobs), batch):
+        chunk = jobs[i:i + batch]
+        temp = chunk[0][1]
+        chunk = [j for j in chunk if j[1] == temp]
+        ids = [tok.encode_chat([{"role": "user", "content": p}]) for p, _ in chunk]
+        outs, _ = gen.generate(ids, max_new_tokens, hl.SamplingParams(temperature=temp, top_p=0.95 if temp else 1.0),
+                               stop_at_eos=True)
+        eos = model.cfg.eos_ids[:1]
+        for p, o in zip(ids, outs):
+            rows.append((p + o + (eos if len(o) < max_new_tokens else []), len(p)))
+            done_tokens += len(o)
+        log(f"data: {len(rows)}/{len(jobs)} answers, {done_tokens} tokens, {done_tokens / (time.time() - t0):.0f} tokens/s")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def new_heads(model, kind, n_heads, n_layers):
+    c = model.cfg
+    grounded, prefix = kind in ("hydra", "hydra++"), kind == "hydra++"
+    hc = hl.HeadsConfig(n_heads=n_heads, n_layers=n_layers, dim=c.dim, vocab_size=c.vocab_size, grounded=grounded,
+                        prefix=prefix, lm_head="base", lm_bias=False, kind=kind, source=f"train_heads.py on {getattr(model, 'path', '?')}")
+    heads = hl.DraftHeads(hc, c)
+    with torch.no_grad():  # start near "predict what the base model would from h": residual blocks at identity
+        for head in heads.heads:
+            for block in head.blocks:
+                block.w.zero_(), block.b.zero_()
+                if block.res_w is not None:
+                    block.res_w.normal_(std=0.01)
+                    block.res_w[:, :c.dim] += torch.eye(c.dim)
+                    block.res_b.zero_()
+        if prefix:  # the extra layer starts as the identity (zero output projections) before its norm
+            p = heads.prefix
+            p.attn_norm.fill_(1), p.ffn_norm.fill_(1), heads.prefix_norm.fill_(1)
+            p.wqkv.normal_(std=0.02), p.w13.normal_(std=0.02), p.wo.zero_(), p.w2.zero_()
+    return heads
+
+
+def prefix_forward_train(heads, h, rope):
+    """Differentiable Hydra++ prefix layer over a whole sequence (causal; the runtime's cached path is for
+    inference only)."""
+    blk = heads.prefix
+    c = blk.cfg
+    B, T, _ = h.shape
+    x = hl.rms_norm_ref(h, blk.attn_norm, c.norm_eps)
+    q, k, v = F.linear(x, blk.wqkv).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
+    cos, sin = rope[0][:T][None].expand(B, T, -1), rope[1][:T][None].expand(B, T, -1)
+    q = hl.rope_rotate(q.view(B, T, c.n_heads, c.head_dim), cos, sin).transpose(1, 2)
+    k = hl.rope_rotate(k.view(B, T, c.n_kv_heads, c.head_dim), cos, sin).transpose(1, 2)
+    v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+    rep = c.n_heads // c.n_kv_heads
+    a = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
+    h = h + F.linear(a.transpose(1, 2).reshape(B, T, -1), blk.wo)
+    h = h + F.linear(hl.swiglu_ref(F.linear(hl.rms_norm_ref(h, blk.ffn_norm, c.norm_eps), blk.w13)), blk.w2)
+    return hl.rms_norm_ref(h, heads.prefix_norm, c.norm_eps)
+
+
+def batches(rows, max_tokens, rng):
+    """Length-bucketed batches of about max_tokens padded tokens."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    out, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * len(rows[i][0]) > max_tokens:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    out.append(cur)
+    rng.shuffle(out)
+    return out
+
+
+def head_losses(model, heads, tokens, valid, noise_alpha):
+    """tokens [B, T] (right-padded), valid [B, T] (positions in an answer). Returns per-head (loss, top-1 acc)."""
+    B, T = tokens.shape
+    dim, lm_w = model.cfg.dim, model.output_weight
+    with torch.no_grad():
+        cache = model.new_cache(B, T)
+        h = model(tokens, cache)  # base hidden states after the final norm
+        teacher = F.softmax(model.logits(h).float(), -1).to(h.dtype)  # the base model's next-token distribution
+        emb = model.embed(tokens)
+    noise = lambda x: x + (torch.rand_like(x) * 2 - 1) * noise_alpha / math.sqrt(T * dim) if noise_alpha else x
+    h = noise(h)
+    if heads.prefix is not None:
+        h = prefix_forward_train(heads, h, model.rope)
+    results = []
+    for k, head in enumerate(heads.heads):
+        n = T - k - 2  # head k at position t predicts token t+k+2: the base's distribution at t+k+1
+        if n <= 0:
+            results.append((torch.zeros((), device=tokens.device), 0.0))
+            continue
+        x = h[:, :n]
+        if heads.hc.grounded:  # concat(h_t, embed(x_{t+1}), ..., embed(x_{t+k+1}))
+            x = torch.cat([x] + [noise(emb[:, j + 1:j + 1 + n]) for j in range(k + 1)], dim=-1)
+        mask = valid[:, :n] & valid[:, k + 2:k + 2 + n]
+        logits = head(x[mask], lm_w).float()
+        target = teacher[:, k + 1:k + 1 + n][mask].float()
+        loss = -(target * F.log_softmax(logits, -1)).sum(-1).mean()
+        acc = (logits.argmax(-1) == target.argmax(-1)).float().mean().item()
+        results.append((loss, acc))
+    return results
+
+
+def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, eval_rows=None):
+    rng = random.Random(seed)
+    params = [p for p in heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+    dev = model.embed.weight.device
+    model.new_cache(1, max(len(r[0]) for r in rows) + 1)  # RoPE tables long enough
+    step, t0, plan = 0, time.time(), []
+    heads.train().requires_grad_(True)
+    while step < steps:
+        if not plan:
+            plan = batches(rows, max_tokens, rng)
+        idx = plan.pop()
+        tokens, valid = pad([rows[i] for i in idx], dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            results = head_losses(model, heads, tokens, valid, noise_alpha)
+        loss = sum(r[0] for r in results)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        if step % 25 == 0 or step == steps or step == 1:
+            accs = " ".join(f"{r[1]:.3f}" for r in results)
+            log(f"step {step}/{steps} loss {loss.item():.3f} top-1 per head {accs} lr {sched.get_last_lr()[0]:.2e} "
+                f"({time.time() - t0:.0f}s)")
+    heads.eval().requires_grad_(False)
+    if eval_rows:
+        with torch.no_grad():
+            tokens, valid = pad(eval_rows, dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                accs = [r[1] for r in head_losses(model, heads, tokens, valid, 0.0)]
+        log("held-out top-1 per head: " + " ".join(f"{a:.3f}" for a in accs))
+        return accs
+
+
+def pad(rows, device):
+    T = max(len(r[0]) for r in rows)
+    tokens = torch.zeros(len(rows), T, dtype=torch.long)
+    valid = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, (ids, start) in enumerate(rows):
+        tokens[b, :len(ids)] = torch.tensor(ids)
+        valid[b, max(start - 1, 0):len(ids)] = True  # from the last prompt token on: where drafting happens
+    return tokens.to(device), valid.to(device)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data", help="generate self-distillation data")
+    d.add_argument("--prompts", required=True, help="JSONL prompts")
+    d.add_argument("--rows", default=None, help="row range to use, e.g. 0-79 (keep the rest for evaluation)")
+    d.add_argument("--samples", type=int, default=8, help="answers per prompt")
+    d.add_argument("--temperatures", default="0,0.7,1.0")
+    d.add_argument("--max-new-tokens", type=int, default=384)
+    d.add_argument("--batch", type=int, default=64)
+    t = sub.add_parser("train", help="train heads on generated data")
+    t.add_argument("--data", required=True)
+    t.add_argument("--kind", choices=["medusa", "hydra", "hydra++"], default="hydra++")
+    t.add_argument("--n-heads", type=int, default=4)
+    t.add_argument("--n-layers", type=int, default=1)
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch")
+    t.add_argument("--noise", type=float, default=5.0, help="uniform input noise scale (0: off)")
+    for p in (d, t):
+        p.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
+        p.add_argument("--out", required=True)
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    try:
+        model = hl.load_model(args.checkpoint, args.device, dtype)
+        if args.cmd == "data":
+            tok = hl.Tokenizer(args.checkpoint, model.cfg)
+            prompts = read_prompts(args.prompts, parse_range(args.rows))
+            if not prompts:
+                raise hl.HydraLiteError(f"no prompts in {args.prompts} (rows {args.rows})")
+            temps = [float(x) for x in args.temperatures.split(",")]
+            rows = make_data(model, tok, prompts, args.samples, temps, args.max_new_tokens, args.batch)
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            torch.save({"rows": rows, "checkpoint": args.checkpoint, "prompts": args.prompts}, args.out)
+            log(f"wrote {len(rows)} answers ({sum(len(r[0]) - r[1] for r in rows)} answer tokens) to {args.out}")
+        else:
+            data = torch.load(args.data)
+            rows = data["rows"]
+            random.Random(args.seed).shuffle(rows)
+            n_eval = max(1, len(rows) // 50)
+            heads = new_heads(model, args.kind, args.n_heads, args.n_layers).to(args.device)  # fp32 master weights
+            n_params = sum(p.numel() for p in heads.parameters())
+            log(f"training {args.kind} heads ({n_params / 1e6:.1f}M parameters) on {len(rows) - n_eval} answers")
+            accs = train(model, heads, rows[n_eval:], args.steps, args.lr, args.max_tokens, args.noise, args.seed, rows[:n_eval])
+            hl.save_heads(heads.to(dtype), args.out)
+            with open(os.path.join(args.out, "train.json"), "w") as f:
+                json.dump({k: v for k, v in vars(args).items()} | {"held_out_top1": accs, "answers": len(rows)}, f, indent=1)
+            log(f"saved heads to {args.out}")
+    except hl.HydraLiteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
