@@ -26,16 +26,18 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def read_prompts(path, ids=None):
+def read_prompts(path, ids=None, first_turn=False):
     """A JSONL file of {"turns": [...]} (ShareGPT/MT-bench style), {"prompt": ...} or {"text": ...} rows.
-    ids: keep rows whose index is in this set. Every turn becomes its own single-turn prompt."""
+    ids: keep rows whose index is in this set. Every turn becomes its own single-turn prompt (or only the
+    first, with first_turn)."""
     prompts = []
     with open(path) as f:
         for i, line in enumerate(f):
             if not line.strip() or (ids is not None and i not in ids):
                 continue
             row = json.loads(line)
-            prompts += row.get("turns") or [row.get("prompt") or row["text"]]
+            turns = row.get("turns") or [row.get("prompt") or row["text"]]
+            prompts += turns[:1] if first_turn else turns
     return prompts
 
 

@@ -1,0 +1,29 @@
+"""The benchmark's helpers: the Hugging Face export (used for the transformers baseline) reproduces our logits,
+and the match statistics count what they claim."""
+import pytest
+import torch
+
+import benchmark
+from test_runtime import LLAMA3_SCALING, tiny_model
+
+
+@pytest.mark.parametrize("tie,scaling", [(True, None), (False, LLAMA3_SCALING)])
+def test_export_hf_logits_parity(tmp_path, tie, scaling):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(8, n_heads=4, n_kv_heads=2, tie=tie, rope_scaling=scaling)
+    benchmark.export_hf(model, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 80))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    ours = model.forward_logits(tokens)
+    diff = (ours - ref).abs().max().item()
+    print(f"max abs logit diff vs transformers: {diff:.2e}")
+    assert diff < 1e-4 * ref.abs().max().item()
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_match_stats():
+    ref = [[1, 2, 3, 4], [5, 6]]
+    assert benchmark.match_stats(ref, ref) == (1.0, 1.0)
+    assert benchmark.match_stats([[1, 2, 9, 4], [5, 6]], ref) == (0.5, 4 / 6)
