@@ -1,0 +1,436 @@
+"""Triton kernels for hydra_lite.py: the hot paths of a Llama forward pass and of Hydra tree verification.
+
+Each wrapper has the signature and semantics of its reference in hydra_lite.py ("Reference ops"), which is the
+oracle the tests hold it to. Every wrapper is CUDA-graph safe: it never reads a device value on the host, grid
+sizes and buffer shapes come from static shapes only.
+
+    python kernels.py --check      # on a GPU: compare every kernel to its reference, then time both
+
+Notes on the Triton interpreter (TRITON_INTERPRET=1, how the tests run these kernels on CPU tensors): it keeps
+bfloat16 as raw uint16, so arithmetic (tl.dot included) on bf16 values is wrong there. The kernels therefore
+convert to fp32 before any arithmetic, and the attention kernel takes an UPCAST flag that makes its matmuls fp32
+(set for CPU tensors and for fp32 inputs; on the GPU, bf16/fp16 inputs go to the tensor cores as they are).
+"""
+import math
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _pow2(n, lo=1):
+    return max(triton.next_power_of_2(n), lo)
+
+
+def _rows(x, dim):
+    """x [..., dim] -> a 2D view [rows, dim] with unit stride along dim (copies only if it has to)."""
+    x2 = x.reshape(-1, dim)
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RMSNorm (+ residual add)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, dim, eps, stride_x, stride_r,
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < dim
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+        s = (x + r).to(s_ptr.dtype.element_ty)  # the sum is rounded to the stream's dtype, as in torch
+        tl.store(s_ptr + row * dim + cols, s, mask=ok)
+        x = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
+    # Reference order: normalize in fp32, round to the input dtype, then multiply by w.
+    y = (x * rstd).to(s_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * dim + cols, (y * w).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x, w, eps, residual=None):
+    dim = x.shape[-1]
+    x2 = _rows(x, dim)
+    sdtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty(x.shape, dtype=torch.promote_types(sdtype, w.dtype), device=x.device)
+    # Without a residual the "sum" is x itself: s_ptr only carries the dtype (never written).
+    s = torch.empty(x.shape, dtype=sdtype, device=x.device) if residual is not None else x2
+    r2 = _rows(residual, dim) if residual is not None else x2
+    BLOCK = _pow2(dim, 16)
+    _rms_norm_kernel[(x2.shape[0],)](x2, r2, w.contiguous(), y, s, dim, eps, x2.stride(0), r2.stride(0),
+                                     HAS_RES=residual is not None, BLOCK=BLOCK,
+                                     num_warps=min(max(BLOCK // 512, 1), 16))
+    return y if residual is None else (y, s)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SwiGLU
+
+
+@triton.jit
+def _swiglu_kernel(gu_ptr, out_ptr, H, stride_row, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < H
+    g = tl.load(gu_ptr + row * stride_row + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_row + H + cols, mask=ok, other=0.0).to(tl.float32)
+    # torch rounds silu(gate) to the dtype before the product; do the same.
+    a = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * H + cols, (a * u).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def swiglu(gate_up):
+    H = gate_up.shape[-1] // 2
+    x2 = _rows(gate_up, 2 * H)
+    out = torch.empty(*gate_up.shape[:-1], H, dtype=gate_up.dtype, device=gate_up.device)
+    BLOCK = min(_pow2(H, 16), 1024)
+    _swiglu_kernel[(x2.shape[0], triton.cdiv(H, BLOCK))](x2, out, H, x2.stride(0), BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RoPE + KV cache write: one program per (row, token) rotates all q and k heads (cos/sin loaded once) and
+# writes k and v into the cache.
+
+
+@triton.jit
+def _rope_cache_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, lens_ptr, qo_ptr,
+                             T, Hq, Hkv, HALF, S,
+                             sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd,
+                             scos, spb, spt, sc_b, sc_s, sc_h, sc_d, sv_b, sv_s, sv_h, sv_d,
+                             BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // T).to(tl.int64)
+    t = pid % T
+    i = tl.arange(0, BLOCK_HALF)
+    ok_i = i < HALF
+    p = tl.load(pos_ptr + b * spb + t * spt)
+    c = tl.load(cos_ptr + p * scos + i, mask=ok_i, other=0.0)[None, :]
+    s = tl.load(sin_ptr + p * scos + i, mask=ok_i, other=0.0)[None, :]
+
+    # q: rotate-half, result into a fresh contiguous [B, T, Hq, D] tensor
+    h = tl.arange(0, BLOCK_HQ)[:, None]
+    ok = (h < Hq) & ok_i[None, :]
+    src = q_ptr + b * sqb + t * sqt + h * sqh + i[None, :] * sqd
+    x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF * sqd, mask=ok, other=0.0).to(tl.float32)
+    dst = qo_ptr + ((b * T + t) * Hq + h) * (2 * HALF) + i[None, :]
+    tl.store(dst, (x1 * c - x2 * s).to(qo_ptr.dtype.element_ty), mask=ok)
+    tl.store(dst + HALF, (x2 * c + x1 * s).to(qo_ptr.dtype.element_ty), mask=ok)
+
+    # k (rotated, rounded to k's dtype like the reference, then to the cache's) and v go to slot lens[b] + t
+    slot = tl.load(lens_ptr + b) + t
+    h = tl.arange(0, BLOCK_HKV)[:, None]
+    ok = (h < Hkv) & ok_i[None, :] & (slot < S)
+    src = k_ptr + b * skb + t * skt + h * skh + i[None, :] * skd
+    x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF * skd, mask=ok, other=0.0).to(tl.float32)
+    dst = kc_ptr + b * sc_b + slot * sc_s + h * sc_h + i[None, :] * sc_d
+    tl.store(dst, (x1 * c - x2 * s).to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty), mask=ok)
+    tl.store(dst + HALF * sc_d, (x2 * c + x1 * s).to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty), mask=ok)
+    src = v_ptr + b * svb + t * svt + h * svh + i[None, :] * svd
+    dst = vc_ptr + b * sv_b + slot * sv_s + h * sv_h + i[None, :] * sv_d
+    for half in tl.static_range(2):  # v is copied in the same two halves, to reuse the tile shape
+        x = tl.load(src + half * HALF * svd, mask=ok, other=0.0)
+        tl.store(dst + half * HALF * sv_d, x.to(vc_ptr.dtype.element_ty), mask=ok)
+
+
+def rope_cache_write(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, lens):
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    assert D % 2 == 0, "rotate-half RoPE needs an even head_dim"
+    assert cos_table.stride() == sin_table.stride() and cos_table.stride(1) == 1
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lens = lens.contiguous()
+    _rope_cache_write_kernel[(B * T,)](
+        q, k, v, cos_table, sin_table, pos, k_cache, v_cache, lens, qo, T, Hq, Hkv, D // 2, k_cache.shape[1],
+        *q.stride(), *k.stride(), *v.stride(), cos_table.stride(0), *pos.stride(), *k_cache.stride(), *v_cache.stride(),
+        BLOCK_HQ=_pow2(Hq), BLOCK_HKV=_pow2(Hkv), BLOCK_HALF=_pow2(D // 2), num_warps=4)
+    return qo
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention over the cache (prefill, tree verification and decoding share one kernel).
+#
+# A program takes one (token block, row b, kv head) and packs the REP = Hq/Hkv query heads of that kv head as
+# rows of its tile: tile row m is token t0 + m // REP, query head kv_head*REP + m % REP. So K/V are read once
+# per GQA group, and decoding (T=1) fills REP rows instead of wasting 15 of 16 per head.
+# Keys of row b: slots 0 .. lens[b]+T-1. Slots < lens[b] are visible to all; new slot lens[b]+j is visible to
+# token i iff mask[i, j] (causal without a mask). Online softmax in base 2 with fp32 statistics.
+# Split-K (flash-decoding): when the grid would not fill the GPU, a third grid axis cuts the slots into
+# NUM_SPLITS chunks of SPLIT_LEN; each writes a partial output and its log-sum-exp, and _attn_combine_kernel
+# merges them. The split count comes from static shapes (capacity S, not lens), so chunks past a row's keys
+# just write an empty partial.
+
+
+@triton.jit
+def _attn_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, sks, svs, scale, offs_n, ok_d,
+               lens, hi, t, mask_ptr, smq, smk, T,
+               MASKED: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One BLOCK_N slice of keys starting at slot `start`; MASKED: apply the cache/tree/causal visibility."""
+    kk = start + offs_n  # [BLOCK_N] key slots
+    if MASKED:
+        ld_mask = (kk < hi)[:, None] & ok_d[None, :]
+    else:
+        ld_mask = ok_d[None, :]
+    k = tl.load(k_ptrs + start * sks, mask=ld_mask, other=0.0)
+    v = tl.load(v_ptrs + start * svs, mask=ld_mask, other=0.0)
+    if UPCAST:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PREC)
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    qk = qk * scale
+    if MASKED:
+        j = kk[None, :] - lens  # index among the new tokens (negative: an old cache slot)
+        if HAS_MASK:
+            new_ok = tl.load(mask_ptr + t[:, None] * smq + j * smk,
+                             mask=(j >= 0) & (j < T) & (t[:, None] < T), other=0) != 0
+        else:
+            new_ok = (j >= 0) & (j <= t[:, None])
+        visible = ((j < 0) | new_ok) & (kk[None, :] < hi)
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if UPCAST:
+        pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision=PREC)
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, mask_ptr, o_ptr, po_ptr, plse_ptr,
+                 T, Hq, Hkv, D, scale, SPLIT_LEN, NUM_SPLITS,
+                 sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, smq, smk,
+                 REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
+    pid_t = tl.program_id(0)
+    b = (tl.program_id(1) // Hkv).to(tl.int64)
+    kvh = tl.program_id(1) % Hkv
+    split = tl.program_id(2)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    t = pid_t * TOK + offs_m // REP  # [BLOCK_M] token of each tile row
+    h = kvh * REP + offs_m % REP  # its query head
+    row_ok = (offs_m < TOK * REP) & (t < T)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok_d = offs_d < D
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q = tl.load(q_ptr + b * sqb + t[:, None] * sqt + h[:, None] * sqh + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & ok_d[None, :], other=0.0)
+
+    lens = tl.load(lens_ptr + b)
+    if HAS_MASK:
+        hi = lens + T
+    else:  # causal: nothing past the tile's last token
+        hi = lens + tl.minimum(pid_t * TOK + TOK, T)
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(hi, lo + SPLIT_LEN)
+
+    k_ptrs = k_ptr + b * skb + kvh * skh + offs_n[:, None] * sks + offs_d[None, :] * skd
+    v_ptrs = v_ptr + b * svb + kvh * svh + offs_n[:, None] * svs + offs_d[None, :] * svd
+    # Running max starts finite so that rows which see no key in this chunk give p = 0, not NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Whole blocks of old cache slots: every one is visible, no masking. Then the rest (the block that
+    # straddles lens, the new tokens, the chunk's end) with masks.
+    n_full = tl.maximum(tl.minimum(hi, lens) - lo, 0) // BLOCK_N
+    mid = lo + n_full * BLOCK_N
+    for start in range(lo, mid, BLOCK_N):
+        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, sks, svs, scale, offs_n, ok_d,
+                                   lens, hi, t, mask_ptr, smq, smk, T,
+                                   MASKED=False, HAS_MASK=HAS_MASK, UPCAST=UPCAST, PREC=PREC)
+    for start in range(mid, hi, BLOCK_N):
+        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, sks, svs, scale, offs_n, ok_d,
+                                   lens, hi, t, mask_ptr, smq, smk, T,
+                                   MASKED=True, HAS_MASK=HAS_MASK, UPCAST=UPCAST, PREC=PREC)
+
+    row = (b * T + t) * Hq + h  # [BLOCK_M] index into [B, T, Hq]
+    st_mask = row_ok[:, None] & ok_d[None, :]
+    if SPLIT:
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(plse_ptr + row * NUM_SPLITS + split, lse, mask=row_ok)
+        tl.store(po_ptr + (row * NUM_SPLITS + split)[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
+                 mask=st_mask)
+    else:
+        # (a row that sees no key at all, e.g. an all-False mask row, gets 0 where the reference gives NaN)
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + row[:, None] * D + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _attn_combine_kernel(po_ptr, plse_ptr, o_ptr, D, NUM_SPLITS, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(plse_ptr + row * NUM_SPLITS + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))
+    o = tl.load(po_ptr + (row * NUM_SPLITS + s)[:, None] * D + d[None, :],
+                mask=(s < NUM_SPLITS)[:, None] & (d < D)[None, :], other=0.0)
+    o = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(o_ptr + row * D + d, o.to(o_ptr.dtype.element_ty), mask=d < D)
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device):
+    if device.type != "cuda":
+        return 1  # the interpreter: no split unless asked for
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+def _attention(q, k_cache, v_cache, lens, mask, num_splits=None):
+    B, T, Hq, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    assert Hq % Hkv == 0, f"Hq={Hq} is not a multiple of Hkv={Hkv}"
+    assert D <= 256, "head_dim > 256 is not supported"
+    REP = Hq // Hkv
+    if T == 1:  # decoding: one token, the GQA group's heads are the tile rows
+        BLOCK_M = _pow2(REP, 16)
+    else:
+        BLOCK_M = _pow2(REP, 128 if T * REP >= 2048 else 64)
+    BLOCK_D = _pow2(D, 16)
+    BLOCK_N = 128 if BLOCK_D <= 64 else 64
+    if not q.is_cuda:
+        BLOCK_N = 32  # the interpreter: small tiles, less wasted work on tiny test shapes
+    n_tblocks = triton.cdiv(T, BLOCK_M // REP)
+    grid_2d = n_tblocks * B * Hkv
+    if num_splits is None:  # split only when the grid is smaller than the GPU, and into chunks of >= 256 slots
+        sms = _sm_count(q.device)
+        num_splits = min(triton.cdiv(S, 256), triton.cdiv(sms, grid_2d)) if grid_2d < sms else 1
+    split_len = triton.cdiv(triton.cdiv(S, max(num_splits, 1)), BLOCK_N) * BLOCK_N
+    num_splits = triton.cdiv(S, split_len)  # chunks are whole blocks, so fewer chunks may cover S
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    split = num_splits > 1
+    if split:
+        po = torch.empty(B * T * Hq * num_splits * D, dtype=torch.float32, device=q.device)
+        plse = torch.empty(B * T * Hq * num_splits, dtype=torch.float32, device=q.device)
+    else:
+        po = plse = out  # unused
+    upcast = (not q.is_cuda) or q.dtype == torch.float32
+    lens = lens.contiguous()
+    m = mask if mask is not None else q  # unused when HAS_MASK is False
+    sm = mask.stride() if mask is not None else (0, 0)
+    num_warps = 8 if BLOCK_M >= 128 else 4
+    _attn_kernel[(n_tblocks, B * Hkv, num_splits)](
+        q, k_cache, v_cache, lens, m, out, po, plse, T, Hq, Hkv, D, 1.0 / math.sqrt(D) * 1.4426950408889634,
+        split_len, num_splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), *sm,
+        REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_MASK=mask is not None, SPLIT=split,
+        UPCAST=upcast, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=3)
+    if split:
+        _attn_combine_kernel[(B * T * Hq,)](po, plse, out, D, num_splits, BLOCK_S=_pow2(num_splits, 2),
+                                            BLOCK_D=BLOCK_D, num_warps=4)
+    return out
+
+
+def tree_attention(q, k_cache, v_cache, lens, mask, num_splits=None):
+    """Attention of T new tokens over their row's cache (see attention_ref). mask [T, T] bool, or None = causal.
+    num_splits: override the split-K heuristic (tests, tuning)."""
+    return _attention(q, k_cache, v_cache, lens, mask, num_splits)
+
+
+def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
+    """T = 1: the new token at slot lens[b] sees slots 0 .. lens[b]."""
+    assert q.shape[1] == 1
+    return _attention(q, k_cache, v_cache, lens, None, num_splits)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KV compaction after verification: slot lens[b] + path[b, j] -> slot lens[b] + j in every layer. One program
+# per (layer, row, column chunk) loads all P source rows, waits for its whole block, then stores: sources and
+# destinations overlap across j, and different threads may hold the same slot's load and store.
+
+
+@triton.jit
+def _kv_compact_kernel(k_ptr, v_ptr, lens_ptr, path_ptr, B, P, S, D, HD,
+                       skl, skb, sks, skh, skd, svl, svb, svs, svh, svd, spb, spj,
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    l = (tl.program_id(0) // B).to(tl.int64)
+    b = (tl.program_id(0) % B).to(tl.int64)
+    j = tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    head, d = c // D, c % D
+    lens = tl.load(lens_ptr + b)
+    src = lens + tl.load(path_ptr + b * spb + j * spj, mask=j < P, other=0)
+    dst = lens + j
+    ok = ((j < P) & (src < S) & (dst < S))[:, None] & (c < HD)[None, :]
+    k_row = k_ptr + l * skl + b * skb + head[None, :] * skh + d[None, :] * skd
+    v_row = v_ptr + l * svl + b * svb + head[None, :] * svh + d[None, :] * svd
+    k = tl.load(k_row + src[:, None] * sks, mask=ok)
+    v = tl.load(v_row + src[:, None] * svs, mask=ok)
+    tl.debug_barrier()  # every load of the block is done before any store
+    tl.store(k_row + dst[:, None] * sks, k, mask=ok)
+    tl.store(v_row + dst[:, None] * svs, v, mask=ok)
+
+
+def kv_compact(k_all, v_all, lens, path):
+    L, B, S, Hkv, D = k_all.shape
+    P = path.shape[1]
+    BLOCK_P = _pow2(P)
+    BLOCK_C = min(_pow2(Hkv * D, 16), max(4096 // BLOCK_P, 128))
+    lens = lens.contiguous()
+    _kv_compact_kernel[(L * B, triton.cdiv(Hkv * D, BLOCK_C))](
+        k_all, v_all, lens, path, B, P, S, D, Hkv * D, *k_all.stride(), *v_all.stride(), *path.stride(),
+        BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Greedy acceptance: one program per row; the whole retrieve table [P, D1] is one tile.
+
+
+@triton.jit
+def _accept_greedy_kernel(tok_ptr, pred_ptr, ret_ptr, n_ptr, path_ptr, P, D1, stok, spred, sret,
+                          BLOCK_P: tl.constexpr, BLOCK_D1: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, BLOCK_P)[:, None]
+    j = tl.arange(0, BLOCK_D1)[None, :]
+    in_tab = (p < P) & (j < D1)
+    node = tl.load(ret_ptr + p * sret + j, mask=in_tab, other=-1)
+    valid = node >= 0
+    idx = tl.maximum(node, 0)
+    # the base model's prediction after the previous node of the path, for j >= 1
+    prev = tl.maximum(tl.load(ret_ptr + p * sret + j - 1, mask=in_tab & (j >= 1), other=0), 0)
+    cand = tl.load(tok_ptr + b * stok + idx, mask=in_tab)
+    pred = tl.load(pred_ptr + b * spred + prev, mask=in_tab & (j >= 1))
+    match = valid & (cand == pred)
+    # accepted = length of the leading run of matches over j = 1 .. D1-1 (the cumprod of the reference)
+    first_miss = tl.min(tl.where((j >= 1) & ~match, j, BLOCK_D1), axis=1)  # [BLOCK_P]
+    accepted = tl.minimum(first_miss, D1) - 1
+    accepted = tl.where(tl.arange(0, BLOCK_P) < P, accepted, -1)
+    best_len = tl.max(accepted, axis=0)
+    best = tl.min(tl.where(accepted == best_len, tl.arange(0, BLOCK_P), BLOCK_P), axis=0)  # first longest
+    n = best_len + 1
+    best_path = tl.sum(tl.where(p == best, idx, 0), axis=0)  # [BLOCK_D1]
+    jj = tl.arange(0, BLOCK_D1)
+    out = tl.where(jj < n, best_path, jj)
+    tl.store(n_ptr + b, n.to(tl.int64))
+    tl.store(path_ptr + b * D1 + jj, out.to(tl.int64), mask=jj < D1)
+
+
+def accept_greedy(tree_tokens, base_pred, retrieve):
+    B = tree_tokens.shape[0]
+    P, D1 = retrieve.shape
+    n_accept = torch.empty(B, dtype=torch.int64, device=tree_tokens.device)
+    path = torch.empty(B, D1, dtype=torch.int64, device=tree_tokens.device)
+    assert tree_tokens.stride(1) == 1 and base_pred.stride(1) == 1 and retrieve.stride(1) == 1
+    _accept_greedy_kernel[(B,)](tree_tokens, base_pred, retrieve, n_accept, path, P, D1,
+                                tree_tokens.stride(0), base_pred.stride(0), retrieve.stride(0),
+                                BLOCK_P=_pow2(P), BLOCK_D1=_pow2(D1, 2), num_warps=4)
+    return n_accept, path

@@ -1,0 +1,380 @@
+"""kernels.py against the reference ops of hydra_lite.py, on CPU through the Triton interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported (kernels.py and hydra_lite.py import it), so it is
+the very first thing this module does. The interpreter runs every kernel in Python/numpy on CPU tensors: shapes
+here are small to keep the file fast. Note that the interpreter rounds fp32 -> bf16 by truncation (the GPU
+rounds to nearest), so bf16 results can differ from torch's by an ulp: bf16 tolerances allow for that.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any import of triton
+
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hydra_lite as hl  # noqa: E402
+import kernels  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16]
+# The interpreter itself trips a numpy deprecation for every loop bound it reads; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(hash(request.node.name) % 2**31)
+
+
+def close(out, ref, dtype):
+    """fp32 ~1e-5 relative; bf16 ~1e-2 relative (one bf16 ulp is 2^-8..2^-7 relative)."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(out.float(), ref.float(), rtol=1.6e-2, atol=1e-2)
+
+
+def random_tree(T):
+    """A random tree of T nodes in hydra_lite's order (parents before children). Returns the mask [T, T] (a node
+    sees itself and its ancestors), the retrieve table [leaves, depth+1] (-1 padded) and the parent list."""
+    parent = [0] + [int(torch.randint(0, i, ())) for i in range(1, T)]
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    chains = []
+    for i in range(T):
+        chain, j = [], i
+        while True:
+            chain.append(j)
+            mask[i, j] = True
+            if j == 0:
+                break
+            j = parent[j]
+        chains.append(chain[::-1])
+    leaves = [c for i, c in enumerate(chains) if i not in parent[1:]] or [[0]]
+    depth = max(len(c) for c in chains)
+    retrieve = torch.full((len(leaves), depth), -1, dtype=torch.long)
+    for p, c in enumerate(leaves):
+        retrieve[p, :len(c)] = torch.tensor(c)
+    return mask, retrieve, parent
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rms_norm, swiglu
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 80])
+def test_rms_norm(dtype, dim):
+    x = torch.randn(2, 3, dim, dtype=dtype) * 3
+    w = torch.randn(dim, dtype=dtype)
+    close(kernels.rms_norm(x, w, 1e-5), hl.rms_norm_ref(x, w, 1e-5), dtype)
+    r = torch.randn(2, 3, dim, dtype=dtype)
+    y, s = kernels.rms_norm(x, w, 1e-5, r)
+    y_ref, s_ref = hl.rms_norm_ref(x, w, 1e-5, r)
+    assert y.dtype == y_ref.dtype and s.dtype == s_ref.dtype and y.shape == y_ref.shape
+    close(y, y_ref, dtype)
+    close(s, s_ref, dtype)
+    # a strided input (every other row of a bigger tensor)
+    xs = torch.randn(6, dim, dtype=dtype)[::2]
+    close(kernels.rms_norm(xs, w, 1e-6), hl.rms_norm_ref(xs, w, 1e-6), dtype)
+
+
+def test_rms_norm_mixed_dtype_weight():
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    w = torch.randn(32, dtype=torch.float32)
+    y, y_ref = kernels.rms_norm(x, w, 1e-5), hl.rms_norm_ref(x, w, 1e-5)
+    assert y.dtype == y_ref.dtype == torch.float32
+    close(y, y_ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H", [64, 100])
+def test_swiglu(dtype, H):
+    g = torch.randn(2, 3, 2 * H, dtype=dtype) * 2
+    out, ref = kernels.swiglu(g), hl.swiglu_ref(g)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    close(out, ref, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rope_cache_write
+
+
+def fused_qkv(B, T, Hq, Hkv, D, dtype):
+    """q, k, v as the model makes them: non-contiguous views of one fused projection output."""
+    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, dtype=dtype)
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], -1)
+    return q.view(B, T, Hq, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,Hq,Hkv,D", [(2, 5, 4, 2, 16), (3, 1, 3, 3, 80), (1, 4, 6, 2, 32)])
+def test_rope_cache_write(dtype, B, T, Hq, Hkv, D):
+    L, S = 3, 24
+    q, k, v = fused_qkv(B, T, Hq, Hkv, D, dtype)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    cos, sin = hl.rope_tables(hl.Config(dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv, hidden_dim=8,
+                                        vocab_size=8, head_dim=D), 64, "cpu")
+    lens = torch.randint(0, S - T + 1, (B,), dtype=torch.int32)
+    lens[0] = 0
+    lens[-1] = S - T  # the last slots of the cache
+    pos = lens[:, None].long() + torch.randint(0, 3, (B, T))  # tree-like positions (not just lens + t)
+    k_all = torch.randn(L, B, S, Hkv, D, dtype=dtype)
+    v_all = torch.randn(L, B, S, Hkv, D, dtype=dtype)
+    written = torch.zeros(B, S, dtype=torch.bool)
+    for b in range(B):
+        written[b, lens[b]:lens[b] + T] = True
+    k_all[1][written] = float("nan")  # poison: every slot that must be written
+    v_all[1][written] = float("nan")
+    k_ref, v_ref = k_all.clone(), v_all.clone()
+    q_out = kernels.rope_cache_write(q, k, v, cos, sin, pos, k_all[1], v_all[1], lens)
+    q_ref = hl.rope_cache_write_ref(q, k, v, cos, sin, pos, k_ref[1], v_ref[1], lens)
+    assert q_out.is_contiguous() and q_out.dtype == q.dtype
+    close(q_out, q_ref, dtype)
+    for got, ref in ((k_all, k_ref), (v_all, v_ref)):
+        assert not got[1][written].isnan().any()
+        close(got[1][written], ref[1][written], dtype)
+        assert torch.equal(got[1][~written], ref[1][~written])  # nothing else touched, bit for bit
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])  # other layers untouched
+
+
+def test_rope_cache_write_row_view():
+    """A KVCache.rows() view (a slice along the batch) and a bf16 cache for fp32 activations."""
+    B, T, Hq, Hkv, D, S = 3, 3, 2, 1, 16, 10
+    q, k, v = fused_qkv(1, T, Hq, Hkv, D, torch.float32)
+    cos, sin = torch.randn(32, D // 2), torch.randn(32, D // 2)
+    k_all = torch.zeros(2, B, S, Hkv, D, dtype=torch.bfloat16)
+    v_all = torch.zeros(2, B, S, Hkv, D, dtype=torch.bfloat16)
+    k_ref, v_ref = k_all.clone(), v_all.clone()
+    lens = torch.tensor([4], dtype=torch.int32)
+    pos = torch.arange(T)[None] + 4
+    kernels.rope_cache_write(q, k, v, cos, sin, pos, k_all[1, 1:2], v_all[1, 1:2], lens)
+    hl.rope_cache_write_ref(q, k, v, cos, sin, pos, k_ref[1, 1:2], v_ref[1, 1:2], lens)
+    close(k_all, k_ref, torch.bfloat16)
+    close(v_all, v_ref, torch.bfloat16)
+    assert torch.equal(k_all[:, 0], k_ref[:, 0]) and torch.equal(k_all[:, 2], k_ref[:, 2])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attention
+
+
+def attn_inputs(B, T, Hq, Hkv, D, S, dtype):
+    q = torch.randn(B, T, Hq, D, dtype=dtype)
+    k_all = torch.randn(2, B, S, Hkv, D, dtype=dtype)  # a layer of a [L, B, S, Hkv, D] cache, as the model has
+    v_all = torch.randn(2, B, S, Hkv, D, dtype=dtype)
+    lens = torch.randint(0, S - T + 1, (B,), dtype=torch.int32)
+    lens[0] = 0
+    if B > 2:
+        lens[1] = S - T  # full cache
+    return q, k_all[1], v_all[1], lens
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,S", [
+    (3, 6, 6, 2, 32, 80),  # GQA, a random tree
+    (2, 5, 3, 3, 16, 40),  # Hq == Hkv
+    (1, 9, 4, 1, 80, 50),  # MQA, non-power-of-2 head_dim
+    (2, 2, 9, 3, 64, 20),  # SmolLM2's heads, the smallest tree
+])
+@pytest.mark.parametrize("masked", [True, False])
+def test_tree_attention(dtype, B, T, Hq, Hkv, D, S, masked):
+    q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S, dtype)
+    mask = random_tree(T)[0] if masked else None
+    ref = hl.attention_ref(q, k_cache, v_cache, lens, mask)
+    out = kernels.tree_attention(q, k_cache, v_cache, lens, mask)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tree_attention_split_k(dtype):
+    """The split-K path (partials + combine), with chunks that hold no key of some rows."""
+    B, T, Hq, Hkv, D, S = 3, 5, 4, 2, 32, 160
+    q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S, dtype)
+    lens[2] = 62  # the new tokens straddle a chunk boundary
+    mask = random_tree(T)[0]
+    ref = hl.attention_ref(q, k_cache, v_cache, lens, mask)
+    for splits in (2, 5):
+        close(kernels.tree_attention(q, k_cache, v_cache, lens, mask, num_splits=splits), ref, dtype)
+    close(kernels.tree_attention(q, k_cache, v_cache, lens, None, num_splits=3),
+          hl.attention_ref(q, k_cache, v_cache, lens, None), dtype)
+
+
+def test_prefill_attention():
+    """A longer causal block over an empty cache (several query tiles, the causal cut-off per tile)."""
+    B, T, Hq, Hkv, D, S = 1, 70, 2, 1, 16, 80
+    q, k_cache, v_cache, _ = attn_inputs(B, T, Hq, Hkv, D, S, torch.float32)
+    lens = torch.zeros(1, dtype=torch.int32)
+    close(kernels.tree_attention(q, k_cache, v_cache, lens, None), hl.attention_ref(q, k_cache, v_cache, lens), torch.float32)
+
+
+def test_tree_attention_strided_q_and_mask():
+    B, T, Hq, Hkv, D, S = 2, 4, 4, 2, 16, 30
+    _, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S, torch.float32)
+    q = torch.randn(B, Hq, T, D).transpose(1, 2)  # non-contiguous
+    mask = random_tree(T)[0].t().contiguous().t()  # column-major mask
+    close(kernels.tree_attention(q, k_cache, v_cache, lens, mask), hl.attention_ref(q, k_cache, v_cache, lens, mask),
+          torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,Hq,Hkv,D,S", [(3, 9, 3, 64, 40), (2, 4, 4, 32, 70), (1, 8, 1, 80, 20)])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_decode_attention(dtype, B, Hq, Hkv, D, S, splits):
+    q, k_cache, v_cache, lens = attn_inputs(B, 1, Hq, Hkv, D, S, dtype)
+    ref = hl.attention_ref(q, k_cache, v_cache, lens)
+    out = kernels.decode_attention(q, k_cache, v_cache, lens, num_splits=splits)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    close(out, ref, dtype)
+
+
+def test_attention_ignores_slots_past_the_row():
+    """Slots past lens[b] + T hold scratch (NaN here): they must not leak into the result."""
+    B, T, Hq, Hkv, D, S = 2, 3, 2, 1, 16, 40
+    q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S, torch.float32)
+    lens = torch.tensor([5, 20], dtype=torch.int32)
+    for b in range(B):
+        k_cache[b, lens[b] + T:] = float("nan")
+        v_cache[b, lens[b] + T:] = float("nan")
+    mask = random_tree(T)[0]
+    ref = hl.attention_ref(q, k_cache, v_cache, lens, mask)
+    for splits in (None, 4):
+        out = kernels.tree_attention(q, k_cache, v_cache, lens, mask, num_splits=splits)
+        assert not out.isnan().any()
+        close(out, ref, torch.float32)
+    out = kernels.decode_attention(q[:, :1], k_cache, v_cache, lens, num_splits=3)
+    close(out, hl.attention_ref(q[:, :1], k_cache, v_cache, lens), torch.float32)
+
+
+def test_attention_bad_heads():
+    q = torch.randn(1, 2, 5, 16)
+    kc = torch.randn(1, 8, 2, 16)
+    with pytest.raises(AssertionError, match="multiple"):
+        kernels.tree_attention(q, kc, kc, torch.zeros(1, dtype=torch.int32), None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kv_compact, accept_greedy
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_compact(dtype):
+    L, B, S, Hkv, D, T = 2, 4, 20, 2, 24, 6
+    k_all = torch.randn(L, B, S, Hkv, D, dtype=dtype)
+    v_all = torch.randn(L, B, S, Hkv, D, dtype=dtype)
+    lens = torch.tensor([0, 3, 14, 7], dtype=torch.int32)
+    path = torch.stack([
+        torch.tensor([0, 2, 5, 3]),  # overlapping: j=1 reads slot 2, which j=2 writes
+        torch.tensor([0, 1, 2, 3]),  # no-op
+        torch.tensor([0, 5, 4, 3]),  # a reversal
+        torch.tensor([0, 3, 2, 3]),  # accepted 2 then the j tail
+    ])
+    k_ref, v_ref = k_all.clone(), v_all.clone()
+    kernels.kv_compact(k_all, v_all, lens, path)
+    hl.kv_compact_ref(k_ref, v_ref, lens, path)
+    assert torch.equal(k_all, k_ref) and torch.equal(v_all, v_ref)  # a pure copy: bit for bit, everywhere
+
+
+def test_kv_compact_random_paths_and_row_view():
+    L, B, S, Hkv, D, T, P = 3, 3, 16, 3, 8, 7, 5
+    k_all = torch.randn(L, B + 1, S, Hkv, D)
+    v_all = torch.randn(L, B + 1, S, Hkv, D)
+    for _ in range(3):
+        lens = torch.randint(0, S - T + 1, (B,), dtype=torch.int32)
+        path = torch.randint(0, T, (B, P))
+        k_ref, v_ref = k_all.clone(), v_all.clone()
+        kernels.kv_compact(k_all[:, 1:], v_all[:, 1:], lens, path)  # rows 1..B of the cache: a strided view
+        hl.kv_compact_ref(k_ref[:, 1:], v_ref[:, 1:], lens, path)
+        assert torch.equal(k_all, k_ref) and torch.equal(v_all, v_ref)
+
+
+@pytest.mark.parametrize("T,vocab", [(2, 2), (9, 2), (20, 3), (33, 4)])
+def test_accept_greedy(T, vocab):
+    B = 6
+    _, retrieve, _ = random_tree(T)
+    tokens = torch.randint(0, vocab, (B, T))  # a small vocabulary: many matches and ties between paths
+    pred = torch.randint(0, vocab, (B, T))
+    n, path = kernels.accept_greedy(tokens, pred, retrieve)
+    n_ref, path_ref = hl.accept_greedy_ref(tokens, pred, retrieve)
+    assert n.dtype == torch.int64 and path.dtype == torch.int64
+    assert torch.equal(n, n_ref) and torch.equal(path, path_ref)
+
+
+def test_accept_greedy_full_path_and_ties():
+    """A row whose best path is accepted to the end, and a row where two paths tie (the first must win)."""
+    mask, retrieve, parent = random_tree(12)
+    T = 12
+    tokens = torch.randint(0, 5, (3, T))
+    pred = torch.full((3, T), -7)  # matches nothing
+    leaf_path = retrieve[-1][retrieve[-1] >= 0]
+    for a, c in zip(leaf_path[:-1], leaf_path[1:]):  # row 0: base model agrees along the last path
+        pred[0, a] = tokens[0, c]
+    tokens[1] = 1  # row 1: every node is token 1, and so is every prediction: all paths accepted to the full
+    pred[1] = 1
+    n, path = kernels.accept_greedy(tokens, pred, retrieve)
+    n_ref, path_ref = hl.accept_greedy_ref(tokens, pred, retrieve)
+    assert torch.equal(n, n_ref) and torch.equal(path, path_ref)
+    assert n[0] >= len(leaf_path) and n[2] == 1 and torch.equal(path[2], torch.arange(retrieve.shape[1]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dispatch in hydra_lite, and the kernels inside the model
+
+
+def test_dispatch_falls_back_to_refs_on_cpu(monkeypatch):
+    class Boom:
+        def __getattr__(self, name):
+            raise AssertionError(f"kernels.{name} called for CPU tensors")
+
+    monkeypatch.setattr(hl, "_kernels", Boom())
+    assert not hl._triton(torch.zeros(1))
+    x, w = torch.randn(2, 8), torch.randn(8)
+    torch.testing.assert_close(hl.rms_norm(x, w, 1e-5), hl.rms_norm_ref(x, w, 1e-5))
+    torch.testing.assert_close(hl.swiglu(x), hl.swiglu_ref(x))
+    q, kc, vc, lens = attn_inputs(1, 2, 2, 1, 8, 6, torch.float32)
+    torch.testing.assert_close(hl.attention(q, kc, vc, lens), hl.attention_ref(q, kc, vc, lens))
+    n, p = hl.accept_greedy(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long),
+                            torch.tensor([[0, 1], [0, 2]]))
+    assert n.tolist() == [2]
+    hl.kv_compact(torch.zeros(1, 1, 4, 1, 2), torch.zeros(1, 1, 4, 1, 2), lens, p)
+
+
+def tiny_model(dtype=torch.float32):
+    cfg = hl.Config(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, hidden_dim=40, vocab_size=50, max_seq_len=64)
+    model = hl.Llama(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.to(dtype).eval()
+
+
+def test_model_tree_step_with_kernels(monkeypatch):
+    """Prefill, a tree verification pass, acceptance and compaction through the model, kernels vs references:
+    the kernels at their real call sites (fused-projection views, per-layer cache views)."""
+    model = tiny_model()
+    mask, retrieve, parent = random_tree(7)
+    depth = torch.tensor([0] + [0] * 6)
+    for i in range(1, 7):
+        depth[i] = depth[parent[i]] + 1
+    prompt = torch.randint(0, 50, (2, 5))
+    tree_tokens = torch.randint(0, 50, (2, 7))
+    results = []
+    with torch.no_grad():
+        for use_kernels in (False, True):
+            monkeypatch.setattr(hl, "_triton", lambda x: use_kernels)
+            cache = model.new_cache(2, 24)
+            h0 = model(prompt, cache)
+            cache.lens += 5
+            pos = cache.lens[:, None].long() + depth[None]
+            hidden = model(tree_tokens, cache, pos, mask)
+            pred = model.logits(hidden).argmax(-1)
+            n, path = hl.accept_greedy(tree_tokens, pred, retrieve)
+            hl.kv_compact(cache.k, cache.v, cache.lens, path)
+            results.append((h0, hidden, n, path, cache.k.clone(), cache.v.clone()))
+    (h0, hid, n, path, k, v), (h0_k, hid_k, n_k, path_k, k_k, v_k) = results
+    close(h0_k, h0, torch.float32)
+    torch.testing.assert_close(hid_k, hid, rtol=1e-4, atol=1e-4)
+    assert torch.equal(n_k, n) and torch.equal(path_k, path)
+    torch.testing.assert_close(k_k, k, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(v_k, v, rtol=1e-4, atol=1e-4)
