@@ -830,8 +830,9 @@ class Generator:
         return self.model.logits(h[:, 0])
 
     def _spec_step(self, root, h):
-        """Draft a tree after `root`, verify it, accept, compact. Returns the accepted tokens [B, depth+1]
-        (valid up to n_accept), n_accept [B], the base logits after the last accepted token, and the next h."""
+        """Draft a tree after `root`, verify it, accept, compact. Returns one int tensor [B, depth+3] (so the
+        host reads it in one transfer): the accepted tokens (valid up to n_accept, root first), n_accept, and
+        the base model's greedy token after them (the next root); and the next h."""
         tree, cache, B = self.tree, self.cache, root.shape[0]
         tokens = draft(self.heads, self.model, tree, h, root)
         pos = cache.lens[:, None].long() + tree.node_depth[None]
@@ -841,7 +842,7 @@ class Generator:
         rows = torch.arange(B, device=root.device)[:, None]
         accepted = tokens[rows, path]  # [B, depth+1]
         last = path.gather(1, (n_accept - 1)[:, None])  # [B, 1] node index of the last accepted token
-        next_logits = logits[rows, last][:, 0]
+        next_token = logits[rows, last][:, 0].argmax(-1)
         next_h = hidden[rows, last][:, 0]
         if self.prefix_cache is not None:  # the extra layer sees the accepted hidden states, in order
             acc_hidden = hidden[rows, path]
@@ -850,7 +851,7 @@ class Generator:
             next_h = h_pre[rows, (n_accept - 1)[:, None]][:, 0]
         kv_compact(cache.k, cache.v, cache.lens, path)
         cache.lens += n_accept.to(torch.int32)
-        return accepted, n_accept, next_logits, next_h
+        return torch.cat([accepted, n_accept[:, None], next_token[:, None]], dim=1), next_h
 
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens=256, sampling=None, mode=None, on_text=None, stop_at_eos=True):
@@ -913,11 +914,12 @@ class Generator:
                 for b in active:
                     emit(b, [new[b]])
             else:
-                accepted, n_accept, logits, h = self.step(token, h)
-                token = logits.argmax(-1)
-                acc, n, nxt = accepted.tolist(), n_accept.tolist(), token.tolist()
-                for b in active:  # the tree's root was emitted last step; emit the rest and the bonus token
-                    emit(b, acc[b][1:n[b]] + [nxt[b]])
+                packed, h = self.step(token, h)
+                token = packed[:, -1]
+                rows = packed.tolist()
+                n = [r[-2] for r in rows]
+                for b in active:  # the tree's root was emitted last step; emit the rest and the next root
+                    emit(b, rows[b][1:n[b]] + [rows[b][-1]])
             stats.steps += 1
             stats.row_steps += len(active)
             stats.accepted += sum(n[b] for b in active)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Everything the GPU runs, in stages, from the repo root:  bash scripts/device.sh STAGE [STAGE...]
+#   model  assemble the SmolLM2 GGUF from .models/half_*/part_* (see README) and convert it
+#   check  kernel self-check and GPU tests
+#   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights)
+#   train  self-distillation data from rows 0-79 of the prompts, then Medusa, Hydra and Hydra++ heads
+#   e2e    end-to-end benchmark on the held-out rows 80-99 (bf16), and a float32 exact-match run
+#   pack   results into $OUT/results.tar and the trained heads into $OUT/heads.tar.part_* (the device tool
+#          returns at most 8 files of 16 MiB)
+# Work (checkpoint, data, heads, results) stays in $WORK across calls while the machine is warm.
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-runs/device}
+WORK=${WORK:-/root/hydra}
+RES=$WORK/results
+CKPT=$WORK/smollm2-135m-instruct
+PROMPTS=${PROMPTS:-.models/sharegpt_questions.jsonl}
+mkdir -p "$OUT" "$WORK" "$RES"
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    model)
+      cat /root/smol/part_* > "$WORK/model.gguf"
+      python3 convert.py "$WORK/model.gguf" "$CKPT" ;;
+    check)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+      python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+      python3 kernels.py --check 2>&1 | tee "$RES/kernels_check.txt"
+      HYDRA_LITE_CKPT=$CKPT python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -5 ;;
+    steps)
+      python3 benchmark.py steps --shape 7b --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
+      python3 benchmark.py steps --shape smollm2-135m --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;
+    train)
+      python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples ${SAMPLES:-24} \
+        --max-new-tokens 384 --batch 96 --out "$WORK/data.pt"
+      for kind in medusa hydra hydra++; do
+        python3 train_heads.py train --checkpoint "$CKPT" --data "$WORK/data.pt" --kind $kind --steps ${STEPS:-1500} \
+          --out "$WORK/heads-$kind" 2>&1 | tee "$RES/train-$kind.txt" | grep -v "^step [0-9]*[1-9]/" | tail -12
+      done ;;
+    e2e)
+      H=$WORK
+      python3 benchmark.py e2e --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 80-99 --batch 1 8 \
+        --heads medusa=$H/heads-medusa hydra=$H/heads-hydra hydra++=$H/heads-hydra++ --out "$RES" 2>&1 | tee "$RES/e2e.txt"
+      python3 benchmark.py e2e --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 80-99 --limit 8 --batch 1 4 --dtype float32 \
+        --no-hf --heads hydra++=$H/heads-hydra++ --out "$RES/fp32" 2>&1 | tee "$RES/e2e_fp32.txt" ;;
+    pack)
+      tar cf "$OUT/results.tar" -C "$RES" .
+      heads=$(cd "$WORK" && ls -d heads-* 2>/dev/null || true)
+      if [ -n "$heads" ]; then tar cf - -C "$WORK" --exclude=heads-hydra $heads | split -b 15M - "$OUT/heads.tar.part_"; fi
+      ls -la "$OUT" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,47 @@
+"""GPU checks (skipped without CUDA): the Triton + CUDA-graph path against the plain PyTorch path, and greedy
+speculative decoding against autoregressive decoding, in float32, on tiny random models and (when
+HYDRA_LITE_CKPT names a converted checkpoint) on the real model."""
+import os
+
+import pytest
+import torch
+
+import hydra_lite as hl
+from test_runtime import tiny_heads, tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or hl._kernels is None, reason="needs CUDA and Triton")
+
+
+def models():
+    yield "tiny", tiny_model(21, n_heads=4, n_kv_heads=2).cuda()
+    ckpt = os.environ.get("HYDRA_LITE_CKPT")
+    if ckpt:
+        yield "real", hl.load_model(ckpt, "cuda", torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "hydra++"])
+def test_gpu_speculative_equals_autoregressive_fp32(kind):
+    for name, model in models():
+        heads = tiny_heads(model, kind != "medusa", kind == "hydra++").cuda()  # uses only model.cfg
+        torch.manual_seed(0)
+        prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),)).tolist() for n in (7, 31, 12)]
+        ar, _ = hl.Generator(model).generate(prompts, 64, stop_at_eos=False)
+        for batch in (prompts[:1], prompts):
+            spec, _ = hl.Generator(model, heads=heads).generate(batch, 64, stop_at_eos=False)
+            assert spec == ar[:len(batch)], (name, kind)
+
+
+def test_gpu_triton_path_matches_reference_path():
+    for name, model in models():
+        torch.manual_seed(1)
+        tokens = torch.randint(0, model.cfg.vocab_size, (2, 50), device="cuda")
+        hl.USE_TRITON = False
+        try:
+            ref = model.forward_logits(tokens)
+        finally:
+            hl.USE_TRITON = True
+        fast = model.forward_logits(tokens)
+        assert (fast - ref).abs().max() < 1e-3 * ref.abs().max(), name
+        ar_graph, _ = hl.Generator(model).generate([tokens[0, :9].tolist()], 40, stop_at_eos=False)
+        ar_plain, _ = hl.Generator(model, cuda_graphs=False).generate([tokens[0, :9].tolist()], 40, stop_at_eos=False)
+        assert ar_graph == ar_plain, name
