@@ -434,3 +434,157 @@ def accept_greedy(tree_tokens, base_pred, retrieve):
                                 tree_tokens.stride(0), base_pred.stride(0), retrieve.stride(0),
                                 BLOCK_P=_pow2(P), BLOCK_D1=_pow2(D1, 2), num_warps=4)
     return n_accept, path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Self-check on a GPU: python kernels.py --check
+
+
+def _check():
+    import hydra_lite as hl
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    bf16, f32 = torch.bfloat16, torch.float32
+    failures, timings = [], []
+    bench = triton.testing.do_bench
+
+    def report(name, out, ref, dtype):
+        out, ref = out.float(), ref.float()
+        abs_err = (out - ref).abs().max().item()
+        rel_err = abs_err / max(ref.abs().max().item(), 1e-30)
+        rtol, atol = (1e-4, 1e-4) if dtype == f32 else (1.6e-2, 1e-2)
+        ok = bool(torch.isfinite(out).all()) and torch.allclose(out, ref, rtol=rtol, atol=atol)
+        print(f"{'PASS' if ok else 'FAIL'}  {name:58s} max abs {abs_err:.2e}  rel {rel_err:.2e}")
+        if not ok:
+            failures.append(name)
+
+    def timing(name, fn, ref_fn):
+        timings.append((name, bench(fn, return_mode="median") * 1e3, bench(ref_fn, return_mode="median") * 1e3))
+
+    models = {"smollm2": (9, 3, 64, 576, 1536, 30), "7b": (32, 32, 128, 4096, 11008, 32)}
+    tree = hl.Tree(hl.default_tree(), dev)  # the runtime's 64-node tree
+    S = 2048 + 512 + 64
+
+    print("== correctness")
+    for mname, (Hq, Hkv, D, dim, hidden, L) in models.items():
+        for B in (1, 8):
+            rows = B * 64
+            x = torch.randn(B, 64, dim, device=dev, dtype=bf16)
+            r, w = torch.randn_like(x), torch.randn(dim, device=dev, dtype=bf16)
+            report(f"rms_norm {mname} [{rows},{dim}]", rms_norm(x, w, 1e-5), hl.rms_norm_ref(x, w, 1e-5), bf16)
+            y, s = rms_norm(x, w, 1e-5, r)
+            y_ref, s_ref = hl.rms_norm_ref(x, w, 1e-5, r)
+            report(f"rms_norm+residual {mname} [{rows},{dim}]", torch.cat([y, s]), torch.cat([y_ref, s_ref]), bf16)
+            if B == 8:
+                timing(f"rms_norm+res {mname} [{rows},{dim}]", lambda: rms_norm(x, w, 1e-5, r),
+                       lambda: hl.rms_norm_ref(x, w, 1e-5, r))
+            gu = torch.randn(B, 64, 2 * hidden, device=dev, dtype=bf16)
+            report(f"swiglu {mname} [{rows},{2 * hidden}]", swiglu(gu), hl.swiglu_ref(gu), bf16)
+            if B == 8:
+                timing(f"swiglu {mname} [{rows},{2 * hidden}]", lambda: swiglu(gu), lambda: hl.swiglu_ref(gu))
+
+            cfg = hl.Config(dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv, hidden_dim=8, vocab_size=8, head_dim=D)
+            cos, sin = hl.rope_tables(cfg, S, dev)
+            for dtype in (bf16, f32) if (mname, B) == ("smollm2", 8) else (bf16,):
+                k_all = torch.randn(2, B, S, Hkv, D, device=dev, dtype=dtype)
+                v_all = torch.randn(2, B, S, Hkv, D, device=dev, dtype=dtype)
+                k_cache, v_cache = k_all[1], v_all[1]
+                for T in (1, 64, 512):
+                    if T == 512 and B == 8 and dtype == f32:
+                        continue
+                    lens = torch.randint(0, 2000, (B,), device=dev, dtype=torch.int32)
+                    lens[0] = 2000 if T < 512 else 0
+                    tag = f"{mname} B={B} T={T} {str(dtype)[6:]}"
+                    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, device=dev, dtype=dtype)
+                    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], -1)
+                    q, k, v = q.view(B, T, Hq, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+                    pos = lens[:, None].long() + (tree.node_depth[None] if T == 64 else torch.arange(T, device=dev))
+                    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+                    q_ref = hl.rope_cache_write_ref(q, k, v, cos, sin, pos, kc_ref, vc_ref, lens)
+                    q_rot = rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, lens)
+                    report(f"rope_cache_write {tag}", torch.cat([q_rot.flatten(), k_cache.flatten(), v_cache.flatten()]),
+                           torch.cat([q_ref.flatten(), kc_ref.flatten(), vc_ref.flatten()]), dtype)
+                    if T in (1, 64) and dtype == bf16:
+                        timing(f"rope_cache_write {tag}",
+                               lambda: rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, lens),
+                               lambda: hl.rope_cache_write_ref(q, k, v, cos, sin, pos, kc_ref, vc_ref, lens))
+                    mask = tree.mask if T == 64 else None
+                    ref = hl.attention_ref(q_rot, k_cache, v_cache, lens, mask)
+                    if T == 1:
+                        fn = lambda: decode_attention(q_rot, k_cache, v_cache, lens)
+                        report(f"decode_attention {tag}", fn(), ref, dtype)
+                        report(f"decode_attention no-split {tag}",
+                               decode_attention(q_rot, k_cache, v_cache, lens, num_splits=1), ref, dtype)
+                    else:
+                        fn = lambda: tree_attention(q_rot, k_cache, v_cache, lens, mask)
+                        report(f"tree_attention {'tree' if T == 64 else 'causal'} {tag}", fn(), ref, dtype)
+                    if dtype == bf16:
+                        timing(f"{'decode' if T == 1 else 'tree'}_attention {tag}", fn,
+                               lambda: hl.attention_ref(q_rot, k_cache, v_cache, lens, mask))
+
+            # verification bookkeeping on the 64-node tree
+            tokens = torch.randint(0, 3, (B, tree.size), device=dev)
+            pred = torch.randint(0, 3, (B, tree.size), device=dev)
+            n, path = accept_greedy(tokens, pred, tree.retrieve)
+            n_ref, path_ref = hl.accept_greedy_ref(tokens, pred, tree.retrieve)
+            ok = torch.equal(n, n_ref) and torch.equal(path, path_ref)
+            print(f"{'PASS' if ok else 'FAIL'}  accept_greedy {mname} B={B} (mean accepted {n.float().mean():.2f})")
+            failures += [] if ok else [f"accept_greedy {mname} B={B}"]
+            if B == 8:
+                timing(f"accept_greedy B={B} tree=64", lambda: accept_greedy(tokens, pred, tree.retrieve),
+                       lambda: hl.accept_greedy_ref(tokens, pred, tree.retrieve))
+            k_all = torch.randn(L, B, S, Hkv, D, device=dev, dtype=bf16)
+            v_all = torch.randn_like(k_all)
+            lens = torch.randint(0, 2000, (B,), device=dev, dtype=torch.int32)
+            k_ref, v_ref = k_all.clone(), v_all.clone()
+            kv_compact(k_all, v_all, lens, path)
+            hl.kv_compact_ref(k_ref, v_ref, lens, path)
+            ok = torch.equal(k_all, k_ref) and torch.equal(v_all, v_ref)
+            print(f"{'PASS' if ok else 'FAIL'}  kv_compact {mname} L={L} B={B}")
+            failures += [] if ok else [f"kv_compact {mname} B={B}"]
+            if B == 8:
+                timing(f"kv_compact {mname} L={L} B={B}", lambda: kv_compact(k_all, v_all, lens, path),
+                       lambda: hl.kv_compact_ref(k_ref, v_ref, lens, path))
+
+    # CUDA graph: capture once, replay with new lengths and inputs (no host reads of device values inside)
+    Hq, Hkv, D = 9, 3, 64
+    B, T = 4, tree.size
+    k_cache = torch.randn(B, S, Hkv, D, device=dev, dtype=bf16)
+    v_cache = torch.randn_like(k_cache)
+    lens = torch.zeros(B, device=dev, dtype=torch.int32)
+    q = torch.randn(B, T, Hq, D, device=dev, dtype=bf16)
+    step = lambda: tree_attention(q, k_cache, v_cache, lens, tree.mask)
+    dec = lambda: decode_attention(q[:, :1], k_cache, v_cache, lens)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(), dec()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, out_dec = step(), dec()
+    lens.copy_(torch.tensor([5, 1999, 0, 777], device=dev))
+    q.normal_()
+    g.replay()
+    report("tree_attention under CUDA graph replay", out, hl.attention_ref(q, k_cache, v_cache, lens, tree.mask), bf16)
+    report("decode_attention under CUDA graph replay", out_dec, hl.attention_ref(q[:, :1], k_cache, v_cache, lens), bf16)
+
+    print("\n== timings (median, us)")
+    print(f"{'kernel':58s} {'triton':>9s} {'reference':>10s} {'speedup':>8s}")
+    for name, t_k, t_r in timings:
+        print(f"{name:58s} {t_k:9.1f} {t_r:10.1f} {t_r / t_k:7.1f}x")
+    if failures:
+        print(f"\n{len(failures)} FAILED: {failures}")
+        return 1
+    print("\nall PASS")
+    return 0
+
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--check"] or not torch.cuda.is_available():
+        print("usage: python kernels.py --check   (needs a CUDA GPU)")
+        sys.exit(2)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(_check())
