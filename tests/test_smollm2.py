@@ -1,0 +1,58 @@
+"""The real SmolLM2-135M-Instruct (skipped when scripts/test.sh has not fetched and converted it): chat
+template and tokenizer against transformers (from the same GGUF), and the runtime end to end on the CPU."""
+import os
+
+import pytest
+import torch
+
+import hydra_lite as hl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CKPT = os.path.join(ROOT, "checkpoints", "smollm2-135m-instruct")
+GGUF = os.environ.get("HYDRA_LITE_GGUF") or os.path.join(ROOT, ".models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+pytestmark = pytest.mark.skipif(not os.path.isdir(CKPT), reason="run scripts/test.sh to fetch and convert SmolLM2")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return hl.load_model(CKPT)
+
+
+@pytest.fixture(scope="module")
+def tok(model):
+    return hl.Tokenizer(CKPT, model.cfg)
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Name a color.\nOnly one."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! 👋"}, {"role": "user", "content": "def f(x): return x**2"}],
+]
+
+
+@pytest.mark.skipif(not os.path.isfile(GGUF), reason="needs the GGUF for transformers")
+def test_chat_template_matches_transformers(tok):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    hf = transformers.AutoTokenizer.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
+    for messages in CONVERSATIONS:
+        ref = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
+        assert tok.encode_chat(messages) == list(ref), messages
+
+
+def test_greedy_answer_and_stream(model, tok):
+    ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    pieces = []
+    outs, stats = hl.Generator(model, tok).generate([ids], 24, on_text=lambda b, t: pieces.append(t))
+    text = tok.decode(outs[0])
+    assert "Paris" in text and "".join(pieces) == text
+    assert stats.new_tokens == len(outs[0]) and stats.tokens_per_s > 0
+
+
+def test_cli(capsys):
+    assert hl.main(["--checkpoint", CKPT, "--prompt", "Say hello.", "--mode", "ar", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr()
+    assert "tokens/s" in out.err and out.out.strip()
+    assert hl.main(["--checkpoint", CKPT, "--prompt", "x", "--mode", "hydra", "--heads", "/nonexistent"]) == 2
+    assert "not found" in capsys.readouterr().err
