@@ -605,7 +605,9 @@ def dequantize(data, qtype=None, shape=None):
     if isinstance(data, GGUFTensor):
         data, qtype, shape = data
     name, block, size = GGML_TYPES.get(qtype, (f"type {qtype}", 0, 0))
-    data = np.asarray(data, dtype=np.uint8)
+    data = np.ascontiguousarray(data)
+    if data.dtype != np.uint8:  # e.g. a float16 array: reinterpret its bytes, never convert values
+        data = data.view(np.uint8)
     out_shape = tuple(shape) if shape is not None else data.shape[:-1] + (data.shape[-1] // size * block,)
     if name == "F32":
         x = np.ascontiguousarray(data).view("<f4")
@@ -1001,7 +1003,7 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (default: source dtype; float32 for GGUF)")
     ap.add_argument("--heads", action="store_true", help="convert Hydra/Medusa draft heads instead of a model")
     ap.add_argument("--base", help="converted base model dir (required with --heads)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # allows `--heads SRC --base BASE OUT`
     try:
         if args.heads:
             if not args.base:
