@@ -590,7 +590,10 @@ def load_heads(path, base: Llama):
     p = base.embed.weight
     heads = heads.to_empty(device="cpu")
     load_state(heads, {k: v.to(p.dtype) for k, v in state.items()}, path)
-    return heads.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
+    heads = heads.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
+    tree_path = os.path.join(path, "tree.json")
+    heads.tree_choices = read_json(tree_path) if os.path.exists(tree_path) else None
+    return heads
 
 
 def save_heads(heads: DraftHeads, path, shard_mb=15):
@@ -617,22 +620,28 @@ def save_heads(heads: DraftHeads, path, shard_mb=15):
 
 
 # Tree choices: each entry is a path of top-k ranks from the root (the base model's own next token); [0, 1] is
-# "head 0's best token, then head 1's second best after it". Default: a 64-node tree grown greedily from
-# estimated per-depth acceptance rates (rank r at depth d ~ 0.75^d / (r+1)): wide near the root, deep on the top-1
-# spine.
-def default_tree(size=63, depth=4, top=10):
+# "head 0's best token, then head 1's second best after it".
+def build_tree(rank_acc, size=63):
+    """The `size` paths with the highest chance of being accepted, given rank_acc[d][r]: how often head d's
+    rank-r token is the right one when the path before it is right. A path's chance is the product along it
+    and never grows with depth, so growing from the best frontier node first finds the best tree."""
     import heapq
 
-    score = lambda path: math.prod(0.75 / (r + 1) for r in path)
-    chosen, frontier = [], [(-score([r]), [r]) for r in range(top)]
+    score = lambda path: math.prod(rank_acc[d][r] for d, r in enumerate(path))
+    chosen, frontier = [], [(-score([r]), [r]) for r in range(len(rank_acc[0]))]
     heapq.heapify(frontier)
     while frontier and len(chosen) < size:
         _, path = heapq.heappop(frontier)
         chosen.append(path)
-        if len(path) < depth:
-            for r in range(top):
+        if len(path) < len(rank_acc):
+            for r in range(len(rank_acc[len(path)])):
                 heapq.heappush(frontier, (-score(path + [r]), path + [r]))
     return sorted(chosen, key=lambda p: (len(p), p))
+
+
+def default_tree(size=63, depth=4, top=10):
+    """A tree for heads with unknown accuracies: rank r at any depth right ~0.75/(r+1) of the time."""
+    return build_tree([[0.75 / (r + 1) for r in range(top)] for _ in range(depth)], size)
 
 
 class Tree:
@@ -778,7 +787,9 @@ class Generator:
         self.device = model.embed.weight.device
         # Graph capture needs the Triton path: the reference attention reads lengths on the host.
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and USE_TRITON and _kernels is not None
-        self.tree = Tree(tree_choices or default_tree(), self.device) if heads is not None else None
+        if heads is not None and tree_choices is None:  # heads may ship the tree fitted to their accuracies
+            tree_choices = getattr(heads, "tree_choices", None) or default_tree(depth=min(4, heads.hc.n_heads))
+        self.tree = Tree(tree_choices, self.device) if heads is not None else None
         if heads is not None and self.tree.depth > heads.hc.n_heads:
             raise HydraLiteError(f"tree is {self.tree.depth} deep but there are only {heads.hc.n_heads} heads")
         self._key = None

@@ -150,7 +150,7 @@ def head_losses(model, heads, tokens, valid, noise_alpha):
     for k, head in enumerate(heads.heads):
         n = T - k - 2  # head k at position t predicts token t+k+2: the base's distribution at t+k+1
         if n <= 0:
-            results.append((torch.zeros((), device=tokens.device), 0.0))
+            results.append((torch.zeros((), device=tokens.device), 0.0, [0.0] * 10))
             continue
         x = h[:, :n]
         if heads.hc.grounded:  # concat(h_t, embed(x_{t+1}), ..., embed(x_{t+k+1}))
@@ -159,8 +159,8 @@ def head_losses(model, heads, tokens, valid, noise_alpha):
         logits = head(x[mask], lm_w).float()
         target = teacher[:, k + 1:k + 1 + n][mask].float()
         loss = -(target * F.log_softmax(logits, -1)).sum(-1).mean()
-        acc = (logits.argmax(-1) == target.argmax(-1)).float().mean().item()
-        results.append((loss, acc))
+        hits = (logits.topk(10, -1).indices == target.argmax(-1, keepdim=True)).float().mean(0)  # per rank
+        results.append((loss, hits[0].item(), hits.tolist()))
     return results
 
 
@@ -196,9 +196,9 @@ def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, eval_r
         with torch.no_grad():
             tokens, valid = pad(eval_rows, dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                accs = [r[1] for r in head_losses(model, heads, tokens, valid, 0.0)]
-        log("held-out top-1 per head: " + " ".join(f"{a:.3f}" for a in accs))
-        return accs
+                rank_acc = [r[2] for r in head_losses(model, heads, tokens, valid, 0.0)]
+        log("held-out top-1 per head: " + " ".join(f"{a[0]:.3f}" for a in rank_acc))
+        return rank_acc
 
 
 def pad(rows, device):
@@ -230,6 +230,7 @@ def main(argv=None):
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch")
     t.add_argument("--noise", type=float, default=5.0, help="uniform input noise scale (0: off)")
+    t.add_argument("--tree-size", type=int, default=63, help="tree nodes besides the root, fitted to held-out accuracies")
     for p in (d, t):
         p.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
         p.add_argument("--out", required=True)
@@ -258,10 +259,15 @@ def main(argv=None):
             heads = new_heads(model, args.kind, args.n_heads, args.n_layers).to(args.device)  # fp32 master weights
             n_params = sum(p.numel() for p in heads.parameters())
             log(f"training {args.kind} heads ({n_params / 1e6:.1f}M parameters) on {len(rows) - n_eval} answers")
-            accs = train(model, heads, rows[n_eval:], args.steps, args.lr, args.max_tokens, args.noise, args.seed, rows[:n_eval])
+            rank_acc = train(model, heads, rows[n_eval:], args.steps, args.lr, args.max_tokens, args.noise, args.seed, rows[:n_eval])
             hl.save_heads(heads.to(dtype), args.out)
+            tree = hl.build_tree(rank_acc, args.tree_size)  # the tree these heads are most likely to get accepted
+            with open(os.path.join(args.out, "tree.json"), "w") as f:
+                json.dump(tree, f)
+            expected = sum(math.prod(rank_acc[d][r] for d, r in enumerate(p)) for p in tree) + 1
+            log(f"tree of {len(tree) + 1} nodes, expected acceptance length {expected:.2f} (if heads were independent)")
             with open(os.path.join(args.out, "train.json"), "w") as f:
-                json.dump({k: v for k, v in vars(args).items()} | {"held_out_top1": accs, "answers": len(rows)}, f, indent=1)
+                json.dump(vars(args) | {"held_out_rank_acc": rank_acc, "answers": len(rows), "expected_accept": expected}, f, indent=1)
             log(f"saved heads to {args.out}")
     except hl.HydraLiteError as e:
         print(f"error: {e}", file=sys.stderr)

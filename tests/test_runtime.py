@@ -119,6 +119,9 @@ def test_tree_buffers():
     with pytest.raises(hl.HydraLiteError, match="twice"):
         hl.Tree([[0], [0]])
     assert len(hl.default_tree()) == 63 and hl.Tree(hl.default_tree()).depth == 4
+    # a head that is always right at rank 0 gets a chain; a useless second head gets nothing below depth 1
+    assert hl.build_tree([[1.0, 0.0], [1.0, 0.0]], 2) == [[0], [0, 0]]
+    assert hl.build_tree([[0.6, 0.3, 0.1], [0.0, 0.0, 0.0]], 3) == [[0], [1], [2]]
 
 
 def test_accept_greedy_ref():
@@ -155,7 +158,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(hl.HydraLiteError, match="not valid JSON"):
         hl.load_model(str(tmp_path))
     with pytest.raises(hl.HydraLiteError, match="only 2 heads"):
-        hl.Generator(model, heads=tiny_heads(model, True, False, n_heads=2))
+        hl.Generator(model, heads=tiny_heads(model, True, False, n_heads=2), tree_choices=hl.default_tree(depth=4))
     with pytest.raises(hl.HydraLiteError, match="at least one token"):
         hl.Generator(model).generate([[]])
     with pytest.raises(hl.HydraLiteError, match="does not fit"):
