@@ -199,14 +199,12 @@ def default_system(template, family):
     """The system prompt a template hard-codes, if it is a plain literal (not built from jinja expressions)."""
     if not template:
         return VICUNA_SYSTEM if family == "vicuna" else None
-    candidates = []
-    if family in SYSTEM_PATTERNS:
-        candidates += re.findall(SYSTEM_PATTERNS[family], template, re.S)
-    candidates += [m[1] for m in re.findall(r"set\s+\w*system\w*\s*=\s*(['\"])(.+?)(?<!\\)\1", template, re.S)]
-    for text in candidates:
-        if not any(s in text for s in ("{{", "{%", "'", '"', "+ ", "message")):
-            return text.replace("\\n", "\n").strip()
-    return None
+    found = re.findall(SYSTEM_PATTERNS[family], template, re.S) if family in SYSTEM_PATTERNS else []
+    # a quote or brace inside means the text is assembled by jinja (e.g. "' + system_message + '"), not a literal
+    found = [t for t in found if not any(c in t for c in ("{{", "{%", "'", '"'))]
+    # `{% set system_message = '...' %}`: one quoted literal, possibly with escaped quotes
+    found += [t.replace("\\" + q, q) for q, t in re.findall(r"set\s+\w*system\w*\s*=\s*(['\"])(.+?)(?<!\\)\1", template, re.S)]
+    return found[0].replace("\\n", "\n").strip() if found else None
 
 
 def runtime_config(c, *, bos_id, eos_ids, add_bos, template, name, token_id, dtype, source):
@@ -411,7 +409,8 @@ def convert_hf(src, out, dtype=None):
     if eos == [None, None]:
         eos = [vocab(tok_cfg.get("eos_token"))]
     c = runtime_config(c, bos_id=bos_id, eos_ids=eos, add_bos=add_bos and bos_id is not None,
-                       template=read_chat_template(src, tok_cfg), name=os.path.basename(src), token_id=vocab,
+                       template=read_chat_template(src, tok_cfg), token_id=vocab,
+                       name=os.path.abspath(src) + " " + str(cfg.get("_name_or_path", "")),  # hub snapshot dirs are hashes
                        dtype=dtype, source=f"hf:{os.path.basename(src)}")
     write_model(out, c, specs, weights, dtype)
     copied = []
@@ -1014,7 +1013,7 @@ def main(argv=None):
             convert_heads(args.src, args.base, args.out or os.path.join("checkpoints", name))
         else:
             convert(args.src, args.out, args.dtype)
-    except ConvertError as e:
+    except (ConvertError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -207,6 +207,7 @@ def test_vicuna_dir_without_template(tmp_path):
     ("{{ bos_token + '[INST] ' + message['content'] + ' [/INST]' }}", "llama2", None),
     ("{{ 'A chat between a curious user and an AI. ' }}{% for m in messages %}USER: {{ m }} ASSISTANT:{% endfor %}",
      "vicuna", "A chat between a curious user and an AI."),
+    ("{% set system_message = 'Don\\'t lie.' %}[INST] <<SYS>>\n' + system_message + '\n<</SYS>>", "llama2", "Don't lie."),
     ("{{ messages[0]['content'] }}", "none", None),
     (None, "none", None),
 ])
@@ -476,7 +477,8 @@ def test_smollm2_weights_match_transformers(smol_out, smol_hf):
     for name, rows, ref in pairs:
         mine = got[name] if rows is None else got[name][rows]
         assert mine.shape == sd[ref].shape, ref
-        worst = max(worst, (mine - sd[ref]).abs().max().item())
+        if not torch.equal(mine, sd[ref]):
+            worst = max(worst, (mine - sd[ref]).abs().max().item())
     print(f"SmolLM2: max |weight diff| vs transformers = {worst:.2e}")
     assert worst < 1e-6
     assert len(got) == 2 + 6 * 30
@@ -493,7 +495,6 @@ def test_smollm2_logits_match_transformers(smol_out, smol_hf):
 
 @needs_smol
 def test_smollm2_tokenizer_matches_transformers(smol_out):
-    pytest.importorskip("accelerate")
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
     ref = AutoTokenizer.from_pretrained(os.path.dirname(SMOL), gguf_file=os.path.basename(SMOL))
