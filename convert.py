@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -149,7 +150,7 @@ def plan(specs, src):
                 raise ConvertError(f"shape mismatch for {name} in {src.path}: expected {list(shape)}, got {list(got)}")
         names = [n for n, _ in parts]
         shape = (sum(s[0] for _, s in parts),) + tuple(parts[0][1][1:])
-        items.append((out, shape, lambda names=names: torch.cat([src.get(n) for n in names])))
+        items.append((out, shape, lambda names=names: torch.cat([src.get(n) for n in names]) if len(names) > 1 else src.get(names[0])))
     return items
 
 
@@ -279,6 +280,12 @@ class HFSource:
         f = self.files[name]
         return f[name] if isinstance(f, dict) else f.get_tensor(name)
 
+    def dtype(self, name):  # without loading the tensor
+        f = self.files[name]
+        if isinstance(f, dict):
+            return f[name].dtype
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(f.get_slice(name).get_dtype())
+
 
 def load_torch(path):
     try:  # mmap keeps big .bin shards out of RAM; old (non-zip) pickles can't be mmapped
@@ -392,11 +399,13 @@ def convert_hf(src, out, dtype=None):
                         lambda i, p: f"model.layers.{i}.{HF_LAYER[p]}")
     if weights.shape("model.embed_tokens.weight") is None:
         raise ConvertError(f"missing tensor model.embed_tokens.weight in {src}")
-    src_dtype = weights.get("model.embed_tokens.weight").dtype
-    dtype = as_dtype(dtype) or (src_dtype if src_dtype in ST_DTYPES else torch.float32)
+    dtype = as_dtype(dtype) or weights.dtype("model.embed_tokens.weight")
+    if dtype not in ST_DTYPES:  # e.g. float64 or int8 sources
+        dtype = torch.float32
 
     vocab = HFVocab(src)
-    bos_id = cfg.get("bos_token_id", gen.get("bos_token_id"))
+    bos_id = cfg.get("bos_token_id")
+    bos_id = gen.get("bos_token_id") if bos_id is None else bos_id
     if bos_id is None:
         bos_id = vocab(tok_cfg.get("bos_token"))
     bos_str = next((t for t, i in vocab.ids.items() if i == bos_id), None) if bos_id is not None else None
@@ -416,8 +425,7 @@ def convert_hf(src, out, dtype=None):
     copied = []
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         if os.path.exists(os.path.join(src, name)):
-            with open(os.path.join(src, name), "rb") as fi, open(os.path.join(out, name), "wb") as fo:
-                fo.write(fi.read())
+            shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
             copied.append(name)
     if not any(n in copied for n in ("tokenizer.json", "tokenizer.model")):
         log(f"warning: no tokenizer.json or tokenizer.model in {src}; the runtime will need one")
