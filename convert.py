@@ -150,7 +150,8 @@ def plan(specs, src):
                 raise ConvertError(f"shape mismatch for {name} in {src.path}: expected {list(shape)}, got {list(got)}")
         names = [n for n, _ in parts]
         shape = (sum(s[0] for _, s in parts),) + tuple(parts[0][1][1:])
-        items.append((out, shape, lambda names=names: torch.cat([src.get(n) for n in names]) if len(names) > 1 else src.get(names[0])))
+        make = lambda names=names: torch.cat([src.get(n) for n in names]) if len(names) > 1 else src.get(names[0])
+        items.append((out, shape, make))
     return items
 
 
@@ -204,7 +205,8 @@ def default_system(template, family):
     # a quote or brace inside means the text is assembled by jinja (e.g. "' + system_message + '"), not a literal
     found = [t for t in found if not any(c in t for c in ("{{", "{%", "'", '"'))]
     # `{% set system_message = '...' %}`: one quoted literal, possibly with escaped quotes
-    found += [t.replace("\\" + q, q) for q, t in re.findall(r"set\s+\w*system\w*\s*=\s*(['\"])(.+?)(?<!\\)\1", template, re.S)]
+    literal = r"set\s+\w*system\w*\s*=\s*(['\"])(.+?)(?<!\\)\1"
+    found += [t.replace("\\" + q, q) for q, t in re.findall(literal, template, re.S)]
     return found[0].replace("\\n", "\n").strip() if found else None
 
 
@@ -366,7 +368,8 @@ def convert_hf(src, out, dtype=None):
     cfg = read_json(os.path.join(src, "config.json"))
     gen = read_json(os.path.join(src, "generation_config.json"), required=False) or {}
     tok_cfg = read_json(os.path.join(src, "tokenizer_config.json"), required=False) or {}
-    arch = (cfg.get("architectures") or [None])[0] or {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(cfg.get("model_type"))
+    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+    arch = (cfg.get("architectures") or [None])[0] or by_type.get(cfg.get("model_type"))
     if arch not in ARCHITECTURES:
         raise ConvertError(f"unsupported architecture {arch} in {src}/config.json (supported: {', '.join(ARCHITECTURES)})")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
@@ -685,7 +688,7 @@ CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 def byte_alphabet():
     """GPT-2's byte -> printable unicode char mapping used by byte-level BPE vocabularies."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -879,7 +882,8 @@ def convert_heads(src, base_dir, out):
         if arch not in ("mlp", "prefix-mlp"):
             raise ConvertError(f"unsupported hydra_head_arch {arch!r} (supported: mlp, prefix-mlp)")
         if cfg.get("hidden_state_offset", 0) != 0:
-            raise ConvertError(f"hidden_state_offset {cfg['hidden_state_offset']} is not supported (heads must read the last hidden state)")
+            raise ConvertError(f"hidden_state_offset {cfg['hidden_state_offset']} is not supported "
+                               "(heads must read the base model's last hidden state)")
         heads = sorted({int(k.split(".")[1]) for k in sd if k.startswith("hydra_lm_head.")})
         if not heads:
             raise ConvertError(f"missing tensor hydra_lm_head.0.weight in {path}")
@@ -1017,7 +1021,8 @@ def main(argv=None):
                 ap.error("--heads needs --base BASE_RUNTIME_DIR")
             if args.dtype:
                 log("note: --dtype is ignored with --heads (heads use the base model's dtype)")
-            name = os.path.basename(os.path.normpath(args.src if os.path.isdir(args.src) else os.path.dirname(os.path.abspath(args.src))))
+            head_dir = args.src if os.path.isdir(args.src) else os.path.dirname(os.path.abspath(args.src))
+            name = os.path.basename(os.path.normpath(head_dir))
             convert_heads(args.src, args.base, args.out or os.path.join("checkpoints", name))
         else:
             convert(args.src, args.out, args.dtype)
