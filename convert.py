@@ -936,6 +936,10 @@ def convert_heads(src, base_dir, out):
 
     if heads != list(range(len(heads))):
         raise ConvertError(f"head indices in {path} are not 0..{len(heads) - 1}: {heads}")
+    lm0 = dict(specs).get("heads.0.lm_w", [("", None)])[0][0]  # say plainly when heads and base don't belong together
+    if lm0 in sd and tuple(sd[lm0].shape) != (vocab, dim):
+        v, d = sd[lm0].shape
+        raise ConvertError(f"heads in {path} are for vocab {v}, dim {d}; the base model {base_dir} has vocab {vocab}, dim {dim}")
     items = plan(specs, DictSource(sd, path))
     os.makedirs(out, exist_ok=True)
     nbytes = write_safetensors(os.path.join(out, "heads.safetensors"), items, dtype)

@@ -681,11 +681,16 @@ def test_heads_errors(tmp_path, base_dir):
         convert.convert_heads(str(src), str(base_dir), str(tmp_path / "out"))
     torch.save(hydra_heads(32, 96, 2, 1, grounded=True, prefix=False).state_dict(), src / "hydra_lm_head.pt")
     (src / "config.json").write_text("{}")
-    with pytest.raises(ConvertError, match=r"shape mismatch for hydra_mlp\.0\.0\.linear\.weight.*expected \[64, 128\], got \[32, 64\]"):
+    with pytest.raises(ConvertError, match=r"are for vocab 96, dim 32; the base model .* has vocab 96, dim 64"):
         convert.convert_heads(str(src), str(base_dir), str(tmp_path / "out"))
     torch.save(medusa_heads(64, 50, 2, 1).state_dict(), src / "hydra_lm_head.pt")
-    with pytest.raises(ConvertError, match=r"shape mismatch for 0\.1\.weight.*expected \[96, 64\], got \[50, 64\]"):
+    with pytest.raises(ConvertError, match=r"are for vocab 50, dim 64"):
         convert.convert_heads(str(src / "hydra_lm_head.pt"), str(base_dir), str(tmp_path / "out"))
+    sd = hydra_heads(64, 96, 2, 1, grounded=True, prefix=False).state_dict()
+    sd["hydra_mlp.1.0.linear.weight"] = torch.zeros(64, 128)  # head 1 sees 3 vectors: should be [64, 192]
+    torch.save(sd, src / "hydra_lm_head.pt")
+    with pytest.raises(ConvertError, match=r"shape mismatch for hydra_mlp\.1\.0\.linear\.weight .*expected \[64, 192\], got \[64, 128\]"):
+        convert.convert_heads(str(src), str(base_dir), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
