@@ -185,8 +185,10 @@ def test_hf_tokenizer_and_chat_template(tmp_path):
                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
     (src / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": template, "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+    gen = json.loads((src / "generation_config.json").read_text())
+    (src / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [2, 5]}))  # lists happen (Llama 3)
     c = convert.convert_hf(str(src), str(tmp_path / "out"))
-    assert (c["chat_template"], c["default_system"], c["eos_ids"], c["add_bos"]) == ("chatml", None, [2, 4], True)
+    assert (c["chat_template"], c["default_system"], c["eos_ids"], c["add_bos"]) == ("chatml", None, [2, 5, 4], True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (src / name).read_bytes()
 
@@ -254,13 +256,15 @@ MERGES = ["h e", "l l", "he ll", "hell o", "Ġ w", "Ġw o"]
 GGUF_VOCAB = 272  # the byte alphabet + a few merges + padding
 
 
-def write_gguf(path, model, types=None, arch="llama", tokenizer=True, extra_meta=True):
+def write_gguf(path, model, types=None, arch="llama", tokenizer=True, extra_meta=True, alignment=None):
     """A GGUF of a tiny HF llama, laid out like llama.cpp writes it; types: GGUF name suffix -> quant type."""
     import gguf
     q = gguf.GGMLQuantizationType
     types = types or {}
     cfg, sd = model.config, model.state_dict()
     w = gguf.GGUFWriter(str(path), arch)
+    if alignment:
+        w.add_custom_alignment(alignment)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -330,8 +334,9 @@ def test_gguf_reader_and_mixed_types(tmp_path):
     gguf = pytest.importorskip("gguf")
     model = tiny_hf(tmp_path / "hf", n_kv=2, vocab=GGUF_VOCAB)
     types = {k: gguf.GGMLQuantizationType[v] for k, v in MIXED.items()}
-    written = write_gguf(tmp_path / "m.gguf", model, types)
+    written = write_gguf(tmp_path / "m.gguf", model, types, alignment=64)
     meta, tensors = convert.read_gguf(str(tmp_path / "m.gguf"))
+    assert meta["general.alignment"] == 64
     assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 2
     expect = {"uint8": 7, "int8": -7, "uint16": 700, "int16": -700, "uint32": 70000, "int32": -70000,
               "uint64": 2**40, "int64": -2**40, "float32": 0.5, "float64": 0.25, "bool": True, "string": "héllo"}
