@@ -33,7 +33,7 @@ for stage in "$@"; do
     train)
       python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples ${SAMPLES:-24} \
         --max-new-tokens 384 --batch 96 --out "$WORK/data.pt"
-      for kind in medusa hydra hydra++; do
+      for kind in ${KINDS:-hydra++ medusa hydra}; do
         python3 train_heads.py train --checkpoint "$CKPT" --data "$WORK/data.pt" --kind $kind --steps ${STEPS:-1500} \
           --out "$WORK/heads-$kind" 2>&1 | tee "$RES/train-$kind.txt" | grep -v "^step [0-9]*[1-9]/" | tail -12
       done ;;
