@@ -9,7 +9,8 @@ sizes and buffer shapes come from static shapes only.
 Notes on the Triton interpreter (TRITON_INTERPRET=1, how the tests run these kernels on CPU tensors): it keeps
 bfloat16 as raw uint16, so arithmetic (tl.dot included) on bf16 values is wrong there. The kernels therefore
 convert to fp32 before any arithmetic, and the attention kernel takes an UPCAST flag that makes its matmuls fp32
-(set for CPU tensors and for fp32 inputs; on the GPU, bf16/fp16 inputs go to the tensor cores as they are).
+(set for CPU tensors, fp32 inputs and mixed dtypes; on the GPU, bf16/fp16 inputs go to the tensor cores as they
+are, fp32 ones use exact "ieee" products, not tf32).
 """
 import math
 import os
@@ -199,7 +200,8 @@ def _attn_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, sks, svs, scale, offs_n,
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if UPCAST:
-        pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision=PREC)
+        # p rounded as the GPU path rounds it (to the activations' dtype: a no-op for fp32 q)
+        pv = tl.dot(p.to(q.dtype).to(tl.float32), v.to(tl.float32), input_precision=PREC)
     else:
         pv = tl.dot(p.to(v.dtype), v)
     acc = acc * alpha[:, None] + pv
@@ -325,7 +327,7 @@ def _attention(q, k_cache, v_cache, lens, mask, num_splits=None):
         plse = torch.empty(B * T * Hq * num_splits, dtype=torch.float32, device=q.device)
     else:
         po = plse = out  # unused
-    upcast = (not q.is_cuda) or q.dtype == torch.float32
+    upcast = (not q.is_cuda) or q.dtype == torch.float32 or q.dtype != k_cache.dtype
     lens = lens.contiguous()
     m = mask if mask is not None else q  # unused when HAS_MASK is False
     sm = mask.stride() if mask is not None else (0, 0)
@@ -334,7 +336,7 @@ def _attention(q, k_cache, v_cache, lens, mask, num_splits=None):
         q, k_cache, v_cache, lens, m, out, po, plse, T, Hq, Hkv, D, 1.0 / math.sqrt(D) * 1.4426950408889634,
         split_len, num_splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), *sm,
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_MASK=mask is not None, SPLIT=split,
-        UPCAST=upcast, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=3)
+        UPCAST=upcast, PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", num_warps=num_warps, num_stages=3)
     if split:
         _attn_combine_kernel[(B * T * Hq,)](po, plse, out, D, num_splits, BLOCK_S=_pow2(num_splits, 2),
                                             BLOCK_D=BLOCK_D, num_warps=4)
@@ -464,13 +466,14 @@ def _check():
         graph = triton.testing.do_bench_cudagraph(fn, return_mode="median") * 1e3
         timings.append((name, graph, bench(fn, return_mode="median") * 1e3, bench(ref_fn, return_mode="median") * 1e3))
 
-    models = {"smollm2": (9, 3, 64, 576, 1536, 30), "7b": (32, 32, 128, 4096, 11008, 32)}
+    # (Hq, Hkv, head_dim, dim, hidden_dim, layers); "d80": a non-power-of-2 head_dim
+    models = {"smollm2": (9, 3, 64, 576, 1536, 30), "7b": (32, 32, 128, 4096, 11008, 32), "d80": (8, 2, 80, 640, 1024, 4)}
     tree = hl.Tree(hl.default_tree(), dev)  # the runtime's 64-node tree
     S = 2048 + 512 + 64
 
     print("== correctness")
     for mname, (Hq, Hkv, D, dim, hidden, L) in models.items():
-        for B in (1, 8):
+        for B in (1, 8) if mname != "d80" else (4,):
             rows = B * 64
             x = torch.randn(B, 64, dim, device=dev, dtype=bf16)
             r, w = torch.randn_like(x), torch.randn(dim, device=dev, dtype=bf16)
@@ -478,7 +481,7 @@ def _check():
             y, s = rms_norm(x, w, 1e-5, r)
             y_ref, s_ref = hl.rms_norm_ref(x, w, 1e-5, r)
             report(f"rms_norm+residual {mname} [{rows},{dim}]", torch.cat([y, s]), torch.cat([y_ref, s_ref]), bf16)
-            if B == 8:
+            if B == 8:  # (timings at B=8 only)
                 timing(f"rms_norm+res {mname} [{rows},{dim}]", lambda: rms_norm(x, w, 1e-5, r),
                        lambda: hl.rms_norm_ref(x, w, 1e-5, r))
             gu = torch.randn(B, 64, 2 * hidden, device=dev, dtype=bf16)
@@ -507,7 +510,7 @@ def _check():
                     q_rot = rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, lens)
                     report(f"rope_cache_write {tag}", torch.cat([q_rot.flatten(), k_cache.flatten(), v_cache.flatten()]),
                            torch.cat([q_ref.flatten(), kc_ref.flatten(), vc_ref.flatten()]), dtype)
-                    if T in (1, 64) and dtype == bf16:
+                    if T in (1, 64) and dtype == bf16 and mname != "d80":
                         timing(f"rope_cache_write {tag}",
                                lambda: rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, lens),
                                lambda: hl.rope_cache_write_ref(q, k, v, cos, sin, pos, kc_ref, vc_ref, lens))
@@ -521,7 +524,7 @@ def _check():
                     else:
                         fn = lambda: tree_attention(q_rot, k_cache, v_cache, lens, mask)
                         report(f"tree_attention {'tree' if T == 64 else 'causal'} {tag}", fn(), ref, dtype)
-                    if dtype == bf16:
+                    if dtype == bf16 and mname != "d80":
                         timing(f"{'decode' if T == 1 else 'tree'}_attention {tag}", fn,
                                lambda: hl.attention_ref(q_rot, k_cache, v_cache, lens, mask))
 

@@ -251,6 +251,16 @@ def test_attention_ignores_slots_past_the_row():
     close(out, hl.attention_ref(q[:, :1], k_cache, v_cache, lens), torch.float32)
 
 
+def test_attention_mixed_dtypes():
+    """fp32 activations over a bf16 cache: the result is in q's dtype, products in fp32."""
+    q, k_cache, v_cache, lens = attn_inputs(2, 3, 4, 2, 16, 20, torch.bfloat16)
+    q = q.float()
+    mask = random_tree(3)[0]
+    out = kernels.tree_attention(q, k_cache, v_cache, lens, mask)
+    assert out.dtype == torch.float32
+    close(out, hl.attention_ref(q, k_cache, v_cache, lens, mask), torch.float32)
+
+
 def test_attention_bad_heads():
     q = torch.randn(1, 2, 5, 16)
     kc = torch.randn(1, 8, 2, 16)
