@@ -1,19 +1,26 @@
 """kernels.py against the reference ops of hydra_lite.py, on CPU through the Triton interpreter.
 
-TRITON_INTERPRET must be set before triton is first imported (kernels.py and hydra_lite.py import it), so it is
-the very first thing this module does. The interpreter runs every kernel in Python/numpy on CPU tensors: shapes
-here are small to keep the file fast. Note that the interpreter rounds fp32 -> bf16 by truncation (the GPU
-rounds to nearest), so bf16 results can differ from torch's by an ulp: bf16 tolerances allow for that.
+TRITON_INTERPRET must be set before triton is first imported in the process (kernels.py and hydra_lite.py import
+it; the interpreter needs triton's own library functions interpreted too), so it is the very first thing this
+module does. When another test module got there first (a whole-suite run: they import hydra_lite, which imports
+triton compiled), this file reruns itself in a fresh interpreter process instead (test_in_fresh_process).
+The interpreter runs every kernel in Python/numpy on CPU tensors: shapes here are small to keep the file fast.
+It rounds fp32 -> bf16 by truncation (the GPU rounds to nearest), so bf16 tolerances allow a few ulps.
 """
 import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before any import of triton
-
 import sys
-import zlib
 
-import pytest
-import torch
+# Before any import of triton. If triton is already loaded in compiled mode, leave the setting alone (so other
+# modules' GPU tests keep compiled kernels) and run this file in a subprocess.
+IN_PROCESS = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+if IN_PROCESS:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import subprocess  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hydra_lite as hl  # noqa: E402
@@ -26,7 +33,19 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 @pytest.fixture(autouse=True)
 def _seed(request):  # fresh inputs per test, reproducible (KERNEL_TEST_SEED picks another draw)
+    if not IN_PROCESS and request.node.name != "test_in_fresh_process":
+        pytest.skip("triton was imported compiled before this module; run by test_in_fresh_process")
     torch.manual_seed(zlib.crc32(request.node.name.encode()) + int(os.environ.get("KERNEL_TEST_SEED", "0")))
+
+
+def test_in_fresh_process():
+    """This whole file under the interpreter in its own process, when this process cannot interpret."""
+    if IN_PROCESS:
+        pytest.skip("running in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+                       env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
 
 
 def close(out, ref, dtype):
