@@ -57,6 +57,20 @@ def match_stats(outs, ref):
     return exact, prefix / max(sum(len(r) for r in ref), 1)
 
 
+def divergence_margins(model, prompts, outs, ref):
+    """Where an output parts from the reference: the reference model's top-2 logit margin at that token (a
+    margin near rounding size means a near-tie, not a decoding bug)."""
+    margins = []
+    for p, a, b in zip(prompts, outs, ref):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        if a != b:
+            top = model.forward_logits(torch.tensor([p + b[:n]], device=model.embed.weight.device))[0, -1].topk(2).values
+            margins.append(dict(at=n, margin=(top[0] - top[1]).item()))
+    return margins
+
+
 def export_hf(model, out_dir):
     """The runtime checkpoint as a Hugging Face Llama dir (for the transformers baseline only)."""
     from safetensors.torch import save_file
@@ -112,6 +126,35 @@ def run_hf(model, prompts, max_new):
                       e2e_tokens_per_s=new_tokens / secs, mean_accept=1.0)
 
 
+def tree_for(heads_path, args, size=0):
+    """--tree JSON, or a tree of `size` nodes fitted to the heads' held-out accuracies, or the heads' own."""
+    if args.tree:
+        return json.loads(args.tree)
+    if size:
+        with open(os.path.join(heads_path, "train.json")) as f:
+            return hl.build_tree(json.load(f)["held_out_rank_acc"], size - 1)
+    return None
+
+
+def profile_step(gen, prompt, path):
+    """GPU time of one speculative step by kernel (the step's graph is bypassed so kernels show up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen.generate([prompt], 16)
+    step = gen.step.fn
+    logits, h = gen._prefill([prompt])
+    root = logits.argmax(-1)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            out, h = step(root, h)
+            root = out[:, -1]
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    with open(path, "w") as f:
+        f.write(table)
+    log(table)
+
+
 def e2e(args):
     dev, dtype = args.device, getattr(torch, args.dtype)
     model = hl.load_model(args.checkpoint, dev, dtype)
@@ -134,14 +177,20 @@ def e2e(args):
             results.append(dict(mode="hf-generate", batch=1, **hf, speedup=hf["tokens_per_s"] / ar["tokens_per_s"],
                                 exact_match=exact, token_match=tm))
             log(f"b1 hf generate: {hf['tokens_per_s']:.1f} tokens/s")
-        for name, path in heads.items():
-            gen = hl.Generator(model, tok, hl.load_heads(path, model), json.loads(args.tree) if args.tree else None)
+        for name, spec in heads.items():
+            path, _, size = spec.partition(":")  # DIR[:TREE_NODES]
+            gen = hl.Generator(model, tok, hl.load_heads(path, model), tree_for(path, args, int(size or 0)))
             gen.generate(prompts[:batch], 16)
             out, r = run_mode(gen, prompts, batch, args.max_new_tokens, "spec")
             exact, tm = match_stats(out, ar_out)
             outputs[f"{name}/b{batch}"] = out
             results.append(dict(mode=name, batch=batch, **r, speedup=r["tokens_per_s"] / ar["tokens_per_s"],
                                 exact_match=exact, token_match=tm))
+            if dtype == torch.float32 and exact < 1:
+                results[-1]["divergences"] = divergence_margins(model, prompts, out, ar_out)
+                log(f"b{batch} {name} divergences (token index, top-2 logit margin there): {results[-1]['divergences']}")
+            if args.profile and batch == 1 and dev.startswith("cuda"):
+                profile_step(gen, prompts[0], os.path.join(args.out, f"profile_{name}.txt"))
             log(f"b{batch} {name}: {r['tokens_per_s']:.1f} tokens/s, accept {r['mean_accept']:.2f}, "
                 f"x{r['tokens_per_s'] / ar['tokens_per_s']:.2f}, match {exact:.2f}/{tm:.3f}")
     meta = dict(device=torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu", date=time.strftime("%Y-%m-%d"),
@@ -272,13 +321,14 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("e2e")
     e.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
-    e.add_argument("--heads", nargs="*", default=[], help="NAME=DIR pairs")
+    e.add_argument("--heads", nargs="*", default=[], help="NAME=DIR[:TREE_NODES] (TREE_NODES refits the heads' tree)")
     e.add_argument("--prompts", required=True)
     e.add_argument("--rows", default=None, help="row range of the prompts file, e.g. 80-99 (held out from training)")
     e.add_argument("--limit", type=int, default=0)
     e.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     e.add_argument("--max-new-tokens", type=int, default=256)
-    e.add_argument("--tree", default=None)
+    e.add_argument("--tree", default=None, help="tree choices as JSON")
+    e.add_argument("--profile", action="store_true", help="also write a per-kernel profile of one speculative step")
     e.add_argument("--dtype", default="bfloat16")
     e.add_argument("--no-hf", dest="hf", action="store_false")
     s = sub.add_parser("steps")

@@ -31,7 +31,7 @@ for stage in "$@"; do
       python3 benchmark.py steps --shape 7b --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
       python3 benchmark.py steps --shape smollm2-135m --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;
     train)
-      python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples ${SAMPLES:-24} \
+      python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples ${SAMPLES:-24} --temperatures ${TEMPS:-0,0.7,1.0} \
         --max-new-tokens 384 --batch 96 --out "$WORK/data.pt"
       for kind in ${KINDS:-hydra++ medusa hydra}; do
         python3 train_heads.py train --checkpoint "$CKPT" --data "$WORK/data.pt" --kind $kind --steps ${STEPS:-1500} \
@@ -39,8 +39,8 @@ for stage in "$@"; do
       done ;;
     e2e)
       H=$WORK
-      python3 benchmark.py e2e --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 80-99 --batch 1 8 \
-        --heads medusa=$H/heads-medusa hydra=$H/heads-hydra hydra++=$H/heads-hydra++ --out "$RES" 2>&1 | tee "$RES/e2e.txt"
+      python3 benchmark.py e2e --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 80-99 --batch 1 8 --profile \
+        --heads ${E2E_HEADS:-medusa=$H/heads-medusa hydra=$H/heads-hydra hydra++=$H/heads-hydra++} --out "$RES" 2>&1 | tee "$RES/e2e.txt"
       python3 benchmark.py e2e --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 80-99 --limit 8 --batch 1 4 --dtype float32 \
         --no-hf --heads hydra++=$H/heads-hydra++ --out "$RES/fp32" 2>&1 | tee "$RES/e2e_fp32.txt" ;;
     pack)

@@ -27,3 +27,11 @@ def test_match_stats():
     ref = [[1, 2, 3, 4], [5, 6]]
     assert benchmark.match_stats(ref, ref) == (1.0, 1.0)
     assert benchmark.match_stats([[1, 2, 9, 4], [5, 6]], ref) == (0.5, 4 / 6)
+
+
+def test_divergence_margins():
+    from test_runtime import tiny_model
+    model = tiny_model(9)
+    ref = [[5, 6, 7], [1, 2]]
+    out = benchmark.divergence_margins(model, [[3, 4], [8]], [[5, 6, 9], [1, 2]], ref)
+    assert len(out) == 1 and out[0]["at"] == 2 and out[0]["margin"] >= 0
