@@ -142,13 +142,14 @@ def profile_step(gen, prompt, path):
 
     gen.generate([prompt], 16)
     step = gen.step.fn
-    logits, h = gen._prefill([prompt])
-    root = logits.argmax(-1)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            out, h = step(root, h)
-            root = out[:, -1]
-        torch.cuda.synchronize()
+    with torch.inference_mode():
+        logits, h = gen._prefill([prompt])
+        root = logits.argmax(-1)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                out, h = step(root, h, torch.ones_like(root, dtype=torch.int32))
+                root = out[:, -1]
+            torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     with open(path, "w") as f:
         f.write(table)

@@ -807,10 +807,12 @@ class Generator:
             self.prefix_cache = KVCache(1, batch, max_len, c.n_kv_heads, c.head_dim, self.device, self.cache.k.dtype)
         B = batch
         if mode == "ar":
-            self.step = StepGraph(self._ar_step, [torch.zeros(B, dtype=torch.long, device=self.device)], self.use_graphs)
+            ex = [torch.zeros(B, dtype=torch.long, device=self.device), torch.ones(B, dtype=torch.int32, device=self.device)]
+            self.step = StepGraph(self._ar_step, ex, self.use_graphs)
         else:
             ex = [torch.zeros(B, dtype=torch.long, device=self.device),
-                  torch.zeros(B, self.model.cfg.dim, device=self.device, dtype=self.cache.k.dtype)]
+                  torch.zeros(B, self.model.cfg.dim, device=self.device, dtype=self.cache.k.dtype),
+                  torch.ones(B, dtype=torch.int32, device=self.device)]
             self.step = StepGraph(self._spec_step, ex, self.use_graphs)
         self.cache.lens.zero_()  # graph warm-up wrote scratch
         if self.prefix_cache is not None:
@@ -834,13 +836,14 @@ class Generator:
             h_draft.append(h[:, -1])
         return torch.cat(logits), torch.cat(h_draft)
 
-    # -- one step of each mode (captured as a CUDA graph on GPU)
-    def _ar_step(self, tokens):
+    # -- one step of each mode (captured as a CUDA graph on GPU). live[b] = 0 freezes a finished row's cache,
+    # so rows that stopped early never run out of room while the others go on.
+    def _ar_step(self, tokens, live):
         h = self.model(tokens[:, None], self.cache)
-        self.cache.lens += 1
+        self.cache.lens += live
         return self.model.logits(h[:, 0])
 
-    def _spec_step(self, root, h):
+    def _spec_step(self, root, h, live):
         """Draft a tree after `root`, verify it, accept, compact. Returns one int tensor [B, depth+3] (so the
         host reads it in one transfer): the accepted tokens (valid up to n_accept, root first), n_accept, and
         the base model's greedy token after them (the next root); and the next h."""
@@ -858,10 +861,10 @@ class Generator:
         if self.prefix_cache is not None:  # the extra layer sees the accepted hidden states, in order
             acc_hidden = hidden[rows, path]
             h_pre = self.heads.run_prefix(acc_hidden, self.model.rope, self.prefix_cache)
-            self.prefix_cache.lens += n_accept.to(torch.int32)
+            self.prefix_cache.lens += n_accept.to(torch.int32) * live
             next_h = h_pre[rows, (n_accept - 1)[:, None]][:, 0]
         kv_compact(cache.k, cache.v, cache.lens, path)
-        cache.lens += n_accept.to(torch.int32)
+        cache.lens += n_accept.to(torch.int32) * live
         return torch.cat([accepted, n_accept[:, None], next_token[:, None]], dim=1), next_h
 
     @torch.inference_mode()
@@ -914,18 +917,21 @@ class Generator:
         first = token.tolist()
         for b in range(B):
             emit(b, [first[b]])
+        live = None
         while not all(done):
             if int(self.cache.lens.max()) + extra >= max_len:
                 break  # context full
             active = [b for b in range(B) if not done[b]]
+            if live is None or len(active) != int(live.sum()):
+                live = torch.tensor([0 if d else 1 for d in done], dtype=torch.int32, device=self.device)
             if mode == "ar":
-                logits = self.step(token)
+                logits = self.step(token, live)
                 token = sample(logits, sampling)
                 new, n = token.tolist(), [1] * B
                 for b in active:
                     emit(b, [new[b]])
             else:
-                packed, h = self.step(token, h)
+                packed, h = self.step(token, h, live)
                 token = packed[:, -1]
                 rows = packed.tolist()
                 n = [r[-2] for r in rows]

@@ -175,3 +175,23 @@ def test_heads_save_load_roundtrip(tmp_path):
     again = hl.load_heads(str(tmp_path), model)
     for (n, a), (m, b) in zip(heads.state_dict().items(), again.state_dict().items()):
         assert n == m and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["ar", "spec"])
+def test_finished_rows_stop_growing(mode):
+    """A row that hits EOS early keeps its cache length while the others go on (else it could fill the cache
+    and end the whole batch early, cutting the other rows' answers short)."""
+    model = tiny_model(12)
+    heads = tiny_heads(model, True, True)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (25, 4)]
+    free, _ = hl.Generator(model).generate(prompts, 60, stop_at_eos=False)
+    eos = free[0][2]
+    model.cfg.eos_ids = [eos]
+    try:
+        ar, _ = hl.Generator(model).generate(prompts, 60)
+        gen = hl.Generator(model, heads=heads)
+        out, _ = gen.generate(prompts, 60, mode=mode)
+    finally:
+        model.cfg.eos_ids = []
+    assert out == ar and len(out[0]) == 2
+    assert int(gen.cache.lens[0]) <= len(prompts[0]) + 2 + gen.tree.depth + 2
