@@ -181,6 +181,28 @@ def accept_greedy_ref(tree_tokens, base_pred, retrieve):
     return n_accept, path
 
 
+def accept_typical(tree_tokens, logits, parent, retrieve, temperature, threshold=0.09, alpha=0.3):
+    """Typical acceptance (Medusa/Hydra, for sampling): a drafted token is accepted when the base model gives
+    it probability above min(threshold, alpha * exp(-entropy)) after its parent, at this temperature. Not
+    lossless like greedy verification, but keeps sampled text close to the base model's at far higher
+    acceptance than exact rejection sampling. logits [B, T, V], parent [T] (the root's is itself); returns
+    (n_accept, path) like accept_greedy."""
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    entropy = -(probs * torch.log(probs + 1e-10)).sum(-1)  # [B, T]
+    limit = torch.minimum(torch.full_like(entropy, threshold), alpha * torch.exp(-entropy))
+    p_node = probs[:, parent].gather(2, tree_tokens[:, :, None])[:, :, 0]  # each node's prob after its parent
+    ok_node = p_node > limit[:, parent]
+    valid = retrieve >= 0
+    idx = retrieve.clamp(min=0)
+    ok = ok_node[:, idx[:, 1:]] & valid[None, :, 1:]
+    accepted = ok.int().cumprod(dim=-1).sum(dim=-1)
+    best = accepted.argmax(dim=-1)
+    n_accept = accepted.gather(1, best[:, None])[:, 0] + 1
+    j = torch.arange(retrieve.shape[1], device=retrieve.device)
+    path = torch.where(j[None] < n_accept[:, None], idx[best], j[None])
+    return n_accept, path
+
+
 # Dispatch: Triton on CUDA tensors when kernels.py is importable, else the references above.
 USE_TRITON = os.environ.get("HYDRA_LITE_TRITON", "1") != "0"
 
@@ -696,6 +718,7 @@ class Tree:
             node_path[i, :len(chain)] = torch.tensor(chain[::-1])
         self.node_path = node_path.to(device)
         self.mask, self.retrieve = mask.to(device), retrieve.to(device)
+        self.parent = torch.tensor(parent, device=device)
         self.node_depth = torch.tensor(depth, device=device)
 
     def to(self, device):
@@ -782,7 +805,7 @@ class Generator:
     (batch, max_len, tree) and reused across calls."""
 
     def __init__(self, model: Llama, tokenizer=None, heads: Optional[DraftHeads] = None, tree_choices=None,
-                 cuda_graphs=True):
+                 cuda_graphs=True, posterior_threshold=0.09, posterior_alpha=0.3):
         self.model, self.tokenizer, self.heads = model, tokenizer, heads
         self.device = model.embed.weight.device
         # Graph capture needs the Triton path: the reference attention reads lengths on the host.
@@ -793,10 +816,11 @@ class Generator:
         if heads is not None and self.tree.depth > heads.hc.n_heads:
             raise HydraLiteError(f"tree is {self.tree.depth} deep but there are only {heads.hc.n_heads} heads")
         self._key = None
+        self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha  # typical acceptance
 
     # -- setup shared by both modes
     def _setup(self, batch, max_len, mode):
-        key = (batch, max_len, mode)
+        key = (batch, max_len, mode, self.sampling)
         if self._key == key:
             return
         self._key = key
@@ -852,11 +876,16 @@ class Generator:
         pos = cache.lens[:, None].long() + tree.node_depth[None]
         hidden = self.model(tokens, cache, pos, tree.mask)  # [B, T, dim]
         logits = self.model.logits(hidden)  # [B, T, V]
-        n_accept, path = accept_greedy(tokens, logits.argmax(-1), tree.retrieve)
+        sp = self.sampling
+        if sp.temperature > 0:
+            n_accept, path = accept_typical(tokens, logits, tree.parent, tree.retrieve, sp.temperature,
+                                            self.posterior_threshold, self.posterior_alpha)
+        else:
+            n_accept, path = accept_greedy(tokens, logits.argmax(-1), tree.retrieve)
         rows = torch.arange(B, device=root.device)[:, None]
         accepted = tokens[rows, path]  # [B, depth+1]
         last = path.gather(1, (n_accept - 1)[:, None])  # [B, 1] node index of the last accepted token
-        next_token = logits[rows, last][:, 0].argmax(-1)
+        next_token = sample(logits[rows, last][:, 0], sp)  # the base model's own choice after the accepted path
         next_h = hidden[rows, last][:, 0]
         if self.prefix_cache is not None:  # the extra layer sees the accepted hidden states, in order
             acc_hidden = hidden[rows, path]
@@ -876,8 +905,6 @@ class Generator:
         mode = mode or ("spec" if self.heads is not None else "ar")
         if mode == "spec" and self.heads is None:
             raise HydraLiteError("speculative decoding needs draft heads (--heads)")
-        if mode == "spec" and sampling.temperature > 0:
-            raise HydraLiteError("speculative decoding here is greedy only; use --temperature 0 or --mode ar")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise HydraLiteError("every prompt needs at least one token")
         B = len(prompts)
@@ -887,6 +914,7 @@ class Generator:
         max_len = -(-max_len // 256) * 256  # round up so the graphs are reused across similar calls
         if longest + extra > max_len or longest + extra > self.model.cfg.max_seq_len:
             raise HydraLiteError(f"prompt of {longest} tokens does not fit the context of {self.model.cfg.max_seq_len}")
+        self.sampling = sampling
         self._setup(B, max_len, mode)
         stats, eos = Stats(prompt_tokens=sum(map(len, prompts))), set(self.model.cfg.eos_ids)
         streams = [TextStream(self.tokenizer) for _ in range(B)] if on_text and self.tokenizer else None

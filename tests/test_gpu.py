@@ -45,3 +45,17 @@ def test_gpu_triton_path_matches_reference_path():
         ar_graph, _ = hl.Generator(model).generate([tokens[0, :9].tolist()], 40, stop_at_eos=False)
         ar_plain, _ = hl.Generator(model, cuda_graphs=False).generate([tokens[0, :9].tolist()], 40, stop_at_eos=False)
         assert ar_graph == ar_plain, name
+
+
+def test_gpu_sampled_speculative_under_graphs():
+    model = tiny_model(22, n_heads=4, n_kv_heads=2).cuda()
+    heads = tiny_heads(model, True, True).cuda()
+    prompts = [[3, 4, 5], [9, 8, 7, 6, 5]]
+    greedy, _ = hl.Generator(model).generate(prompts, 40, stop_at_eos=False)
+    gen = hl.Generator(model, heads=heads)
+    assert gen.use_graphs
+    cold, _ = gen.generate(prompts, 40, hl.SamplingParams(temperature=1e-3), stop_at_eos=False)
+    assert cold == greedy
+    hot, _ = gen.generate(prompts, 40, hl.SamplingParams(temperature=1.0, top_p=0.9), stop_at_eos=False)
+    again, _ = gen.generate(prompts, 40, hl.SamplingParams(temperature=1.0, top_p=0.9), stop_at_eos=False)
+    assert hot != greedy and hot != again  # the graph draws fresh random numbers on every replay

@@ -195,3 +195,31 @@ def test_finished_rows_stop_growing(mode):
         model.cfg.eos_ids = []
     assert out == ar and len(out[0]) == 2
     assert int(gen.cache.lens[0]) <= len(prompts[0]) + 2 + gen.tree.depth + 2
+
+
+def test_accept_typical():
+    tree = hl.Tree([[0], [1], [0, 0]])  # nodes: 0 root, 1 [0], 2 [1], 3 [0,0]
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    logits = torch.full((1, 4, 10), -20.0)
+    logits[0, 0, 6] = 10.0  # after the root the base is sure of 6 (node 1)
+    logits[0, 1, 8] = 0.0  # after node 1: flat over 8 and 9 -> p(8) = 0.5, high entropy
+    logits[0, 1, 9] = 0.0
+    n, path = hl.accept_typical(tokens, logits, tree.parent, tree.retrieve, 1.0)
+    assert n.tolist() == [3] and path.tolist() == [[0, 1, 3]]
+    n, _ = hl.accept_typical(tokens, logits, tree.parent, tree.retrieve, 1.0, threshold=0.6, alpha=1.0)
+    assert n.tolist() == [2]  # p(8) = 0.5 is not above min(0.6, exp(-ln 2)) = 0.5: rejected
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_sampled_speculative_decoding(prefix):
+    model = tiny_model(14)
+    heads = tiny_heads(model, True, prefix)
+    prompts = [[3, 4, 5], [9, 8, 7, 6, 5]]
+    greedy, _ = hl.Generator(model).generate(prompts, 30, stop_at_eos=False)
+    gen = hl.Generator(model, heads=heads)
+    cold, _ = gen.generate(prompts, 30, hl.SamplingParams(temperature=1e-3), stop_at_eos=False)
+    assert cold == greedy  # near-zero temperature: typical acceptance degenerates to greedy verification
+    torch.manual_seed(0)
+    hot, stats = gen.generate(prompts, 30, hl.SamplingParams(temperature=1.0, top_p=0.9), stop_at_eos=False)
+    assert hot != greedy and all(len(o) == 30 and all(0 <= t < 97 for t in o) for o in hot)
+    assert stats.mean_accept >= 1.0
