@@ -519,7 +519,9 @@ def sample(logits, sp: SamplingParams, generator=None):
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) > sp.top_p  # keep the smallest prefix reaching top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    # Exponential race (= multinomial draw) with no host sync, so it can run inside a CUDA graph.
+    noise = torch.empty_like(logits).exponential_(generator=generator)
+    return (logits.softmax(-1) / noise).argmax(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
