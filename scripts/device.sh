@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU runs, in stages, from the repo root:  bash scripts/device.sh STAGE [STAGE...]
-#   model  assemble the SmolLM2 GGUF from .models/half_*/part_* (see README) and convert it
+#   model  assemble the SmolLM2 GGUF from /root/smol/part_* and convert it (the parts travel in earlier calls:
+#          split the GGUF so each call's working tree stays under the device tool's 64 MiB, copy each to /root/smol)
 #   check  kernel self-check and GPU tests
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights)
 #   train  self-distillation data from rows 0-79 of the prompts, then Medusa, Hydra and Hydra++ heads
