@@ -899,14 +899,17 @@ class Generator:
         return torch.cat([accepted, n_accept[:, None], next_token[:, None]], dim=1), next_h
 
     @torch.inference_mode()
-    def generate(self, prompts, max_new_tokens=256, sampling=None, mode=None, on_text=None, stop_at_eos=True):
+    def generate(self, prompts, max_new_tokens=256, sampling=None, mode=None, on_text=None, stop_at_eos=True, stop=()):
         """prompts: list of token-id lists. mode: "ar", or "spec" (needs heads; the default when heads are
-        loaded). on_text(row, text) is called with each new piece of text (needs a tokenizer).
+        loaded). on_text(row, text) is called with each new piece of text (needs a tokenizer). stop: strings
+        that end a row once its text contains one (kept in the output; needs a tokenizer).
         Returns (list of generated id lists, Stats)."""
         sampling = sampling or SamplingParams()
         mode = mode or ("spec" if self.heads is not None else "ar")
         if mode == "spec" and self.heads is None:
             raise HydraLiteError("speculative decoding needs draft heads (--heads)")
+        if stop and self.tokenizer is None:
+            raise HydraLiteError("stop strings need a tokenizer")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise HydraLiteError("every prompt needs at least one token")
         B = len(prompts)
@@ -931,6 +934,8 @@ class Generator:
                     return
                 out[b].append(t)
                 stats.new_tokens += 1
+                if stop and any(x in self.tokenizer.decode(out[b][-16:]) for x in stop):
+                    done[b] = True
                 if streams:
                     text = streams[b].push([t])
                     if text:
@@ -991,6 +996,7 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--stop", action="append", default=[], help="stop once the answer contains this text (repeatable)")
     ap.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text")
     ap.add_argument("--system", default=None, help="system prompt for the chat template")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -1033,7 +1039,7 @@ def _run_cli(args):
         prompts = [tok.encode_chat([{"role": "system", "content": args.system}] * bool(args.system) + [{"role": "user", "content": p}]) for p in args.prompt]
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     single = len(prompts) == 1
-    outs, stats = gen.generate(prompts, args.max_new_tokens, sampling,
+    outs, stats = gen.generate(prompts, args.max_new_tokens, sampling, stop=args.stop,
                                on_text=(lambda b, t: print(t, end="", flush=True)) if single else None)
     if not single:
         for i, ids in enumerate(outs):

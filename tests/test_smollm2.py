@@ -56,3 +56,18 @@ def test_cli(capsys):
     assert "tokens/s" in out.err and out.out.strip()
     assert hl.main(["--checkpoint", CKPT, "--prompt", "x", "--mode", "hydra", "--heads", "/nonexistent"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_stop_strings_and_shipped_heads(model, tok):
+    """Stop strings end a row; the shipped Hydra++ heads load, accept more than one token per step on the real
+    model, and reproduce greedy decoding (float32, CPU)."""
+    ids = tok.encode_chat([{"role": "user", "content": "List three fruits, one per line."}])
+    full, _ = hl.Generator(model, tok).generate([ids], 40)
+    text = tok.decode(full[0])
+    stop = text.split("\n")[1][:4] if "\n" in text else text[5:9]
+    cut, _ = hl.Generator(model, tok).generate([ids], 40, stop=[stop])
+    assert stop in tok.decode(cut[0]) and len(cut[0]) < len(full[0]) and full[0][:len(cut[0])] == cut[0]
+    heads_dir = os.path.join(ROOT, "heads", "smollm2-135m-hydra++")
+    heads = hl.load_heads(heads_dir, model)
+    spec, stats = hl.Generator(model, tok, heads, tree_choices=heads.tree_choices[:24]).generate([ids], 40)
+    assert spec == full and stats.mean_accept > 1.5
