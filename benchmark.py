@@ -45,15 +45,17 @@ def run_mode(gen, prompts, batch, max_new, mode):
                       mean_accept=accepted / max(row_steps, 1))
 
 
+def common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def match_stats(outs, ref):
     """Exact-sequence match rate, and the fraction of reference tokens reproduced before the first mismatch."""
     exact = sum(a == b for a, b in zip(outs, ref)) / len(ref)
-    prefix = 0
-    for a, b in zip(outs, ref):
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        prefix += n
+    prefix = sum(common_prefix(a, b) for a, b in zip(outs, ref))
     return exact, prefix / max(sum(len(r) for r in ref), 1)
 
 
@@ -62,9 +64,7 @@ def divergence_margins(model, prompts, outs, ref):
     margin near rounding size means a near-tie, not a decoding bug)."""
     margins = []
     for p, a, b in zip(prompts, outs, ref):
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
+        n = common_prefix(a, b)
         if a != b:
             top = model.forward_logits(torch.tensor([p + b[:n]], device=model.embed.weight.device))[0, -1].topk(2).values
             margins.append(dict(at=n, margin=(top[0] - top[1]).item()))

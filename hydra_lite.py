@@ -168,12 +168,17 @@ def accept_greedy_ref(tree_tokens, base_pred, retrieve):
     model's argmax after it. retrieve [P, depth+1]: node indices of each root-to-leaf path, -1 padded.
     Returns n_accept [B] (tokens accepted, root included, >= 1) and path [B, depth+1] (the accepted nodes,
     then j for the unused tail so a KV compaction over it is a no-op)."""
-    valid = retrieve >= 0
     idx = retrieve.clamp(min=0)
-    cand = tree_tokens[:, idx]  # [B, P, D1]
-    pred = base_pred[:, idx]
-    match = (cand[:, :, 1:] == pred[:, :, :-1]) & valid[None, :, 1:]
-    accepted = match.int().cumprod(dim=-1).sum(dim=-1)  # [B, P]
+    match = tree_tokens[:, idx[:, 1:]] == base_pred[:, idx[:, :-1]]  # [B, P, depth]
+    return longest_path(match, retrieve)
+
+
+def longest_path(ok, retrieve):
+    """ok [B, P, depth]: whether each path's token at depth d+1 is accepted. Returns (n_accept, path) for the
+    first path with the longest accepted prefix; padding (-1) in retrieve never counts."""
+    idx = retrieve.clamp(min=0)
+    ok = ok & (retrieve[None, :, 1:] >= 0)
+    accepted = ok.int().cumprod(dim=-1).sum(dim=-1)  # [B, P]
     best = accepted.argmax(dim=-1)  # first longest path
     n_accept = accepted.gather(1, best[:, None])[:, 0] + 1
     j = torch.arange(retrieve.shape[1], device=retrieve.device)
@@ -192,15 +197,7 @@ def accept_typical(tree_tokens, logits, parent, retrieve, temperature, threshold
     limit = torch.minimum(torch.full_like(entropy, threshold), alpha * torch.exp(-entropy))
     p_node = probs[:, parent].gather(2, tree_tokens[:, :, None])[:, :, 0]  # each node's prob after its parent
     ok_node = p_node > limit[:, parent]
-    valid = retrieve >= 0
-    idx = retrieve.clamp(min=0)
-    ok = ok_node[:, idx[:, 1:]] & valid[None, :, 1:]
-    accepted = ok.int().cumprod(dim=-1).sum(dim=-1)
-    best = accepted.argmax(dim=-1)
-    n_accept = accepted.gather(1, best[:, None])[:, 0] + 1
-    j = torch.arange(retrieve.shape[1], device=retrieve.device)
-    path = torch.where(j[None] < n_accept[:, None], idx[best], j[None])
-    return n_accept, path
+    return longest_path(ok_node[:, retrieve.clamp(min=0)[:, 1:]], retrieve)
 
 
 # Dispatch: Triton on CUDA tensors when kernels.py is importable, else the references above.
@@ -804,7 +801,7 @@ class StepGraph:
 
 class Generator:
     """Batched generation with one model (and optionally draft heads). Caches and CUDA graphs are built per
-    (batch, max_len, tree) and reused across calls."""
+    (batch, max_len, mode, speculative sampling settings) and reused across calls."""
 
     def __init__(self, model: Llama, tokenizer=None, heads: Optional[DraftHeads] = None, tree_choices=None,
                  cuda_graphs=True, posterior_threshold=0.09, posterior_alpha=0.3):
@@ -822,7 +819,7 @@ class Generator:
 
     # -- setup shared by both modes
     def _setup(self, batch, max_len, mode):
-        key = (batch, max_len, mode, self.sampling)
+        key = (batch, max_len, mode, self.sampling if mode != "ar" else None)  # AR samples outside its graph
         if self._key == key:
             return
         self._key = key
@@ -952,12 +949,13 @@ class Generator:
         first = token.tolist()
         for b in range(B):
             emit(b, [first[b]])
-        live = None
+        lens, live, live_rows = [len(p) for p in prompts], None, None  # host copies: no extra syncs per step
         while not all(done):
-            if int(self.cache.lens.max()) + extra >= max_len:
+            if max(lens) + extra >= max_len:
                 break  # context full
             active = [b for b in range(B) if not done[b]]
-            if live is None or len(active) != int(live.sum()):
+            if active != live_rows:
+                live_rows = active
                 live = torch.tensor([0 if d else 1 for d in done], dtype=torch.int32, device=self.device)
             if mode == "ar":
                 logits = self.step(token, live)
@@ -972,6 +970,8 @@ class Generator:
                 n = [r[-2] for r in rows]
                 for b in active:  # the tree's root was emitted last step; emit the rest and the next root
                     emit(b, rows[b][1:n[b]] + [rows[b][-1]])
+            for b in active:  # the cache of each live row grew by its accepted tokens (frozen rows did not)
+                lens[b] += n[b]
             stats.steps += 1
             stats.row_steps += len(active)
             stats.accepted += sum(n[b] for b in active)
