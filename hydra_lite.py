@@ -173,6 +173,13 @@ def accept_greedy_ref(tree_tokens, base_pred, retrieve):
     return longest_path(match, retrieve)
 
 
+def lm_topk_ref(x, w, k, bias=None):
+    """Draft proposals: the k largest of x @ w.T (+ bias) per row, largest first. x [..., D], w [V, D].
+    Returns values (float32) and indices (int64), each [..., k]."""
+    values, indices = F.linear(x, w, bias).float().topk(k, dim=-1)
+    return values, indices
+
+
 def longest_path(ok, retrieve):
     """ok [B, P, depth]: whether each path's token at depth d+1 is accepted. Returns (n_accept, path) for the
     first path with the longest accepted prefix; padding (-1) in retrieve never counts."""
@@ -231,6 +238,10 @@ def attention(q, k_cache, v_cache, lens, mask=None):
 
 def kv_compact(k_all, v_all, lens, path):
     (_kernels.kv_compact if _triton(k_all) else kv_compact_ref)(k_all, v_all, lens, path)
+
+
+def lm_topk(x, w, k, bias=None):
+    return (_kernels.lm_topk if _triton(x) else lm_topk_ref)(x, w, k, bias)
 
 
 def accept_greedy(tree_tokens, base_pred, retrieve):
