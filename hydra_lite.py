@@ -558,10 +558,13 @@ class Head(nn.Module):
         self.lm_w = nn.Parameter(torch.empty(vocab_size, dim)) if own_lm else None
         self.lm_b = nn.Parameter(torch.zeros(vocab_size)) if lm_bias else None
 
-    def forward(self, x, base_lm_w):
+    def features(self, x):
         for block in self.blocks:
             x = block(x)
-        return F.linear(x, base_lm_w if self.lm_w is None else self.lm_w, self.lm_b)
+        return x
+
+    def forward(self, x, base_lm_w):
+        return F.linear(self.features(x), base_lm_w if self.lm_w is None else self.lm_w, self.lm_b)
 
 
 @dataclass
@@ -576,6 +579,7 @@ class HeadsConfig:
     lm_bias: bool = False
     kind: str = ""
     source: str = ""
+    draft_vocab: int = 0  # > 0: heads propose only these many tokens (ids in the "vocab" tensor); 0: all
 
     @classmethod
     def from_dict(cls, d):
@@ -600,6 +604,27 @@ class DraftHeads(nn.Module):
             self.prefix_norm = nn.Parameter(torch.ones(hc.dim))
         else:
             self.prefix = None
+        # A draft vocabulary (the tokens the base model actually writes) makes each head's output projection
+        # and top-k several times cheaper; the verifier still sees the full vocabulary.
+        self.register_buffer("vocab", torch.zeros(hc.draft_vocab, dtype=torch.long) if hc.draft_vocab else None)
+        self._cut = {}
+
+    def proposal_weights(self, d, base_lm_w):
+        """Head d's output projection (weight, bias), cut to the draft vocabulary when there is one."""
+        head = self.heads[d]
+        w, b = (base_lm_w if head.lm_w is None else head.lm_w), head.lm_b
+        if self.vocab is None:
+            return w, b
+        key = (w.data_ptr(), w.dtype, None if b is None else b.data_ptr())  # heads on the base lm share one
+        if key not in self._cut:
+            self._cut[key] = (w[self.vocab].contiguous(), None if b is None else b[self.vocab].contiguous())
+        return self._cut[key]
+
+    def propose(self, d, x, base_lm_w, k):
+        """Head d's k best tokens (ids in the full vocabulary) after inputs x [..., in_dim] -> [..., k]."""
+        w, b = self.proposal_weights(d, base_lm_w)
+        ids = lm_topk(self.heads[d].features(x), w, k, b)[1]
+        return ids if self.vocab is None else self.vocab[ids]
 
     def run_prefix(self, h, rope, cache, pos=None):
         """Hydra++: the extra decoder layer over base hidden states h [B, T, dim]; writes its cache like the
@@ -621,7 +646,9 @@ def load_heads(path, base: Llama):
     state = {("prefix_norm" if k == "prefix.norm" else k): v for k, v in state.items()}
     p = base.embed.weight
     heads = heads.to_empty(device="cpu")
-    load_state(heads, {k: v.to(p.dtype) for k, v in state.items()}, path)
+    load_state(heads, {k: v.to(p.dtype) if v.is_floating_point() else v.long() for k, v in state.items()}, path)
+    if heads.vocab is not None and (heads.vocab.min() < 0 or heads.vocab.max() >= base.cfg.vocab_size):
+        raise HydraLiteError(f"heads {path}: draft vocabulary has ids outside the base vocabulary of {base.cfg.vocab_size}")
     heads = heads.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
     tree_path = os.path.join(path, "tree.json")
     heads.tree_choices = read_json(tree_path) if os.path.exists(tree_path) else None
@@ -743,14 +770,14 @@ def draft(heads: DraftHeads, base: Llama, tree: Tree, h, root):
     lm_w = base.output_weight
     if not heads.hc.grounded:  # Medusa: every head reads h alone; a node takes its rank of its depth's head
         for d, lv in enumerate(tree.levels):
-            top = heads.heads[d](h, lm_w).topk(lv["k"], dim=-1).indices  # [B, k]
+            top = heads.propose(d, h, lm_w, lv["k"])  # [B, k]
             tokens[:, lv["nodes"]] = top[:, lv["rank"]]
         return tokens
     for d, lv in enumerate(tree.levels):  # Hydra: depth by depth, each head conditioned on its path's tokens
         path = tree.node_path[lv["parents"], :d + 1]  # [n_par, d+1]: root .. parent
         emb = base.embed(tokens[:, path]).flatten(2)  # [B, n_par, (d+1)*dim]
         x = torch.cat([h[:, None, :].expand(B, path.shape[0], -1), emb], dim=-1)
-        top = heads.heads[d](x, lm_w).topk(lv["k"], dim=-1).indices  # [B, n_par, k]
+        top = heads.propose(d, x, lm_w, lv["k"])  # [B, n_par, k]
         tokens[:, lv["nodes"]] = top[:, lv["parent_slot"], lv["rank"]]
     return tokens
 
@@ -906,6 +933,24 @@ class Generator:
         cache.lens += n_accept.to(torch.int32) * live
         return torch.cat([accepted, n_accept[:, None], next_token[:, None]], dim=1), next_h
 
+    @staticmethod
+    def _to_host(x):
+        """Start copying a step's (small) output to the host without waiting; _read waits."""
+        if x.device.type != "cuda":
+            return x.clone(), None
+        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf.copy_(x, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return buf, event
+
+    @staticmethod
+    def _read(pending):
+        buf, event = pending
+        if event is not None:
+            event.synchronize()
+        return buf.tolist()
+
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens=256, sampling=None, mode=None, on_text=None, stop_at_eos=True, stop=()):
         """prompts: list of token-id lists. mode: "ar", or "spec" (needs heads; the default when heads are
@@ -923,9 +968,10 @@ class Generator:
         B = len(prompts)
         extra = (self.tree.size if mode == "spec" else 1) + 1
         longest = max(len(p) for p in prompts)
-        max_len = min(self.model.cfg.max_seq_len, longest + max_new_tokens + extra)
+        room = 2 * extra  # one step in flight, one step's tree (see the loop)
+        max_len = min(self.model.cfg.max_seq_len, longest + max_new_tokens + room)
         max_len = -(-max_len // 256) * 256  # round up so the graphs are reused across similar calls
-        if longest + extra > max_len or longest + extra > self.model.cfg.max_seq_len:
+        if longest + room > max_len or longest + room > self.model.cfg.max_seq_len:
             raise HydraLiteError(f"prompt of {longest} tokens does not fit the context of {self.model.cfg.max_seq_len}")
         self.sampling = sampling
         self._setup(B, max_len, mode)
@@ -960,32 +1006,45 @@ class Generator:
         first = token.tolist()
         for b in range(B):
             emit(b, [first[b]])
-        lens, live, live_rows = [len(p) for p in prompts], None, None  # host copies: no extra syncs per step
-        while not all(done):
-            if max(lens) + extra >= max_len:
-                break  # context full
-            active = [b for b in range(B) if not done[b]]
-            if active != live_rows:
-                live_rows = active
-                live = torch.tensor([0 if d else 1 for d in done], dtype=torch.int32, device=self.device)
-            if mode == "ar":
-                logits = self.step(token, live)
-                token = sample(logits, sampling)
-                new, n = token.tolist(), [1] * B
+        # The loop keeps one step in flight: step i+1 is queued on the GPU (its inputs are step i's outputs,
+        # still on the device) before the host reads step i's tokens, so the host's work (reading, emitting,
+        # stop checks) overlaps the GPU's. The host learns that a row is done one step late: that row's
+        # next step is wasted, and its cache may grow by one more step, which the room check allows for.
+        lens, live, live_rows = [len(p) for p in prompts], None, None  # host copies of what it has read
+        pending = None
+        while True:
+            step = None
+            if not all(done) and max(lens) + room <= max_len:
+                active = [b for b in range(B) if not done[b]]
+                if active != live_rows:
+                    live_rows = active
+                    live = torch.tensor([0 if d else 1 for d in done], dtype=torch.int32, device=self.device)
+                if mode == "ar":
+                    token = sample(self.step(token, live), sampling)
+                    step = self._to_host(token[:, None])
+                else:
+                    packed, h = self.step(token, h, live)
+                    token = packed[:, -1]
+                    step = self._to_host(packed)
+            if pending is not None:
+                rows = self._read(pending)
+                active = [b for b in range(B) if not done[b]]
+                n = [0] * B
                 for b in active:
-                    emit(b, [new[b]])
-            else:
-                packed, h = self.step(token, h, live)
-                token = packed[:, -1]
-                rows = packed.tolist()
-                n = [r[-2] for r in rows]
-                for b in active:  # the tree's root was emitted last step; emit the rest and the next root
-                    emit(b, rows[b][1:n[b]] + [rows[b][-1]])
-            for b in active:  # the cache of each live row grew by its accepted tokens (frozen rows did not)
-                lens[b] += n[b]
-            stats.steps += 1
-            stats.row_steps += len(active)
-            stats.accepted += sum(n[b] for b in active)
+                    if mode == "ar":
+                        n[b] = 1
+                        emit(b, rows[b])
+                    else:  # the tree's root was emitted last step; emit the rest and the next root
+                        n[b] = rows[b][-2]
+                        emit(b, rows[b][1:n[b]] + [rows[b][-1]])
+                    lens[b] += n[b]  # a live row's cache grew by its accepted tokens
+                if active:
+                    stats.steps += 1
+                    stats.row_steps += len(active)
+                    stats.accepted += sum(n[b] for b in active)
+            if step is None:
+                break
+            pending = step
         _sync(self.device)
         stats.decode_s = time.perf_counter() - t0
         return out, stats

@@ -440,6 +440,88 @@ def accept_greedy(tree_tokens, base_pred, retrieve):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Output projection + top-k (draft proposals): the k largest of x @ w.T (+ bias) per row, without the [N, V]
+# logits in memory. Stage 1: a program takes BLOCK_N rows and BLOCK_V vocab entries (a chunk), computes that
+# logit tile and keeps its top K per row as candidates [N, n_chunks, K]. Stage 2: one program per row takes the
+# top K of its candidates. A top K is K passes of: row max, its first column, that column set to -inf.
+# (Assumes finite logits: a row with fewer than k of them may get repeated or out-of-range indices.)
+
+
+@triton.jit
+def _lm_topk_chunk_kernel(x_ptr, w_ptr, b_ptr, cv_ptr, ci_ptr, N, V, D, stride_x, stride_w, n_chunks,
+                          K: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Row blocks on axis 0: the programs that share a chunk of w run side by side (it is read once from HBM).
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok, col_ok = rows < N, cols < V
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + offs_d[None, :]
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_w + offs_d[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = offs_d[None, :] < D - d0
+        x = tl.load(x_ptrs + d0, mask=row_ok[:, None] & d_ok, other=0.0)
+        w = tl.load(w_ptrs + d0, mask=col_ok[:, None] & d_ok, other=0.0)
+        if UPCAST:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    # The reference's logits are in x's dtype: round as it does (same values, same ties).
+    s = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+    local = tl.arange(0, BLOCK_V)[None, :]
+    out = rows.to(tl.int64) * n_chunks * K + chunk * K  # [BLOCK_N] this chunk's candidates of each row
+    for j in tl.static_range(K):
+        m = tl.max(s, axis=1)
+        first = tl.min(tl.where(s == m[:, None], local, BLOCK_V), axis=1)
+        tl.store(cv_ptr + out + j, m, mask=row_ok)
+        tl.store(ci_ptr + out + j, chunk * BLOCK_V + first, mask=row_ok)
+        s = tl.where(local == first[:, None], float("-inf"), s)
+
+
+@triton.jit
+def _lm_topk_merge_kernel(cv_ptr, ci_ptr, v_ptr, i_ptr, C, K: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    s = tl.load(cv_ptr + row * C + offs, mask=offs < C, other=float("-inf"))
+    for j in tl.static_range(K):
+        m = tl.max(s, axis=0)
+        first = tl.min(tl.where(s == m, offs, BLOCK_C), axis=0)
+        idx = tl.load(ci_ptr + row * C + first, mask=first < C, other=0)  # (first == BLOCK_C only for NaN)
+        tl.store(v_ptr + row * K + j, m)
+        tl.store(i_ptr + row * K + j, idx.to(tl.int64))
+        s = tl.where(offs == first, float("-inf"), s)
+
+
+def lm_topk(x, w, k, bias=None):
+    D, V = x.shape[-1], w.shape[0]
+    assert w.shape[1] == D and w.stride(1) == 1 and 1 <= k <= V
+    x2 = _rows(x, D)
+    N = x2.shape[0]
+    BLOCK_N = min(_pow2(N, 16), 64)  # (tl.dot needs >= 16 rows)
+    BLOCK_V = 128 if x.is_cuda else 32  # the interpreter: small tiles, several chunks even at tiny V
+    BLOCK_D = min(_pow2(D, 16), 64)
+    n_chunks = triton.cdiv(V, BLOCK_V)
+    cand_v = torch.empty(N, n_chunks, k, dtype=torch.float32, device=x.device)
+    cand_i = torch.empty(N, n_chunks, k, dtype=torch.int32, device=x.device)
+    values = torch.empty(*x.shape[:-1], k, dtype=torch.float32, device=x.device)
+    indices = torch.empty(*x.shape[:-1], k, dtype=torch.int64, device=x.device)
+    upcast = (not x.is_cuda) or x.dtype == torch.float32 or x.dtype != w.dtype
+    b = bias.contiguous() if bias is not None else w  # unused without a bias
+    _lm_topk_chunk_kernel[(triton.cdiv(N, BLOCK_N), n_chunks)](
+        x2, w, b, cand_v, cand_i, N, V, D, x2.stride(0), w.stride(0), n_chunks,
+        K=k, HAS_BIAS=bias is not None, UPCAST=upcast, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
+        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=4, num_stages=4)
+    BLOCK_C = _pow2(n_chunks * k, 16)
+    _lm_topk_merge_kernel[(N,)](cand_v, cand_i, values, indices, n_chunks * k, K=k, BLOCK_C=BLOCK_C,
+                                num_warps=min(max(BLOCK_C // 512, 1), 16))
+    return values, indices
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Self-check on a GPU: python kernels.py --check
 
 

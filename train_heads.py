@@ -52,12 +52,60 @@ def parse_range(spec):
 # ----------------------------------------------------------------------------------------------------------
 # Self-distillation data
 
+# Synthetic prompts: templates x topics, for variety beyond a small prompt file. The answers are what the heads
+# learn from, and any reasonable request makes the base model answer in its usual style.
+TOPICS = """black holes; photosynthesis; the French Revolution; machine learning; Python decorators; SQL joins;
+climate change; the stock market; sourdough bread; marathon training; sleep hygiene; the Roman Empire; quantum
+computing; vaccines; electric cars; remote work; time management; public speaking; the water cycle; volcanoes;
+JavaScript promises; Git branching; Docker containers; REST APIs; recursion; binary search; linked lists; hash
+tables; the Pythagorean theorem; probability; compound interest; inflation; supply and demand; startups;
+marketing on social media; writing a resume; job interviews; negotiating a salary; learning a new language;
+meditation; healthy breakfast ideas; vegetarian cooking; coffee brewing; houseplants; gardening in small spaces;
+dog training; cat behavior; bird migration; the ocean's tides; earthquakes; the solar system; Mars exploration;
+the Moon landing; World War II; ancient Egypt; the Renaissance; Shakespeare; poetry; science fiction; the history
+of jazz; learning the guitar; photography; video game design; chess openings; soccer tactics; basketball; the
+Olympic Games; renewable energy; nuclear power; recycling; plastic pollution; rainforests; coral reefs; DNA;
+the immune system; the human heart; nutrition; diabetes; mental health; stress; friendship; parenting; moving
+to a new city; budgeting; saving for retirement; buying a house; small business accounting; customer service;
+project management; teamwork; leadership; ethics of artificial intelligence; privacy online; passwords and
+security; encryption; the internet; smartphones; 3D printing; robotics; self-driving cars; airplanes; trains;
+bridges; skyscrapers; architecture; interior design; fashion; the history of money; cryptocurrencies; democracy;
+the United Nations; human rights; philosophy of mind; Stoicism; happiness; creativity; writing a novel;
+screenwriting; podcasts; YouTube channels; email etiquette; cover letters; unit testing; code review; regular
+expressions; Linux command line; data visualization; spreadsheets; statistics; linear algebra; calculus;
+prime numbers; the theory of evolution; dinosaurs; genetics; antibiotics; the brain; memory; habits; travel in
+Japan; Italian food; the Amazon river; deserts; mountains; camping; road trips""".replace("\n", " ")
+TEMPLATES = [
+    "What is {}?", "Explain {} in simple terms.", "Can you explain {} to a ten-year-old?",
+    "Give me five interesting facts about {}.", "Write a short poem about {}.", "Write a short story involving {}.",
+    "What are the pros and cons of {}?", "How do I get started with {}?", "What are common mistakes people make with {}?",
+    "Summarize the key ideas of {} in a few bullet points.", "Write a blog post introduction about {}.",
+    "What is the history of {}?", "Why is {} important?", "Create a study plan for learning about {}.",
+    "Write an email to a friend about {}.", "What are some good books or resources about {}?",
+    "Give me tips for {}.", "What questions should I ask an expert on {}?", "Compare {} and {}.",
+    "How is {} related to {}?", "Write a Python function related to {}, with comments.",
+    "Write a tweet about {}.", "What are the biggest open problems in {}?", "Describe {} step by step.",
+    "Write a dialogue between two people discussing {}.", "What would happen if {} suddenly disappeared?",
+    "I am confused about {}. Can you help?", "Give me a quiz with three questions about {}.",
+]
 
-def make_data(model, tok, prompts, samples, temperatures, max_new_tokens, batch):
-    """Each prompt answered `samples` times by the base model, temperatures cycling. Returns a list of
-    (token ids, index where the answer starts)."""
+
+def synthetic_prompts(n, seed=0):
+    topics = [t.strip() for t in TOPICS.split(";") if t.strip()]
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        template = rng.choice(TEMPLATES)
+        prompts.append(template.format(*rng.sample(topics, template.count("{}"))))
+    return prompts
+
+
+def make_data(model, tok, prompts, samples, temperatures, max_new_tokens, batch, extra_prompts=()):
+    """Each prompt answered `samples` times by the base model, temperatures cycling (extra_prompts: once
+    each, temperatures cycling over them). Returns a list of (token ids, index where the answer starts)."""
     gen = hl.Generator(model, tok)
     jobs = [(p, temperatures[s % len(temperatures)]) for p in prompts for s in range(samples)]
+    jobs += [(p, temperatures[i % len(temperatures)]) for i, p in enumerate(extra_prompts)]
     jobs.sort(key=lambda j: j[1])  # one temperature per batch
     rows, t0, done_tokens = [], time.time(), 0
     for i in range(0, len(jobs), batch):
@@ -79,12 +127,27 @@ def make_data(model, tok, prompts, samples, temperatures, max_new_tokens, batch)
 # Training
 
 
-def new_heads(model, kind, n_heads, n_layers):
+def draft_vocab(rows, size, vocab_size):
+    """The `size` token ids most frequent in the answers (sorted), and the share of answer tokens they cover.
+    None when size is 0 or covers the whole vocabulary."""
+    if not size or size >= vocab_size:
+        return None, 1.0
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for ids, start in rows:
+        counts += torch.bincount(torch.tensor(ids[start:], dtype=torch.long), minlength=vocab_size)
+    keep = counts.topk(size).indices.sort().values
+    return keep, (counts[keep].sum() / counts.sum().clamp(min=1)).item()
+
+
+def new_heads(model, kind, n_heads, n_layers, vocab=None):
     c = model.cfg
     grounded, prefix = kind in ("hydra", "hydra++"), kind == "hydra++"
     hc = hl.HeadsConfig(n_heads=n_heads, n_layers=n_layers, dim=c.dim, vocab_size=c.vocab_size, grounded=grounded,
-                        prefix=prefix, lm_head="base", lm_bias=False, kind=kind, source=f"train_heads.py on {getattr(model, 'path', '?')}")
+                        prefix=prefix, lm_head="base", lm_bias=False, kind=kind, source=f"train_heads.py on {getattr(model, 'path', '?')}",
+                        draft_vocab=0 if vocab is None else len(vocab))
     heads = hl.DraftHeads(hc, c)
+    if vocab is not None:
+        heads.vocab.copy_(vocab)
     with torch.no_grad():  # start near "predict what the base model would from h": residual blocks at identity
         for head in heads.heads:
             for block in head.blocks:
@@ -221,6 +284,7 @@ def main(argv=None):
     d.add_argument("--temperatures", default="0,0.7,1.0")
     d.add_argument("--max-new-tokens", type=int, default=384)
     d.add_argument("--batch", type=int, default=64)
+    d.add_argument("--synthetic", type=int, default=0, help="also answer this many template prompts (once each)")
     t = sub.add_parser("train", help="train heads on generated data")
     t.add_argument("--data", required=True)
     t.add_argument("--kind", choices=["medusa", "hydra", "hydra++"], default="hydra++")
@@ -231,6 +295,8 @@ def main(argv=None):
     t.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch")
     t.add_argument("--noise", type=float, default=5.0, help="uniform input noise scale (0: off)")
     t.add_argument("--tree-size", type=int, default=63, help="tree nodes besides the root, fitted to held-out accuracies")
+    t.add_argument("--draft-vocab", type=int, default=16384,
+                   help="heads propose only the N tokens most frequent in the answers (0: the whole vocabulary)")
     for p in (d, t):
         p.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
         p.add_argument("--out", required=True)
@@ -247,7 +313,8 @@ def main(argv=None):
             if not prompts:
                 raise hl.HydraLiteError(f"no prompts in {args.prompts} (rows {args.rows})")
             temps = [float(x) for x in args.temperatures.split(",")]
-            rows = make_data(model, tok, prompts, args.samples, temps, args.max_new_tokens, args.batch)
+            rows = make_data(model, tok, prompts, args.samples, temps, args.max_new_tokens, args.batch,
+                             synthetic_prompts(args.synthetic, args.seed))
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             torch.save({"rows": rows, "checkpoint": args.checkpoint, "prompts": args.prompts}, args.out)
             log(f"wrote {len(rows)} answers ({sum(len(r[0]) - r[1] for r in rows)} answer tokens) to {args.out}")
@@ -256,7 +323,14 @@ def main(argv=None):
             rows = data["rows"]
             random.Random(args.seed).shuffle(rows)
             n_eval = max(1, len(rows) // 50)
-            heads = new_heads(model, args.kind, args.n_heads, args.n_layers).to(args.device)  # fp32 master weights
+            vocab, coverage = draft_vocab(rows[n_eval:], args.draft_vocab, model.cfg.vocab_size)
+            if vocab is not None:
+                held = torch.zeros(model.cfg.vocab_size, dtype=torch.bool)
+                held[vocab] = True
+                ans = torch.tensor([t for ids, start in rows[:n_eval] for t in ids[start:]], dtype=torch.long)
+                log(f"draft vocabulary: {len(vocab)} tokens cover {coverage:.4f} of the training answers' tokens, "
+                    f"{held[ans].float().mean().item():.4f} of the held-out ones")
+            heads = new_heads(model, args.kind, args.n_heads, args.n_layers, vocab).to(args.device)  # fp32 master weights
             n_params = sum(p.numel() for p in heads.parameters())
             log(f"training {args.kind} heads ({n_params / 1e6:.1f}M parameters) on {len(rows) - n_eval} answers")
             rank_acc = train(model, heads, rows[n_eval:], args.steps, args.lr, args.max_tokens, args.noise, args.seed, rows[:n_eval])

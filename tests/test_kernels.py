@@ -352,6 +352,53 @@ def test_accept_greedy_full_path_and_ties():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# lm_topk
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,V,D", [(1, 37, 24), (5, 300, 70), (19, 300, 24), (5, 37, 70)])
+@pytest.mark.parametrize("k", [1, 3, 10])
+@pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
+def test_lm_topk(dtype, N, V, D, k, has_bias):
+    x = torch.randn(N, 3, D, dtype=dtype)[:, 1]  # a strided view, as a head's features slice would be
+    if N == 19:
+        x = torch.randn(2, 20, D + 6, dtype=dtype)[:, :19, 3:D + 3].transpose(0, 1)  # [19, 2, D], leading dims
+    w = torch.randn(V, D, dtype=dtype)
+    bias = torch.randn(V, dtype=dtype) if has_bias else None
+    values, indices = kernels.lm_topk(x, w, k, bias)
+    ref_v, ref_i = hl.lm_topk_ref(x, w, k, bias)
+    assert values.shape == ref_v.shape == (*x.shape[:-1], k) and indices.shape == ref_i.shape
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64
+    # every position written and sane (torch.empty outputs): in range, distinct per row, largest first
+    assert torch.isfinite(values).all() and ((indices >= 0) & (indices < V)).all()
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all() and (values.diff(dim=-1) <= 0).all()
+    if dtype == torch.float32:
+        assert torch.equal(indices, ref_i)
+        torch.testing.assert_close(values, ref_v, rtol=1e-5, atol=1e-5)
+    else:
+        # bf16 logits tie more often (and round differently here): the chosen tokens' reference logits must
+        # be the reference's top k
+        logits = torch.nn.functional.linear(x, w, bias).float()
+        close(values, ref_v, dtype)
+        close(logits.gather(-1, indices), ref_v, dtype)
+
+
+def test_lm_topk_chunk_ties():
+    """Equal logits across chunks and within one (repeated rows of w): the first index of a tie goes first, and
+    one chunk can hold several of the row's k best."""
+    V, D = 200, 16
+    x = torch.randint(1, 5, (3, D)).float()  # small integers: the tied logits are exact, in any sum order
+    w = torch.randn(V, D) * 0.1
+    w[[5, 77, 150]] = 1.0  # the three best, equal, in different chunks (of the interpreter's 32-wide tiles)
+    w[40:44] = 0.5  # the next four, equal, in one chunk
+    values, indices = kernels.lm_topk(x, w, 8)
+    ref_v, ref_i = hl.lm_topk_ref(x, w, 8)
+    torch.testing.assert_close(values, ref_v, rtol=1e-5, atol=1e-5)
+    assert (indices[:, :7] == torch.tensor([5, 77, 150, 40, 41, 42, 43])).all()
+    assert torch.equal(indices[:, 7], ref_i[:, 7])
+
+
+# ----------------------------------------------------------------------------------------------------------
 # dispatch in hydra_lite, and the kernels inside the model
 
 

@@ -45,3 +45,16 @@ def test_read_prompts_and_batches(tmp_path):
     plan = th.batches(rows, 64, random.Random(0))
     assert sorted(i for b in plan for i in b) == list(range(39))
     assert all(len(b) * max(len(rows[i][0]) for i in b) <= 64 or len(b) == 1 for b in plan)
+
+
+def test_draft_vocab_and_synthetic_prompts():
+    rows = [([9, 9, 1, 1, 1, 2, 2, 3], 2), ([9, 4, 1, 2], 1)]  # answer tokens: 1 x4, 2 x3, 3 x1, 4 x1
+    vocab, coverage = th.draft_vocab(rows, 2, 10)
+    assert vocab.tolist() == [1, 2] and abs(coverage - 7 / 9) < 1e-6
+    assert th.draft_vocab(rows, 0, 10) == (None, 1.0) and th.draft_vocab(rows, 10, 10) == (None, 1.0)
+    model = tiny_model(6)
+    heads = th.new_heads(model, "hydra++", 2, 1, vocab)
+    assert heads.hc.draft_vocab == 2 and heads.vocab.tolist() == [1, 2]
+    prompts = th.synthetic_prompts(200, seed=3)
+    assert prompts == th.synthetic_prompts(200, seed=3) and len(set(prompts)) > 150
+    assert not any("{" in p for p in prompts)
