@@ -4,7 +4,8 @@
 #          split the GGUF so each call's working tree stays under the device tool's 64 MiB, copy each to /root/smol)
 #   check  kernel self-check and GPU tests
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights)
-#   train  self-distillation data from rows 0-79 of the prompts, then Medusa, Hydra and Hydra++ heads
+#   data   self-distillation data: rows 0-79 of the prompts (SAMPLES answers each) and SYNTH template prompts
+#   train  Medusa, Hydra and Hydra++ heads (KINDS) on that data, STEPS steps
 #   e2e    end-to-end benchmark on the held-out rows 80-99 (bf16), and a float32 exact-match run
 #   pack   results into $OUT/results.tar and the trained heads into $OUT/heads.tar.part_* (the device tool
 #          returns at most 8 files of 16 MiB)
@@ -31,17 +32,18 @@ for stage in "$@"; do
     steps)
       python3 benchmark.py steps --shape 7b --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
       python3 benchmark.py steps --shape smollm2-135m --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;
+    data)
+      python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples ${SAMPLES:-24} --temperatures ${TEMPS:-0,0.3,0.7,1.0} \
+        --synthetic ${SYNTH:-12000} --max-new-tokens 384 --batch 192 --out "$WORK/data.pt" 2>&1 | tee "$RES/data.txt" | awk 'NR % 10 == 1 || /wrote|rror/' ;;
     train)
-      python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples ${SAMPLES:-24} --temperatures ${TEMPS:-0,0.7,1.0} \
-        --max-new-tokens 384 --batch 96 --out "$WORK/data.pt"
       for kind in ${KINDS:-hydra++ medusa hydra}; do
-        python3 train_heads.py train --checkpoint "$CKPT" --data "$WORK/data.pt" --kind $kind --steps ${STEPS:-1500} \
+        python3 train_heads.py train --checkpoint "$CKPT" --data "$WORK/data.pt" --kind $kind --steps ${STEPS:-3000} \
           --out "$WORK/heads-$kind" 2>&1 | tee "$RES/train-$kind.txt" | grep -v "^step [0-9]*[1-9]/" | tail -12
       done ;;
     e2e)
       H=$WORK
       python3 benchmark.py e2e --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 80-99 --batch 1 8 --profile \
-        --heads ${E2E_HEADS:-medusa=$H/heads-medusa hydra=$H/heads-hydra hydra++=$H/heads-hydra++} --out "$RES" 2>&1 | tee "$RES/e2e.txt"
+        --heads ${E2E_HEADS:-medusa=$H/heads-medusa hydra=$H/heads-hydra hydra++=$H/heads-hydra++} ${E2E_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/e2e.txt"
       python3 benchmark.py e2e --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 80-99 --limit 8 --batch 1 4 --dtype float32 \
         --no-hf --heads hydra++=$H/heads-hydra++ --out "$RES/fp32" 2>&1 | tee "$RES/e2e_fp32.txt" ;;
     pack)
