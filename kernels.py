@@ -451,7 +451,7 @@ def accept_greedy(tree_tokens, base_pred, retrieve):
 def _lm_topk_chunk_kernel(x_ptr, w_ptr, b_ptr, cv_ptr, ci_ptr, N, V, D, stride_x, stride_w, n_chunks,
                           K: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Row blocks on axis 0: the programs that share a chunk of w run side by side (it is read once from HBM).
+    # Row blocks on axis 0: the programs that share a chunk of w run side by side (its rereads hit L2).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -470,8 +470,9 @@ def _lm_topk_chunk_kernel(x_ptr, w_ptr, b_ptr, cv_ptr, ci_ptr, N, V, D, stride_x
             acc = tl.dot(x, tl.trans(w), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    # The reference's logits are in x's dtype: round as it does (same values, same ties).
-    s = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+    # The reference's logits are in x's dtype: round once, bias included, as torch's fused addmm does (same
+    # values, same ties; its unfused path, a non-contiguous 3D x with a bias, rounds twice: 1-2 ulps off).
+    s = tl.where(col_ok[None, :], acc.to(x_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
     local = tl.arange(0, BLOCK_V)[None, :]
     out = rows.to(tl.int64) * n_chunks * K + chunk * K  # [BLOCK_N] this chunk's candidates of each row
     for j in tl.static_range(K):
@@ -483,17 +484,24 @@ def _lm_topk_chunk_kernel(x_ptr, w_ptr, b_ptr, cv_ptr, ci_ptr, N, V, D, stride_x
 
 
 @triton.jit
-def _lm_topk_merge_kernel(cv_ptr, ci_ptr, v_ptr, i_ptr, C, K: tl.constexpr, BLOCK_C: tl.constexpr):
+def _lm_topk_merge_kernel(cv_ptr, ci_ptr, v_ptr, i_ptr, C, K: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
     s = tl.load(cv_ptr + row * C + offs, mask=offs < C, other=float("-inf"))
+    kk = tl.arange(0, BLOCK_K)
+    top_v = tl.zeros([BLOCK_K], dtype=tl.float32)
+    top_pos = tl.zeros([BLOCK_K], dtype=tl.int32)
     for j in tl.static_range(K):
         m = tl.max(s, axis=0)
         first = tl.min(tl.where(s == m, offs, BLOCK_C), axis=0)
-        idx = tl.load(ci_ptr + row * C + first, mask=first < C, other=0)  # (first == BLOCK_C only for NaN)
-        tl.store(v_ptr + row * K + j, m)
-        tl.store(i_ptr + row * K + j, idx.to(tl.int64))
+        top_v = tl.where(kk == j, m, top_v)
+        top_pos = tl.where(kk == j, first, top_pos)
         s = tl.where(offs == first, float("-inf"), s)
+    # The vocab indices in one gather at the end, not a dependent load per pass. (first == BLOCK_C: NaNs only)
+    idx = tl.load(ci_ptr + row * C + top_pos, mask=(kk < K) & (top_pos < C), other=0)
+    tl.store(v_ptr + row * K + kk, top_v, mask=kk < K)
+    tl.store(i_ptr + row * K + kk, idx.to(tl.int64), mask=kk < K)
 
 
 def lm_topk(x, w, k, bias=None):
@@ -501,9 +509,11 @@ def lm_topk(x, w, k, bias=None):
     assert w.shape[1] == D and w.stride(1) == 1 and 1 <= k <= V
     x2 = _rows(x, D)
     N = x2.shape[0]
+    # Tiles measured on an H100 (bf16; D=576 and 4096, V=16k-49k, N=1-80): 128 vocab entries a program; 64 rows
+    # at most (larger N: more row blocks, w read again from L2); 128-wide steps along D only where they divide it.
     BLOCK_N = min(_pow2(N, 16), 64)  # (tl.dot needs >= 16 rows)
     BLOCK_V = 128 if x.is_cuda else 32  # the interpreter: small tiles, several chunks even at tiny V
-    BLOCK_D = min(_pow2(D, 16), 64)
+    BLOCK_D = 128 if D % 128 == 0 else min(_pow2(D, 16), 64)
     n_chunks = triton.cdiv(V, BLOCK_V)
     cand_v = torch.empty(N, n_chunks, k, dtype=torch.float32, device=x.device)
     cand_i = torch.empty(N, n_chunks, k, dtype=torch.int32, device=x.device)
@@ -517,7 +527,7 @@ def lm_topk(x, w, k, bias=None):
         BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=4, num_stages=4)
     BLOCK_C = _pow2(n_chunks * k, 16)
     _lm_topk_merge_kernel[(N,)](cand_v, cand_i, values, indices, n_chunks * k, K=k, BLOCK_C=BLOCK_C,
-                                num_warps=min(max(BLOCK_C // 512, 1), 16))
+                                BLOCK_K=_pow2(k, 2), num_warps=4 if BLOCK_C <= 8192 else 16)
     return values, indices
 
 
@@ -633,6 +643,20 @@ def _check():
             if B == 8:
                 timing(f"kv_compact {mname} L={L} B={B}", lambda: kv_compact(k_all, v_all, lens, path),
                        lambda: hl.kv_compact_ref(k_ref, v_ref, lens, path))
+
+    # draft proposals: output projection + top-k (SmolLM2's vocabulary, a draft vocabulary with a head bias, 7B's)
+    for N, D, V in [(1, 576, 49152), (10, 576, 49152), (80, 576, 49152), (1, 576, 16384), (10, 576, 16384),
+                    (80, 576, 16384), (10, 4096, 32000)]:
+        x = torch.randn(N, D, device=dev, dtype=bf16)
+        w = torch.randn(V, D, device=dev, dtype=bf16) / math.sqrt(D)
+        bias = torch.randn(V, device=dev, dtype=bf16) if V == 16384 else None
+        values, indices = lm_topk(x, w, 10, bias)
+        ref_v, _ = hl.lm_topk_ref(x, w, 10, bias)
+        # ties may order differently: compare the values, and the reference logits of the chosen tokens
+        chosen = torch.nn.functional.linear(x, w, bias).float().gather(-1, indices)
+        tag = f"N={N} D={D} V={V}{' +bias' if bias is not None else ''} k=10"
+        report(f"lm_topk {tag}", torch.cat([values, chosen]), torch.cat([ref_v, ref_v]), bf16)
+        timing(f"lm_topk {tag}", lambda: lm_topk(x, w, 10, bias), lambda: hl.lm_topk_ref(x, w, 10, bias))
 
     # CUDA graph: capture once, replay with new lengths and inputs (no host reads of device values inside)
     Hq, Hkv, D = 9, 3, 64

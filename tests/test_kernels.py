@@ -383,6 +383,20 @@ def test_lm_topk(dtype, N, V, D, k, has_bias):
         close(logits.gather(-1, indices), ref_v, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [37, 300])
+def test_lm_topk_negative_logits(dtype, V):
+    """Every logit negative: the zero-padded columns past V (last chunk) must still never win."""
+    x = torch.rand(4, 24, dtype=dtype)
+    w = -torch.rand(V, 24, dtype=dtype)
+    values, indices = kernels.lm_topk(x, w, 10)
+    ref_v, ref_i = hl.lm_topk_ref(x, w, 10)
+    assert ((indices >= 0) & (indices < V)).all()
+    close(values, ref_v, dtype)
+    if dtype == torch.float32:
+        assert torch.equal(indices, ref_i)
+
+
 def test_lm_topk_chunk_ties():
     """Equal logits across chunks and within one (repeated rows of w): the first index of a tie goes first, and
     one chunk can hold several of the row's k best."""
