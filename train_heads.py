@@ -1,7 +1,7 @@
 """Train draft heads (Medusa, Hydra, Hydra++) for a hydra-lite base model by self-distillation.
 
-    python train_heads.py data   --checkpoint CKPT --prompts questions.jsonl --out runs/data.pt
-    python train_heads.py train  --checkpoint CKPT --data runs/data.pt --kind hydra++ --out heads/my-heads
+    python train_heads.py data   --checkpoint CKPT --prompts questions.jsonl --out runs/data.npz
+    python train_heads.py train  --checkpoint CKPT --data runs/data.npz --kind hydra++ --out heads/my-heads
 
 `data` lets the base model answer the prompts itself (batched, sampled at several temperatures), so the heads
 learn the distribution they will be asked to predict. `train` freezes the base model and fits the heads with
@@ -213,7 +213,7 @@ def head_losses(model, heads, tokens, valid, noise_alpha):
     for k, head in enumerate(heads.heads):
         n = T - k - 2  # head k at position t predicts token t+k+2: the base's distribution at t+k+1
         if n <= 0:
-            results.append((torch.zeros((), device=tokens.device), 0.0, [0.0] * 10))
+            results.append((torch.zeros((), device=tokens.device), 0.0, [0.0] * 10, 0))
             continue
         x = h[:, :n]
         if heads.hc.grounded:  # concat(h_t, embed(x_{t+1}), ..., embed(x_{t+k+1}))
@@ -223,8 +223,24 @@ def head_losses(model, heads, tokens, valid, noise_alpha):
         target = teacher[:, k + 1:k + 1 + n][mask].float()
         loss = -(target * F.log_softmax(logits, -1)).sum(-1).mean()
         hits = (logits.topk(10, -1).indices == target.argmax(-1, keepdim=True)).float().mean(0)  # per rank
-        results.append((loss, hits[0].item(), hits.tolist()))
+        results.append((loss, hits[0].item(), hits.tolist(), len(target)))
     return results
+
+
+def evaluate(model, heads, rows, max_tokens):
+    """Held-out rank accuracies per head: rank_acc[k][r] = how often head k's rank-r token is the base model's
+    choice. In batches of max_tokens (one batch of all rows would not fit: logits are [tokens, vocab])."""
+    dev = model.embed.weight.device
+    hits = [[0.0] * 10 for _ in heads.heads]
+    count = [0] * len(heads.heads)
+    with torch.no_grad():
+        for idx in batches(rows, max_tokens, random.Random(0)):
+            tokens, valid = pad([rows[i] for i in idx], dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                for k, (_, _, h, n) in enumerate(head_losses(model, heads, tokens, valid, 0.0)):
+                    hits[k] = [a + b * n for a, b in zip(hits[k], h)]
+                    count[k] += n
+    return [[a / max(n, 1) for a in h] for h, n in zip(hits, count)]
 
 
 def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, eval_rows=None):
@@ -256,12 +272,31 @@ def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, eval_r
                 f"({time.time() - t0:.0f}s)")
     heads.eval().requires_grad_(False)
     if eval_rows:
-        with torch.no_grad():
-            tokens, valid = pad(eval_rows, dev)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                rank_acc = [r[2] for r in head_losses(model, heads, tokens, valid, 0.0)]
+        rank_acc = evaluate(model, heads, eval_rows, max_tokens)
         log("held-out top-1 per head: " + " ".join(f"{a[0]:.3f}" for a in rank_acc))
         return rank_acc
+
+
+def save_rows(rows, path):
+    """Answers as one flat uint16/int32 id array plus lengths and answer starts (.npz: small enough to carry)."""
+    import numpy as np
+
+    if not path.endswith(".npz"):
+        raise hl.HydraLiteError(f"data files are .npz: {path}")
+    dtype = np.uint16 if max(max(ids) for ids, _ in rows) < 65536 else np.int32
+    np.savez(path, ids=np.concatenate([np.asarray(ids, dtype=dtype) for ids, _ in rows]),
+             lens=np.asarray([len(ids) for ids, _ in rows], dtype=np.int32),
+             starts=np.asarray([start for _, start in rows], dtype=np.int32))
+
+
+def load_rows(path):
+    import numpy as np
+
+    if not path.endswith(".npz"):  # older files: torch.save({"rows": [(ids, start), ...]})
+        return torch.load(path)["rows"]
+    d = np.load(path)
+    ends = np.cumsum(d["lens"])
+    return [(d["ids"][e - n:e].astype(np.int64).tolist(), int(s)) for e, n, s in zip(ends, d["lens"], d["starts"])]
 
 
 def pad(rows, device):
@@ -316,11 +351,10 @@ def main(argv=None):
             rows = make_data(model, tok, prompts, args.samples, temps, args.max_new_tokens, args.batch,
                              synthetic_prompts(args.synthetic, args.seed))
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            torch.save({"rows": rows, "checkpoint": args.checkpoint, "prompts": args.prompts}, args.out)
+            save_rows(rows, args.out)
             log(f"wrote {len(rows)} answers ({sum(len(r[0]) - r[1] for r in rows)} answer tokens) to {args.out}")
         else:
-            data = torch.load(args.data)
-            rows = data["rows"]
+            rows = load_rows(args.data)
             random.Random(args.seed).shuffle(rows)
             n_eval = max(1, len(rows) // 50)
             vocab, coverage = draft_vocab(rows[n_eval:], args.draft_vocab, model.cfg.vocab_size)

@@ -17,6 +17,7 @@ WORK=${WORK:-/root/hydra}
 RES=$WORK/results
 CKPT=$WORK/smollm2-135m-instruct
 PROMPTS=${PROMPTS:-.models/sharegpt_questions.jsonl}
+DATA=${DATA:-$WORK/data.npz}  # (a data.npz brought from an earlier run works too)
 mkdir -p "$OUT" "$WORK" "$RES"
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
@@ -34,10 +35,10 @@ for stage in "$@"; do
       python3 benchmark.py steps --shape smollm2-135m --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;
     data)
       python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples ${SAMPLES:-24} --temperatures ${TEMPS:-0,0.3,0.7,1.0} \
-        --synthetic ${SYNTH:-12000} --max-new-tokens 384 --batch 192 --out "$WORK/data.pt" 2>&1 | tee "$RES/data.txt" | awk 'NR % 10 == 1 || /wrote|rror/' ;;
+        --synthetic ${SYNTH:-12000} --max-new-tokens 384 --batch 192 --out "$DATA" 2>&1 | tee "$RES/data.txt" | awk 'NR % 10 == 1 || /wrote|rror/' ;;
     train)
       for kind in ${KINDS:-hydra++ medusa hydra}; do
-        python3 train_heads.py train --checkpoint "$CKPT" --data "$WORK/data.pt" --kind $kind --steps ${STEPS:-3000} \
+        python3 train_heads.py train --checkpoint "$CKPT" --data "$DATA" --kind $kind --steps ${STEPS:-3000} \
           --out "$WORK/heads-$kind" 2>&1 | tee "$RES/train-$kind.txt" | grep -v "^step [0-9]*[1-9]/" | tail -12
       done ;;
     e2e)
