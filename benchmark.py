@@ -158,6 +158,7 @@ def profile_step(gen, prompt, path):
 
 def e2e(args):
     dev, dtype = args.device, getattr(torch, args.dtype)
+    os.makedirs(args.out, exist_ok=True)  # profiles are written as the run goes
     model = hl.load_model(args.checkpoint, dev, dtype)
     tok = hl.Tokenizer(args.checkpoint, model.cfg)
     texts = th.read_prompts(args.prompts, th.parse_range(args.rows), first_turn=True)[:args.limit or None]
