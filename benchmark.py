@@ -137,20 +137,23 @@ def tree_for(heads_path, args, size=0):
 
 
 def profile_step(gen, prompt, path):
-    """GPU time of one speculative step by kernel (the step's graph is bypassed so kernels show up)."""
+    """GPU time of one speculative step by kernel (the step's graph is bypassed so kernels show up); CPU time
+    by op on a CPU."""
     from torch.profiler import ProfilerActivity, profile
+
+    cuda = gen.device.type == "cuda"
 
     gen.generate([prompt], 16)
     step = gen.step.fn
     with torch.inference_mode():
         logits, h = gen._prefill([prompt])
         root = logits.argmax(-1)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             for _ in range(5):
                 out, h = step(root, h, torch.ones_like(root, dtype=torch.int32))
                 root = out[:, -1]
-            torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+            hl._sync(gen.device)
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25)
     with open(path, "w") as f:
         f.write(table)
     log(table)
@@ -191,7 +194,7 @@ def e2e(args):
             if dtype == torch.float32 and exact < 1:
                 results[-1]["divergences"] = divergence_margins(model, prompts, out, ar_out)
                 log(f"b{batch} {name} divergences (token index, top-2 logit margin there): {results[-1]['divergences']}")
-            if args.profile and batch == 1 and dev.startswith("cuda"):
+            if args.profile and batch == 1:
                 profile_step(gen, prompts[0], os.path.join(args.out, f"profile_{name}.txt"))
             log(f"b{batch} {name}: {r['tokens_per_s']:.1f} tokens/s, accept {r['mean_accept']:.2f}, "
                 f"x{r['tokens_per_s'] / ar['tokens_per_s']:.2f}, match {exact:.2f}/{tm:.3f}")

@@ -71,3 +71,23 @@ def test_stop_strings_and_shipped_heads(model, tok):
     heads = hl.load_heads(heads_dir, model)
     spec, stats = hl.Generator(model, tok, heads, tree_choices=heads.tree_choices[:24]).generate([ids], 40)
     assert spec == full and stats.mean_accept > 1.5
+
+
+def test_benchmark_e2e_writes_its_report(tmp_path):
+    """benchmark.py e2e on the real model with the shipped heads (tiny run, CPU): the report files appear in a
+    fresh --out directory (profiles are written before the end) and the shipped heads match AR in float32."""
+    import json
+
+    import benchmark
+
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text('{"turns": ["Name three colors."]}\n')
+    out = tmp_path / "new" / "dir"
+    heads = os.path.join(ROOT, "heads", "smollm2-135m-hydra++")
+    rc = benchmark.main(["e2e", "--checkpoint", CKPT, "--prompts", str(prompts), "--batch", "1", "--max-new-tokens", "12",
+                         "--dtype", "float32", "--no-hf", "--profile", "--heads", f"hydra++={heads}", "--out", str(out)])
+    assert not rc
+    results = json.loads((out / "e2e.json").read_text())["results"]
+    spec = [r for r in results if r["mode"] == "hydra++"][0]
+    assert spec["exact_match"] == 1.0 and spec["mean_accept"] > 1.0
+    assert (out / "profile_hydra++.txt").exists() and (out / "e2e.md").exists()
