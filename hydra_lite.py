@@ -734,17 +734,7 @@ class Tree:
         retrieve = torch.full((len(paths), self.depth + 1), -1, dtype=torch.long)
         for p, nodes in enumerate(paths):
             retrieve[p, :len(nodes)] = torch.tensor(nodes)
-        # Per depth d >= 1: the nodes there, which parent (among the depth d-1 nodes that have children) and
-        # which rank each takes; node_path[i] lists the nodes from the root to i (for grounded head inputs).
-        self.levels = []
-        for d in range(1, self.depth + 1):
-            nodes = [i for i in range(self.size) if depth[i] == d]
-            parents = sorted({parent[i] for i in nodes})
-            self.levels.append(dict(
-                nodes=torch.tensor(nodes, device=device), parents=torch.tensor(parents, device=device),
-                parent_slot=torch.tensor([parents.index(parent[i]) for i in nodes], device=device),
-                rank=torch.tensor([rank[i] for i in nodes], device=device), k=max(rank[i] for i in nodes) + 1))
-        node_path = torch.zeros(self.size, self.depth + 1, dtype=torch.long)
+        node_path = torch.zeros(self.size, self.depth + 1, dtype=torch.long)  # row i: the nodes from the root to i
         for i in range(self.size):
             j, chain = i, []
             while True:
@@ -753,6 +743,17 @@ class Tree:
                     break
                 j = parent[j]
             node_path[i, :len(chain)] = torch.tensor(chain[::-1])
+        # Per depth d >= 1: the nodes there, which parent (among the depth d-1 nodes that have children) and
+        # which rank each takes, and each parent's path from the root (the tokens grounded heads read).
+        self.levels = []
+        for d in range(1, self.depth + 1):
+            nodes = [i for i in range(self.size) if depth[i] == d]
+            parents = sorted({parent[i] for i in nodes})
+            self.levels.append(dict(
+                nodes=torch.tensor(nodes, device=device), parents=torch.tensor(parents, device=device),
+                parent_slot=torch.tensor([parents.index(parent[i]) for i in nodes], device=device),
+                rank=torch.tensor([rank[i] for i in nodes], device=device), k=max(rank[i] for i in nodes) + 1,
+                path=node_path[parents, :d].to(device)))
         self.node_path = node_path.to(device)
         self.mask, self.retrieve = mask.to(device), retrieve.to(device)
         self.parent = torch.tensor(parent, device=device)
@@ -774,7 +775,7 @@ def draft(heads: DraftHeads, base: Llama, tree: Tree, h, root):
             tokens[:, lv["nodes"]] = top[:, lv["rank"]]
         return tokens
     for d, lv in enumerate(tree.levels):  # Hydra: depth by depth, each head conditioned on its path's tokens
-        path = tree.node_path[lv["parents"], :d + 1]  # [n_par, d+1]: root .. parent
+        path = lv["path"]  # [n_par, d+1]: root .. parent
         emb = base.embed(tokens[:, path]).flatten(2)  # [B, n_par, (d+1)*dim]
         x = torch.cat([h[:, None, :].expand(B, path.shape[0], -1), emb], dim=-1)
         top = heads.propose(d, x, lm_w, lv["k"])  # [B, n_par, k]

@@ -116,6 +116,8 @@ def test_tree_buffers():
     assert tree.mask[5].nonzero().flatten().tolist() == [0, 2, 5]
     assert sorted(map(tuple, tree.retrieve.tolist())) == [(0, 1, 3, 6), (0, 1, 4, -1), (0, 2, 5, -1)]
     assert tree.levels[1]["parents"].tolist() == [1, 2] and tree.levels[1]["rank"].tolist() == [0, 1, 0]
+    assert tree.levels[0]["path"].tolist() == [[0]] and tree.levels[1]["path"].tolist() == [[0, 1], [0, 2]]
+    assert tree.levels[2]["path"].tolist() == [[0, 1, 3]]
     with pytest.raises(hl.HydraLiteError, match="no parent"):
         hl.Tree([[0, 1]])
     with pytest.raises(hl.HydraLiteError, match="twice"):
