@@ -173,11 +173,16 @@ def accept_greedy_ref(tree_tokens, base_pred, retrieve):
     return longest_path(match, retrieve)
 
 
-def lm_topk_ref(x, w, k, bias=None):
+def lm_topk_ref(x, w, k, bias=None, vocab=None):
     """Draft proposals: the k largest of x @ w.T (+ bias) per row, largest first. x [..., D], w [V, D].
-    Returns values (float32) and indices (int64), each [..., k]."""
+    Returns values (float32) and indices (int64), each [..., k]; with vocab [V] (the token id of each row of
+    w), the indices are token ids."""
     values, indices = F.linear(x, w, bias).float().topk(k, dim=-1)
-    return values, indices
+    return values, (indices if vocab is None else vocab[indices])
+
+
+def silu_add_ref(res, z):
+    return res + F.silu(z)
 
 
 def longest_path(ok, retrieve):
@@ -240,8 +245,12 @@ def kv_compact(k_all, v_all, lens, path):
     (_kernels.kv_compact if _triton(k_all) else kv_compact_ref)(k_all, v_all, lens, path)
 
 
-def lm_topk(x, w, k, bias=None):
-    return (_kernels.lm_topk if _triton(x) else lm_topk_ref)(x, w, k, bias)
+def lm_topk(x, w, k, bias=None, vocab=None):
+    return (_kernels.lm_topk if _triton(x) else lm_topk_ref)(x, w, k, bias, vocab)
+
+
+def silu_add(res, z):  # the kernel has no backward: training goes through the reference
+    return (_kernels.silu_add if _triton(z) and not torch.is_grad_enabled() else silu_add_ref)(res, z)
 
 
 def accept_greedy(tree_tokens, base_pred, retrieve):
@@ -548,7 +557,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x):
         res = x if self.res_w is None else F.linear(x, self.res_w, self.res_b)
-        return res + F.silu(F.linear(x, self.w, self.b))
+        return silu_add(res, F.linear(x, self.w, self.b))
 
 
 class Head(nn.Module):
@@ -623,8 +632,7 @@ class DraftHeads(nn.Module):
     def propose(self, d, x, base_lm_w, k):
         """Head d's k best tokens (ids in the full vocabulary) after inputs x [..., in_dim] -> [..., k]."""
         w, b = self.proposal_weights(d, base_lm_w)
-        ids = lm_topk(self.heads[d].features(x), w, k, b)[1]
-        return ids if self.vocab is None else self.vocab[ids]
+        return lm_topk(self.heads[d].features(x), w, k, b, self.vocab)[1]
 
     def run_prefix(self, h, rope, cache, pos=None):
         """Hydra++: the extra decoder layer over base hidden states h [B, T, dim]; writes its cache like the
@@ -919,11 +927,13 @@ class Generator:
             n_accept, path = accept_typical(tokens, logits, tree.parent, tree.retrieve, sp.temperature,
                                             self.posterior_threshold, self.posterior_alpha)
         else:
-            n_accept, path = accept_greedy(tokens, logits.argmax(-1), tree.retrieve)
+            base_pred = logits.argmax(-1)  # [B, T]
+            n_accept, path = accept_greedy(tokens, base_pred, tree.retrieve)
         rows = torch.arange(B, device=root.device)[:, None]
         accepted = tokens[rows, path]  # [B, depth+1]
         last = path.gather(1, (n_accept - 1)[:, None])  # [B, 1] node index of the last accepted token
-        next_token = sample(logits[rows, last][:, 0], sp)  # the base model's own choice after the accepted path
+        # the base model's own choice after the accepted path (greedy: already known)
+        next_token = sample(logits[rows, last][:, 0], sp) if sp.temperature > 0 else base_pred.gather(1, last)[:, 0]
         next_h = hidden[rows, last][:, 0]
         if self.prefix_cache is not None:  # the extra layer sees the accepted hidden states, in order
             acc_hidden = hidden[rows, path]

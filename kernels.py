@@ -95,6 +95,30 @@ def swiglu(gate_up):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# res + silu(z): the draft heads' residual blocks
+
+
+@triton.jit
+def _silu_add_kernel(r_ptr, z_ptr, o_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    # Round as the reference does: silu in z's dtype, then the sum in the output's.
+    act = (z / (1.0 + tl.exp(-z))).to(z_ptr.dtype.element_ty).to(tl.float32)
+    r = tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(o_ptr + offs, (r + act).to(o_ptr.dtype.element_ty), mask=ok)
+
+
+def silu_add(res, z):
+    assert res.shape == z.shape
+    res, z = res.contiguous(), z.contiguous()
+    out = torch.empty(z.shape, dtype=torch.promote_types(res.dtype, z.dtype), device=z.device)
+    n = z.numel()
+    _silu_add_kernel[(triton.cdiv(n, 1024),)](res, z, out, n, BLOCK=1024)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # RoPE + KV cache write: one program per (row, token) rotates all q and k heads (cos/sin loaded once) and
 # writes k and v into the cache.
 
@@ -484,8 +508,8 @@ def _lm_topk_chunk_kernel(x_ptr, w_ptr, b_ptr, cv_ptr, ci_ptr, N, V, D, stride_x
 
 
 @triton.jit
-def _lm_topk_merge_kernel(cv_ptr, ci_ptr, v_ptr, i_ptr, C, K: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+def _lm_topk_merge_kernel(cv_ptr, ci_ptr, vocab_ptr, v_ptr, i_ptr, C, K: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_K: tl.constexpr, HAS_VOCAB: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
     s = tl.load(cv_ptr + row * C + offs, mask=offs < C, other=float("-inf"))
@@ -500,13 +524,16 @@ def _lm_topk_merge_kernel(cv_ptr, ci_ptr, v_ptr, i_ptr, C, K: tl.constexpr, BLOC
         s = tl.where(offs == first, float("-inf"), s)
     # The vocab indices in one gather at the end, not a dependent load per pass. (first == BLOCK_C: NaNs only)
     idx = tl.load(ci_ptr + row * C + top_pos, mask=(kk < K) & (top_pos < C), other=0)
+    if HAS_VOCAB:  # rows of w are a draft vocabulary: report token ids
+        idx = tl.load(vocab_ptr + idx, mask=kk < K, other=0)
     tl.store(v_ptr + row * K + kk, top_v, mask=kk < K)
     tl.store(i_ptr + row * K + kk, idx.to(tl.int64), mask=kk < K)
 
 
-def lm_topk(x, w, k, bias=None):
+def lm_topk(x, w, k, bias=None, vocab=None):
     D, V = x.shape[-1], w.shape[0]
     assert w.shape[1] == D and w.stride(1) == 1 and 1 <= k <= V
+    assert vocab is None or (vocab.shape == (V,) and vocab.is_contiguous())
     x2 = _rows(x, D)
     N = x2.shape[0]
     # Tiles measured on an H100 (bf16; D=576 and 4096, V=16k-49k, N=1-80): 128 vocab entries a program; 64 rows
@@ -526,8 +553,9 @@ def lm_topk(x, w, k, bias=None):
         K=k, HAS_BIAS=bias is not None, UPCAST=upcast, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
         BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=4, num_stages=4)
     BLOCK_C = _pow2(n_chunks * k, 16)
-    _lm_topk_merge_kernel[(N,)](cand_v, cand_i, values, indices, n_chunks * k, K=k, BLOCK_C=BLOCK_C,
-                                BLOCK_K=_pow2(k, 2), num_warps=4 if BLOCK_C <= 8192 else 16)
+    _lm_topk_merge_kernel[(N,)](cand_v, cand_i, vocab if vocab is not None else cand_i, values, indices, n_chunks * k,
+                                K=k, BLOCK_C=BLOCK_C, BLOCK_K=_pow2(k, 2), HAS_VOCAB=vocab is not None,
+                                num_warps=4 if BLOCK_C <= 8192 else 16)
     return values, indices
 
 
@@ -580,6 +608,8 @@ def _check():
             report(f"swiglu {mname} [{rows},{2 * hidden}]", swiglu(gu), hl.swiglu_ref(gu), bf16)
             if B == 8:
                 timing(f"swiglu {mname} [{rows},{2 * hidden}]", lambda: swiglu(gu), lambda: hl.swiglu_ref(gu))
+            r, z = torch.randn(B, 64, dim, device=dev, dtype=bf16), torch.randn(B, 64, dim, device=dev, dtype=bf16)
+            report(f"silu_add {mname} [{rows},{dim}]", silu_add(r, z), hl.silu_add_ref(r, z), bf16)
 
             cfg = hl.Config(dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv, hidden_dim=8, vocab_size=8, head_dim=D)
             cos, sin = hl.rope_tables(cfg, S, dev)

@@ -119,6 +119,34 @@ def test_swiglu(dtype, H):
     close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [7, 3000])
+def test_silu_add(dtype, n):
+    res, z = torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype) * 4
+    out, ref = kernels.silu_add(res, z), hl.silu_add_ref(res, z)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if dtype == torch.float32:
+        close(out, ref, dtype)
+    else:  # two roundings (silu, then the sum), so a sum near zero may be a few of its terms' ulps away
+        scale = res.float().abs() + torch.nn.functional.silu(z.float()).abs()
+        assert ((out.float() - ref.float()).abs() <= 2 ** -6 * scale + 1e-6).all()
+    a = torch.randn(2, 5, 8)[:, ::2]  # non-contiguous inputs
+    close(kernels.silu_add(a, a * 2), hl.silu_add_ref(a, a * 2), torch.float32)
+
+
+def test_silu_add_dispatch_keeps_autograd_on_the_reference(monkeypatch):
+    """Training differentiates through the heads' blocks: with grad enabled the reference (autograd) runs."""
+    calls = []
+    monkeypatch.setattr(hl, "_triton", lambda x: True)
+    monkeypatch.setattr(hl._kernels, "silu_add", lambda r, z: calls.append(1) or hl.silu_add_ref(r, z))
+    z = torch.randn(4, requires_grad=True)
+    hl.silu_add(torch.zeros(4), z).sum().backward()
+    assert not calls and z.grad is not None
+    with torch.no_grad():
+        hl.silu_add(torch.zeros(4), z)
+    assert calls
+
+
 # ----------------------------------------------------------------------------------------------------------
 # rope_cache_write
 
@@ -397,6 +425,21 @@ def test_lm_topk_negative_logits(dtype, V):
         assert torch.equal(indices, ref_i)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lm_topk_draft_vocab(dtype):
+    """With vocab (token id of each row of w) the indices come back as token ids."""
+    V, D = 150, 40
+    x, w = torch.randn(6, D, dtype=dtype), torch.randn(V, D, dtype=dtype)
+    vocab = torch.randperm(5000)[:V]
+    values, ids = kernels.lm_topk(x, w, 5, None, vocab)
+    _, rows = kernels.lm_topk(x, w, 5)
+    ref_v, ref_ids = hl.lm_topk_ref(x, w, 5, None, vocab)
+    assert torch.equal(ids, vocab[rows]) and ids.dtype == torch.int64
+    close(values, ref_v, dtype)
+    if dtype == torch.float32:
+        assert torch.equal(ids, ref_ids)
+
+
 def test_lm_topk_chunk_ties():
     """Equal logits across chunks and within one (repeated rows of w): the first index of a tie goes first, and
     one chunk can hold several of the row's k best."""
@@ -471,3 +514,26 @@ def test_model_tree_step_with_kernels(monkeypatch):
     assert torch.equal(n_k, n) and torch.equal(path_k, path)
     torch.testing.assert_close(k_k, k, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(v_k, v, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("grounded", [False, True], ids=["medusa", "hydra"])
+def test_draft_with_kernels(monkeypatch, grounded):
+    """Drafting a tree (heads' blocks through silu_add, proposals through lm_topk over a draft vocabulary):
+    kernels give the same tokens as the references."""
+    model = tiny_model()
+    c = model.cfg
+    hc = hl.HeadsConfig(n_heads=3, n_layers=2, dim=c.dim, vocab_size=c.vocab_size, grounded=grounded, prefix=False,
+                        lm_head="base", draft_vocab=30)
+    heads = hl.DraftHeads(hc, c)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    heads.vocab.copy_(torch.randperm(c.vocab_size)[:30])
+    tree = hl.Tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1]])
+    h, root = torch.randn(2, c.dim), torch.randint(0, c.vocab_size, (2,))
+    out = []
+    with torch.no_grad():
+        for use_kernels in (False, True):
+            monkeypatch.setattr(hl, "_triton", lambda x: use_kernels)
+            out.append(hl.draft(heads, model, tree, h, root))
+    assert torch.equal(out[0], out[1])
+    assert torch.isin(out[1][:, 1:], heads.vocab).all()  # drafted tokens come from the draft vocabulary
