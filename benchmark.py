@@ -201,7 +201,6 @@ def e2e(args):
     meta = dict(device=torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu", date=time.strftime("%Y-%m-%d"),
                 command=" ".join(sys.argv), torch=torch.__version__, dtype=args.dtype, prompts=len(prompts),
                 max_new_tokens=args.max_new_tokens)
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "e2e.json"), "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
     with open(os.path.join(args.out, "e2e_outputs.json"), "w") as f:

@@ -127,16 +127,26 @@ def make_data(model, tok, prompts, samples, temperatures, max_new_tokens, batch,
 # Training
 
 
+def answer_counts(rows, vocab_size):
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for ids, start in rows:
+        counts += torch.bincount(torch.tensor(ids[start:], dtype=torch.long), minlength=vocab_size)
+    return counts
+
+
+def coverage(counts, vocab):
+    """The share of the counted answer tokens that are in vocab."""
+    return (counts[vocab].sum() / counts.sum().clamp(min=1)).item()
+
+
 def draft_vocab(rows, size, vocab_size):
     """The `size` token ids most frequent in the answers (sorted), and the share of answer tokens they cover.
     None when size is 0 or covers the whole vocabulary."""
     if not size or size >= vocab_size:
         return None, 1.0
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for ids, start in rows:
-        counts += torch.bincount(torch.tensor(ids[start:], dtype=torch.long), minlength=vocab_size)
+    counts = answer_counts(rows, vocab_size)
     keep = counts.topk(size).indices.sort().values
-    return keep, (counts[keep].sum() / counts.sum().clamp(min=1)).item()
+    return keep, coverage(counts, keep)
 
 
 def new_heads(model, kind, n_heads, n_layers, vocab=None):
@@ -357,13 +367,11 @@ def main(argv=None):
             rows = load_rows(args.data)
             random.Random(args.seed).shuffle(rows)
             n_eval = max(1, len(rows) // 50)
-            vocab, coverage = draft_vocab(rows[n_eval:], args.draft_vocab, model.cfg.vocab_size)
+            vocab, train_coverage = draft_vocab(rows[n_eval:], args.draft_vocab, model.cfg.vocab_size)
             if vocab is not None:
-                held = torch.zeros(model.cfg.vocab_size, dtype=torch.bool)
-                held[vocab] = True
-                ans = torch.tensor([t for ids, start in rows[:n_eval] for t in ids[start:]], dtype=torch.long)
-                log(f"draft vocabulary: {len(vocab)} tokens cover {coverage:.4f} of the training answers' tokens, "
-                    f"{held[ans].float().mean().item():.4f} of the held-out ones")
+                held_out = coverage(answer_counts(rows[:n_eval], model.cfg.vocab_size), vocab)
+                log(f"draft vocabulary: {len(vocab)} tokens cover {train_coverage:.4f} of the training answers' tokens, "
+                    f"{held_out:.4f} of the held-out ones")
             heads = new_heads(model, args.kind, args.n_heads, args.n_layers, vocab).to(args.device)  # fp32 master weights
             n_params = sum(p.numel() for p in heads.parameters())
             log(f"training {args.kind} heads ({n_params / 1e6:.1f}M parameters) on {len(rows) - n_eval} answers")
