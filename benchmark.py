@@ -153,7 +153,7 @@ def profile_step(gen, prompt, path):
                 out, h = step(root, h, torch.ones_like(root, dtype=torch.int32))
                 root = out[:, -1]
             hl._sync(gen.device)
-    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25)
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=60)
     with open(path, "w") as f:
         f.write(table)
     log(table)

@@ -181,6 +181,14 @@ def lm_topk_ref(x, w, k, bias=None, vocab=None):
     return values, (indices if vocab is None else vocab[indices])
 
 
+def head_input_ref(h, tokens, path, embed_w):
+    """Grounded heads' inputs at one depth: h [B, dim], tokens [B, nodes], path [P, L] (node ids from the root
+    to each parent) -> concat(h, embed(tokens on the path)) [B, P, (L+1)*dim]."""
+    B, (P, L) = h.shape[0], path.shape
+    emb = F.embedding(tokens[:, path], embed_w).flatten(2)  # [B, P, L*dim]
+    return torch.cat([h[:, None, :].expand(B, P, -1), emb.to(h.dtype)], dim=-1)
+
+
 def silu_add_ref(res, z):
     return res + F.silu(z)
 
@@ -251,6 +259,10 @@ def lm_topk(x, w, k, bias=None, vocab=None):
 
 def silu_add(res, z):  # the kernel has no backward: training goes through the reference
     return (_kernels.silu_add if _triton(z) and not torch.is_grad_enabled() else silu_add_ref)(res, z)
+
+
+def head_input(h, tokens, path, embed_w):
+    return (_kernels.head_input if _triton(h) else head_input_ref)(h, tokens, path, embed_w)
 
 
 def accept_greedy(tree_tokens, base_pred, retrieve):
@@ -344,7 +356,9 @@ class Llama(nn.Module):
     def new_cache(self, batch, max_len=None):
         max_len = max_len or self.cfg.max_seq_len
         p = self.embed.weight
-        if self.rope is None or self.rope[0].shape[0] < max_len or self.rope[0].device != p.device:
+        stale = self.rope is None or self.rope[0].shape[0] < max_len or self.rope[0].device != p.device
+        # (tables made by generate() are inference tensors, which training cannot save for backward)
+        if stale or (self.rope[0].is_inference() and not torch.is_inference_mode_enabled()):
             self.rope = rope_tables(self.cfg, max(max_len, 1), p.device)
         return KVCache(self.cfg.n_layers, batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, p.device, p.dtype)
 
@@ -554,10 +568,20 @@ class ResBlock(nn.Module):
         self.b = nn.Parameter(torch.zeros(dim))
         self.res_w = nn.Parameter(torch.empty(dim, in_dim)) if in_dim != dim else None
         self.res_b = nn.Parameter(torch.zeros(dim)) if in_dim != dim else None
+        self._fused = (None, None)  # (key, (weight, bias)): both projections stacked, for inference
 
     def forward(self, x):
-        res = x if self.res_w is None else F.linear(x, self.res_w, self.res_b)
-        return silu_add(res, F.linear(x, self.w, self.b))
+        if self.res_w is None:
+            return silu_add(x, F.linear(x, self.w, self.b))
+        if torch.is_grad_enabled():  # training: the parameters as they are
+            return silu_add(F.linear(x, self.res_w, self.res_b), F.linear(x, self.w, self.b))
+        params = (self.res_w, self.w, self.res_b, self.b)  # one GEMM instead of two; rebuilt if any changed
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if self._fused[0] != key:
+            self._fused = (key, (torch.cat([self.res_w, self.w]), torch.cat([self.res_b, self.b])))
+        y = F.linear(x, *self._fused[1])
+        dim = self.w.shape[0]
+        return silu_add(y[..., :dim], y[..., dim:])
 
 
 class Head(nn.Module):
@@ -783,9 +807,7 @@ def draft(heads: DraftHeads, base: Llama, tree: Tree, h, root):
             tokens[:, lv["nodes"]] = top[:, lv["rank"]]
         return tokens
     for d, lv in enumerate(tree.levels):  # Hydra: depth by depth, each head conditioned on its path's tokens
-        path = lv["path"]  # [n_par, d+1]: root .. parent
-        emb = base.embed(tokens[:, path]).flatten(2)  # [B, n_par, (d+1)*dim]
-        x = torch.cat([h[:, None, :].expand(B, path.shape[0], -1), emb], dim=-1)
+        x = head_input(h, tokens, lv["path"], base.embed.weight)  # [B, n_par, (d+2)*dim]: h, root .. parent
         top = heads.propose(d, x, lm_w, lv["k"])  # [B, n_par, k]
         tokens[:, lv["nodes"]] = top[:, lv["parent_slot"], lv["rank"]]
     return tokens
@@ -861,7 +883,7 @@ class Generator:
         self.tree = Tree(tree_choices, self.device) if heads is not None else None
         if heads is not None and self.tree.depth > heads.hc.n_heads:
             raise HydraLiteError(f"tree is {self.tree.depth} deep but there are only {heads.hc.n_heads} heads")
-        self._key = None
+        self._key, self._host = None, None
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha  # typical acceptance
 
     # -- setup shared by both modes
@@ -944,12 +966,15 @@ class Generator:
         cache.lens += n_accept.to(torch.int32) * live
         return torch.cat([accepted, n_accept[:, None], next_token[:, None]], dim=1), next_h
 
-    @staticmethod
-    def _to_host(x):
-        """Start copying a step's (small) output to the host without waiting; _read waits."""
+    def _to_host(self, x):
+        """Start copying a step's (small) output to the host without waiting; _read waits. Two pinned buffers
+        take turns: one step's is being read while the next one's fills."""
         if x.device.type != "cuda":
             return x.clone(), None
-        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        if self._host is None or self._host[0].shape != x.shape:
+            self._host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for _ in range(2)]
+        self._host.reverse()
+        buf = self._host[0]
         buf.copy_(x, non_blocking=True)
         event = torch.cuda.Event()
         event.record()

@@ -99,22 +99,61 @@ def swiglu(gate_up):
 
 
 @triton.jit
-def _silu_add_kernel(r_ptr, z_ptr, o_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+def _silu_add_kernel(r_ptr, z_ptr, o_ptr, dim, stride_r, stride_z, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < dim
+    z = tl.load(z_ptr + row * stride_z + cols, mask=ok, other=0.0).to(tl.float32)
     # Round as the reference does: silu in z's dtype, then the sum in the output's.
     act = (z / (1.0 + tl.exp(-z))).to(z_ptr.dtype.element_ty).to(tl.float32)
-    r = tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(o_ptr + offs, (r + act).to(o_ptr.dtype.element_ty), mask=ok)
+    r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(o_ptr + row * dim + cols, (r + act).to(o_ptr.dtype.element_ty), mask=ok)
 
 
 def silu_add(res, z):
+    """res + silu(z). Rows may be strided (e.g. the two halves of one fused projection's output)."""
     assert res.shape == z.shape
-    res, z = res.contiguous(), z.contiguous()
+    dim = z.shape[-1]
+    r2, z2 = _rows(res, dim), _rows(z, dim)
     out = torch.empty(z.shape, dtype=torch.promote_types(res.dtype, z.dtype), device=z.device)
-    n = z.numel()
-    _silu_add_kernel[(triton.cdiv(n, 1024),)](res, z, out, n, BLOCK=1024)
+    BLOCK = min(_pow2(dim, 16), 1024)
+    _silu_add_kernel[(z2.shape[0], triton.cdiv(dim, BLOCK))](r2, z2, out, dim, r2.stride(0), z2.stride(0),
+                                                             BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The grounded heads' input: concat(h, embed(tokens on the path)) for every parent at one depth, in one pass
+# (instead of an index, an embedding lookup, an expand and a cat).
+
+
+@triton.jit
+def _head_input_kernel(h_ptr, tok_ptr, path_ptr, emb_ptr, out_ptr, P, J, dim, stride_h, stride_tok, stride_e,
+                       BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # (row b, parent p)
+    b, p = pid // P, pid % P
+    j = tl.program_id(1)  # segment: 0 = h, j > 0 = the embedding of the path's token j-1
+    cols = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < dim
+    if j == 0:
+        x = tl.load(h_ptr + b * stride_h + cols, mask=ok, other=0.0)
+    else:
+        node = tl.load(path_ptr + p * (J - 1) + j - 1)
+        t = tl.load(tok_ptr + b * stride_tok + node)
+        x = tl.load(emb_ptr + t * stride_e + cols, mask=ok, other=0.0)
+    tl.store(out_ptr + (pid * J + j) * dim + cols, x.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def head_input(h, tokens, path, embed_w):
+    B, dim = h.shape
+    P, L = path.shape
+    assert embed_w.shape[1] == dim and embed_w.stride(1) == 1 and h.stride(1) == 1 and tokens.stride(1) == 1
+    path = path.contiguous()
+    out = torch.empty(B, P, (L + 1) * dim, dtype=h.dtype, device=h.device)
+    BLOCK = min(_pow2(dim, 16), 1024)
+    _head_input_kernel[(B * P, L + 1, triton.cdiv(dim, BLOCK))](h, tokens, path, embed_w, out, P, L + 1, dim,
+                                                                h.stride(0), tokens.stride(0), embed_w.stride(0),
+                                                                BLOCK=BLOCK, num_warps=4)
     return out
 
 
@@ -311,6 +350,9 @@ def _attn_combine_kernel(po_ptr, plse_ptr, o_ptr, D, NUM_SPLITS, BLOCK_S: tl.con
 
 
 _SM_COUNT = {}
+# Split-K chunks hold at least this many cache slots (fewer: more programs, shorter loops, more partials to
+# merge). Separately for decoding (T = 1) and for trees/prefill; HYDRA_LITE_SPLIT="decode,tree" overrides.
+SPLIT_MIN = tuple(int(x) for x in os.environ.get("HYDRA_LITE_SPLIT", "256,256").split(","))
 
 
 def _sm_count(device):
@@ -340,7 +382,8 @@ def _attention(q, k_cache, v_cache, lens, mask, num_splits=None):
     grid_2d = n_tblocks * B * Hkv
     if num_splits is None:  # split only when the grid is smaller than the GPU, and into chunks of >= 256 slots
         sms = _sm_count(q.device)
-        num_splits = min(triton.cdiv(S, 256), triton.cdiv(sms, grid_2d)) if grid_2d < sms else 1
+        chunk = SPLIT_MIN[0 if T == 1 else 1]
+        num_splits = min(triton.cdiv(S, chunk), triton.cdiv(sms, grid_2d)) if grid_2d < sms else 1
     split_len = triton.cdiv(triton.cdiv(S, max(num_splits, 1)), BLOCK_N) * BLOCK_N
     num_splits = triton.cdiv(S, split_len)  # chunks are whole blocks, so fewer chunks may cover S
 
@@ -610,6 +653,14 @@ def _check():
                 timing(f"swiglu {mname} [{rows},{2 * hidden}]", lambda: swiglu(gu), lambda: hl.swiglu_ref(gu))
             r, z = torch.randn(B, 64, dim, device=dev, dtype=bf16), torch.randn(B, 64, dim, device=dev, dtype=bf16)
             report(f"silu_add {mname} [{rows},{dim}]", silu_add(r, z), hl.silu_add_ref(r, z), bf16)
+            y = torch.randn(B, 64, 2 * dim, device=dev, dtype=bf16)  # the heads' fused projection: two halves
+            report(f"silu_add halves {mname} [{rows},{dim}]", silu_add(y[..., :dim], y[..., dim:]),
+                   hl.silu_add_ref(y[..., :dim], y[..., dim:]), bf16)
+            emb = torch.randn(1000, dim, device=dev, dtype=bf16)
+            toks, path = torch.randint(0, 1000, (B, 64), device=dev), torch.randint(0, 64, (10, 4), device=dev)
+            h = torch.randn(B, dim, device=dev, dtype=bf16)
+            report(f"head_input {mname} [{B}x10,{5 * dim}]", head_input(h, toks, path, emb),
+                   hl.head_input_ref(h, toks, path, emb), bf16)
 
             cfg = hl.Config(dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv, hidden_dim=8, vocab_size=8, head_dim=D)
             cos, sin = hl.rope_tables(cfg, S, dev)

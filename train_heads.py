@@ -90,13 +90,56 @@ TEMPLATES = [
 ]
 
 
+# Programming requests (a large share of real chat traffic, and of the ShareGPT prompts) and everyday tasks.
+LANGUAGES = ["Python", "JavaScript", "TypeScript", "Java", "C++", "C#", "Go", "Rust", "Perl", "PHP", "Ruby", "SQL",
+             "Bash", "Kotlin", "Swift", "R", "HTML and CSS", "React", "Node.js", "Django", "Flask", "Next.js"]
+CODE_TASKS = """read a CSV file and print the average of a column; send a POST request with a JSON body; sort a list of
+records by a field; scrape the titles from a web page; parse command-line arguments; connect to a database and
+run a query; reverse a string; check whether a number is prime; count the words in a text file; merge two sorted
+lists; find duplicates in a list; validate an email address; read and write JSON files; set a default value for a
+function parameter; handle errors and exceptions; make a simple REST API; upload a file; resize an image; compute
+Fibonacci numbers; implement binary search; define a class with a constructor; use a dictionary or map; write a
+unit test; format a date; generate a random password; remove whitespace from a string; convert a string to a
+number; loop over the lines of a file; call a function every few seconds; fetch data from an API and show it on
+a page; add a button that changes color when clicked; center an element on a page; animate text on scroll; store
+user settings; hash a password; log messages to a file; run tasks in parallel; paginate query results; build a
+login form; make a countdown timer""".replace("\n", " ")
+CODE_TEMPLATES = [
+    "Write a {lang} script to {task}.", "How do I {task} in {lang}?", "Can you show me how to {task} with {lang}?",
+    "write {lang} code to {task}", "What is the best way to {task} in {lang}?", "I want to {task} using {lang}. "
+    "My code does not work. What should I check?", "Explain, with an example, how to {task} in {lang}.",
+    "Give me a {lang} function that can {task}, and explain it.", "how to {task} {lang}",
+]
+EVERYDAY = [
+    "Suggest five names for a {} business.", "Write a product description for {}.", "Write a short ad for {}.",
+    "Suggest colors for a website about {}.", "Write a cover letter for a job in {}.", "Plan a one-day trip to {}.",
+    "What should I know before starting a career in {}?", "Write an outline for a presentation on {}.",
+    "Give me a weekly schedule to practice {}.", "Write a LinkedIn post about {}.", "Define {} and give an example.",
+    "Make a list of terms and definitions about {}.", "Translate into French: I love learning about {}.",
+]
+MATH = ["What is {a} times {b}?", "What is {a} plus {b}?", "Find the last digit of {a}^{b}.", "Is {a} a prime number?",
+        "What is {a} divided by {b}, rounded to two decimals?", "Given the numbers {a}, {b}, {c}, what comes next?",
+        "Solve for x: {a}x + {b} = {c}.", "What is {b} percent of {a}?"]
+
+
 def synthetic_prompts(n, seed=0):
+    """n prompts: about half template x topic, a third programming requests, and everyday and math tasks."""
     topics = [t.strip() for t in TOPICS.split(";") if t.strip()]
+    tasks = [t.strip() for t in CODE_TASKS.split(";") if t.strip()]
     rng = random.Random(seed)
     prompts = []
     for _ in range(n):
-        template = rng.choice(TEMPLATES)
-        prompts.append(template.format(*rng.sample(topics, template.count("{}"))))
+        kind = rng.random()
+        if kind < 0.5:
+            template = rng.choice(TEMPLATES)
+            prompts.append(template.format(*rng.sample(topics, template.count("{}"))))
+        elif kind < 0.8:
+            prompts.append(rng.choice(CODE_TEMPLATES).format(lang=rng.choice(LANGUAGES), task=rng.choice(tasks)))
+        elif kind < 0.93:
+            prompts.append(rng.choice(EVERYDAY).format(rng.choice(topics)))
+        else:
+            a, b, c = (rng.randint(2, 999) for _ in range(3))
+            prompts.append(rng.choice(MATH).format(a=a, b=b, c=c))
     return prompts
 
 
@@ -229,40 +272,135 @@ def head_losses(model, heads, tokens, valid, noise_alpha):
         if heads.hc.grounded:  # concat(h_t, embed(x_{t+1}), ..., embed(x_{t+k+1}))
             x = torch.cat([x] + [noise(emb[:, j + 1:j + 1 + n]) for j in range(k + 1)], dim=-1)
         mask = valid[:, :n] & valid[:, k + 2:k + 2 + n]
-        logits = head(x[mask], lm_w).float()
-        target = teacher[:, k + 1:k + 1 + n][mask].float()
+        # With a draft vocabulary the head is scored only there (all it can propose): the teacher's mass on
+        # those tokens, against the head's softmax over them. Also 3x less work than the whole vocabulary.
+        w, b = (lm_w if head.lm_w is None else head.lm_w), head.lm_b
+        if heads.vocab is not None:
+            w, b = w[heads.vocab], (None if b is None else b[heads.vocab])
+        logits = F.linear(head.features(x[mask]), w, b).float()
+        target = teacher[:, k + 1:k + 1 + n][mask]
+        target = (target if heads.vocab is None else target[:, heads.vocab]).float()
         loss = -(target * F.log_softmax(logits, -1)).sum(-1).mean()
         hits = (logits.topk(10, -1).indices == target.argmax(-1, keepdim=True)).float().mean(0)  # per rank
         results.append((loss, hits[0].item(), hits.tolist(), len(target)))
     return results
 
 
-def evaluate(model, heads, rows, max_tokens):
-    """Held-out rank accuracies per head: rank_acc[k][r] = how often head k's rank-r token is the base model's
-    choice. In batches of max_tokens (one batch of all rows would not fit: logits are [tokens, vocab])."""
-    dev = model.embed.weight.device
-    hits = [[0.0] * 10 for _ in heads.heads]
-    count = [0] * len(heads.heads)
+def draft_ranks(model, heads, rows, max_tokens):
+    """Where the base model's greedy path would rank among the heads' proposals, teacher-forced on answers.
+    Returns ranks [positions, n_heads] (int64): ranks[t, k] = the rank (0-9, 10: not proposed) of the base
+    model's greedy token among head k's top 10, given that the answer up to there is the base model's greedy
+    path (as in a drafted tree); -1 where it is not (sampled answers leave greedy paths), or past the end."""
+    dev, K = model.embed.weight.device, len(heads.heads)
+    lm_w, out = model.output_weight, []
+    model.new_cache(1, max(len(r[0]) for r in rows) + 1)  # RoPE tables long enough
     with torch.no_grad():
         for idx in batches(rows, max_tokens, random.Random(0)):
             tokens, valid = pad([rows[i] for i in idx], dev)
+            B, T = tokens.shape
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                for k, (_, _, h, n) in enumerate(head_losses(model, heads, tokens, valid, 0.0)):
-                    hits[k] = [a + b * n for a, b in zip(hits[k], h)]
-                    count[k] += n
-    return [[a / max(n, 1) for a in h] for h, n in zip(hits, count)]
+                h = model(tokens, model.new_cache(B, T))
+                greedy = model.logits(h).argmax(-1)  # greedy[:, t]: the base model's choice for token t+1
+                if heads.prefix is not None:
+                    h = prefix_forward_train(heads, h, model.rope)
+                emb = model.embed(tokens)
+                on_path = torch.zeros(B, T, dtype=torch.bool, device=dev)  # token t+1 is the greedy one
+                on_path[:, :-1] = tokens[:, 1:] == greedy[:, :-1]
+                ranks = torch.full((B, T, K), -1, dtype=torch.long, device=dev)
+                ok = valid.clone()
+                for k in range(K):
+                    n = T - k - 2  # head k at t reads tokens t+1..t+k+1 and proposes token t+k+2
+                    if n <= 0:
+                        break
+                    ok = ok[:, :n] & on_path[:, k:k + n] & valid[:, k + 2:k + 2 + n]
+                    x = h[:, :n]
+                    if heads.hc.grounded:
+                        x = torch.cat([x] + [emb[:, j + 1:j + 1 + n] for j in range(k + 1)], dim=-1)
+                    top = heads.propose(k, x[ok], lm_w, 10)  # [m, 10]
+                    hit = top == greedy[:, k + 1:k + 1 + n][ok][:, None]
+                    r = torch.where(hit.any(-1), hit.float().argmax(-1), 10)
+                    ranks[:, :n, k][ok] = r
+            out.append(ranks[valid].cpu())
+    return torch.cat(out)
 
 
-def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, eval_rows=None):
+def fit_tree(ranks, size=63):
+    """The `size` tree paths most often accepted, counted on draft_ranks: a path [r0, r1, ...] is accepted
+    where ranks[t, :len] equals it. Chance of a path = chance of its parent x how often its last rank is right
+    among the positions that reach it (positions that leave the greedy path drop out at that depth), so
+    heads' errors that come together (hard spans) are counted as they are. Returns (tree, expected acceptance
+    length). Never grows with depth, so growing from the best frontier node first finds the best tree."""
+    import heapq
+
+    K = ranks.shape[1]
+
+    def children(path, reach):  # reach: positions where the path so far is right
+        d = len(path)
+        if d == K:
+            return []
+        r = ranks[reach, d]
+        r = r[r >= 0]
+        counts = torch.bincount(r, minlength=11)[:10].tolist()
+        return [(c / max(len(r), 1), path + [j]) for j, c in enumerate(counts) if c]
+
+    everywhere = torch.ones(len(ranks), dtype=torch.bool)
+    frontier = [(-p, path, p) for p, path in children([], everywhere)]
+    heapq.heapify(frontier)
+    chosen, expected = [], 1.0
+    while frontier and len(chosen) < size:
+        _, path, p = heapq.heappop(frontier)
+        chosen.append(path)
+        expected += p
+        reach = (ranks[:, :len(path)] == torch.tensor(path)).all(-1)
+        for q, child in children(path, reach):
+            heapq.heappush(frontier, (-p * q, child, p * q))
+    return sorted(chosen, key=lambda c: (len(c), c)), expected
+
+
+def tree_accept(ranks, tree):
+    """Expected acceptance length of a tree: 1 (the root) + the chance of each path."""
+    return 1.0 + sum(path_chance(ranks, p) for p in tree)
+
+
+def path_chance(ranks, path):
+    """How often a tree path is accepted, counted on draft_ranks as fit_tree counts it."""
+    p, reach = 1.0, torch.ones(len(ranks), dtype=torch.bool)
+    for d, r in enumerate(path):
+        seen = reach & (ranks[:, d] >= 0)
+        reach = seen & (ranks[:, d] == r)
+        p *= reach.sum().item() / max(seen.sum().item(), 1)
+    return p
+
+
+def rank_accuracies(ranks):
+    """rank_acc[k][r]: how often head k's rank-r proposal is the greedy token (on the greedy path), for
+    hydra_lite.build_tree (which treats heads as independent)."""
+    acc = []
+    for k in range(ranks.shape[1]):
+        r = ranks[:, k][ranks[:, k] >= 0]
+        acc.append((torch.bincount(r, minlength=11)[:10].float() / max(len(r), 1)).tolist())
+    return acc
+
+
+def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, time_limit=0):
+    """AdamW with warm-up and cosine decay over `steps`. time_limit (seconds, 0: none): after 50 steps, cut the
+    run (and the decay with it) to the steps that fit in that time."""
     rng = random.Random(seed)
     params = [p for p in heads.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+    horizon = [steps]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (
+        1 + math.cos(math.pi * min(s, horizon[0]) / max(horizon[0], 1))))
     dev = model.embed.weight.device
     model.new_cache(1, max(len(r[0]) for r in rows) + 1)  # RoPE tables long enough
     step, t0, plan = 0, time.time(), []
     heads.train().requires_grad_(True)
-    while step < steps:
+    while step < horizon[0]:
+        if time_limit and step == 50:
+            fit = 50 + int((time_limit - (time.time() - t0)) / ((time.time() - t0) / 50))
+            if fit < horizon[0]:
+                horizon[0] = max(fit, 51)
+                log(f"time limit {time_limit}s: training for {horizon[0]} steps instead of {steps}")
         if not plan:
             plan = batches(rows, max_tokens, rng)
         idx = plan.pop()
@@ -276,15 +414,33 @@ def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, eval_r
         opt.step()
         sched.step()
         step += 1
-        if step % 25 == 0 or step == steps or step == 1:
+        if step % 25 == 0 or step == horizon[0] or step == 1:
             accs = " ".join(f"{r[1]:.3f}" for r in results)
-            log(f"step {step}/{steps} loss {loss.item():.3f} top-1 per head {accs} lr {sched.get_last_lr()[0]:.2e} "
+            log(f"step {step}/{horizon[0]} loss {loss.item():.3f} top-1 per head {accs} lr {sched.get_last_lr()[0]:.2e} "
                 f"({time.time() - t0:.0f}s)")
     heads.eval().requires_grad_(False)
-    if eval_rows:
-        rank_acc = evaluate(model, heads, eval_rows, max_tokens)
-        log("held-out top-1 per head: " + " ".join(f"{a[0]:.3f}" for a in rank_acc))
-        return rank_acc
+    return step
+
+
+def write_tree(model, heads, rows, size, out, info, max_tokens=4096):
+    """Fit the tree to the heads' draft ranks on rows; write tree.json and train.json into out."""
+    t0 = time.time()
+    ranks = draft_ranks(model, heads, rows, max_tokens)
+    rank_acc = rank_accuracies(ranks)
+    log(f"held-out top-1 per head (on the greedy path): " + " ".join(f"{a[0]:.3f}" for a in rank_acc)
+        + f" ({len(ranks)} positions, {time.time() - t0:.0f}s)")
+    tree, expected = fit_tree(ranks, size)
+    independent = hl.build_tree(rank_acc, size)
+    log(f"tree of {len(tree) + 1} nodes: expected acceptance length {expected:.3f} "
+        f"(the tree fitted as if heads were independent: {tree_accept(ranks, independent):.3f})")
+    with open(os.path.join(out, "tree.json"), "w") as f:
+        json.dump(tree, f)
+    with open(os.path.join(out, "train.json"), "w") as f:
+        json.dump(info | {"held_out_rank_acc": rank_acc, "expected_accept": expected}, f, indent=1)
+
+
+def read_json_or_empty(path):
+    return hl.read_json(path) if os.path.exists(path) else {}
 
 
 def save_rows(rows, path):
@@ -300,8 +456,11 @@ def save_rows(rows, path):
 
 
 def load_rows(path):
+    """Answers from a data file, or from several (comma-separated)."""
     import numpy as np
 
+    if "," in path:
+        return [row for p in path.split(",") for row in load_rows(p)]
     if not path.endswith(".npz"):  # older files: torch.save({"rows": [(ids, start), ...]})
         return torch.load(path)["rows"]
     d = np.load(path)
@@ -331,18 +490,24 @@ def main(argv=None):
     d.add_argument("--batch", type=int, default=64)
     d.add_argument("--synthetic", type=int, default=0, help="also answer this many template prompts (once each)")
     t = sub.add_parser("train", help="train heads on generated data")
-    t.add_argument("--data", required=True)
+    t.add_argument("--data", required=True, help="data file(s), comma-separated")
     t.add_argument("--kind", choices=["medusa", "hydra", "hydra++"], default="hydra++")
     t.add_argument("--n-heads", type=int, default=4)
     t.add_argument("--n-layers", type=int, default=1)
     t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--time-limit", type=float, default=0, help="seconds: fewer steps if they would take longer")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch")
     t.add_argument("--noise", type=float, default=5.0, help="uniform input noise scale (0: off)")
     t.add_argument("--tree-size", type=int, default=63, help="tree nodes besides the root, fitted to held-out accuracies")
     t.add_argument("--draft-vocab", type=int, default=16384,
                    help="heads propose only the N tokens most frequent in the answers (0: the whole vocabulary)")
-    for p in (d, t):
+    f = sub.add_parser("tree", help="fit the tree of trained heads (in --out) to data, e.g. after changing its size")
+    f.add_argument("--data", required=True, help="answers to count on (train's held-out answers: --held-out)")
+    f.add_argument("--held-out", action="store_true", help="use the answers train held out (same --seed)")
+    f.add_argument("--tree-size", type=int, default=63)
+    f.add_argument("--max-tokens", type=int, default=4096)
+    for p in (d, t, f):
         p.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
         p.add_argument("--out", required=True)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -363,6 +528,15 @@ def main(argv=None):
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             save_rows(rows, args.out)
             log(f"wrote {len(rows)} answers ({sum(len(r[0]) - r[1] for r in rows)} answer tokens) to {args.out}")
+        elif args.cmd == "tree":
+            heads = hl.load_heads(args.out, model)
+            rows = load_rows(args.data)
+            if args.held_out:
+                random.Random(args.seed).shuffle(rows)
+                rows = rows[:max(1, len(rows) // 50)]
+            info = read_json_or_empty(os.path.join(args.out, "train.json"))
+            write_tree(model, heads, rows, args.tree_size, args.out, info | {"tree_data": args.data, "tree_answers": len(rows)},
+                       args.max_tokens)
         else:
             rows = load_rows(args.data)
             random.Random(args.seed).shuffle(rows)
@@ -375,15 +549,9 @@ def main(argv=None):
             heads = new_heads(model, args.kind, args.n_heads, args.n_layers, vocab).to(args.device)  # fp32 master weights
             n_params = sum(p.numel() for p in heads.parameters())
             log(f"training {args.kind} heads ({n_params / 1e6:.1f}M parameters) on {len(rows) - n_eval} answers")
-            rank_acc = train(model, heads, rows[n_eval:], args.steps, args.lr, args.max_tokens, args.noise, args.seed, rows[:n_eval])
+            steps = train(model, heads, rows[n_eval:], args.steps, args.lr, args.max_tokens, args.noise, args.seed, args.time_limit)
             hl.save_heads(heads.to(dtype), args.out)
-            tree = hl.build_tree(rank_acc, args.tree_size)  # the tree these heads are most likely to get accepted
-            with open(os.path.join(args.out, "tree.json"), "w") as f:
-                json.dump(tree, f)
-            expected = sum(math.prod(rank_acc[d][r] for d, r in enumerate(p)) for p in tree) + 1
-            log(f"tree of {len(tree) + 1} nodes, expected acceptance length {expected:.2f} (if heads were independent)")
-            with open(os.path.join(args.out, "train.json"), "w") as f:
-                json.dump(vars(args) | {"held_out_rank_acc": rank_acc, "answers": len(rows), "expected_accept": expected}, f, indent=1)
+            write_tree(model, heads, rows[:n_eval], args.tree_size, args.out, vars(args) | {"answers": len(rows), "steps_run": steps})
             log(f"saved heads to {args.out}")
     except hl.HydraLiteError as e:
         print(f"error: {e}", file=sys.stderr)

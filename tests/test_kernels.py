@@ -134,6 +134,31 @@ def test_silu_add(dtype, n):
     close(kernels.silu_add(a, a * 2), hl.silu_add_ref(a, a * 2), torch.float32)
 
 
+def test_silu_add_strided_halves():
+    """The heads' fused projection: res and z are the two halves of one [rows, 2*dim] output."""
+    y = torch.randn(3, 4, 2 * 40) * 3
+    res, z = y[..., :40], y[..., 40:]
+    out = kernels.silu_add(res, z)
+    close(out, hl.silu_add_ref(res, z), torch.float32)
+    assert out.is_contiguous() and out.shape == (3, 4, 40)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_input(dtype):
+    B, n_nodes, dim, V = 3, 9, 40, 50
+    h = torch.randn(B, dim, dtype=dtype)
+    tokens = torch.randint(0, V, (B, n_nodes))
+    embed_w = torch.randn(V, dim, dtype=dtype)
+    for L in (1, 2, 4):
+        path = torch.randint(0, n_nodes, (5, L))
+        out, ref = kernels.head_input(h, tokens, path, embed_w), hl.head_input_ref(h, tokens, path, embed_w)
+        assert out.shape == ref.shape == (B, 5, (L + 1) * dim) and torch.equal(out, ref)  # a copy: exact
+    rows = torch.randn(B, 2, dim, dtype=dtype)[:, 1]  # a strided h (a row of the verification's hidden states)
+    out = kernels.head_input(rows, tokens, path, embed_w)
+    assert torch.equal(out, hl.head_input_ref(rows, tokens, path, embed_w))
+    assert torch.equal(out[1, 2, :dim], rows[1]) and torch.equal(out[1, 2, dim:2 * dim], embed_w[tokens[1, path[2, 0]]])
+
+
 def test_silu_add_dispatch_keeps_autograd_on_the_reference(monkeypatch):
     """Training differentiates through the heads' blocks: with grad enabled the reference (autograd) runs."""
     calls = []

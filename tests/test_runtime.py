@@ -2,6 +2,7 @@
 speculative decoding (Medusa, Hydra, Hydra++) equals greedy autoregressive decoding token for token."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hydra_lite as hl
 
@@ -126,6 +127,23 @@ def test_tree_buffers():
     # a head that is always right at rank 0 gets a chain; a useless second head gets nothing below depth 1
     assert hl.build_tree([[1.0, 0.0], [1.0, 0.0]], 2) == [[0], [0, 0]]
     assert hl.build_tree([[0.6, 0.3, 0.1], [0.0, 0.0, 0.0]], 3) == [[0], [1], [2]]
+
+
+def test_fused_block_projection_matches_training_path():
+    """At inference a grounded block runs its two projections as one GEMM (stacked weights, cached); it must
+    match the training path, and see in-place updates of its parameters."""
+    torch.manual_seed(0)
+    block = hl.ResBlock(16, 48)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        fused = block(x)
+    train = block(x)
+    assert train.requires_grad and torch.allclose(fused, train, atol=1e-5)
+    with torch.no_grad():
+        block.w.mul_(-1)  # as an optimizer step does
+        assert torch.allclose(block(x), hl.silu_add_ref(F.linear(x, block.res_w, block.res_b), F.linear(x, block.w, block.b)), atol=1e-5)
 
 
 def test_accept_greedy_ref():

@@ -22,18 +22,70 @@ def test_prefix_training_forward_matches_runtime():
     assert (runtime - train).abs().max() < 1e-4
 
 
-def test_training_learns_a_predictable_sequence():
-    """Answers that repeat a fixed cycle: every head can learn the token k+2 ahead."""
+def greedy_rows(model, n, length, seed):
+    """The tiny model's own greedy answers to random prompts (what the data step makes, at temperature 0)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (3,), generator=g).tolist() for _ in range(n)]
+    outs, _ = hl.Generator(model).generate(prompts, length, stop_at_eos=False)
+    return [(p + o, len(p)) for p, o in zip(prompts, outs)]
+
+
+def test_training_learns_the_base_models_greedy_path():
+    """Heads trained on the base model's own answers learn to propose its greedy continuation (draft_ranks
+    counts that), and the fitted tree's expected acceptance grows with them."""
     model = tiny_model(5)
-    cycle = [3, 14, 15, 92, 65, 35, 89, 79]
-    rows = [([1, 2] + cycle * 4 + cycle[:s], 2) for s in range(8)]
+    rows = greedy_rows(model, 12, 40, seed=0)
     for kind in ("medusa", "hydra", "hydra++"):
         torch.manual_seed(0)
         heads = th.new_heads(model, kind, 3, 1)
-        before = th.train(model, heads, rows, 0, 1e-2, 4096, 0.0, eval_rows=rows)
-        after = th.train(model, heads, rows, 150, 1e-2, 4096, 1.0, eval_rows=rows)
-        top1 = lambda accs: [a[0] for a in accs]
-        assert min(top1(after)) > 0.9 and sum(top1(after)) > sum(top1(before)), (kind, before, after)
+        before = th.draft_ranks(model, heads, rows, 4096)
+        th.train(model, heads, rows, 150, 1e-2, 4096, 1.0)
+        after = th.draft_ranks(model, heads, rows, 4096)
+        assert before.shape == (sum(len(r[0]) - r[1] + 1 for r in rows), 3) and (before[:, 0] >= 0).float().mean() > 0.9
+        top1 = lambda ranks: [a[0] for a in th.rank_accuracies(ranks)]
+        print(kind, top1(before), top1(after), th.fit_tree(before, 8)[1], th.fit_tree(after, 8)[1])
+        assert min(top1(after)) > 0.45 and sum(top1(after)) > sum(top1(before)) + 0.5, (kind, top1(before), top1(after))
+        assert th.fit_tree(after, 8)[1] > th.fit_tree(before, 8)[1] + 1.0
+
+
+def test_time_limit_cuts_the_run():
+    model = tiny_model(8)
+    rows = greedy_rows(model, 2, 10, seed=2)
+    heads = th.new_heads(model, "hydra", 2, 1)
+    assert th.train(model, heads, rows, 400, 1e-3, 4096, 0.0, time_limit=1e-3) == 51
+    assert th.train(model, heads, rows, 60, 1e-3, 4096, 0.0, time_limit=3600) == 60
+
+
+def test_draft_ranks_leave_sampled_paths():
+    """Positions whose following tokens are not the base model's greedy ones drop out at that depth (-1)."""
+    model = tiny_model(7)
+    rows = greedy_rows(model, 2, 30, seed=1)
+    heads = th.new_heads(model, "hydra", 3, 1)
+    ids, start = rows[0]
+    bad = list(ids)
+    bad[start + 10] = (bad[start + 10] + 1) % model.cfg.vocab_size  # one sampled, non-greedy token
+    ranks = th.draft_ranks(model, heads, [(bad, start)], 4096)
+    # Position i is token start-1+i; head k there reads tokens up to start+i+k, so head k first reads the
+    # changed token start+10 at position 10-k (and the heads before it do not yet).
+    for k in range(3):
+        assert ranks[10 - k, k] == -1 and (ranks[10 - k, :k] >= 0).all()
+    assert (ranks[:8] >= 0).all()
+
+
+def test_fit_tree_counts_paths_jointly():
+    # Head 1 is right exactly where head 0 is right at rank 0: [0, 0] is worth more than [1] or [2].
+    ranks = torch.tensor([[0, 0]] * 6 + [[1, 3]] * 2 + [[2, 4]] * 2)
+    tree, expected = th.fit_tree(ranks, 2)
+    assert tree == [[0], [0, 0]] and abs(expected - (1 + 0.6 + 0.6)) < 1e-9
+    assert abs(th.tree_accept(ranks, tree) - expected) < 1e-9
+    tree, expected = th.fit_tree(ranks, 3)
+    assert tree == [[0], [1], [0, 0]] and abs(expected - 2.4) < 1e-9  # (ties: the smaller path first)
+    assert abs(th.tree_accept(ranks, [[1], [1, 3]]) - 1.4) < 1e-9
+    # Positions that left the greedy path (-1) drop out of the deeper counts instead of counting as misses.
+    ranks = torch.tensor([[0, 0]] * 4 + [[0, -1]] * 4 + [[1, -1]] * 2)
+    tree, expected = th.fit_tree(ranks, 2)
+    assert tree == [[0], [0, 0]] and abs(expected - (1 + 0.8 + 0.8)) < 1e-9
+    assert th.rank_accuracies(ranks)[1][:2] == [1.0, 0.0]
 
 
 def test_read_prompts_and_batches(tmp_path):
