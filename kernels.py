@@ -352,7 +352,7 @@ def _attn_combine_kernel(po_ptr, plse_ptr, o_ptr, D, NUM_SPLITS, BLOCK_S: tl.con
 _SM_COUNT = {}
 # Split-K chunks hold at least this many cache slots (fewer: more programs, shorter loops, more partials to
 # merge). Separately for decoding (T = 1) and for trees/prefill; HYDRA_LITE_SPLIT="decode,tree" overrides.
-SPLIT_MIN = tuple(int(x) for x in os.environ.get("HYDRA_LITE_SPLIT", "256,256").split(","))
+SPLIT_MIN = tuple(int(x) for x in os.environ.get("HYDRA_LITE_SPLIT", "256,64").split(","))
 
 
 def _sm_count(device):

@@ -341,7 +341,7 @@ def fit_tree(ranks, size=63):
         r = ranks[reach, d]
         r = r[r >= 0]
         counts = torch.bincount(r, minlength=11)[:10].tolist()
-        return [(c / max(len(r), 1), path + [j]) for j, c in enumerate(counts) if c]
+        return [(c / max(len(r), 1), path + [j]) for j, c in enumerate(counts)]  # (unseen: 0, picked last)
 
     everywhere = torch.ones(len(ranks), dtype=torch.bool)
     frontier = [(-p, path, p) for p, path in children([], everywhere)]
@@ -384,7 +384,7 @@ def rank_accuracies(ranks):
 
 def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, time_limit=0):
     """AdamW with warm-up and cosine decay over `steps`. time_limit (seconds, 0: none): after 50 steps, cut the
-    run (and the decay with it) to the steps that fit in that time."""
+    run (and the decay with it) to the steps that fit in that time at the rate of steps 10-50."""
     rng = random.Random(seed)
     params = [p for p in heads.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -396,8 +396,10 @@ def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, time_l
     step, t0, plan = 0, time.time(), []
     heads.train().requires_grad_(True)
     while step < horizon[0]:
+        if step == 10:
+            t10 = time.time()  # the first steps are slow (allocator, kernel selection): time the rate after them
         if time_limit and step == 50:
-            fit = 50 + int((time_limit - (time.time() - t0)) / ((time.time() - t0) / 50))
+            fit = 50 + int((time_limit - (time.time() - t0)) / ((time.time() - t10) / 40))
             if fit < horizon[0]:
                 horizon[0] = max(fit, 51)
                 log(f"time limit {time_limit}s: training for {horizon[0]} steps instead of {steps}")
@@ -464,8 +466,9 @@ def load_rows(path):
     if not path.endswith(".npz"):  # older files: torch.save({"rows": [(ids, start), ...]})
         return torch.load(path)["rows"]
     d = np.load(path)
-    ends = np.cumsum(d["lens"])
-    return [(d["ids"][e - n:e].astype(np.int64).tolist(), int(s)) for e, n, s in zip(ends, d["lens"], d["starts"])]
+    ids, lens, starts = d["ids"].astype(np.int64), d["lens"], d["starts"]  # (each d[key] reads the file again)
+    ends = np.cumsum(lens)
+    return [(ids[e - n:e].tolist(), int(s)) for e, n, s in zip(ends, lens, starts)]
 
 
 def pad(rows, device):
