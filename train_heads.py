@@ -149,12 +149,13 @@ def make_data(model, tok, prompts, samples, temperatures, max_new_tokens, batch,
     gen = hl.Generator(model, tok)
     jobs = [(p, temperatures[s % len(temperatures)]) for p in prompts for s in range(samples)]
     jobs += [(p, temperatures[i % len(temperatures)]) for i, p in enumerate(extra_prompts)]
-    jobs.sort(key=lambda j: j[1])  # one temperature per batch
+    by_temp = {}
+    for job in jobs:
+        by_temp.setdefault(job[1], []).append(job)
+    chunks = [js[i:i + batch] for js in by_temp.values() for i in range(0, len(js), batch)]  # one temperature each
     rows, t0, done_tokens = [], time.time(), 0
-    for i in range(0, len(jobs), batch):
-        chunk = jobs[i:i + batch]
+    for chunk in chunks:
         temp = chunk[0][1]
-        chunk = [j for j in chunk if j[1] == temp]
         ids = [tok.encode_chat([{"role": "user", "content": p}]) for p, _ in chunk]
         outs, _ = gen.generate(ids, max_new_tokens, hl.SamplingParams(temperature=temp, top_p=0.95 if temp else 1.0),
                                stop_at_eos=True)

@@ -110,3 +110,17 @@ def test_draft_vocab_and_synthetic_prompts():
     prompts = th.synthetic_prompts(200, seed=3)
     assert prompts == th.synthetic_prompts(200, seed=3) and len(set(prompts)) > 150
     assert not any("{" in p for p in prompts)
+
+
+def test_make_data_answers_every_job():
+    """Batches never mix temperatures, and no job is dropped where a batch would have (earlier, a batch that
+    spanned two temperatures lost the second one's jobs)."""
+    class Tok:
+        def encode_chat(self, messages):
+            return [1 + len(messages[0]["content"]) % 50, 2, 3]
+
+    model = tiny_model(9)
+    rows = th.make_data(model, Tok(), ["a", "bb", "ccc"], 3, [0.0, 1.0], 5, 4, extra_prompts=["dddd", "eeeee"])
+    assert len(rows) == 3 * 3 + 2
+    assert sorted(r[0][0] for r in rows) == sorted([2, 3, 4] * 3 + [5, 6])
+    assert all(r[1] == 3 and len(r[0]) >= 4 for r in rows)
