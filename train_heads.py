@@ -143,6 +143,30 @@ def synthetic_prompts(n, seed=0):
     return prompts
 
 
+def imitated_prompts(model, tok, examples, n, batch, seed=0, shots=3, max_new_tokens=48):
+    """n new requests in the style of `examples` (real user prompts). A small chat model cannot be asked to
+    write requests (it answers the instruction instead), but as a plain language model it continues a list of
+    them: "Question: <example>" x shots, then "Question:", sampled; the first line is the new request. These
+    are closer to real traffic (terse, informal, odd) than template prompts."""
+    pool = [e.strip() for e in examples if "\n" not in e.strip() and 0 < len(e.strip()) < 300]
+    if len(pool) < shots:
+        raise hl.HydraLiteError(f"need at least {shots} single-line example prompts to imitate, got {len(pool)}")
+    rng, gen, seen, out = random.Random(seed), hl.Generator(model, tok), set(pool), []
+    for _ in range(max(4 * n // batch, 4)):  # (bounded: a model that never writes a usable line stops here)
+        metas = ["".join(f"Question: {e}\n" for e in rng.sample(pool, shots)) + "Question:" for _ in range(batch)]
+        outs, _ = gen.generate([tok.encode(m) for m in metas], max_new_tokens,
+                               hl.SamplingParams(temperature=1.0, top_p=0.95), stop_at_eos=True)
+        for o in outs:
+            line = tok.decode(o).split("\n")[0].strip()
+            if 8 <= len(line) <= 300 and line not in seen:
+                seen.add(line)
+                out.append(line)
+        log(f"imitated prompts: {min(len(out), n)}/{n}")
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
 def make_data(model, tok, prompts, samples, temperatures, max_new_tokens, batch, extra_prompts=()):
     """Each prompt answered `samples` times by the base model, temperatures cycling (extra_prompts: once
     each, temperatures cycling over them). Returns a list of (token ids, index where the answer starts)."""
@@ -493,6 +517,8 @@ def main(argv=None):
     d.add_argument("--max-new-tokens", type=int, default=384)
     d.add_argument("--batch", type=int, default=64)
     d.add_argument("--synthetic", type=int, default=0, help="also answer this many template prompts (once each)")
+    d.add_argument("--imitate", type=int, default=0,
+                   help="also answer this many prompts the base model writes in the style of the --prompts rows")
     t = sub.add_parser("train", help="train heads on generated data")
     t.add_argument("--data", required=True, help="data file(s), comma-separated")
     t.add_argument("--kind", choices=["medusa", "hydra", "hydra++"], default="hydra++")
@@ -527,8 +553,10 @@ def main(argv=None):
             if not prompts:
                 raise hl.HydraLiteError(f"no prompts in {args.prompts} (rows {args.rows})")
             temps = [float(x) for x in args.temperatures.split(",")]
-            rows = make_data(model, tok, prompts, args.samples, temps, args.max_new_tokens, args.batch,
-                             synthetic_prompts(args.synthetic, args.seed))
+            extra = synthetic_prompts(args.synthetic, args.seed)
+            if args.imitate:
+                extra += imitated_prompts(model, tok, prompts, args.imitate, args.batch, args.seed)
+            rows = make_data(model, tok, prompts, args.samples, temps, args.max_new_tokens, args.batch, extra)
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             save_rows(rows, args.out)
             log(f"wrote {len(rows)} answers ({sum(len(r[0]) - r[1] for r in rows)} answer tokens) to {args.out}")

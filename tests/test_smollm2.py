@@ -101,18 +101,18 @@ def test_train_heads_cli_end_to_end(tmp_path):
     import train_heads as th
 
     prompts = tmp_path / "q.jsonl"
-    prompts.write_text('{"turns": ["Name three colors."]}\n{"turns": ["What is 2+2?"]}\n')
+    prompts.write_text('{"turns": ["Name three colors."]}\n{"turns": ["What is 2+2?"]}\n{"turns": ["how to sort a list in python"]}\n')
     data, out = str(tmp_path / "d.npz"), str(tmp_path / "heads")
     assert th.main(["data", "--checkpoint", CKPT, "--prompts", str(prompts), "--samples", "2", "--temperatures", "0",
-                    "--synthetic", "2", "--max-new-tokens", "12", "--out", data]) == 0
-    assert len(th.load_rows(data)) == 6 and len(th.load_rows(f"{data},{data}")) == 12
+                    "--synthetic", "2", "--imitate", "2", "--batch", "4", "--max-new-tokens", "12", "--out", data]) == 0
+    assert len(th.load_rows(data)) == 3 * 2 + 2 + 2 and len(th.load_rows(f"{data},{data}")) == 20
     assert th.main(["train", "--checkpoint", CKPT, "--data", f"{data},{data}", "--steps", "2", "--n-layers", "1",
                     "--max-tokens", "256", "--draft-vocab", "64", "--tree-size", "7", "--out", out]) == 0
     info = json.loads(open(os.path.join(out, "train.json")).read())
     assert info["steps_run"] == 2 and len(json.loads(open(os.path.join(out, "tree.json")).read())) == 7
     assert th.main(["tree", "--checkpoint", CKPT, "--data", data, "--tree-size", "3", "--out", out]) == 0
     tree = json.loads(open(os.path.join(out, "tree.json")).read())
-    assert len(tree) == 3 and json.loads(open(os.path.join(out, "train.json")).read())["tree_answers"] == 6
+    assert len(tree) == 3 and json.loads(open(os.path.join(out, "train.json")).read())["tree_answers"] == 10
     model = hl.load_model(CKPT)
     gen = hl.Generator(model, None, hl.load_heads(out, model))
     assert gen.tree.size == 4

@@ -1,6 +1,8 @@
 """Head training: the training-time forward matches the runtime's, and training learns."""
 import random
 
+import pytest
+
 import torch
 
 import hydra_lite as hl
@@ -124,3 +126,22 @@ def test_make_data_answers_every_job():
     assert len(rows) == 3 * 3 + 2
     assert sorted(r[0][0] for r in rows) == sorted([2, 3, 4] * 3 + [5, 6])
     assert all(r[1] == 3 and len(r[0]) >= 4 for r in rows)
+
+
+def test_imitated_prompts():
+    """The base model continues a list of example requests; each new first line is a prompt (deduplicated,
+    no copies of the examples, bounded even when the model writes nothing usable)."""
+    class Tok:  # characters as token ids (the tiny model's vocabulary is 97)
+        def encode(self, text):
+            return [min(ord(c), 96) for c in text]
+
+        def decode(self, ids):
+            return "".join(chr(i) if i >= 32 or i == 10 else " " for i in ids)
+
+    model = tiny_model(10)
+    examples = ["how do i sort a list", "what is a mixin", "write a poem about rain", "two\nlines are skipped"]
+    out = th.imitated_prompts(model, Tok(), examples, 5, 8, seed=0, max_new_tokens=12)
+    assert 0 < len(out) <= 5 and len(set(out)) == len(out) and not set(out) & set(examples)
+    assert all("\n" not in p and 8 <= len(p) <= 300 for p in out)
+    with pytest.raises(hl.HydraLiteError, match="single-line"):
+        th.imitated_prompts(model, Tok(), examples[:2], 5, 8)
