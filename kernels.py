@@ -380,7 +380,7 @@ def _attention(q, k_cache, v_cache, lens, mask, num_splits=None):
         BLOCK_N = 32  # the interpreter: small tiles, less wasted work on tiny test shapes
     n_tblocks = triton.cdiv(T, BLOCK_M // REP)
     grid_2d = n_tblocks * B * Hkv
-    if num_splits is None:  # split only when the grid is smaller than the GPU, and into chunks of >= 256 slots
+    if num_splits is None:  # split only when the grid is smaller than the GPU, into chunks of >= SPLIT_MIN slots
         sms = _sm_count(q.device)
         chunk = SPLIT_MIN[0 if T == 1 else 1]
         num_splits = min(triton.cdiv(S, chunk), triton.cdiv(sms, grid_2d)) if grid_2d < sms else 1
