@@ -642,12 +642,15 @@ class DraftHeads(nn.Module):
         self.register_buffer("vocab", torch.zeros(hc.draft_vocab, dtype=torch.long) if hc.draft_vocab else None)
         self._cut = {}
 
-    def proposal_weights(self, d, base_lm_w):
-        """Head d's output projection (weight, bias), cut to the draft vocabulary when there is one."""
+    def proposal_weights(self, d, base_lm_w, cached=True):
+        """Head d's output projection (weight, bias), cut to the draft vocabulary when there is one. The cut is
+        cached for inference; cached=False (training) cuts afresh, so gradients flow through it."""
         head = self.heads[d]
         w, b = (base_lm_w if head.lm_w is None else head.lm_w), head.lm_b
         if self.vocab is None:
             return w, b
+        if not cached:
+            return w[self.vocab], None if b is None else b[self.vocab]
         key = (w.data_ptr(), w.dtype, None if b is None else b.data_ptr())  # heads on the base lm share one
         if key not in self._cut:
             self._cut[key] = (w[self.vocab].contiguous(), None if b is None else b[self.vocab].contiguous())

@@ -274,6 +274,15 @@ def batches(rows, max_tokens, rng):
     return out
 
 
+def teacher_forced_inputs(heads, h, emb, k, n, noise=lambda x: x):
+    """Head k's inputs at positions 0..n-1 of a sequence: h_t, and for grounded heads concat(h_t, embed(x_{t+1}),
+    ..., embed(x_{t+k+1})) -- the answer's own tokens standing in for the drafted ones."""
+    x = h[:, :n]
+    if heads.hc.grounded:
+        x = torch.cat([x] + [noise(emb[:, j + 1:j + 1 + n]) for j in range(k + 1)], dim=-1)
+    return x
+
+
 def head_losses(model, heads, tokens, valid, noise_alpha):
     """tokens [B, T] (right-padded), valid [B, T] (positions in an answer). Returns per-head (loss, top-1 acc)."""
     B, T = tokens.shape
@@ -293,15 +302,11 @@ def head_losses(model, heads, tokens, valid, noise_alpha):
         if n <= 0:
             results.append((torch.zeros((), device=tokens.device), 0.0, [0.0] * 10, 0))
             continue
-        x = h[:, :n]
-        if heads.hc.grounded:  # concat(h_t, embed(x_{t+1}), ..., embed(x_{t+k+1}))
-            x = torch.cat([x] + [noise(emb[:, j + 1:j + 1 + n]) for j in range(k + 1)], dim=-1)
+        x = teacher_forced_inputs(heads, h, emb, k, n, noise)
         mask = valid[:, :n] & valid[:, k + 2:k + 2 + n]
         # With a draft vocabulary the head is scored only there (all it can propose): the teacher's mass on
         # those tokens, against the head's softmax over them. Also 3x less work than the whole vocabulary.
-        w, b = (lm_w if head.lm_w is None else head.lm_w), head.lm_b
-        if heads.vocab is not None:
-            w, b = w[heads.vocab], (None if b is None else b[heads.vocab])
+        w, b = heads.proposal_weights(k, lm_w, cached=False)
         logits = F.linear(head.features(x[mask]), w, b).float()
         target = teacher[:, k + 1:k + 1 + n][mask]
         target = (target if heads.vocab is None else target[:, heads.vocab]).float()
@@ -338,9 +343,7 @@ def draft_ranks(model, heads, rows, max_tokens):
                     if n <= 0:
                         break
                     ok = ok[:, :n] & on_path[:, k:k + n] & valid[:, k + 2:k + 2 + n]
-                    x = h[:, :n]
-                    if heads.hc.grounded:
-                        x = torch.cat([x] + [emb[:, j + 1:j + 1 + n] for j in range(k + 1)], dim=-1)
+                    x = teacher_forced_inputs(heads, h, emb, k, n)
                     top = heads.propose(k, x[ok], lm_w, 10)  # [m, 10]
                     hit = top == greedy[:, k + 1:k + 1 + n][ok][:, None]
                     r = torch.where(hit.any(-1), hit.float().argmax(-1), 10)
@@ -363,10 +366,7 @@ def fit_tree(ranks, size=63):
         d = len(path)
         if d == K:
             return []
-        r = ranks[reach, d]
-        r = r[r >= 0]
-        counts = torch.bincount(r, minlength=11)[:10].tolist()
-        return [(c / max(len(r), 1), path + [j]) for j, c in enumerate(counts)]  # (unseen: 0, picked last)
+        return [(q, path + [j]) for j, q in enumerate(rank_shares(ranks[reach, d]))]  # (unseen: 0, picked last)
 
     everywhere = torch.ones(len(ranks), dtype=torch.bool)
     frontier = [(-p, path, p) for p, path in children([], everywhere)]
@@ -400,11 +400,13 @@ def path_chance(ranks, path):
 def rank_accuracies(ranks):
     """rank_acc[k][r]: how often head k's rank-r proposal is the greedy token (on the greedy path), for
     hydra_lite.build_tree (which treats heads as independent)."""
-    acc = []
-    for k in range(ranks.shape[1]):
-        r = ranks[:, k][ranks[:, k] >= 0]
-        acc.append((torch.bincount(r, minlength=11)[:10].float() / max(len(r), 1)).tolist())
-    return acc
+    return [rank_shares(ranks[:, k]) for k in range(ranks.shape[1])]
+
+
+def rank_shares(r):
+    """The share of each rank 0-9 among the positions in r that are on the greedy path (r >= 0)."""
+    r = r[r >= 0]
+    return (torch.bincount(r, minlength=11)[:10].double() / max(len(r), 1)).tolist()
 
 
 def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, time_limit=0):
@@ -468,6 +470,14 @@ def write_tree(model, heads, rows, size, out, info, max_tokens=4096):
 
 def read_json_or_empty(path):
     return hl.read_json(path) if os.path.exists(path) else {}
+
+
+def held_out_split(rows, seed):
+    """(held-out answers, training answers): a seeded shuffle, 2% held out (at least one)."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n = max(1, len(rows) // 50)
+    return rows[:n], rows[n:]
 
 
 def save_rows(rows, path):
@@ -564,26 +574,24 @@ def main(argv=None):
             heads = hl.load_heads(args.out, model)
             rows = load_rows(args.data)
             if args.held_out:
-                random.Random(args.seed).shuffle(rows)
-                rows = rows[:max(1, len(rows) // 50)]
+                rows = held_out_split(rows, args.seed)[0]
             info = read_json_or_empty(os.path.join(args.out, "train.json"))
             write_tree(model, heads, rows, args.tree_size, args.out, info | {"tree_data": args.data, "tree_answers": len(rows)},
                        args.max_tokens)
         else:
-            rows = load_rows(args.data)
-            random.Random(args.seed).shuffle(rows)
-            n_eval = max(1, len(rows) // 50)
-            vocab, train_coverage = draft_vocab(rows[n_eval:], args.draft_vocab, model.cfg.vocab_size)
+            held_out, train_rows = held_out_split(load_rows(args.data), args.seed)
+            vocab, train_coverage = draft_vocab(train_rows, args.draft_vocab, model.cfg.vocab_size)
             if vocab is not None:
-                held_out = coverage(answer_counts(rows[:n_eval], model.cfg.vocab_size), vocab)
+                held_coverage = coverage(answer_counts(held_out, model.cfg.vocab_size), vocab)
                 log(f"draft vocabulary: {len(vocab)} tokens cover {train_coverage:.4f} of the training answers' tokens, "
-                    f"{held_out:.4f} of the held-out ones")
+                    f"{held_coverage:.4f} of the held-out ones")
             heads = new_heads(model, args.kind, args.n_heads, args.n_layers, vocab).to(args.device)  # fp32 master weights
             n_params = sum(p.numel() for p in heads.parameters())
-            log(f"training {args.kind} heads ({n_params / 1e6:.1f}M parameters) on {len(rows) - n_eval} answers")
-            steps = train(model, heads, rows[n_eval:], args.steps, args.lr, args.max_tokens, args.noise, args.seed, args.time_limit)
+            log(f"training {args.kind} heads ({n_params / 1e6:.1f}M parameters) on {len(train_rows)} answers")
+            steps = train(model, heads, train_rows, args.steps, args.lr, args.max_tokens, args.noise, args.seed, args.time_limit)
             hl.save_heads(heads.to(dtype), args.out)
-            write_tree(model, heads, rows[:n_eval], args.tree_size, args.out, vars(args) | {"answers": len(rows), "steps_run": steps})
+            write_tree(model, heads, held_out, args.tree_size, args.out,
+                       vars(args) | {"answers": len(held_out) + len(train_rows), "steps_run": steps})
             log(f"saved heads to {args.out}")
     except hl.HydraLiteError as e:
         print(f"error: {e}", file=sys.stderr)
