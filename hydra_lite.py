@@ -166,18 +166,31 @@ def kv_compact_ref(k_all, v_all, lens, path):
 def accept_greedy_ref(tree_tokens, base_pred, retrieve):
     """Greedy verification. tree_tokens, base_pred [B, T]: the drafted token at each tree node and the base
     model's argmax after it. retrieve [P, depth+1]: node indices of each root-to-leaf path, -1 padded.
-    Returns n_accept [B] (tokens accepted, root included, >= 1) and path [B, depth+1] (the accepted nodes,
-    then j for the unused tail so a KV compaction over it is a no-op)."""
+    Returns n_accept [B] (tokens accepted, root included, >= 1), path [B, depth+1] (the accepted nodes,
+    then j for the unused tail so a KV compaction over it is a no-op) and step_output's row [B, depth+3]."""
     idx = retrieve.clamp(min=0)
     match = tree_tokens[:, idx[:, 1:]] == base_pred[:, idx[:, :-1]]  # [B, P, depth]
-    return longest_path(match, retrieve)
+    n_accept, path = longest_path(match, retrieve)
+    return n_accept, path, step_output(tree_tokens, base_pred, n_accept, path)
+
+
+def step_output(tree_tokens, base_pred, n_accept, path):
+    """One row per sequence for the host: the tokens along the path (valid up to n_accept), n_accept, and the
+    base model's token after the last accepted one (the next root). [B, depth+3]"""
+    last = path.gather(1, (n_accept - 1)[:, None])
+    return torch.cat([tree_tokens.gather(1, path), n_accept[:, None], base_pred.gather(1, last)], dim=1)
 
 
 def lm_topk_ref(x, w, k, bias=None, vocab=None):
     """Draft proposals: the k largest of x @ w.T (+ bias) per row, largest first. x [..., D], w [V, D].
     Returns values (float32) and indices (int64), each [..., k]; with vocab [V] (the token id of each row of
     w), the indices are token ids."""
-    values, indices = F.linear(x, w, bias).float().topk(k, dim=-1)
+    logits = F.linear(x, w, bias).float()
+    if k == 1:  # greedy verification: the first of equal maxima, as argmax (and greedy decoding) picks
+        indices = logits.argmax(-1, keepdim=True)
+        values = logits.gather(-1, indices)
+    else:
+        values, indices = logits.topk(k, dim=-1)
     return values, (indices if vocab is None else vocab[indices])
 
 
@@ -211,7 +224,7 @@ def accept_typical(tree_tokens, logits, parent, retrieve, temperature, threshold
     it probability above min(threshold, alpha * exp(-entropy)) after its parent, at this temperature. Not
     lossless like greedy verification, but keeps sampled text close to the base model's at far higher
     acceptance than exact rejection sampling. logits [B, T, V], parent [T] (the root's is itself); returns
-    (n_accept, path) like accept_greedy."""
+    (n_accept, path)."""
     probs = F.softmax(logits.float() / temperature, dim=-1)
     entropy = -(probs * torch.log(probs + 1e-10)).sum(-1)  # [B, T]
     limit = torch.minimum(torch.full_like(entropy, threshold), alpha * torch.exp(-entropy))
@@ -800,9 +813,7 @@ class Tree:
 
 def draft(heads: DraftHeads, base: Llama, tree: Tree, h, root):
     """Fill the tree: h [B, dim] (the hidden state after which `root` [B] comes) -> tree tokens [B, size]."""
-    B = h.shape[0]
-    tokens = torch.zeros(B, tree.size, dtype=torch.long, device=h.device)
-    tokens[:, 0] = root
+    tokens = root[:, None].repeat(1, tree.size)  # node 0 is the root; the heads fill in the rest
     lm_w = base.output_weight
     if not heads.hc.grounded:  # Medusa: every head reads h alone; a node takes its rank of its depth's head
         for d, lv in enumerate(tree.levels):
@@ -901,6 +912,7 @@ class Generator:
             c = self.model.cfg
             self.prefix_cache = KVCache(1, batch, max_len, c.n_kv_heads, c.head_dim, self.device, self.cache.k.dtype)
         B = batch
+        self._rows = torch.arange(B, device=self.device)[:, None]  # (made here: not a kernel in every step)
         if mode == "ar":
             ex = [torch.zeros(B, dtype=torch.long, device=self.device), torch.ones(B, dtype=torch.int32, device=self.device)]
             self.step = StepGraph(self._ar_step, ex, self.use_graphs)
@@ -942,32 +954,31 @@ class Generator:
         """Draft a tree after `root`, verify it, accept, compact. Returns one int tensor [B, depth+3] (so the
         host reads it in one transfer): the accepted tokens (valid up to n_accept, root first), n_accept, and
         the base model's greedy token after them (the next root); and the next h."""
-        tree, cache, B = self.tree, self.cache, root.shape[0]
+        tree, cache, sp = self.tree, self.cache, self.sampling
+        rows = self._rows  # [B, 1]
         tokens = draft(self.heads, self.model, tree, h, root)
         pos = cache.lens[:, None].long() + tree.node_depth[None]
         hidden = self.model(tokens, cache, pos, tree.mask)  # [B, T, dim]
-        logits = self.model.logits(hidden)  # [B, T, V]
-        sp = self.sampling
         if sp.temperature > 0:
+            logits = self.model.logits(hidden)  # [B, T, V]
             n_accept, path = accept_typical(tokens, logits, tree.parent, tree.retrieve, sp.temperature,
                                             self.posterior_threshold, self.posterior_alpha)
-        else:
-            base_pred = logits.argmax(-1)  # [B, T]
-            n_accept, path = accept_greedy(tokens, base_pred, tree.retrieve)
-        rows = torch.arange(B, device=root.device)[:, None]
-        accepted = tokens[rows, path]  # [B, depth+1]
-        last = path.gather(1, (n_accept - 1)[:, None])  # [B, 1] node index of the last accepted token
-        # the base model's own choice after the accepted path (greedy: already known)
-        next_token = sample(logits[rows, last][:, 0], sp) if sp.temperature > 0 else base_pred.gather(1, last)[:, 0]
-        next_h = hidden[rows, last][:, 0]
-        if self.prefix_cache is not None:  # the extra layer sees the accepted hidden states, in order
-            acc_hidden = hidden[rows, path]
-            h_pre = self.heads.run_prefix(acc_hidden, self.model.rope, self.prefix_cache)
-            self.prefix_cache.lens += n_accept.to(torch.int32) * live
+            last = path.gather(1, (n_accept - 1)[:, None])  # [B, 1] node index of the last accepted token
+            next_token = sample(logits[rows, last][:, 0], sp)  # the base model's own choice after the path
+            out = torch.cat([tokens.gather(1, path), n_accept[:, None], next_token[:, None]], dim=1)
+        else:  # the base model's argmax at each node, without its [B, T, V] logits in memory
+            base_pred = lm_topk(hidden, self.model.output_weight, 1)[1][..., 0]  # [B, T]
+            n_accept, path, out = accept_greedy(tokens, base_pred, tree.retrieve)
+        grow = n_accept.to(torch.int32) * live
+        if self.prefix_cache is None:
+            next_h = hidden[rows, path.gather(1, (n_accept - 1)[:, None])][:, 0]
+        else:  # the extra layer sees the accepted hidden states, in order
+            h_pre = self.heads.run_prefix(hidden[rows, path], self.model.rope, self.prefix_cache)
+            self.prefix_cache.lens += grow
             next_h = h_pre[rows, (n_accept - 1)[:, None]][:, 0]
         kv_compact(cache.k, cache.v, cache.lens, path)
-        cache.lens += n_accept.to(torch.int32) * live
-        return torch.cat([accepted, n_accept[:, None], next_token[:, None]], dim=1), next_h
+        cache.lens += grow
+        return out, next_h
 
     def _to_host(self, x):
         """Start copying a step's (small) output to the host without waiting; _read waits. Two pinned buffers

@@ -466,7 +466,7 @@ def kv_compact(k_all, v_all, lens, path):
 
 
 @triton.jit
-def _accept_greedy_kernel(tok_ptr, pred_ptr, ret_ptr, n_ptr, path_ptr, P, D1, stok, spred, sret,
+def _accept_greedy_kernel(tok_ptr, pred_ptr, ret_ptr, n_ptr, path_ptr, out_ptr, P, D1, stok, spred, sret,
                           BLOCK_P: tl.constexpr, BLOCK_D1: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     p = tl.arange(0, BLOCK_P)[:, None]
@@ -492,6 +492,12 @@ def _accept_greedy_kernel(tok_ptr, pred_ptr, ret_ptr, n_ptr, path_ptr, P, D1, st
     out = tl.where(jj < n, best_path, jj)
     tl.store(n_ptr + b, n.to(tl.int64))
     tl.store(path_ptr + b * D1 + jj, out.to(tl.int64), mask=jj < D1)
+    # the step's output row: the tokens along the path, n, and the base model's token after the last accepted
+    row = out_ptr + b * (D1 + 2)
+    tl.store(row + jj, tl.load(tok_ptr + b * stok + out, mask=jj < D1).to(tl.int64), mask=jj < D1)
+    tl.store(row + D1, n.to(tl.int64))
+    last = tl.sum(tl.where(jj == n - 1, best_path, 0), axis=0)
+    tl.store(row + D1 + 1, tl.load(pred_ptr + b * spred + last).to(tl.int64))
 
 
 def accept_greedy(tree_tokens, base_pred, retrieve):
@@ -499,11 +505,12 @@ def accept_greedy(tree_tokens, base_pred, retrieve):
     P, D1 = retrieve.shape
     n_accept = torch.empty(B, dtype=torch.int64, device=tree_tokens.device)
     path = torch.empty(B, D1, dtype=torch.int64, device=tree_tokens.device)
+    out = torch.empty(B, D1 + 2, dtype=torch.int64, device=tree_tokens.device)
     assert tree_tokens.stride(1) == 1 and base_pred.stride(1) == 1 and retrieve.stride(1) == 1
-    _accept_greedy_kernel[(B,)](tree_tokens, base_pred, retrieve, n_accept, path, P, D1,
+    _accept_greedy_kernel[(B,)](tree_tokens, base_pred, retrieve, n_accept, path, out, P, D1,
                                 tree_tokens.stride(0), base_pred.stride(0), retrieve.stride(0),
                                 BLOCK_P=_pow2(P, 2), BLOCK_D1=_pow2(D1, 2), num_warps=4)
-    return n_accept, path
+    return n_accept, path, out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -704,9 +711,9 @@ def _check():
             # verification bookkeeping on the 64-node tree
             tokens = torch.randint(0, 3, (B, tree.size), device=dev)
             pred = torch.randint(0, 3, (B, tree.size), device=dev)
-            n, path = accept_greedy(tokens, pred, tree.retrieve)
-            n_ref, path_ref = hl.accept_greedy_ref(tokens, pred, tree.retrieve)
-            ok = torch.equal(n, n_ref) and torch.equal(path, path_ref)
+            n, path, out = accept_greedy(tokens, pred, tree.retrieve)
+            n_ref, path_ref, out_ref = hl.accept_greedy_ref(tokens, pred, tree.retrieve)
+            ok = torch.equal(n, n_ref) and torch.equal(path, path_ref) and torch.equal(out, out_ref)
             print(f"{'PASS' if ok else 'FAIL'}  accept_greedy {mname} B={B} (mean accepted {n.float().mean():.2f})")
             failures += [] if ok else [f"accept_greedy {mname} B={B}"]
             if B == 8:
@@ -738,6 +745,16 @@ def _check():
         tag = f"N={N} D={D} V={V}{' +bias' if bias is not None else ''} k=10"
         report(f"lm_topk {tag}", torch.cat([values, chosen]), torch.cat([ref_v, ref_v]), bf16)
         timing(f"lm_topk {tag}", lambda: lm_topk(x, w, 10, bias), lambda: hl.lm_topk_ref(x, w, 10, bias))
+
+    # greedy verification: the base model's argmax at every tree node (B=1 and 8), fused vs logits + argmax
+    for N in (64, 512):
+        x = torch.randn(N, 576, device=dev, dtype=bf16)
+        w = torch.randn(49152, 576, device=dev, dtype=bf16) / math.sqrt(576)
+        logits = torch.nn.functional.linear(x, w)
+        chosen = logits.float().gather(-1, lm_topk(x, w, 1)[1])[:, 0]
+        report(f"lm_topk N={N} D=576 V=49152 k=1 (verification)", chosen, logits.float().amax(-1), bf16)
+        timing(f"verify argmax N={N} V=49152 (fused; ref: logits+argmax)", lambda: lm_topk(x, w, 1),
+               lambda: torch.nn.functional.linear(x, w).argmax(-1))
 
     # CUDA graph: capture once, replay with new lengths and inputs (no host reads of device values inside)
     Hq, Hkv, D = 9, 3, 64

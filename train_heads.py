@@ -542,6 +542,7 @@ def main(argv=None):
     t.add_argument("--tree-size", type=int, default=63, help="tree nodes besides the root, fitted to held-out accuracies")
     t.add_argument("--draft-vocab", type=int, default=16384,
                    help="heads propose only the N tokens most frequent in the answers (0: the whole vocabulary)")
+    t.add_argument("--init", default=None, help="go on training these heads (their kind, size and draft vocabulary)")
     f = sub.add_parser("tree", help="fit the tree of trained heads (in --out) to data, e.g. after changing its size")
     f.add_argument("--data", required=True, help="answers to count on (train's held-out answers: --held-out)")
     f.add_argument("--held-out", action="store_true", help="use the answers train held out (same --seed)")
@@ -580,12 +581,19 @@ def main(argv=None):
                        args.max_tokens)
         else:
             held_out, train_rows = held_out_split(load_rows(args.data), args.seed)
-            vocab, train_coverage = draft_vocab(train_rows, args.draft_vocab, model.cfg.vocab_size)
+            if args.init:  # fine-tuning: the heads keep their shape and draft vocabulary
+                heads = hl.load_heads(args.init, model).float().train().requires_grad_(True)  # fp32 master weights
+                hc = heads.hc
+                args.kind, args.n_heads, args.n_layers, args.draft_vocab = hc.kind, hc.n_heads, hc.n_layers, hc.draft_vocab
+                vocab = heads.vocab
+                log(f"going on from {args.init} ({hc.kind}, {hc.n_heads} heads of {hc.n_layers} blocks)")
+            else:
+                vocab = draft_vocab(train_rows, args.draft_vocab, model.cfg.vocab_size)[0]
+                heads = new_heads(model, args.kind, args.n_heads, args.n_layers, vocab).to(args.device)
             if vocab is not None:
-                held_coverage = coverage(answer_counts(held_out, model.cfg.vocab_size), vocab)
-                log(f"draft vocabulary: {len(vocab)} tokens cover {train_coverage:.4f} of the training answers' tokens, "
-                    f"{held_coverage:.4f} of the held-out ones")
-            heads = new_heads(model, args.kind, args.n_heads, args.n_layers, vocab).to(args.device)  # fp32 master weights
+                counts = [answer_counts(r, model.cfg.vocab_size) for r in (train_rows, held_out)]
+                log(f"draft vocabulary: {len(vocab)} tokens cover {coverage(counts[0], vocab.cpu()):.4f} of the training "
+                    f"answers' tokens, {coverage(counts[1], vocab.cpu()):.4f} of the held-out ones")
             n_params = sum(p.numel() for p in heads.parameters())
             log(f"training {args.kind} heads ({n_params / 1e6:.1f}M parameters) on {len(train_rows)} answers")
             steps = train(model, heads, train_rows, args.steps, args.lr, args.max_tokens, args.noise, args.seed, args.time_limit)

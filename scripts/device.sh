@@ -7,7 +7,8 @@
 #   data   self-distillation data: rows 0-79 of the prompts (SAMPLES answers each), SYNTH template prompts
 #          (SEED picks them) and IMITATE prompts the base model writes in the style of those rows, into DATA
 #   train  Medusa, Hydra and Hydra++ heads (KINDS) on DATA (comma-separated files), STEPS steps (fewer if they
-#          would take over TIME_LIMIT seconds), N_LAYERS blocks per head
+#          would take over TIME_LIMIT seconds), N_LAYERS blocks per head, learning rate LR; INIT=DIR: go on
+#          training those heads instead (one KIND)
 #   e2e    end-to-end benchmark on the held-out rows 80-99 (bf16), and a float32 exact-match run
 #   pack   results into $OUT/results.tar and the trained heads into $OUT/heads.tar.part_* (the device tool
 #          returns at most 8 files of 16 MiB)
@@ -41,7 +42,7 @@ for stage in "$@"; do
     train)
       for kind in ${KINDS:-hydra++ medusa hydra}; do
         python3 train_heads.py train --checkpoint "$CKPT" --data "$DATA" --kind $kind --steps ${STEPS:-3000} --n-layers ${N_LAYERS:-2} --time-limit ${TIME_LIMIT:-0} \
-          --out "$WORK/heads-$kind" 2>&1 | tee "$RES/train-$kind.txt" | grep -v "^step [0-9]*[1-9]/" | tail -12
+          --lr ${LR:-1e-3} ${INIT:+--init "$INIT"} --out "$WORK/heads-$kind" 2>&1 | tee "$RES/train-$kind.txt" | grep -v "^step [0-9]*[1-9]/" | tail -12
       done ;;
     e2e)
       H=$WORK

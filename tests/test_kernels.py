@@ -381,10 +381,10 @@ def test_accept_greedy(T, vocab):
     _, retrieve, _ = random_tree(T)
     tokens = torch.randint(0, vocab, (B, T))  # a small vocabulary: many matches and ties between paths
     pred = torch.randint(0, vocab, (B, T))
-    n, path = kernels.accept_greedy(tokens, pred, retrieve)
-    n_ref, path_ref = hl.accept_greedy_ref(tokens, pred, retrieve)
-    assert n.dtype == torch.int64 and path.dtype == torch.int64
-    assert torch.equal(n, n_ref) and torch.equal(path, path_ref)
+    n, path, out = kernels.accept_greedy(tokens, pred, retrieve)
+    n_ref, path_ref, out_ref = hl.accept_greedy_ref(tokens, pred, retrieve)
+    assert n.dtype == torch.int64 and path.dtype == torch.int64 and out.dtype == torch.int64
+    assert torch.equal(n, n_ref) and torch.equal(path, path_ref) and torch.equal(out, out_ref)
 
 
 def test_accept_greedy_full_path_and_ties():
@@ -398,9 +398,9 @@ def test_accept_greedy_full_path_and_ties():
         pred[0, a] = tokens[0, c]
     tokens[1] = 1  # row 1: every node is token 1, and so is every prediction: all paths accepted to the full
     pred[1] = 1
-    n, path = kernels.accept_greedy(tokens, pred, retrieve)
-    n_ref, path_ref = hl.accept_greedy_ref(tokens, pred, retrieve)
-    assert torch.equal(n, n_ref) and torch.equal(path, path_ref)
+    n, path, out = kernels.accept_greedy(tokens, pred, retrieve)
+    n_ref, path_ref, out_ref = hl.accept_greedy_ref(tokens, pred, retrieve)
+    assert torch.equal(n, n_ref) and torch.equal(path, path_ref) and torch.equal(out, out_ref)
     assert n[0] >= len(leaf_path) and n[2] == 1 and torch.equal(path[2], torch.arange(retrieve.shape[1]))
 
 
@@ -478,6 +478,10 @@ def test_lm_topk_chunk_ties():
     torch.testing.assert_close(values, ref_v, rtol=1e-5, atol=1e-5)
     assert (indices[:, :7] == torch.tensor([5, 77, 150, 40, 41, 42, 43])).all()
     assert torch.equal(indices[:, 7], ref_i[:, 7])
+    # k=1 (greedy verification) picks as argmax does: the first of the tied best, in any chunk
+    assert kernels.lm_topk(x, w, 1)[1][:, 0].tolist() == [5, 5, 5] == hl.lm_topk_ref(x, w, 1)[1][:, 0].tolist()
+    w[[5, 77]] = 0.9
+    assert kernels.lm_topk(x, w, 1)[1][:, 0].tolist() == [150] * 3 == torch.nn.functional.linear(x, w).argmax(-1).tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -496,8 +500,8 @@ def test_dispatch_falls_back_to_refs_on_cpu(monkeypatch):
     torch.testing.assert_close(hl.swiglu(x), hl.swiglu_ref(x))
     q, kc, vc, lens = attn_inputs(1, 2, 2, 1, 8, 6, torch.float32)
     torch.testing.assert_close(hl.attention(q, kc, vc, lens), hl.attention_ref(q, kc, vc, lens))
-    n, p = hl.accept_greedy(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long),
-                            torch.tensor([[0, 1], [0, 2]]))
+    n, p, _ = hl.accept_greedy(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long),
+                               torch.tensor([[0, 1], [0, 2]]))
     assert n.tolist() == [2]
     hl.kv_compact(torch.zeros(1, 1, 4, 1, 2), torch.zeros(1, 1, 4, 1, 2), lens, p)
 
@@ -529,14 +533,15 @@ def test_model_tree_step_with_kernels(monkeypatch):
             cache.lens += 5
             pos = cache.lens[:, None].long() + depth[None]
             hidden = model(tree_tokens, cache, pos, mask)
-            pred = model.logits(hidden).argmax(-1)
-            n, path = hl.accept_greedy(tree_tokens, pred, retrieve)
+            pred = hl.lm_topk(hidden, model.output_weight, 1)[1][..., 0]  # as greedy verification does
+            n, path, out = hl.accept_greedy(tree_tokens, pred, retrieve)
             hl.kv_compact(cache.k, cache.v, cache.lens, path)
-            results.append((h0, hidden, n, path, cache.k.clone(), cache.v.clone()))
-    (h0, hid, n, path, k, v), (h0_k, hid_k, n_k, path_k, k_k, v_k) = results
+            results.append((h0, hidden, n, path, out, cache.k.clone(), cache.v.clone()))
+            assert torch.equal(pred, model.logits(hidden).argmax(-1))
+    (h0, hid, n, path, out, k, v), (h0_k, hid_k, n_k, path_k, out_k, k_k, v_k) = results
     close(h0_k, h0, torch.float32)
     torch.testing.assert_close(hid_k, hid, rtol=1e-4, atol=1e-4)
-    assert torch.equal(n_k, n) and torch.equal(path_k, path)
+    assert torch.equal(n_k, n) and torch.equal(path_k, path) and torch.equal(out_k, out)
     torch.testing.assert_close(k_k, k, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(v_k, v, rtol=1e-4, atol=1e-4)
 

@@ -154,9 +154,11 @@ def test_accept_greedy_ref():
     #        the base predicts after node 2, but padding must never match)
     # row 2: base agrees with nothing -> root only
     pred = torch.tensor([[6, 9, 0, 0, 0], [7, 0, 5, 0, 0], [1, 1, 1, 1, 1]])
-    n, path = hl.accept_greedy_ref(tokens, pred, retrieve)
+    n, path, out = hl.accept_greedy_ref(tokens, pred, retrieve)
     assert n.tolist() == [3, 2, 1]
     assert path.tolist() == [[0, 1, 4], [0, 2, 2], [0, 1, 2]]
+    # the host's row: tokens along the path (the tail is unused), n, the base model's token after the last
+    assert out.tolist() == [[5, 6, 9, 3, 0], [5, 7, 7, 2, 5], [5, 6, 7, 1, 1]]
 
 
 def test_sampling():

@@ -118,3 +118,11 @@ def test_train_heads_cli_end_to_end(tmp_path):
     assert gen.tree.size == 4
     ids = [1, 2, 3]
     assert gen.generate([ids], 6, stop_at_eos=False)[0] == hl.Generator(model).generate([ids], 6, stop_at_eos=False)[0]
+    # fine-tuning (--init): the heads keep their kind, shape and draft vocabulary, and start where they were
+    more = str(tmp_path / "more")
+    assert th.main(["train", "--checkpoint", CKPT, "--data", data, "--init", out, "--kind", "medusa", "--steps", "2",
+                    "--lr", "1e-4", "--max-tokens", "256", "--tree-size", "5", "--out", more]) == 0
+    a, b = hl.load_heads(out, model), hl.load_heads(more, model)
+    assert a.hc == b.hc and torch.equal(a.vocab, b.vocab) and len(b.tree_choices) == 5
+    diffs = [(p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())]
+    assert 0 < max(diffs) < 0.01, diffs
