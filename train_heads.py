@@ -410,8 +410,8 @@ def rank_shares(r):
 
 
 def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, time_limit=0):
-    """AdamW with warm-up and cosine decay over `steps`. time_limit (seconds, 0: none): after 50 steps, cut the
-    run (and the decay with it) to the steps that fit in that time at the rate of steps 10-50."""
+    """AdamW with warm-up and cosine decay over `steps`. time_limit (seconds, 0: none): from step 50 on, every 50
+    steps, fit the run (and the decay with it) to the steps that the time left allows at the rate since step 10."""
     rng = random.Random(seed)
     params = [p for p in heads.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -425,11 +425,12 @@ def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, time_l
     while step < horizon[0]:
         if step == 10:
             t10 = time.time()  # the first steps are slow (allocator, kernel selection): time the rate after them
-        if time_limit and step == 50:
-            fit = 50 + int((time_limit - (time.time() - t0)) / ((time.time() - t10) / 40))
-            if fit < horizon[0]:
-                horizon[0] = max(fit, 51)
-                log(f"time limit {time_limit}s: training for {horizon[0]} steps instead of {steps}")
+        if time_limit and step >= 50 and step % 50 == 0:  # re-planned as the rate settles (it did: 0.2 -> 0.1 s)
+            rate = (time.time() - t10) / (step - 10)
+            fit = min(steps, step + 1 + int((time_limit - (time.time() - t0)) / rate))
+            if abs(fit - horizon[0]) > 0.05 * horizon[0]:
+                log(f"time limit {time_limit}s: training for {fit} steps ({steps} asked)")
+            horizon[0] = fit
         if not plan:
             plan = batches(rows, max_tokens, rng)
         idx = plan.pop()
@@ -598,8 +599,10 @@ def main(argv=None):
             log(f"training {args.kind} heads ({n_params / 1e6:.1f}M parameters) on {len(train_rows)} answers")
             steps = train(model, heads, train_rows, args.steps, args.lr, args.max_tokens, args.noise, args.seed, args.time_limit)
             hl.save_heads(heads.to(dtype), args.out)
-            write_tree(model, heads, held_out, args.tree_size, args.out,
-                       vars(args) | {"answers": len(held_out) + len(train_rows), "steps_run": steps})
+            info = vars(args) | {"answers": len(held_out) + len(train_rows), "steps_run": steps}
+            if args.init:  # the heads' history: how the ones it went on from were trained
+                info["init_train"] = read_json_or_empty(os.path.join(args.init, "train.json"))
+            write_tree(model, heads, held_out, args.tree_size, args.out, info)
             log(f"saved heads to {args.out}")
     except hl.HydraLiteError as e:
         print(f"error: {e}", file=sys.stderr)

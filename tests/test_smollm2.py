@@ -124,5 +124,7 @@ def test_train_heads_cli_end_to_end(tmp_path):
                     "--lr", "1e-4", "--max-tokens", "256", "--tree-size", "5", "--out", more]) == 0
     a, b = hl.load_heads(out, model), hl.load_heads(more, model)
     assert a.hc == b.hc and torch.equal(a.vocab, b.vocab) and len(b.tree_choices) == 5
+    info = json.loads(open(os.path.join(more, "train.json")).read())
+    assert info["init"] == out and info["init_train"]["steps_run"] == 2 and info["steps_run"] == 2
     diffs = [(p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())]
     assert 0 < max(diffs) < 0.01, diffs
