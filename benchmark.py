@@ -29,13 +29,13 @@ def log(msg):
 # End to end
 
 
-def run_mode(gen, prompts, batch, max_new, mode):
+def run_mode(gen, prompts, batch, max_new, mode, sampling=None):
     """Generate for every prompt in groups of `batch`. Returns outputs and totals."""
     outs, new_tokens, decode_s, total_s, accepted, row_steps, steps = [], 0, 0.0, 0.0, 0, 0, 0
     for i in range(0, len(prompts), batch):
         group = prompts[i:i + batch]
         t0 = time.perf_counter()
-        o, s = gen.generate(group, max_new, mode=mode, stop_at_eos=True)
+        o, s = gen.generate(group, max_new, sampling, mode=mode, stop_at_eos=True)
         total_s += time.perf_counter() - t0
         outs += o
         new_tokens, decode_s = new_tokens + s.new_tokens, decode_s + s.decode_s
@@ -168,12 +168,17 @@ def e2e(args):
     texts = th.read_prompts(args.prompts, th.parse_range(args.rows), first_turn=True)[:args.limit or None]
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
     heads = dict(h.split("=", 1) for h in args.heads)
+    # sampled: speculative decoding verifies with typical acceptance, so outputs are not expected to match AR's
+    sp = hl.SamplingParams(temperature=args.temperature)
+    if args.temperature > 0 and args.hf:
+        log("temperature > 0: no transformers generate() baseline")
+        args.hf = False
     log(f"{len(prompts)} prompts, max {args.max_new_tokens} new tokens, {dev} {args.dtype}, heads {heads}")
     results, outputs = [], {}
     for batch in args.batch:
         ar_gen = hl.Generator(model, tok)
-        ar_gen.generate(prompts[:batch], 16, mode="ar")  # capture graphs outside the timing
-        ar_out, ar = run_mode(ar_gen, prompts, batch, args.max_new_tokens, "ar")
+        ar_gen.generate(prompts[:batch], 16, sp, mode="ar")  # capture graphs outside the timing
+        ar_out, ar = run_mode(ar_gen, prompts, batch, args.max_new_tokens, "ar", sp)
         outputs[f"ar/b{batch}"] = ar_out
         results.append(dict(mode="ar", batch=batch, **ar, speedup=1.0, exact_match=1.0, token_match=1.0))
         log(f"b{batch} ar: {ar['tokens_per_s']:.1f} tokens/s")
@@ -186,13 +191,13 @@ def e2e(args):
         for name, spec in heads.items():
             path, _, size = spec.partition(":")  # DIR[:TREE_NODES]
             gen = hl.Generator(model, tok, hl.load_heads(path, model), tree_for(path, args, int(size or 0)))
-            gen.generate(prompts[:batch], 16)
-            out, r = run_mode(gen, prompts, batch, args.max_new_tokens, "spec")
+            gen.generate(prompts[:batch], 16, sp)
+            out, r = run_mode(gen, prompts, batch, args.max_new_tokens, "spec", sp)
             exact, tm = match_stats(out, ar_out)
             outputs[f"{name}/b{batch}"] = out
             results.append(dict(mode=name, batch=batch, **r, speedup=r["tokens_per_s"] / ar["tokens_per_s"],
                                 exact_match=exact, token_match=tm))
-            if dtype == torch.float32 and exact < 1:
+            if dtype == torch.float32 and exact < 1 and not args.temperature:
                 results[-1]["divergences"] = divergence_margins(model, prompts, out, ar_out)
                 log(f"b{batch} {name} divergences (token index, top-2 logit margin there): {results[-1]['divergences']}")
             if args.profile and batch == 1:
@@ -201,7 +206,7 @@ def e2e(args):
                 f"x{r['tokens_per_s'] / ar['tokens_per_s']:.2f}, match {exact:.2f}/{tm:.3f}")
     meta = dict(device=torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu", date=time.strftime("%Y-%m-%d"),
                 command=" ".join(sys.argv), torch=torch.__version__, dtype=args.dtype, prompts=len(prompts),
-                max_new_tokens=args.max_new_tokens)
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     with open(os.path.join(args.out, "e2e.json"), "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
     with open(os.path.join(args.out, "e2e_outputs.json"), "w") as f:
@@ -336,6 +341,8 @@ def main(argv=None):
     e.add_argument("--profile", action="store_true", help="also write a per-kernel profile of one speculative step")
     e.add_argument("--dtype", default="bfloat16")
     e.add_argument("--no-hf", dest="hf", action="store_false")
+    e.add_argument("--temperature", type=float, default=0.0,
+                   help="sample at this temperature (speculative: typical acceptance; default 0: greedy)")
     s = sub.add_parser("steps")
     s.add_argument("--shape", choices=list(SHAPES), default="7b")
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8])

@@ -128,3 +128,22 @@ def test_train_heads_cli_end_to_end(tmp_path):
     assert info["init"] == out and info["init_train"]["steps_run"] == 2 and info["steps_run"] == 2
     diffs = [(p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())]
     assert 0 < max(diffs) < 0.01, diffs
+
+
+def test_benchmark_e2e_sampled(tmp_path):
+    """benchmark.py e2e --temperature: AR and speculative decoding both sample (typical acceptance), with no
+    transformers baseline; the temperature is recorded."""
+    import json
+
+    import benchmark
+
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text('{"turns": ["Write a haiku about rain."]}\n')
+    heads = os.path.join(ROOT, "heads", "smollm2-135m-hydra++")
+    rc = benchmark.main(["e2e", "--checkpoint", CKPT, "--prompts", str(prompts), "--batch", "1", "--max-new-tokens", "12",
+                         "--dtype", "float32", "--temperature", "0.7", "--heads", f"hydra++={heads}", "--out", str(tmp_path)])
+    assert not rc
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    assert report["meta"]["temperature"] == 0.7
+    assert [r["mode"] for r in report["results"]] == ["ar", "hydra++"]
+    assert 0 < report["results"][1]["new_tokens"] <= 12 and report["results"][1]["mean_accept"] >= 1.0
