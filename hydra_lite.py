@@ -572,6 +572,12 @@ def sample(logits, sp: SamplingParams, generator=None):
 # Draft heads (Medusa, Hydra, Hydra++) and the token tree
 
 
+def _tensor_key(t):
+    """Identifies a tensor's current values for inference caches: storage, in-place version, dtype. (Tensors
+    made under inference_mode keep no version counter; they count as never changed.)"""
+    return t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype
+
+
 class ResBlock(nn.Module):
     """y = res(x) + silu(W x + b); res is the identity, or a projection when x is wider (grounded heads)."""
 
@@ -589,7 +595,7 @@ class ResBlock(nn.Module):
         if torch.is_grad_enabled():  # training: the parameters as they are
             return silu_add(F.linear(x, self.res_w, self.res_b), F.linear(x, self.w, self.b))
         params = (self.res_w, self.w, self.res_b, self.b)  # one GEMM instead of two; rebuilt if any changed
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        key = tuple(_tensor_key(p) for p in params)
         if self._fused[0] != key:
             self._fused = (key, (torch.cat([self.res_w, self.w]), torch.cat([self.res_b, self.b])))
         y = F.linear(x, *self._fused[1])
@@ -664,7 +670,7 @@ class DraftHeads(nn.Module):
             return w, b
         if not cached:
             return w[self.vocab], None if b is None else b[self.vocab]
-        key = (w.data_ptr(), w.dtype, None if b is None else b.data_ptr())  # heads on the base lm share one
+        key = tuple(None if t is None else _tensor_key(t) for t in (w, b))  # rebuilt if changed
         if key not in self._cut:
             self._cut[key] = (w[self.vocab].contiguous(), None if b is None else b[self.vocab].contiguous())
         return self._cut[key]

@@ -275,3 +275,22 @@ def test_draft_vocabulary(tmp_path, lm_head):
     hl.save_heads(heads, str(bad))
     with pytest.raises(hl.HydraLiteError, match="draft vocabulary"):
         hl.load_heads(str(bad), model)
+
+
+def test_proposal_weights_cut_follows_updates():
+    """The draft-vocabulary cut of a head's output projection is cached for inference; an in-place update of
+    the weights (an optimizer step, a load) rebuilds it instead of serving stale rows."""
+    cfg = hl.Config(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=24, vocab_size=40, max_seq_len=32)
+    hc = hl.HeadsConfig(n_heads=2, n_layers=1, dim=16, vocab_size=40, grounded=False, prefix=False, lm_head="own",
+                        lm_bias=True, draft_vocab=5)
+    heads = hl.DraftHeads(hc, cfg)
+    heads.vocab.copy_(torch.tensor([1, 4, 9, 16, 25]))
+    for p in heads.parameters():
+        torch.nn.init.normal_(p)
+    with torch.no_grad():
+        w, b = heads.proposal_weights(1, None)
+        assert torch.equal(w, heads.heads[1].lm_w[heads.vocab]) and torch.equal(b, heads.heads[1].lm_b[heads.vocab])
+        heads.heads[1].lm_w.mul_(2)
+        heads.heads[1].lm_b.add_(1)
+        w2, b2 = heads.proposal_weights(1, None)
+        assert torch.equal(w2, 2 * w) and torch.equal(b2, b + 1)
