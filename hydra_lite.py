@@ -670,10 +670,11 @@ class DraftHeads(nn.Module):
             return w, b
         if not cached:
             return w[self.vocab], None if b is None else b[self.vocab]
-        key = tuple(None if t is None else _tensor_key(t) for t in (w, b))  # rebuilt if changed
-        if key not in self._cut:
-            self._cut[key] = (w[self.vocab].contiguous(), None if b is None else b[self.vocab].contiguous())
-        return self._cut[key]
+        slot = (w.data_ptr(), None if b is None else b.data_ptr())  # heads on the base lm share one
+        key = tuple(None if t is None else _tensor_key(t) for t in (w, b))  # rebuilt if the values changed
+        if self._cut.get(slot, (None,))[0] != key:
+            self._cut[slot] = (key, (w[self.vocab].contiguous(), None if b is None else b[self.vocab].contiguous()))
+        return self._cut[slot][1]
 
     def propose(self, d, x, base_lm_w, k):
         """Head d's k best tokens (ids in the full vocabulary) after inputs x [..., in_dim] -> [..., k]."""

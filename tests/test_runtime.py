@@ -294,3 +294,5 @@ def test_proposal_weights_cut_follows_updates():
         heads.heads[1].lm_b.add_(1)
         w2, b2 = heads.proposal_weights(1, None)
         assert torch.equal(w2, 2 * w) and torch.equal(b2, b + 1)
+        heads.proposal_weights(0, None)
+        assert len(heads._cut) == 2  # one cut per head's own projection: the stale one was replaced
