@@ -346,7 +346,7 @@ class KVCache:
         self.max_len = max_len
 
     def rows(self, b0, b1):
-        """A view on rows b0..b1-1 sharing storage (to prefill one prompt at a time)."""
+        """A view on rows b0..b1-1 sharing storage."""
         view = KVCache.__new__(KVCache)
         view.k, view.v, view.lens, view.max_len = self.k[:, b0:b1], self.v[:, b0:b1], self.lens[b0:b1], self.max_len
         return view
@@ -933,22 +933,23 @@ class Generator:
             self.prefix_cache.lens.zero_()
 
     def _prefill(self, prompts):
-        """Fill each row's cache with its prompt. Returns the base logits after the prompt [B, V] and the
-        hidden state the draft heads start from [B, dim] (Hydra++: the prefix layer's output)."""
-        logits, h_draft = [], []
-        for b, ids in enumerate(prompts):
-            row = self.cache.rows(b, b + 1)
-            row.lens.zero_()
-            h = self.model(torch.tensor([ids], device=self.device), row)
-            row.lens += len(ids)
-            logits.append(self.model.logits(h[:, -1]))
-            if self.prefix_cache is not None:
-                prow = self.prefix_cache.rows(b, b + 1)
-                prow.lens.zero_()
-                h = self.heads.run_prefix(h, self.model.rope, prow)
-                prow.lens += len(ids)
-            h_draft.append(h[:, -1])
-        return torch.cat(logits), torch.cat(h_draft)
+        """Fill each row's cache with its prompt, all rows in one forward (right-padded: a row's padding writes
+        keys/values past its length, which nothing reads and later tokens overwrite). Returns the base logits
+        after the prompt [B, V] and the hidden state the draft heads start from [B, dim] (Hydra++: the prefix
+        layer's output)."""
+        T = max(map(len, prompts))
+        ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=self.device)
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
+        last = (self._rows[:, 0], lens.long() - 1)  # each row's last prompt position
+        self.cache.lens.zero_()
+        h = self.model(ids, self.cache)
+        self.cache.lens.copy_(lens)
+        logits = self.model.logits(h[last])
+        if self.prefix_cache is not None:
+            self.prefix_cache.lens.zero_()
+            h = self.heads.run_prefix(h, self.model.rope, self.prefix_cache)
+            self.prefix_cache.lens.copy_(lens)
+        return logits, h[last]
 
     # -- one step of each mode (captured as a CUDA graph on GPU). live[b] = 0 freezes a finished row's cache,
     # so rows that stopped early never run out of room while the others go on.

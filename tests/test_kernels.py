@@ -567,3 +567,36 @@ def test_draft_with_kernels(monkeypatch, grounded):
             out.append(hl.draft(heads, model, tree, h, root))
     assert torch.equal(out[0], out[1])
     assert torch.isin(out[1][:, 1:], heads.vocab).all()  # drafted tokens come from the draft vocabulary
+
+
+@pytest.mark.parametrize("use_kernels", [False, True], ids=["ref", "kernels"])
+def test_batched_prefill_matches_rows_alone(monkeypatch, use_kernels):
+    """The prefill runs all rows in one right-padded forward: each row's logits, draft state (through the
+    Hydra++ layer) and caches match that row prefilled alone, and the padding's cache slots are never counted."""
+    monkeypatch.setattr(hl, "_triton", lambda x: use_kernels)
+    model = tiny_model()
+    c = model.cfg
+    hc = hl.HeadsConfig(n_heads=2, n_layers=1, dim=c.dim, vocab_size=c.vocab_size, grounded=True, prefix=True)
+    heads = hl.DraftHeads(hc, c)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    heads.eval()
+    prompts = [torch.randint(0, c.vocab_size, (n,)).tolist() for n in (7, 2, 12)]
+
+    def prefill(rows):
+        gen = hl.Generator(model, heads=heads, cuda_graphs=False)
+        gen.sampling = hl.SamplingParams()
+        gen._setup(len(rows), 32, "spec")
+        with torch.no_grad():
+            logits, h = gen._prefill(rows)
+        return gen, logits, h
+
+    gen, logits, h = prefill(prompts)
+    assert gen.cache.lens.tolist() == gen.prefix_cache.lens.tolist() == [7, 2, 12]
+    for b, p in enumerate(prompts):
+        alone, logits1, h1 = prefill([p])
+        torch.testing.assert_close(logits[b], logits1[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(h[b], h1[0], rtol=1e-4, atol=1e-4)
+        for cache, cache1 in ((gen.cache, alone.cache), (gen.prefix_cache, alone.prefix_cache)):
+            torch.testing.assert_close(cache.k[:, b, :len(p)], cache1.k[:, 0, :len(p)], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(cache.v[:, b, :len(p)], cache1.v[:, 0, :len(p)], rtol=1e-4, atol=1e-4)
