@@ -1076,7 +1076,9 @@ class Generator:
                 active = [b for b in range(B) if not done[b]]
                 if active != live_rows:
                     live_rows = active
-                    live = torch.tensor([0 if d else 1 for d in done], dtype=torch.int32, device=self.device)
+                    live = torch.tensor([0 if d else 1 for d in done], dtype=torch.int32)
+                    if self.device.type == "cuda":  # from pinned memory: no wait for the step in flight
+                        live = live.pin_memory().to(self.device, non_blocking=True)
                 if mode == "ar":
                     token = sample(self.step(token, live), sampling)
                     step = self._to_host(token[:, None])
