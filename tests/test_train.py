@@ -58,6 +58,26 @@ def test_time_limit_cuts_the_run():
     assert th.train(model, heads, rows, 60, 1e-3, 4096, 0.0, time_limit=3600) == 60
 
 
+def test_time_limit_follows_the_rate_as_it_settles(monkeypatch):
+    """Steps that start slow (0.2 s, warm-up) and settle (0.05 s): the run is re-planned as the rate settles
+    and fills the time limit, where a plan made once from the early rate stopped at about half of it."""
+    model = tiny_model(8)
+    rows = greedy_rows(model, 2, 10, seed=2)
+    heads = th.new_heads(model, "hydra", 2, 1)
+    clock, done = [0.0], [0]
+    real_losses = th.head_losses
+
+    def timed_losses(*args):  # each training step costs fake time
+        done[0] += 1
+        clock[0] += 0.2 if done[0] <= 50 else 0.05
+        return real_losses(*args)
+
+    monkeypatch.setattr(th, "head_losses", timed_losses)
+    monkeypatch.setattr(th.time, "time", lambda: clock[0])
+    steps = th.train(model, heads, rows, 1000, 1e-3, 4096, 0.0, time_limit=20)
+    assert 220 <= steps <= 260 and 19 <= clock[0] <= 21, (steps, clock[0])  # 50 x 0.2 s + 200 x 0.05 s = 20 s
+
+
 def test_draft_ranks_leave_sampled_paths():
     """Positions whose following tokens are not the base model's greedy ones drop out at that depth (-1)."""
     model = tiny_model(7)
