@@ -31,6 +31,16 @@ def test_gpu_speculative_equals_autoregressive_fp32(kind):
             assert spec == ar[:len(batch)], (name, kind)
 
 
+def test_gpu_ragged_batch_equals_rows_alone_fp32():
+    """Rows of different lengths share one right-padded prefill: each decodes as if it were alone."""
+    for name, model in models():
+        torch.manual_seed(2)
+        prompts = [torch.randint(0, model.cfg.vocab_size, (n,)).tolist() for n in (5, 40, 17)]
+        batch, _ = hl.Generator(model).generate(prompts, 32, stop_at_eos=False)
+        for p, out in zip(prompts, batch):
+            assert hl.Generator(model).generate([p], 32, stop_at_eos=False)[0][0] == out, name
+
+
 def test_gpu_triton_path_matches_reference_path():
     for name, model in models():
         torch.manual_seed(1)
