@@ -171,14 +171,19 @@ def accept_greedy_ref(tree_tokens, base_pred, retrieve):
     idx = retrieve.clamp(min=0)
     match = tree_tokens[:, idx[:, 1:]] == base_pred[:, idx[:, :-1]]  # [B, P, depth]
     n_accept, path = longest_path(match, retrieve)
-    return n_accept, path, step_output(tree_tokens, base_pred, n_accept, path)
+    next_token = base_pred.gather(1, last_accepted(path, n_accept))[:, 0]
+    return n_accept, path, step_output(tree_tokens, n_accept, path, next_token)
 
 
-def step_output(tree_tokens, base_pred, n_accept, path):
-    """One row per sequence for the host: the tokens along the path (valid up to n_accept), n_accept, and the
-    base model's token after the last accepted one (the next root). [B, depth+3]"""
-    last = path.gather(1, (n_accept - 1)[:, None])
-    return torch.cat([tree_tokens.gather(1, path), n_accept[:, None], base_pred.gather(1, last)], dim=1)
+def last_accepted(path, n_accept):
+    """[B, 1]: the tree node of each row's last accepted token."""
+    return path.gather(1, (n_accept - 1)[:, None])
+
+
+def step_output(tree_tokens, n_accept, path, next_token):
+    """One row per sequence for the host: the tokens along the path (valid up to n_accept), n_accept, and
+    next_token [B], the base model's token after the last accepted one (the next root). [B, depth+3]"""
+    return torch.cat([tree_tokens.gather(1, path), n_accept[:, None], next_token[:, None]], dim=1)
 
 
 def lm_topk_ref(x, w, k, bias=None, vocab=None):
@@ -344,12 +349,6 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.max_len = max_len
-
-    def rows(self, b0, b1):
-        """A view on rows b0..b1-1 sharing storage."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v, view.lens, view.max_len = self.k[:, b0:b1], self.v[:, b0:b1], self.lens[b0:b1], self.max_len
-        return view
 
 
 class Llama(nn.Module):
@@ -971,15 +970,14 @@ class Generator:
             logits = self.model.logits(hidden)  # [B, T, V]
             n_accept, path = accept_typical(tokens, logits, tree.parent, tree.retrieve, sp.temperature,
                                             self.posterior_threshold, self.posterior_alpha)
-            last = path.gather(1, (n_accept - 1)[:, None])  # [B, 1] node index of the last accepted token
-            next_token = sample(logits[rows, last][:, 0], sp)  # the base model's own choice after the path
-            out = torch.cat([tokens.gather(1, path), n_accept[:, None], next_token[:, None]], dim=1)
+            next_token = sample(logits[rows, last_accepted(path, n_accept)][:, 0], sp)  # the base model's own choice
+            out = step_output(tokens, n_accept, path, next_token)
         else:  # the base model's argmax at each node, without its [B, T, V] logits in memory
             base_pred = lm_topk(hidden, self.model.output_weight, 1)[1][..., 0]  # [B, T]
             n_accept, path, out = accept_greedy(tokens, base_pred, tree.retrieve)
         grow = n_accept.to(torch.int32) * live
         if self.prefix_cache is None:
-            next_h = hidden[rows, path.gather(1, (n_accept - 1)[:, None])][:, 0]
+            next_h = hidden[rows, last_accepted(path, n_accept)][:, 0]
         else:  # the extra layer sees the accepted hidden states, in order
             h_pre = self.heads.run_prefix(hidden[rows, path], self.model.rope, self.prefix_cache)
             self.prefix_cache.lens += grow

@@ -215,7 +215,7 @@ def test_rope_cache_write(dtype, B, T, Hq, Hkv, D):
 
 
 def test_rope_cache_write_row_view():
-    """A KVCache.rows() view (a slice along the batch) and a bf16 cache for fp32 activations."""
+    """A view on one row of the batch (strided) and a bf16 cache for fp32 activations."""
     B, T, Hq, Hkv, D, S = 3, 3, 2, 1, 16, 10
     q, k, v = fused_qkv(1, T, Hq, Hkv, D, torch.float32)
     cos, sin = torch.randn(32, D // 2), torch.randn(32, D // 2)
