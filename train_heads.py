@@ -143,11 +143,12 @@ def synthetic_prompts(n, seed=0):
     return prompts
 
 
-def imitated_prompts(model, tok, examples, n, batch, seed=0, shots=3, max_new_tokens=48):
+def imitated_prompts(model, tok, examples, n, batch, seed=0, shots=3, max_new_tokens=48, deadline=None):
     """n new requests in the style of `examples` (real user prompts). A small chat model cannot be asked to
     write requests (it answers the instruction instead), but as a plain language model it continues a list of
     them: "Question: <example>" x shots, then "Question:", sampled; the first line is the new request. These
-    are closer to real traffic (terse, informal, odd) than template prompts."""
+    are closer to real traffic (terse, informal, odd) than template prompts. Fewer if time.time() passes
+    `deadline`."""
     pool = [e.strip() for e in examples if "\n" not in e.strip() and 0 < len(e.strip()) < 300]
     if len(pool) < shots:
         raise hl.HydraLiteError(f"need at least {shots} single-line example prompts to imitate, got {len(pool)}")
@@ -164,21 +165,34 @@ def imitated_prompts(model, tok, examples, n, batch, seed=0, shots=3, max_new_to
         log(f"imitated prompts: {min(len(out), n)}/{n}")
         if len(out) >= n:
             break
+        if deadline is not None and time.time() > deadline:
+            log(f"imitated prompts: time is up at {len(out)} of {n}")
+            break
     return out[:n]
 
 
-def make_data(model, tok, prompts, samples, temperatures, max_new_tokens, batch, extra_prompts=()):
+def make_data(model, tok, prompts, samples, temperatures, max_new_tokens, batch, extra_prompts=(), seed=0,
+              deadline=None):
     """Each prompt answered `samples` times by the base model, temperatures cycling (extra_prompts: once
-    each, temperatures cycling over them). Returns a list of (token ids, index where the answer starts)."""
+    each, temperatures cycling over them); greedy (temperature 0) at most once per prompt, since it would
+    give the same answer again. Stops early, before a batch that would end past time.time() = `deadline`.
+    Returns a list of (token ids, index where the answer starts)."""
     gen = hl.Generator(model, tok)
     jobs = [(p, temperatures[s % len(temperatures)]) for p in prompts for s in range(samples)]
     jobs += [(p, temperatures[i % len(temperatures)]) for i, p in enumerate(extra_prompts)]
+    seen = set()
+    jobs = [j for j in jobs if j[1] > 0 or not (j in seen or seen.add(j))]
     by_temp = {}
     for job in jobs:
         by_temp.setdefault(job[1], []).append(job)
     chunks = [js[i:i + batch] for js in by_temp.values() for i in range(0, len(js), batch)]  # one temperature each
-    rows, t0, done_tokens = [], time.time(), 0
+    random.Random(seed).shuffle(chunks)  # so that a time limit keeps a mix of prompts and temperatures
+    rows, t0, done_tokens, longest = [], time.time(), 0, 0.0
     for chunk in chunks:
+        if deadline is not None and time.time() + 1.2 * longest > deadline:
+            log(f"data: time is up, {len(rows)} of {len(jobs)} answers")
+            break
+        t_chunk = time.time()
         temp = chunk[0][1]
         ids = [tok.encode_chat([{"role": "user", "content": p}]) for p, _ in chunk]
         outs, _ = gen.generate(ids, max_new_tokens, hl.SamplingParams(temperature=temp, top_p=0.95 if temp else 1.0),
@@ -187,6 +201,7 @@ def make_data(model, tok, prompts, samples, temperatures, max_new_tokens, batch,
         for p, o in zip(ids, outs):
             rows.append((p + o + (eos if len(o) < max_new_tokens else []), len(p)))
             done_tokens += len(o)
+        longest = max(longest, time.time() - t_chunk)
         log(f"data: {len(rows)}/{len(jobs)} answers, {done_tokens} tokens, {done_tokens / (time.time() - t0):.0f} tokens/s")
     return rows
 
@@ -530,6 +545,8 @@ def main(argv=None):
     d.add_argument("--synthetic", type=int, default=0, help="also answer this many template prompts (once each)")
     d.add_argument("--imitate", type=int, default=0,
                    help="also answer this many prompts the base model writes in the style of the --prompts rows")
+    d.add_argument("--time-limit", type=float, default=0,
+                   help="seconds: answer fewer prompts if it would take longer (writing them takes up to a third)")
     t = sub.add_parser("train", help="train heads on generated data")
     t.add_argument("--data", required=True, help="data file(s), comma-separated")
     t.add_argument("--kind", choices=["medusa", "hydra", "hydra++"], default="hydra++")
@@ -565,10 +582,12 @@ def main(argv=None):
             if not prompts:
                 raise hl.HydraLiteError(f"no prompts in {args.prompts} (rows {args.rows})")
             temps = [float(x) for x in args.temperatures.split(",")]
+            t0, limit = time.time(), args.time_limit or float("inf")
             extra = synthetic_prompts(args.synthetic, args.seed)
             if args.imitate:
-                extra += imitated_prompts(model, tok, prompts, args.imitate, args.batch, args.seed)
-            rows = make_data(model, tok, prompts, args.samples, temps, args.max_new_tokens, args.batch, extra)
+                extra += imitated_prompts(model, tok, prompts, args.imitate, args.batch, args.seed, deadline=t0 + limit / 3)
+            rows = make_data(model, tok, prompts, args.samples, temps, args.max_new_tokens, args.batch, extra, args.seed,
+                             deadline=t0 + limit)
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             save_rows(rows, args.out)
             log(f"wrote {len(rows)} answers ({sum(len(r[0]) - r[1] for r in rows)} answer tokens) to {args.out}")

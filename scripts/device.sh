@@ -6,7 +6,7 @@
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights)
 #   data   self-distillation data: rows 0-79 of the prompts (SAMPLES answers each), SYNTH template prompts
 #          (SEED picks them) and IMITATE prompts the base model writes in the style of those rows, into DATA,
-#          BATCH rows at a time
+#          BATCH rows at a time, MAX_NEW tokens each, fewer if it would take over DATA_TIME seconds
 #   train  Medusa, Hydra and Hydra++ heads (KINDS) on DATA (comma-separated files), STEPS steps (fewer if they
 #          would take over TIME_LIMIT seconds), N_LAYERS blocks per head, learning rate LR; INIT=DIR: go on
 #          training those heads instead (one KIND)
@@ -39,7 +39,7 @@ for stage in "$@"; do
       python3 benchmark.py steps --shape smollm2-135m --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;
     data)
       python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples ${SAMPLES:-24} --temperatures ${TEMPS:-0,0.3,0.7,1.0} \
-        --synthetic ${SYNTH:-12000} --imitate ${IMITATE:-0} --seed ${SEED:-0} --max-new-tokens 384 --batch ${BATCH:-192} --out "$DATA" 2>&1 | tee "$RES/data.txt" | awk 'NR % 10 == 1 || /wrote|rror/' ;;
+        --synthetic ${SYNTH:-12000} --imitate ${IMITATE:-0} --seed ${SEED:-0} --max-new-tokens ${MAX_NEW:-384} --batch ${BATCH:-192} --time-limit ${DATA_TIME:-0} --out "$DATA" 2>&1 | tee "$RES/data.txt" | awk 'NR % 10 == 1 || /wrote|rror/' ;;
     train)
       for kind in ${KINDS:-hydra++ medusa hydra}; do
         python3 train_heads.py train --checkpoint "$CKPT" --data "$DATA" --kind $kind --steps ${STEPS:-3000} --n-layers ${N_LAYERS:-2} --time-limit ${TIME_LIMIT:-0} \

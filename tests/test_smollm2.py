@@ -75,21 +75,25 @@ def test_stop_strings_and_shipped_heads(model, tok):
 
 def test_benchmark_e2e_writes_its_report(tmp_path):
     """benchmark.py e2e on the real model with the shipped heads (tiny run, CPU): the report files appear in a
-    fresh --out directory (profiles are written before the end) and the shipped heads match AR in float32."""
+    fresh --out directory (profiles are written before the end), the shipped heads match AR in float32, and
+    transformers generate() runs on the first --hf-limit prompts only and matches AR there."""
     import json
 
     import benchmark
 
     prompts = tmp_path / "q.jsonl"
-    prompts.write_text('{"turns": ["Name three colors."]}\n')
+    prompts.write_text('{"turns": ["Name three colors."]}\n{"turns": ["What is 2+2?"]}\n')
     out = tmp_path / "new" / "dir"
     heads = os.path.join(ROOT, "heads", "smollm2-135m-hydra++")
     rc = benchmark.main(["e2e", "--checkpoint", CKPT, "--prompts", str(prompts), "--batch", "1", "--max-new-tokens", "12",
-                         "--dtype", "float32", "--no-hf", "--profile", "--heads", f"hydra++={heads}", "--out", str(out)])
+                         "--dtype", "float32", "--hf-limit", "1", "--profile", "--heads", f"hydra++={heads}", "--out", str(out)])
     assert not rc
     results = json.loads((out / "e2e.json").read_text())["results"]
     spec = [r for r in results if r["mode"] == "hydra++"][0]
     assert spec["exact_match"] == 1.0 and spec["mean_accept"] > 1.0
+    hf = [r for r in results if r["mode"] == "hf-generate"][0]
+    ar = [r for r in results if r["mode"] == "ar"][0]
+    assert hf["exact_match"] == 1.0 and 0 < hf["new_tokens"] <= 12 < ar["new_tokens"]
     assert (out / "profile_hydra++.txt").exists() and (out / "e2e.md").exists()
 
 
@@ -103,7 +107,7 @@ def test_train_heads_cli_end_to_end(tmp_path):
     prompts = tmp_path / "q.jsonl"
     prompts.write_text('{"turns": ["Name three colors."]}\n{"turns": ["What is 2+2?"]}\n{"turns": ["how to sort a list in python"]}\n')
     data, out = str(tmp_path / "d.npz"), str(tmp_path / "heads")
-    assert th.main(["data", "--checkpoint", CKPT, "--prompts", str(prompts), "--samples", "2", "--temperatures", "0",
+    assert th.main(["data", "--checkpoint", CKPT, "--prompts", str(prompts), "--samples", "2", "--temperatures", "0,0.8", "--time-limit", "600",
                     "--synthetic", "2", "--imitate", "2", "--batch", "4", "--max-new-tokens", "12", "--out", data]) == 0
     assert len(th.load_rows(data)) == 3 * 2 + 2 + 2 and len(th.load_rows(f"{data},{data}")) == 20
     assert th.main(["train", "--checkpoint", CKPT, "--data", f"{data},{data}", "--steps", "2", "--n-layers", "1",

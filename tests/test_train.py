@@ -134,21 +134,40 @@ def test_draft_vocab_and_synthetic_prompts():
     assert not any("{" in p for p in prompts)
 
 
+class LenTok:  # a prompt's first token is 1 + its length
+    def encode_chat(self, messages):
+        return [1 + len(messages[0]["content"]) % 50, 2, 3]
+
+
 def test_make_data_answers_every_job():
     """Batches never mix temperatures, and no job is dropped where a batch would have (earlier, a batch that
-    spanned two temperatures lost the second one's jobs)."""
-    class Tok:
-        def encode_chat(self, messages):
-            return [1 + len(messages[0]["content"]) % 50, 2, 3]
-
+    spanned two temperatures lost the second one's jobs). Greedy answers are made once per prompt: samples
+    0 and 2 of each prompt are both greedy here, and would be the same answer twice."""
     model = tiny_model(9)
-    rows = th.make_data(model, Tok(), ["a", "bb", "ccc"], 3, [0.0, 1.0], 5, 4, extra_prompts=["dddd", "eeeee"])
-    assert len(rows) == 3 * 3 + 2
-    assert sorted(r[0][0] for r in rows) == sorted([2, 3, 4] * 3 + [5, 6])
+    rows = th.make_data(model, LenTok(), ["a", "bb", "ccc"], 3, [0.0, 1.0], 5, 4, extra_prompts=["dddd", "eeeee"])
+    assert len(rows) == 3 * 2 + 2
+    assert sorted(r[0][0] for r in rows) == sorted([2, 3, 4] * 2 + [5, 6])
     assert all(r[1] == 3 and len(r[0]) >= 4 for r in rows)
 
 
-def test_imitated_prompts():
+def test_make_data_stops_before_the_deadline(monkeypatch):
+    """Each batch costs 10 s of a fake clock: with 25 s, a third batch (which would end at ~30 s) is not
+    started, and the answers made so far come back."""
+    model = tiny_model(9)
+    clock, real_generate = [0.0], hl.Generator.generate
+
+    def slow_generate(self, *args, **kwargs):
+        clock[0] += 10
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(hl.Generator, "generate", slow_generate)
+    monkeypatch.setattr(th.time, "time", lambda: clock[0])
+    rows = th.make_data(model, LenTok(), ["a", "bb", "ccc", "dddd"], 2, [0.5, 1.0], 5, 2, deadline=25)
+    assert len(rows) == 4 and clock[0] == 20  # 2 of the 4 batches of 2
+    assert len(th.make_data(model, LenTok(), ["a", "bb", "ccc", "dddd"], 2, [0.5, 1.0], 5, 2)) == 8
+
+
+def test_imitated_prompts(monkeypatch):
     """The base model continues a list of example requests; each new first line is a prompt (deduplicated,
     no copies of the examples, bounded even when the model writes nothing usable)."""
     class Tok:  # characters as token ids (the tiny model's vocabulary is 97)
@@ -165,3 +184,13 @@ def test_imitated_prompts():
     assert all("\n" not in p and 8 <= len(p) <= 300 for p in out)
     with pytest.raises(hl.HydraLiteError, match="single-line"):
         th.imitated_prompts(model, Tok(), examples[:2], 5, 8)
+    # Past the deadline: one batch, then stop (the model writes too few usable lines to reach 1000 in one).
+    calls, real_generate = [0], hl.Generator.generate
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(hl.Generator, "generate", counted)
+    out = th.imitated_prompts(model, Tok(), examples, 1000, 8, seed=0, max_new_tokens=12, deadline=0)
+    assert calls[0] == 1 and len(out) < 1000
