@@ -546,7 +546,7 @@ def main(argv=None):
     d.add_argument("--imitate", type=int, default=0,
                    help="also answer this many prompts the base model writes in the style of the --prompts rows")
     d.add_argument("--time-limit", type=float, default=0,
-                   help="seconds: answer fewer prompts if it would take longer (writing them takes up to a third)")
+                   help="seconds: answer fewer prompts if it would take longer (writing --imitate prompts takes up to 40%%)")
     t = sub.add_parser("train", help="train heads on generated data")
     t.add_argument("--data", required=True, help="data file(s), comma-separated")
     t.add_argument("--kind", choices=["medusa", "hydra", "hydra++"], default="hydra++")
@@ -585,7 +585,7 @@ def main(argv=None):
             t0, limit = time.time(), args.time_limit or float("inf")
             extra = synthetic_prompts(args.synthetic, args.seed)
             if args.imitate:
-                extra += imitated_prompts(model, tok, prompts, args.imitate, args.batch, args.seed, deadline=t0 + limit / 3)
+                extra += imitated_prompts(model, tok, prompts, args.imitate, args.batch, args.seed, deadline=t0 + 0.4 * limit)
             rows = make_data(model, tok, prompts, args.samples, temps, args.max_new_tokens, args.batch, extra, args.seed,
                              deadline=t0 + limit)
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
