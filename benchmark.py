@@ -2,7 +2,7 @@
 
     python benchmark.py e2e --heads medusa=heads/m hydra=heads/h hydra++=heads/hpp --prompts q.jsonl --rows 80-99
         AR vs speculative decoding with each set of heads (plus Hugging Face generate() as the baseline a user
-        would otherwise pick), batch 1 and larger, greedy: tokens/s, mean acceptance length, speedup over AR,
+        would otherwise pick; --hf-limit N: on the first N prompts only), batch 1 and larger, greedy: tokens/s, mean acceptance length, speedup over AR,
         output match with AR. Writes JSON, a markdown table and a plot.
     python benchmark.py steps --shape 7b
         Step times of one model forward under CUDA graphs: an autoregressive step (1 token per row) vs a
