@@ -168,8 +168,10 @@ def e2e(args):
     texts = th.read_prompts(args.prompts, th.parse_range(args.rows), first_turn=True)[:args.limit or None]
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
     heads = dict(h.split("=", 1) for h in args.heads)
-    # sampled: speculative decoding verifies with typical acceptance, so outputs are not expected to match AR's
+    # sampled: outputs are not expected to match AR's token for token (exact acceptance samples the same
+    # distribution, typical acceptance a nearby one); each acceptance rule runs as its own row
     sp = hl.SamplingParams(temperature=args.temperature)
+    rules = args.acceptance if args.temperature > 0 else ["exact"]  # (greedy verification ignores the rule)
     if args.temperature > 0 and args.hf:
         log("temperature > 0: no transformers generate() baseline")
         args.hf = False
@@ -189,9 +191,10 @@ def e2e(args):
             results.append(dict(mode="hf-generate", batch=1, **hf, speedup=hf["tokens_per_s"] / ar["tokens_per_s"],
                                 exact_match=exact, token_match=tm))
             log(f"b1 hf generate: {hf['tokens_per_s']:.1f} tokens/s")
-        for name, spec in heads.items():
+        for (name, spec), rule in ((h, r) for h in heads.items() for r in rules):
             path, _, size = spec.partition(":")  # DIR[:TREE_NODES]
-            gen = hl.Generator(model, tok, hl.load_heads(path, model), tree_for(path, args, int(size or 0)))
+            gen = hl.Generator(model, tok, hl.load_heads(path, model), tree_for(path, args, int(size or 0)), acceptance=rule)
+            name = name if len(rules) == 1 else f"{name} ({rule})"
             gen.generate(prompts[:batch], 16, sp)
             out, r = run_mode(gen, prompts, batch, args.max_new_tokens, "spec", sp)
             exact, tm = match_stats(out, ar_out)
@@ -207,7 +210,8 @@ def e2e(args):
                 f"x{r['tokens_per_s'] / ar['tokens_per_s']:.2f}, match {exact:.2f}/{tm:.3f}")
     meta = dict(device=torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu", date=time.strftime("%Y-%m-%d"),
                 command=" ".join(sys.argv), torch=torch.__version__, dtype=args.dtype, prompts=len(prompts),
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                acceptance=rules if args.temperature > 0 else None)
     with open(os.path.join(args.out, "e2e.json"), "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
     with open(os.path.join(args.out, "e2e_outputs.json"), "w") as f:
@@ -344,7 +348,10 @@ def main(argv=None):
     e.add_argument("--no-hf", dest="hf", action="store_false")
     e.add_argument("--hf-limit", type=int, default=0, help="run transformers generate() on the first N prompts only")
     e.add_argument("--temperature", type=float, default=0.0,
-                   help="sample at this temperature (speculative: typical acceptance; default 0: greedy)")
+                   help="sample at this temperature (default 0: greedy)")
+    e.add_argument("--acceptance", nargs="+", choices=["exact", "typical"], default=["exact"],
+                   help="sampled speculative decoding's acceptance rule(s), each as its own row (exact: the base "
+                        "model's own distribution; typical: Medusa/Hydra's typical acceptance)")
     s = sub.add_parser("steps")
     s.add_argument("--shape", choices=list(SHAPES), default="7b")
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8])

@@ -238,6 +238,30 @@ def accept_typical(tree_tokens, logits, parent, retrieve, temperature, threshold
     return longest_path(ok_node[:, retrieve.clamp(min=0)[:, 1:]], retrieve)
 
 
+def accept_exact(tree_tokens, logits, tree, sp, generator=None):
+    """Lossless verification for sampling: the tokens come out distributed exactly as sampling from the base
+    model one token at a time (same temperature, top-k, top-p). At each accepted node, its children (distinct
+    tokens, in rank order) are tried in turn: child c is accepted with probability p(c) / (1 - p(children
+    tried before)), and the first accepted one is taken; when all are rejected, the next token is drawn from p
+    without them. (Speculative sampling with deterministic drafts: each token comes out with probability
+    exactly p.) logits [B, T, V]; returns (n_accept, path, next_token)."""
+    B, T, V = logits.shape
+    probs = sampling_logits(logits, sp).softmax(-1)  # [B, T, V]: p after each node
+    p_node = probs.view(B, T * V).gather(1, tree.parent[None] * V + tree_tokens)  # each node's p after its parent
+    earlier = tree.earlier_siblings.to(probs.dtype)  # [T, T]: [j, i] = i is tried before j
+    tried = p_node @ earlier.T  # the probability of the siblings tried before each node
+    u = torch.rand(B, T, device=probs.device, generator=generator)
+    accept = u * (1 - tried) < p_node
+    taken = accept & (accept.to(probs.dtype) @ earlier.T == 0)  # the first accepted child of each node
+    n_accept, path = longest_path(taken[:, tree.retrieve.clamp(min=0)[:, 1:]], tree.retrieve)
+    last = last_accepted(path, n_accept)  # [B, 1]: its children were all rejected
+    p_last = probs.gather(1, last[:, :, None].expand(B, 1, V))[:, 0]  # [B, V]
+    rejected = torch.zeros_like(p_last).scatter_add_(1, tree_tokens, tree.children[last[:, 0]].to(p_last.dtype))
+    residual = p_last.masked_fill(rejected > 0, 0.0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_last)  # (rounding left it no mass)
+    return n_accept, path, draw(residual, generator)
+
+
 # Dispatch: Triton on CUDA tensors when kernels.py is importable, else the references above.
 USE_TRITON = os.environ.get("HYDRA_LITE_TRITON", "1") != "0"
 
@@ -549,22 +573,33 @@ class SamplingParams:
     top_p: float = 1.0
 
 
-def sample(logits, sp: SamplingParams, generator=None):
-    """logits [B, V] -> tokens [B]."""
-    if sp.temperature <= 0:
-        return logits.argmax(-1)
+def sampling_logits(logits, sp: SamplingParams):
+    """The logits [..., V] that sampling draws from (float32): scaled by the temperature, top-k and top-p
+    applied. Speculative sampling verifies against the same distribution."""
     logits = logits.float() / sp.temperature
     if sp.top_k > 0:
-        kth = logits.topk(min(sp.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = logits.topk(min(sp.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sp.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) > sp.top_p  # keep the smallest prefix reaching top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    # Exponential race (= multinomial draw) with no host sync, so it can run inside a CUDA graph.
-    noise = torch.empty_like(logits).exponential_(generator=generator)
-    return (logits.softmax(-1) / noise).argmax(-1)
+    return logits
+
+
+def draw(probs, generator=None):
+    """One token per row of probs [..., V] (need not sum to 1). An exponential race (= a multinomial draw)
+    with no host sync, so it can run inside a CUDA graph."""
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+def sample(logits, sp: SamplingParams, generator=None):
+    """logits [B, V] -> tokens [B]."""
+    if sp.temperature <= 0:
+        return logits.argmax(-1)
+    return draw(sampling_logits(logits, sp).softmax(-1), generator)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -808,6 +843,14 @@ class Tree:
                 parent_slot=torch.tensor([parents.index(parent[i]) for i in nodes], device=device),
                 rank=torch.tensor([rank[i] for i in nodes], device=device), k=max(rank[i] for i in nodes) + 1,
                 path=node_path[parents, :d].to(device)))
+        # Sampling (accept_exact): each node's earlier siblings (they are tried first) and each node's children.
+        earlier = torch.zeros(self.size, self.size, dtype=torch.bool)
+        children = torch.zeros(self.size, self.size, dtype=torch.bool)
+        for j in range(1, self.size):
+            children[parent[j], j] = True
+            for i in range(1, j):
+                earlier[j, i] = parent[i] == parent[j]  # nodes are sorted by (depth, ranks): i ranks before j
+        self.earlier_siblings, self.children = earlier.to(device), children.to(device)
         self.node_path = node_path.to(device)
         self.mask, self.retrieve = mask.to(device), retrieve.to(device)
         self.parent = torch.tensor(parent, device=device)
@@ -893,7 +936,7 @@ class Generator:
     (batch, max_len, mode, speculative sampling settings) and reused across calls."""
 
     def __init__(self, model: Llama, tokenizer=None, heads: Optional[DraftHeads] = None, tree_choices=None,
-                 cuda_graphs=True, posterior_threshold=0.09, posterior_alpha=0.3):
+                 cuda_graphs=True, acceptance="exact", posterior_threshold=0.09, posterior_alpha=0.3):
         self.model, self.tokenizer, self.heads = model, tokenizer, heads
         self.device = model.embed.weight.device
         # Graph capture needs the Triton path: the reference attention reads lengths on the host.
@@ -904,11 +947,16 @@ class Generator:
         if heads is not None and self.tree.depth > heads.hc.n_heads:
             raise HydraLiteError(f"tree is {self.tree.depth} deep but there are only {heads.hc.n_heads} heads")
         self._key, self._host = None, None
-        self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha  # typical acceptance
+        # Sampled speculative decoding: "exact" (lossless, accept_exact) or "typical" (Medusa/Hydra's typical
+        # acceptance: more tokens per step, but not the base model's distribution; its threshold and alpha).
+        if acceptance not in ("exact", "typical"):
+            raise HydraLiteError(f"acceptance is 'exact' or 'typical', not {acceptance!r}")
+        self.acceptance = acceptance
+        self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
 
     # -- setup shared by both modes
     def _setup(self, batch, max_len, mode):
-        key = (batch, max_len, mode, self.sampling if mode != "ar" else None)  # AR samples outside its graph
+        key = (batch, max_len, mode, self.sampling if mode != "ar" else None, self.acceptance)  # AR samples outside its graph
         if self._key == key:
             return
         self._key = key
@@ -968,9 +1016,12 @@ class Generator:
         hidden = self.model(tokens, cache, pos, tree.mask)  # [B, T, dim]
         if sp.temperature > 0:
             logits = self.model.logits(hidden)  # [B, T, V]
-            n_accept, path = accept_typical(tokens, logits, tree.parent, tree.retrieve, sp.temperature,
-                                            self.posterior_threshold, self.posterior_alpha)
-            next_token = sample(logits[rows, last_accepted(path, n_accept)][:, 0], sp)  # the base model's own choice
+            if self.acceptance == "exact":
+                n_accept, path, next_token = accept_exact(tokens, logits, tree, sp)
+            else:
+                n_accept, path = accept_typical(tokens, logits, tree.parent, tree.retrieve, sp.temperature,
+                                                self.posterior_threshold, self.posterior_alpha)
+                next_token = sample(logits[rows, last_accepted(path, n_accept)][:, 0], sp)  # the base model's choice
             out = step_output(tokens, n_accept, path, next_token)
         else:  # the base model's argmax at each node, without its [B, T, V] logits in memory
             base_pred = lm_topk(hidden, self.model.output_weight, 1)[1][..., 0]  # [B, T]
@@ -1124,6 +1175,9 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--acceptance", choices=["exact", "typical"], default="exact",
+                    help="sampled speculative decoding: exact (the base model's own distribution) or typical "
+                         "(Medusa/Hydra's typical acceptance: more tokens per step, not the same distribution)")
     ap.add_argument("--stop", action="append", default=[], help="stop once the answer contains this text (repeatable)")
     ap.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text")
     ap.add_argument("--system", default=None, help="system prompt for the chat template")
@@ -1160,7 +1214,7 @@ def _run_cli(args):
     tree = None
     if args.tree:
         tree = json.load(open(args.tree)) if args.tree.endswith(".json") else json.loads(args.tree)
-    gen = Generator(model, tok, heads, tree, cuda_graphs=not args.no_cuda_graphs)
+    gen = Generator(model, tok, heads, tree, cuda_graphs=not args.no_cuda_graphs, acceptance=args.acceptance)
     if args.raw or model.cfg.chat_template == "none":
         prompts = [tok.encode(p) for p in args.prompt]
     else:

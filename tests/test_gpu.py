@@ -57,12 +57,13 @@ def test_gpu_triton_path_matches_reference_path():
         assert ar_graph == ar_plain, name
 
 
-def test_gpu_sampled_speculative_under_graphs():
+@pytest.mark.parametrize("acceptance", ["exact", "typical"])
+def test_gpu_sampled_speculative_under_graphs(acceptance):
     model = tiny_model(22, n_heads=4, n_kv_heads=2).cuda()
     heads = tiny_heads(model, True, True).cuda()
     prompts = [[3, 4, 5], [9, 8, 7, 6, 5]]
     greedy, _ = hl.Generator(model).generate(prompts, 40, stop_at_eos=False)
-    gen = hl.Generator(model, heads=heads)
+    gen = hl.Generator(model, heads=heads, acceptance=acceptance)
     assert gen.use_graphs
     cold, _ = gen.generate(prompts, 40, hl.SamplingParams(temperature=1e-3), stop_at_eos=False)
     assert cold == greedy

@@ -183,6 +183,8 @@ def test_bad_inputs(tmp_path):
         hl.load_model(str(tmp_path))
     with pytest.raises(hl.HydraLiteError, match="only 2 heads"):
         hl.Generator(model, heads=tiny_heads(model, True, False, n_heads=2), tree_choices=hl.default_tree(depth=4))
+    with pytest.raises(hl.HydraLiteError, match="'exact' or 'typical'"):
+        hl.Generator(model, acceptance="loose")
     with pytest.raises(hl.HydraLiteError, match="at least one token"):
         hl.Generator(model).generate([[]])
     with pytest.raises(hl.HydraLiteError, match="does not fit"):
@@ -236,15 +238,103 @@ def test_accept_typical():
     assert n.tolist() == [2]  # p(8) = 0.5 is not above min(0.6, exp(-ln 2)) = 0.5: rejected
 
 
+def markov_decode(tree, table, draft_table, root, n_tokens, sp, acceptance, rows):
+    """Speculative sampling of a first-order Markov "model" (the logits after token t are table[t]), drafts
+    from the top ranks of draft_table[parent token] on `tree`, like draft() does with heads, `rows` sequences
+    at once. Returns the first n_tokens sampled tokens [rows, n_tokens] and the mean acceptance length."""
+    out = torch.full((rows, n_tokens), -1)
+    count, last = torch.zeros(rows, dtype=torch.long), torch.full((rows,), root)
+    steps = accepted = 0
+    while (count < n_tokens).any():
+        tokens = last[:, None].repeat(1, tree.size)
+        for lv in tree.levels:
+            top = draft_table[tokens[:, lv["parents"]]].topk(lv["k"], dim=-1).indices  # [rows, n_par, k]
+            tokens[:, lv["nodes"]] = top[:, lv["parent_slot"], lv["rank"]]
+        logits = table[tokens]  # [rows, T, V]
+        if acceptance == "exact":
+            n, path, nxt = hl.accept_exact(tokens, logits, tree, sp)
+        else:
+            n, path = hl.accept_typical(tokens, logits, tree.parent, tree.retrieve, sp.temperature)
+            nxt = hl.sample(logits.gather(1, hl.last_accepted(path, n)[:, :, None].expand(-1, 1, table.shape[1]))[:, 0], sp)
+        emitted = torch.cat([tokens.gather(1, path)[:, 1:], nxt[:, None]], dim=1)  # valid: the first n
+        emitted.scatter_(1, (n - 1)[:, None], nxt[:, None])
+        j = torch.arange(emitted.shape[1])
+        pos = count[:, None] + j
+        keep = (j < n[:, None]) & (pos < n_tokens)
+        out[torch.arange(rows)[:, None].expand_as(pos)[keep], pos[keep]] = emitted[keep]
+        count, last = count + n, nxt
+        steps, accepted = steps + 1, accepted + n.float().mean().item()
+    return out, accepted / steps
+
+
+def chi_square_ok(samples, probs, z=4.3):
+    """Pearson's chi-square of samples (cell ids) against probs, cells expected < 5 times pooled; passes
+    unless it is past the (1 - 1e-5)-quantile (Wilson-Hilferty, z = 4.3). Returns (ok, statistic, limit)."""
+    n = len(samples)
+    counts = torch.bincount(samples, minlength=len(probs)).double()
+    expected = probs.double() * n
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    stat = ((obs - exp) ** 2 / exp).sum().item()
+    k = len(exp) - 1
+    limit = k * (1 - 2 / (9 * k) + z * (2 / (9 * k)) ** 0.5) ** 3
+    return stat < limit, stat, limit
+
+
+@pytest.mark.parametrize("sp", [hl.SamplingParams(temperature=1.0), hl.SamplingParams(temperature=0.7, top_p=0.8),
+                                hl.SamplingParams(temperature=1.3, top_k=3)])
+def test_accept_exact_samples_the_base_distribution(sp):
+    """Speculative sampling with exact acceptance: the first three tokens are distributed as the base model's
+    own sampling (its joint probability, checked by chi-square over 30,000 sequences on fresh random tables),
+    while accepting more than one token per step. Typical acceptance, on the same draws, is not (the check
+    has the power to fail)."""
+    import random
+    seed = random.randrange(2 ** 31)
+    torch.manual_seed(seed)
+    V = 5
+    while True:  # a table whose three-token outcomes are not close to certain (else there is nothing to test)
+        table = torch.randn(V, V) * 1.5
+        p = hl.sampling_logits(table, sp).softmax(-1)  # p[a, b]: the base model's chance of b after a
+        joint = (p[2][:, None, None] * p[:, :, None] * p[None]).flatten()  # the first three tokens after root 2
+        if (joint * 30000 >= 5).sum() >= 10:
+            break
+    draft_table = table + 0.7 * torch.randn(V, V)  # drafts: mostly, not always, the base model's top tokens
+    tree = hl.Tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1]])
+    for acceptance in ("exact", "typical"):
+        out, mean_accept = markov_decode(tree, table, draft_table, 2, 3, sp, acceptance, 30000)
+        ok, stat, limit = chi_square_ok(out[:, 0] * V * V + out[:, 1] * V + out[:, 2], joint)
+        if acceptance == "exact":
+            assert ok and mean_accept > 1.3, (seed, stat, limit, mean_accept)
+        else:
+            assert not ok, (seed, stat, limit)
+
+
+def test_accept_exact_rejects_then_draws_the_rest():
+    """After the root, p = [0.5, 0.3, 0.2] over tokens 0-2 and the tree drafts tokens 0 and 1 (in that
+    order): token 0 comes first with 0.5, token 1 with 0.3 / (1 - 0.5), and token 2 only from what is left."""
+    tree = hl.Tree([[0], [1]])
+    tokens = torch.tensor([[2, 0, 1]]).repeat(20000, 1)
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))[None, None].repeat(20000, 3, 1)
+    torch.manual_seed(0)
+    n, path, nxt = hl.accept_exact(tokens, logits, tree, hl.SamplingParams(temperature=1.0))
+    first = torch.where(n == 2, tokens.gather(1, path)[:, 1], nxt)
+    share = torch.bincount(first, minlength=3).float() / len(first)
+    assert torch.allclose(share, torch.tensor([0.5, 0.3, 0.2]), atol=0.015), share
+    assert (nxt[n == 1] == 2).all()  # both drafts rejected: only token 2 is left
+
+
 @pytest.mark.parametrize("prefix", [False, True])
-def test_sampled_speculative_decoding(prefix):
+@pytest.mark.parametrize("acceptance", ["exact", "typical"])
+def test_sampled_speculative_decoding(prefix, acceptance):
     model = tiny_model(14)
     heads = tiny_heads(model, True, prefix)
     prompts = [[3, 4, 5], [9, 8, 7, 6, 5]]
     greedy, _ = hl.Generator(model).generate(prompts, 30, stop_at_eos=False)
-    gen = hl.Generator(model, heads=heads)
+    gen = hl.Generator(model, heads=heads, acceptance=acceptance)
     cold, _ = gen.generate(prompts, 30, hl.SamplingParams(temperature=1e-3), stop_at_eos=False)
-    assert cold == greedy  # near-zero temperature: typical acceptance degenerates to greedy verification
+    assert cold == greedy  # near-zero temperature: both acceptance rules degenerate to greedy verification
     torch.manual_seed(0)
     hot, stats = gen.generate(prompts, 30, hl.SamplingParams(temperature=1.0, top_p=0.9), stop_at_eos=False)
     assert hot != greedy and all(len(o) == 30 and all(0 <= t < 97 for t in o) for o in hot)

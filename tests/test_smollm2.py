@@ -135,8 +135,8 @@ def test_train_heads_cli_end_to_end(tmp_path):
 
 
 def test_benchmark_e2e_sampled(tmp_path):
-    """benchmark.py e2e --temperature: AR and speculative decoding both sample (typical acceptance), with no
-    transformers baseline; the temperature is recorded."""
+    """benchmark.py e2e --temperature: AR and speculative decoding both sample, each --acceptance rule as its
+    own row, with no transformers baseline; the temperature and rules are recorded."""
     import json
 
     import benchmark
@@ -145,9 +145,10 @@ def test_benchmark_e2e_sampled(tmp_path):
     prompts.write_text('{"turns": ["Write a haiku about rain."]}\n')
     heads = os.path.join(ROOT, "heads", "smollm2-135m-hydra++")
     rc = benchmark.main(["e2e", "--checkpoint", CKPT, "--prompts", str(prompts), "--batch", "1", "--max-new-tokens", "12",
-                         "--dtype", "float32", "--temperature", "0.7", "--heads", f"hydra++={heads}", "--out", str(tmp_path)])
+                         "--dtype", "float32", "--temperature", "0.7", "--acceptance", "exact", "typical",
+                         "--heads", f"hydra++={heads}", "--out", str(tmp_path)])
     assert not rc
     report = json.loads((tmp_path / "e2e.json").read_text())
-    assert report["meta"]["temperature"] == 0.7
-    assert [r["mode"] for r in report["results"]] == ["ar", "hydra++"]
-    assert 0 < report["results"][1]["new_tokens"] <= 12 and report["results"][1]["mean_accept"] >= 1.0
+    assert report["meta"]["temperature"] == 0.7 and report["meta"]["acceptance"] == ["exact", "typical"]
+    assert [r["mode"] for r in report["results"]] == ["ar", "hydra++ (exact)", "hydra++ (typical)"]
+    assert all(0 < r["new_tokens"] <= 12 and r["mean_accept"] >= 1.0 for r in report["results"][1:])
