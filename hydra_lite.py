@@ -956,7 +956,8 @@ class Generator:
 
     # -- setup shared by both modes
     def _setup(self, batch, max_len, mode):
-        key = (batch, max_len, mode, self.sampling if mode != "ar" else None, self.acceptance)  # AR samples outside its graph
+        sampled = (self.sampling, self.acceptance) if mode != "ar" else None  # AR samples outside its graph
+        key = (batch, max_len, mode, sampled)
         if self._key == key:
             return
         self._key = key
