@@ -185,7 +185,7 @@ def e2e(args):
         results.append(dict(mode="ar", batch=batch, **ar, speedup=1.0, exact_match=1.0, token_match=1.0))
         log(f"b{batch} ar: {ar['tokens_per_s']:.1f} tokens/s")
         if batch == 1 and args.hf:
-            n_hf = args.hf_limit or len(prompts)  # (generate() is ~30x slower: a few prompts give its rate)
+            n_hf = args.hf_limit or len(prompts)  # (generate() is 30-50x slower: a few prompts give its rate)
             hf_out, hf = run_hf(model, prompts[:n_hf], args.max_new_tokens)
             exact, tm = match_stats(hf_out, ar_out[:n_hf])
             results.append(dict(mode="hf-generate", batch=1, **hf, speedup=hf["tokens_per_s"] / ar["tokens_per_s"],
@@ -349,7 +349,7 @@ def main(argv=None):
     e.add_argument("--hf-limit", type=int, default=0, help="run transformers generate() on the first N prompts only")
     e.add_argument("--temperature", type=float, default=0.0,
                    help="sample at this temperature (default 0: greedy)")
-    e.add_argument("--acceptance", nargs="+", choices=["exact", "typical"], default=["exact"],
+    e.add_argument("--acceptance", nargs="+", choices=hl.ACCEPTANCE_RULES, default=["exact"],
                    help="sampled speculative decoding's acceptance rule(s), each as its own row (exact: the base "
                         "model's own distribution; typical: Medusa/Hydra's typical acceptance)")
     s = sub.add_parser("steps")

@@ -238,6 +238,9 @@ def accept_typical(tree_tokens, logits, parent, retrieve, temperature, threshold
     return longest_path(ok_node[:, retrieve.clamp(min=0)[:, 1:]], retrieve)
 
 
+ACCEPTANCE_RULES = ("exact", "typical")  # sampled speculative decoding: accept_exact, accept_typical
+
+
 def accept_exact(tree_tokens, logits, tree, sp, generator=None):
     """Lossless verification for sampling: the tokens come out distributed exactly as sampling from the base
     model one token at a time (same temperature, top-k, top-p). At each accepted node, its children (distinct
@@ -949,7 +952,7 @@ class Generator:
         self._key, self._host = None, None
         # Sampled speculative decoding: "exact" (lossless, accept_exact) or "typical" (Medusa/Hydra's typical
         # acceptance: more tokens per step, but not the base model's distribution; its threshold and alpha).
-        if acceptance not in ("exact", "typical"):
+        if acceptance not in ACCEPTANCE_RULES:
             raise HydraLiteError(f"acceptance is 'exact' or 'typical', not {acceptance!r}")
         self.acceptance = acceptance
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
@@ -1176,7 +1179,7 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--acceptance", choices=["exact", "typical"], default="exact",
+    ap.add_argument("--acceptance", choices=ACCEPTANCE_RULES, default="exact",
                     help="sampled speculative decoding: exact (the base model's own distribution) or typical "
                          "(Medusa/Hydra's typical acceptance: more tokens per step, not the same distribution)")
     ap.add_argument("--stop", action="append", default=[], help="stop once the answer contains this text (repeatable)")

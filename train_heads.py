@@ -180,8 +180,14 @@ def make_data(model, tok, prompts, samples, temperatures, max_new_tokens, batch,
     gen = hl.Generator(model, tok)
     jobs = [(p, temperatures[s % len(temperatures)]) for p in prompts for s in range(samples)]
     jobs += [(p, temperatures[i % len(temperatures)]) for i, p in enumerate(extra_prompts)]
-    seen = set()
-    jobs = [j for j in jobs if j[1] > 0 or not (j in seen or seen.add(j))]
+    kept, greedy_seen = [], set()
+    for job in jobs:
+        if job[1] == 0:  # greedy: the same answer again
+            if job in greedy_seen:
+                continue
+            greedy_seen.add(job)
+        kept.append(job)
+    jobs = kept
     by_temp = {}
     for job in jobs:
         by_temp.setdefault(job[1], []).append(job)
