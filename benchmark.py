@@ -2,14 +2,17 @@
 
     python benchmark.py e2e --heads medusa=heads/m hydra=heads/h hydra++=heads/hpp --prompts q.jsonl --rows 80-99
         AR vs speculative decoding with each set of heads (plus Hugging Face generate() as the baseline a user
-        would otherwise pick; --hf-limit N: on the first N prompts only), batch 1 and larger, greedy: tokens/s, mean acceptance length, speedup over AR,
-        output match with AR. Writes JSON, a markdown table and a plot.
+        would otherwise pick; --hf-limit N: on the first N prompts only), batch 1 and larger, greedy: tokens/s,
+        mean acceptance length, speedup over AR, output match with AR. Writes JSON, a markdown table and a plot.
     python benchmark.py steps --shape 7b
         Step times of one model forward under CUDA graphs: an autoregressive step (1 token per row) vs a
         64-token tree verification, batch 1 and 8, against the HBM roofline (weights + KV cache read once).
+    python benchmark.py check
+        On a GPU: every Triton kernel of kernels.py against its reference in hydra_lite.py, then their times.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -81,15 +84,15 @@ def export_hf(model, out_dir):
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm}
     if model.lm_head is not None:
-        sd["lm_head.weight"] = model.lm_head
+        sd["lm_head.weight"] = model.lm_head.weight
     for i, L in enumerate(model.layers):
         p = f"model.layers.{i}."
-        wq, wk, wv = L.wqkv.split([q, kv, kv])
-        gate, up = L.w13.chunk(2)
-        sd.update({p + "input_layernorm.weight": L.attn_norm, p + "post_attention_layernorm.weight": L.ffn_norm,
+        wq, wk, wv = L.wqkv.weight.split([q, kv, kv])
+        gate, up = L.w13.weight.chunk(2)
+        sd.update({p + "input_layernorm.weight": L.attn_norm.weight, p + "post_attention_layernorm.weight": L.ffn_norm.weight,
                    p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk, p + "self_attn.v_proj.weight": wv,
-                   p + "self_attn.o_proj.weight": L.wo, p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                   p + "mlp.down_proj.weight": L.w2})
+                   p + "self_attn.o_proj.weight": L.wo.weight, p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                   p + "mlp.down_proj.weight": L.w2.weight})
     save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, os.path.join(out_dir, "model.safetensors"))
     cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=c.dim, intermediate_size=c.hidden_dim,
                num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
@@ -114,10 +117,10 @@ def run_hf(model, prompts, max_new):
     hf.generate(torch.tensor([prompts[0]], device=hf.device), max_new_tokens=8, do_sample=False)  # warm-up
     for p in prompts:
         x = torch.tensor([p], device=hf.device)
-        hl._sync(hf.device)
+        hl.sync(hf.device)
         t0 = time.perf_counter()
         y = hf.generate(x, max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
-        hl._sync(hf.device)
+        hl.sync(hf.device)
         secs += time.perf_counter() - t0
         o = y[0, len(p):].tolist()
         o = o[:next((i for i, t in enumerate(o) if t in eos), len(o))]
@@ -145,15 +148,15 @@ def profile_step(gen, prompt, path):
     cuda = gen.device.type == "cuda"
 
     gen.generate([prompt], 16)
-    step = gen.step.fn
+    ws = gen.workspace
     with torch.inference_mode():
-        logits, h = gen._prefill([prompt])
+        logits, h = gen._prefill(ws, [prompt])
         root = logits.argmax(-1)
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             for _ in range(5):
-                out, h = step(root, h, torch.ones_like(root, dtype=torch.int32))
+                out, h = ws.step.fn(root, h, torch.ones_like(root, dtype=torch.int32))
                 root = out[:, -1]
-            hl._sync(gen.device)
+            hl.sync(gen.device)
     table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=60)
     with open(path, "w") as f:
         f.write(table)
@@ -321,7 +324,8 @@ def steps(args):
                                  hbm_floor_ms=floor_ms, flop_floor_ms=flop_ms, fraction=max(floor_ms, flop_ms) / ms))
                 log(f"b{B} {name} ({B * T} tokens): {ms:.3f} ms, HBM floor {floor_ms:.3f} ms, bf16 FLOP floor {flop_ms:.3f} ms")
     table = ["| shape | batch | step | tokens | ms | roofline ms | of roofline |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    table += [f"| {r['shape']} | {r['batch']} | {r['step']} | {r['tokens']} | {r['ms']:.3f} | {r['roofline_ms']:.3f} | {r['fraction'] * 100:.0f}% |" for r in rows]
+    table += [f"| {r['shape']} | {r['batch']} | {r['step']} | {r['tokens']} | {r['ms']:.3f} | {r['roofline_ms']:.3f} | "
+              f"{r['fraction'] * 100:.0f}% |" for r in rows]
     meta = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv),
                 hbm_tb_s=bw / 1e12, params=n_params, context=args.context)
     os.makedirs(args.out, exist_ok=True)
@@ -329,6 +333,205 @@ def steps(args):
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(json.dumps(meta))
     print("\n".join(table))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel check on a GPU: every Triton kernel against its reference (hydra_lite's *_ref ops) on fresh random
+# inputs, then its time. (On the CPU, tests/test_kernels.py runs the same comparisons under the interpreter.)
+
+# (Hq, Hkv, head_dim, dim, hidden_dim, layers); "d80": a non-power-of-2 head_dim
+CHECK_SHAPES = {"smollm2": (9, 3, 64, 576, 1536, 30), "7b": (32, 32, 128, 4096, 11008, 32), "d80": (8, 2, 80, 640, 1024, 4)}
+CHECK_SLOTS = 2048 + 512 + 64  # cache slots per row
+
+
+class KernelCheck:
+    """Collects PASS/FAIL lines and timings."""
+
+    def __init__(self):
+        import triton
+
+        self.bench, self.bench_graph = triton.testing.do_bench, triton.testing.do_bench_cudagraph
+        self.failures, self.timings = [], []
+
+    def close(self, name, out, ref, dtype):
+        out, ref = out.float(), ref.float()
+        abs_err = (out - ref).abs().max().item()
+        rel_err = abs_err / max(ref.abs().max().item(), 1e-30)
+        rtol, atol = (1e-4, 1e-4) if dtype == torch.float32 else (1.6e-2, 1e-2)
+        self.verdict(name, bool(torch.isfinite(out).all()) and torch.allclose(out, ref, rtol=rtol, atol=atol),
+                     f"max abs {abs_err:.2e}  rel {rel_err:.2e}")
+
+    def verdict(self, name, ok, detail=""):
+        print(f"{'PASS' if ok else 'FAIL'}  {name:58s} {detail}")
+        if not ok:
+            self.failures.append(name)
+
+    def time(self, name, fn, ref_fn):
+        """The kernel replayed in a CUDA graph (GPU time), called eagerly (+ host time), and its reference."""
+        median = dict(return_mode="median")
+        self.timings.append((name, self.bench_graph(fn, **median) * 1e3, self.bench(fn, **median) * 1e3,
+                             self.bench(ref_fn, **median) * 1e3))
+
+    def report(self):
+        print("\n== timings (median, us; graph: the kernel replayed in a CUDA graph, eager: one call from Python)")
+        print(f"{'kernel':52s} {'graph':>8s} {'eager':>8s} {'reference':>10s} {'ref/graph':>9s}")
+        for name, t_g, t_e, t_r in self.timings:
+            print(f"{name:52s} {t_g:8.1f} {t_e:8.1f} {t_r:10.1f} {t_r / t_g:8.1f}x")
+        if self.failures:
+            print(f"\n{len(self.failures)} FAILED: {self.failures}")
+            return 1
+        print("\nall PASS")
+        return 0
+
+
+def check_elementwise(c, K, shape, B, timed):
+    """RMSNorm (+ residual), SwiGLU, silu_add (whole and strided halves), the grounded heads' input."""
+    (_, _, _, dim, hidden, _), name, dev, bf16 = CHECK_SHAPES[shape], shape, "cuda", torch.bfloat16
+    rows = B * 64
+    x = torch.randn(B, 64, dim, device=dev, dtype=bf16)
+    r, w = torch.randn_like(x), torch.randn(dim, device=dev, dtype=bf16)
+    c.close(f"rms_norm {name} [{rows},{dim}]", K.rms_norm(x, w, 1e-5), hl.rms_norm_ref(x, w, 1e-5), bf16)
+    c.close(f"rms_norm+residual {name} [{rows},{dim}]", torch.cat(K.rms_norm(x, w, 1e-5, r)),
+            torch.cat(hl.rms_norm_ref(x, w, 1e-5, r)), bf16)
+    gu = torch.randn(B, 64, 2 * hidden, device=dev, dtype=bf16)
+    c.close(f"swiglu {name} [{rows},{2 * hidden}]", K.swiglu(gu), hl.swiglu_ref(gu), bf16)
+    if timed:
+        c.time(f"rms_norm+res {name} [{rows},{dim}]", lambda: K.rms_norm(x, w, 1e-5, r), lambda: hl.rms_norm_ref(x, w, 1e-5, r))
+        c.time(f"swiglu {name} [{rows},{2 * hidden}]", lambda: K.swiglu(gu), lambda: hl.swiglu_ref(gu))
+    r, z = torch.randn(B, 64, dim, device=dev, dtype=bf16), torch.randn(B, 64, dim, device=dev, dtype=bf16)
+    c.close(f"silu_add {name} [{rows},{dim}]", K.silu_add(r, z), hl.silu_add_ref(r, z), bf16)
+    y = torch.randn(B, 64, 2 * dim, device=dev, dtype=bf16)  # the heads' fused projection: two halves
+    c.close(f"silu_add halves {name} [{rows},{dim}]", K.silu_add(y[..., :dim], y[..., dim:]),
+            hl.silu_add_ref(y[..., :dim], y[..., dim:]), bf16)
+    emb = torch.randn(1000, dim, device=dev, dtype=bf16)
+    toks, path = torch.randint(0, 1000, (B, 64), device=dev), torch.randint(0, 64, (10, 4), device=dev)
+    h = torch.randn(B, dim, device=dev, dtype=bf16)
+    c.close(f"head_input {name} [{B}x10,{5 * dim}]", K.head_input(h, toks, path, emb), hl.head_input_ref(h, toks, path, emb),
+            bf16)
+
+
+def check_attention(c, K, shape, B, dtype, tree):
+    """RoPE + cache write, then decoding (T=1, split-K and not), tree verification (T=64) and causal prefill
+    (T=512) attention, over ragged rows up to 2000 cached slots."""
+    Hq, Hkv, D, _, _, _ = CHECK_SHAPES[shape]
+    dev, S, timed = "cuda", CHECK_SLOTS, dtype == torch.bfloat16 and shape != "d80"
+    cfg = hl.Config(dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv, hidden_dim=8, vocab_size=8, head_dim=D)
+    cos, sin = hl.rope_tables(cfg, S, dev)
+    k_cache = torch.randn(2, B, S, Hkv, D, device=dev, dtype=dtype)[1]  # a layer's view of a 2-layer cache
+    v_cache = torch.randn(2, B, S, Hkv, D, device=dev, dtype=dtype)[1]
+    for T in (1, 64, 512):
+        if T == 512 and B == 8 and dtype == torch.float32:
+            continue
+        lens = torch.randint(0, 2000, (B,), device=dev, dtype=torch.int32)
+        lens[0] = 2000 if T < 512 else 0
+        tag = f"{shape} B={B} T={T} {str(dtype)[6:]}"
+        q, k, v = torch.randn(B, T, (Hq + 2 * Hkv) * D, device=dev, dtype=dtype).split([Hq * D, Hkv * D, Hkv * D], -1)
+        q, k, v = q.view(B, T, Hq, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        pos = lens[:, None].long() + (tree.node_depth[None] if T == 64 else torch.arange(T, device=dev))
+        kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+        q_ref = hl.rope_cache_write_ref(q, k, v, cos, sin, pos, kc_ref, vc_ref, lens)
+        q_rot = K.rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, lens)
+        c.close(f"rope_cache_write {tag}", torch.cat([q_rot.flatten(), k_cache.flatten(), v_cache.flatten()]),
+                torch.cat([q_ref.flatten(), kc_ref.flatten(), vc_ref.flatten()]), dtype)
+        if T in (1, 64) and timed:
+            c.time(f"rope_cache_write {tag}", lambda: K.rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, lens),
+                   lambda: hl.rope_cache_write_ref(q, k, v, cos, sin, pos, kc_ref, vc_ref, lens))
+        mask = tree.mask if T == 64 else None
+        ref = hl.attention_ref(q_rot, k_cache, v_cache, lens, mask)
+        if T == 1:
+            fn = lambda: K.decode_attention(q_rot, k_cache, v_cache, lens)  # noqa: E731
+            c.close(f"decode_attention {tag}", fn(), ref, dtype)
+            no_split = K.decode_attention(q_rot, k_cache, v_cache, lens, num_splits=1)
+            c.close(f"decode_attention no-split {tag}", no_split, ref, dtype)
+        else:
+            fn = lambda: K.tree_attention(q_rot, k_cache, v_cache, lens, mask)  # noqa: E731
+            c.close(f"tree_attention {'tree' if T == 64 else 'causal'} {tag}", fn(), ref, dtype)
+        if timed:
+            c.time(f"{'decode' if T == 1 else 'tree'}_attention {tag}", fn,
+                   lambda: hl.attention_ref(q_rot, k_cache, v_cache, lens, mask))
+
+
+def check_bookkeeping(c, K, shape, B, tree, timed):
+    """Greedy acceptance on the 64-node tree, and the KV compaction of its paths over all layers."""
+    _, Hkv, D, _, _, L = CHECK_SHAPES[shape]
+    dev = "cuda"
+    tokens = torch.randint(0, 3, (B, tree.size), device=dev)
+    pred = torch.randint(0, 3, (B, tree.size), device=dev)
+    n, path, out = K.accept_greedy(tokens, pred, tree.retrieve)
+    expected = hl.accept_greedy_ref(tokens, pred, tree.retrieve)
+    c.verdict(f"accept_greedy {shape} B={B}", all(map(torch.equal, (n, path, out), expected)),
+              f"(mean accepted {n.float().mean():.2f})")
+    k_all = torch.randn(L, B, CHECK_SLOTS, Hkv, D, device=dev, dtype=torch.bfloat16)
+    v_all = torch.randn_like(k_all)
+    lens = torch.randint(0, 2000, (B,), device=dev, dtype=torch.int32)
+    k_ref, v_ref = k_all.clone(), v_all.clone()
+    K.kv_compact(k_all, v_all, lens, path)
+    hl.kv_compact_ref(k_ref, v_ref, lens, path)
+    c.verdict(f"kv_compact {shape} L={L} B={B}", torch.equal(k_all, k_ref) and torch.equal(v_all, v_ref))
+    if timed:
+        c.time(f"accept_greedy B={B} tree=64", lambda: K.accept_greedy(tokens, pred, tree.retrieve),
+               lambda: hl.accept_greedy_ref(tokens, pred, tree.retrieve))
+        c.time(f"kv_compact {shape} L={L} B={B}", lambda: K.kv_compact(k_all, v_all, lens, path),
+               lambda: hl.kv_compact_ref(k_ref, v_ref, lens, path))
+
+
+def check_proposals(c, K):
+    """Output projection + top-k: draft proposals (SmolLM2's vocabulary, a draft vocabulary with a head bias,
+    7B's) and greedy verification's argmax at every node (k=1), fused against logits + argmax."""
+    dev, bf16 = "cuda", torch.bfloat16
+    for N, D, V in [(1, 576, 49152), (10, 576, 49152), (80, 576, 49152), (1, 576, 16384), (10, 576, 16384),
+                    (80, 576, 16384), (10, 4096, 32000)]:
+        x = torch.randn(N, D, device=dev, dtype=bf16)
+        w = torch.randn(V, D, device=dev, dtype=bf16) / math.sqrt(D)
+        bias = torch.randn(V, device=dev, dtype=bf16) if V == 16384 else None
+        values, indices = K.lm_topk(x, w, 10, bias)
+        ref_v, _ = hl.lm_topk_ref(x, w, 10, bias)
+        # ties may order differently: compare the values, and the reference logits of the chosen tokens
+        chosen = torch.nn.functional.linear(x, w, bias).float().gather(-1, indices)
+        tag = f"N={N} D={D} V={V}{' +bias' if bias is not None else ''} k=10"
+        c.close(f"lm_topk {tag}", torch.cat([values, chosen]), torch.cat([ref_v, ref_v]), bf16)
+        c.time(f"lm_topk {tag}", lambda: K.lm_topk(x, w, 10, bias), lambda: hl.lm_topk_ref(x, w, 10, bias))
+    for N in (64, 512):
+        x = torch.randn(N, 576, device=dev, dtype=bf16)
+        w = torch.randn(49152, 576, device=dev, dtype=bf16) / math.sqrt(576)
+        logits = torch.nn.functional.linear(x, w)
+        chosen = logits.float().gather(-1, K.lm_topk(x, w, 1)[1])[:, 0]
+        c.close(f"lm_topk N={N} D=576 V=49152 k=1 (verification)", chosen, logits.float().amax(-1), bf16)
+        c.time(f"verify argmax N={N} V=49152 (fused; ref: logits+argmax)", lambda: K.lm_topk(x, w, 1),
+               lambda: torch.nn.functional.linear(x, w).argmax(-1))
+
+
+def check_graph_replay(c, K, tree):
+    """Attention captured once in a CUDA graph, replayed with new lengths and inputs (no host reads inside)."""
+    Hq, Hkv, D, B, T, dev, bf16 = 9, 3, 64, 4, tree.size, "cuda", torch.bfloat16
+    k_cache = torch.randn(B, CHECK_SLOTS, Hkv, D, device=dev, dtype=bf16)
+    v_cache = torch.randn_like(k_cache)
+    lens = torch.zeros(B, device=dev, dtype=torch.int32)
+    q = torch.randn(B, T, Hq, D, device=dev, dtype=bf16)
+    graph = hl.StepGraph(lambda: (K.tree_attention(q, k_cache, v_cache, lens, tree.mask),
+                                  K.decode_attention(q[:, :1], k_cache, v_cache, lens)), [], True)
+    lens.copy_(torch.tensor([5, 1999, 0, 777], device=dev))
+    q.normal_()
+    out, out_dec = graph()
+    c.close("tree_attention under CUDA graph replay", out, hl.attention_ref(q, k_cache, v_cache, lens, tree.mask), bf16)
+    c.close("decode_attention under CUDA graph replay", out_dec, hl.attention_ref(q[:, :1], k_cache, v_cache, lens), bf16)
+
+
+def check(args):
+    import kernels as K
+
+    torch.manual_seed(0)
+    c, tree = KernelCheck(), hl.Tree(hl.default_tree(), "cuda")  # the runtime's 64-node tree
+    print("== correctness")
+    for shape in CHECK_SHAPES:
+        for B in (1, 8) if shape != "d80" else (4,):
+            check_elementwise(c, K, shape, B, timed=B == 8)
+            for dtype in (torch.bfloat16, torch.float32) if (shape, B) == ("smollm2", 8) else (torch.bfloat16,):
+                check_attention(c, K, shape, B, dtype, tree)
+            check_bookkeeping(c, K, shape, B, tree, timed=B == 8)
+    check_proposals(c, K)
+    check_graph_replay(c, K, tree)
+    return c.report()
 
 
 def main(argv=None):
@@ -349,9 +552,10 @@ def main(argv=None):
     e.add_argument("--hf-limit", type=int, default=0, help="run transformers generate() on the first N prompts only")
     e.add_argument("--temperature", type=float, default=0.0,
                    help="sample at this temperature (default 0: greedy)")
-    e.add_argument("--acceptance", nargs="+", choices=hl.ACCEPTANCE_RULES, default=["exact"],
+    e.add_argument("--acceptance", nargs="+", choices=list(hl.ACCEPTANCE_RULES), default=["exact"],
                    help="sampled speculative decoding's acceptance rule(s), each as its own row (exact: the base "
                         "model's own distribution; typical: Medusa/Hydra's typical acceptance)")
+    sub.add_parser("check", help="on a GPU: every kernel against its reference, then their times")
     s = sub.add_parser("steps")
     s.add_argument("--shape", choices=list(SHAPES), default="7b")
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -360,7 +564,7 @@ def main(argv=None):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--out", default="runs/bench")
     args = ap.parse_args(argv)
-    return e2e(args) if args.cmd == "e2e" else steps(args)
+    return {"e2e": e2e, "steps": steps, "check": check}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,20 @@ as Triton kernels and each decoding step is replayed as a CUDA graph.
 Hydra (Ankner et al. 2024, arXiv 2402.05109): draft heads on the base model's last hidden state propose a tree
 of continuations, head k conditioned on the tokens drafted before it; the base model checks the whole tree in
 one forward pass with a tree attention mask and keeps the longest path it agrees with.
+
+The file reads top-down: the config; the reference ops (the CPU path, and the oracles of kernels.py) and their
+dispatch; the model (projections, decoder layer, KV cache, loading); tokenizer and chat templates; sampling;
+draft heads and trees; drafting, verification and acceptance; the Generator; the command line.
 """
 import argparse
+import heapq
 import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -84,9 +89,9 @@ def read_json(path):
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise HydraLiteError(f"{path} not found")
+        raise HydraLiteError(f"{path} not found") from None
     except json.JSONDecodeError as e:
-        raise HydraLiteError(f"{path} is not valid JSON: {e}")
+        raise HydraLiteError(f"{path} is not valid JSON: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,7 +207,7 @@ def lm_topk_ref(x, w, k, bias=None, vocab=None):
 def head_input_ref(h, tokens, path, embed_w):
     """Grounded heads' inputs at one depth: h [B, dim], tokens [B, nodes], path [P, L] (node ids from the root
     to each parent) -> concat(h, embed(tokens on the path)) [B, P, (L+1)*dim]."""
-    B, (P, L) = h.shape[0], path.shape
+    B, P = h.shape[0], path.shape[0]
     emb = F.embedding(tokens[:, path], embed_w).flatten(2)  # [B, P, L*dim]
     return torch.cat([h[:, None, :].expand(B, P, -1), emb.to(h.dtype)], dim=-1)
 
@@ -224,53 +229,27 @@ def longest_path(ok, retrieve):
     return n_accept, path
 
 
-def accept_typical(tree_tokens, logits, parent, retrieve, temperature, threshold=0.09, alpha=0.3):
-    """Typical acceptance (Medusa/Hydra, for sampling): a drafted token is accepted when the base model gives
-    it probability above min(threshold, alpha * exp(-entropy)) after its parent, at this temperature. Not
-    lossless like greedy verification, but keeps sampled text close to the base model's at far higher
-    acceptance than exact rejection sampling. logits [B, T, V], parent [T] (the root's is itself); returns
-    (n_accept, path)."""
-    probs = F.softmax(logits.float() / temperature, dim=-1)
-    entropy = -(probs * torch.log(probs + 1e-10)).sum(-1)  # [B, T]
-    limit = torch.minimum(torch.full_like(entropy, threshold), alpha * torch.exp(-entropy))
-    p_node = probs[:, parent].gather(2, tree_tokens[:, :, None])[:, :, 0]  # each node's prob after its parent
-    ok_node = p_node > limit[:, parent]
-    return longest_path(ok_node[:, retrieve.clamp(min=0)[:, 1:]], retrieve)
+def causal_attention_ref(q, k, v, cos, sin):
+    """Attention of a whole sequence over itself, without a cache: RoPE (cos, sin [B, T, D/2]) then causal
+    attention. q [B, T, Hq, D], k and v [B, T, Hkv, D]. Differentiable: training runs the Hydra++ layer
+    through it."""
+    rep = q.shape[2] // k.shape[2]
+    q, k = rope_rotate(q, cos, sin).transpose(1, 2), rope_rotate(k, cos, sin).transpose(1, 2)
+    k, v = k.repeat_interleave(rep, 1), v.transpose(1, 2).repeat_interleave(rep, 1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
 
-ACCEPTANCE_RULES = ("exact", "typical")  # sampled speculative decoding: accept_exact, accept_typical
-
-
-def accept_exact(tree_tokens, logits, tree, sp, generator=None):
-    """Lossless verification for sampling: the tokens come out distributed exactly as sampling from the base
-    model one token at a time (same temperature, top-k, top-p). At each accepted node, its children (distinct
-    tokens, in rank order) are tried in turn: child c is accepted with probability p(c) / (1 - p(children
-    tried before)), and the first accepted one is taken; when all are rejected, the next token is drawn from p
-    without them. (Speculative sampling with deterministic drafts: each token comes out with probability
-    exactly p.) logits [B, T, V]; returns (n_accept, path, next_token)."""
-    B, T, V = logits.shape
-    probs = sampling_logits(logits, sp).softmax(-1)  # [B, T, V]: p after each node
-    p_node = probs.view(B, T * V).gather(1, tree.parent[None] * V + tree_tokens)  # each node's p after its parent
-    earlier = tree.earlier_siblings.to(probs.dtype)  # [T, T]: [j, i] = i is tried before j
-    tried = p_node @ earlier.T  # the probability of the siblings tried before each node
-    u = torch.rand(B, T, device=probs.device, generator=generator)
-    accept = u * (1 - tried) < p_node
-    taken = accept & (accept.to(probs.dtype) @ earlier.T == 0)  # the first accepted child of each node
-    n_accept, path = longest_path(taken[:, tree.retrieve.clamp(min=0)[:, 1:]], tree.retrieve)
-    last = last_accepted(path, n_accept)  # [B, 1]: its children were all rejected
-    p_last = probs.gather(1, last[:, :, None].expand(B, 1, V))[:, 0]  # [B, V]
-    rejected = torch.zeros_like(p_last).scatter_add_(1, tree_tokens, tree.children[last[:, 0]].to(p_last.dtype))
-    residual = p_last.masked_fill(rejected > 0, 0.0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_last)  # (rounding left it no mass)
-    return n_accept, path, draw(residual, generator)
-
-
-# Dispatch: Triton on CUDA tensors when kernels.py is importable, else the references above.
+# Dispatch: Triton on CUDA tensors when kernels.py is importable, else the references above. The kernels have
+# no backward, so with grad enabled (training) the references run on the GPU too.
 USE_TRITON = os.environ.get("HYDRA_LITE_TRITON", "1") != "0"
 
 
-def _triton(x):
+def _kernels_for(x):
     return USE_TRITON and _kernels is not None and x.is_cuda
+
+
+def _triton(x):
+    return _kernels_for(x) and not torch.is_grad_enabled()
 
 
 def rms_norm(x, w, eps, residual=None):
@@ -302,15 +281,16 @@ def lm_topk(x, w, k, bias=None, vocab=None):
     return (_kernels.lm_topk if _triton(x) else lm_topk_ref)(x, w, k, bias, vocab)
 
 
-def silu_add(res, z):  # the kernel has no backward: training goes through the reference
-    return (_kernels.silu_add if _triton(z) and not torch.is_grad_enabled() else silu_add_ref)(res, z)
+def silu_add(res, z):
+    return (_kernels.silu_add if _triton(z) else silu_add_ref)(res, z)
 
 
 def head_input(h, tokens, path, embed_w):
     return (_kernels.head_input if _triton(h) else head_input_ref)(h, tokens, path, embed_w)
 
 
-def accept_greedy(tree_tokens, base_pred, retrieve):
+def greedy_path(tree_tokens, base_pred, retrieve):
+    """Greedy verification's longest agreeing path: see accept_greedy_ref."""
     return (_kernels.accept_greedy if _triton(tree_tokens) else accept_greedy_ref)(tree_tokens, base_pred, retrieve)
 
 
@@ -329,11 +309,65 @@ def rope_tables(cfg, max_pos, device):
         wavelen = 2 * math.pi / inv_freq
         smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
         scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq  # blend between the two regimes
-        inv_freq = torch.where(wavelen > old_len / lo, inv_freq / factor, torch.where(wavelen < old_len / hi, inv_freq, scaled))
+        inv_freq = torch.where(wavelen > old_len / lo, inv_freq / factor,
+                               torch.where(wavelen < old_len / hi, inv_freq, scaled))
     elif rs:
         raise HydraLiteError(f"unsupported rope_scaling {rs}")
     freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
     return freqs.cos().float().to(device), freqs.sin().float().to(device)
+
+
+class Projection(nn.Module):
+    """y = x @ weight.T (+ bias): every linear layer of the model and of the heads. A bias, or another weight
+    format, is a change here."""
+
+    def __init__(self, in_dim, out_dim, bias=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
+        self.bias = nn.Parameter(torch.zeros(out_dim)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm(x [+ residual]) with a learned scale; with a residual it also returns the sum, the next residual
+    stream (one kernel for the add and the norm)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x, residual=None):
+        return rms_norm(x, self.weight, self.eps, residual)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values of n layers, k and v [n_layers, batch, max_len, n_kv_heads, head_dim]; lens[b],
+    the number of valid slots of row b (slots past it hold scratch, e.g. rejected tree tokens); rope, the
+    (cos, sin) tables of positions 0 .. max_len-1."""
+    k: torch.Tensor
+    v: torch.Tensor
+    lens: torch.Tensor
+    rope: tuple
+
+    @property
+    def max_len(self):
+        return self.k.shape[2]
+
+    def layer(self, i):
+        """What one decoder layer reads and writes: (k_cache, v_cache, lens)."""
+        return self.k[i], self.v[i], self.lens
+
+
+def new_cache(cfg, n_layers, batch, max_len, device, dtype, rope=None):
+    """An empty cache for n_layers layers shaped like cfg's; rope: tables to share (built for max_len if None)."""
+    shape = (n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    rope = rope if rope is not None else rope_tables(cfg, max(max_len, 1), device)
+    return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(batch, dtype=torch.int32, device=device), rope)
 
 
 class Block(nn.Module):
@@ -343,39 +377,32 @@ class Block(nn.Module):
         super().__init__()
         self.cfg = cfg
         qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-        self.attn_norm = nn.Parameter(torch.ones(cfg.dim))
-        self.wqkv = nn.Parameter(torch.empty(qkv, cfg.dim))
-        self.wo = nn.Parameter(torch.empty(cfg.dim, cfg.n_heads * cfg.head_dim))
-        self.ffn_norm = nn.Parameter(torch.ones(cfg.dim))
-        self.w13 = nn.Parameter(torch.empty(2 * cfg.hidden_dim, cfg.dim))
-        self.w2 = nn.Parameter(torch.empty(cfg.dim, cfg.hidden_dim))
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.wqkv = Projection(cfg.dim, qkv)
+        self.wo = Projection(cfg.n_heads * cfg.head_dim, cfg.dim)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.w13 = Projection(cfg.dim, 2 * cfg.hidden_dim)
+        self.w2 = Projection(cfg.hidden_dim, cfg.dim)
 
-    def forward(self, x, residual, rope, pos, k_cache, v_cache, lens, mask):
-        """x: this layer's input before its norm, residual: the stream to add it to (None for the first
-        layer). Returns the attention+MLP output and the new residual, so each add fuses with the next norm."""
+    def forward(self, x, residual, rope, pos, kv=None, mask=None):
+        """x: this layer's input before its norm, residual: the stream to add it to (None for the first layer).
+        kv: (k_cache, v_cache, lens) of this layer, or None: causal attention over x alone (training).
+        Returns the attention+MLP output and the new residual, so each add fuses with the next norm."""
         c = self.cfg
         B, T, _ = x.shape
-        h, residual = rms_norm(x, self.attn_norm, c.norm_eps, residual) if residual is not None else (rms_norm(x, self.attn_norm, c.norm_eps), x)
-        q, k, v = F.linear(h, self.wqkv).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
+        h, residual = (self.attn_norm(x), x) if residual is None else self.attn_norm(x, residual)
+        q, k, v = self.wqkv(h).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
         q = q.view(B, T, c.n_heads, c.head_dim)
         k = k.view(B, T, c.n_kv_heads, c.head_dim)
         v = v.view(B, T, c.n_kv_heads, c.head_dim)
-        q = rope_cache_write(q, k, v, rope[0], rope[1], pos, k_cache, v_cache, lens)
-        a = F.linear(attention(q, k_cache, v_cache, lens, mask).reshape(B, T, -1), self.wo)
-        h, residual = rms_norm(a, self.ffn_norm, c.norm_eps, residual)
-        return F.linear(swiglu(F.linear(h, self.w13)), self.w2), residual
-
-
-class KVCache:
-    """Preallocated keys/values for all layers: [n_layers, batch, max_len, n_kv_heads, head_dim], and lens[b],
-    the number of valid slots of row b. Slots past lens hold scratch (e.g. rejected tree tokens)."""
-
-    def __init__(self, n_layers, batch, max_len, n_kv_heads, head_dim, device, dtype):
-        shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lens = torch.zeros(batch, dtype=torch.int32, device=device)
-        self.max_len = max_len
+        if kv is None:
+            a = causal_attention_ref(q, k, v, rope[0][pos], rope[1][pos])
+        else:
+            k_cache, v_cache, lens = kv
+            q = rope_cache_write(q, k, v, rope[0], rope[1], pos, k_cache, v_cache, lens)
+            a = attention(q, k_cache, v_cache, lens, mask)
+        h, residual = self.ffn_norm(self.wo(a.reshape(B, T, -1)), residual)
+        return self.w2(swiglu(self.w13(h))), residual
 
 
 class Llama(nn.Module):
@@ -385,21 +412,15 @@ class Llama(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.Parameter(torch.ones(cfg.dim))
-        self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim))
-        self.rope = None
+        self.lm_head = None if cfg.tie_embeddings else Projection(cfg.dim, cfg.vocab_size)
 
     @property
     def output_weight(self):
-        return self.embed.weight if self.lm_head is None else self.lm_head
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def new_cache(self, batch, max_len=None):
-        max_len = max_len or self.cfg.max_seq_len
         p = self.embed.weight
-        stale = self.rope is None or self.rope[0].shape[0] < max_len or self.rope[0].device != p.device
-        # (tables made by generate() are inference tensors, which training cannot save for backward)
-        if stale or (self.rope[0].is_inference() and not torch.is_inference_mode_enabled()):
-            self.rope = rope_tables(self.cfg, max(max_len, 1), p.device)
-        return KVCache(self.cfg.n_layers, batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, p.device, p.dtype)
+        return new_cache(self.cfg, self.cfg.n_layers, batch, max_len or self.cfg.max_seq_len, p.device, p.dtype)
 
     def forward(self, tokens, cache, pos=None, mask=None):
         """tokens [B, T] -> last hidden states [B, T, dim] after the final norm. Writes the tokens' keys/values
@@ -410,7 +431,7 @@ class Llama(nn.Module):
             pos = cache.lens[:, None].long() + torch.arange(T, device=tokens.device)
         x, residual = self.embed(tokens), None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, self.rope, pos, cache.k[i], cache.v[i], cache.lens, mask)
+            x, residual = layer(x, residual, cache.rope, pos, cache.layer(i), mask)
         return rms_norm(x, self.norm, self.cfg.norm_eps, residual)[0]
 
     def logits(self, h):
@@ -421,6 +442,20 @@ class Llama(nn.Module):
         """Full-sequence logits without a persistent cache (for tests and scoring)."""
         cache = self.new_cache(tokens.shape[0], tokens.shape[1])
         return self.logits(self(tokens, cache)).float()
+
+
+# Tensor names in checkpoint files (FORMAT.md) keep the names of the first format; here a projection holds its
+# weight and bias together. file_name maps a parameter's name here to its name in the files, for both models
+# and heads: the first matching suffix is replaced.
+_FILE_SUFFIXES = ((".w.weight", ".w"), (".w.bias", ".b"), (".res.weight", ".res_w"), (".res.bias", ".res_b"),
+                  (".lm.weight", ".lm_w"), (".lm.bias", ".lm_b"), ("prefix_norm", "prefix.norm"), (".weight", ""))
+
+
+def file_name(param_name):
+    for suffix, in_file in _FILE_SUFFIXES:
+        if param_name.endswith(suffix):
+            return param_name[:-len(suffix)] + in_file
+    return param_name
 
 
 def load_safetensors(paths):
@@ -443,27 +478,19 @@ def shard_files(directory, stem):
     return [os.path.join(directory, f) for f in shards]
 
 
-def load_state(module, state, what):
-    """Strict load with an error that names the tensor."""
-    expected = module.state_dict()
-    for name, t in expected.items():
-        if name not in state:
-            raise HydraLiteError(f"{what}: missing tensor {name}")
-        if tuple(state[name].shape) != tuple(t.shape):
-            raise HydraLiteError(f"{what}: tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(t.shape)}")
-    extra = sorted(set(state) - set(expected))
+def load_state(module, state, what, convert=lambda t: t):
+    """Strict load of the file tensors `state` (file names) into module, each through convert; an error names
+    the tensor."""
+    expected = {k: (file_name(k), t) for k, t in module.state_dict().items()}
+    for in_file, t in expected.values():
+        if in_file not in state:
+            raise HydraLiteError(f"{what}: missing tensor {in_file}")
+        if tuple(state[in_file].shape) != tuple(t.shape):
+            raise HydraLiteError(f"{what}: tensor {in_file} has shape {tuple(state[in_file].shape)}, expected {tuple(t.shape)}")
+    extra = sorted(set(state) - {in_file for in_file, _ in expected.values()})
     if extra:
         raise HydraLiteError(f"{what}: unexpected tensors {extra[:5]}")
-    module.load_state_dict(state)
-
-
-def _model_state(raw, cfg):
-    """Runtime tensor names (FORMAT.md) -> this module's parameter names."""
-    state = {"embed.weight": raw.pop("embed", None), "norm": raw.pop("norm", None)}
-    if not cfg.tie_embeddings:
-        state["lm_head"] = raw.pop("lm_head", None)
-    state.update(raw)
-    return {k: v for k, v in state.items() if v is not None}
+    module.load_state_dict({name: convert(state[in_file]) for name, (in_file, _) in expected.items()})
 
 
 def load_model(path, device="cpu", dtype=None):
@@ -474,12 +501,9 @@ def load_model(path, device="cpu", dtype=None):
     dtype = dtype or getattr(torch, cfg.dtype)
     with torch.device("meta"):
         model = Llama(cfg)
-    state = _model_state(load_safetensors(shard_files(path, "model")), cfg)
     model = model.to_empty(device="cpu")
-    load_state(model, {k: v.to(dtype) for k, v in state.items()}, path)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    model.path = path
-    return model
+    load_state(model, load_safetensors(shard_files(path, "model")), path, lambda t: t.to(dtype))
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -490,32 +514,36 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 
 
 class Tokenizer:
+    """Text <-> token ids with the checkpoint's tokenizer.json (Hugging Face tokenizers) or tokenizer.model
+    (sentencepiece), and the chat template its config names."""
+
     def __init__(self, path, cfg: Config):
         self.cfg = cfg
+        self.hf_tokenizer = self.sentencepiece = None  # exactly one is set
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             from tokenizers import Tokenizer as HFTokenizer
 
-            self.tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
-            self.sp = None
+            self.hf_tokenizer = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
         elif os.path.exists(os.path.join(path, "tokenizer.model")):
             import sentencepiece
 
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model"))
-            self.tok = None
+            self.sentencepiece = sentencepiece.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model"))
         else:
             raise HydraLiteError(f"no tokenizer.json or tokenizer.model in {path}")
 
     def encode(self, text, bos=None):
-        ids = self.tok.encode(text, add_special_tokens=False).ids if self.tok else self.sp.encode(text)
+        if self.hf_tokenizer:
+            ids = self.hf_tokenizer.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self.sentencepiece.encode(text)
         bos = self.cfg.add_bos if bos is None else bos
         return ([self.cfg.bos_id] if bos and self.cfg.bos_id is not None else []) + ids
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
-        return self.tok.decode(ids, skip_special_tokens=True) if self.tok else self.sp.decode(ids)
-
-    def token_id(self, piece):
-        return self.tok.token_to_id(piece) if self.tok else (self.sp.piece_to_id(piece) if piece else None)
+        if self.hf_tokenizer:
+            return self.hf_tokenizer.decode(ids, skip_special_tokens=True)
+        return self.sentencepiece.decode(ids)
 
     def encode_chat(self, messages, add_generation_prompt=True):
         """messages: [{"role": "system"|"user"|"assistant", "content": str}] -> token ids."""
@@ -530,7 +558,8 @@ class Tokenizer:
             turn = lambda role, content: f"<|start_header_id|>{role}<|end_header_id|>\n\n{content.strip()}<|eot_id|>"
             text = "<|begin_of_text|>" + (turn("system", system) if system else "")
             text += "".join(turn(m["role"], m["content"]) for m in messages)
-            return self.encode(text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else ""), bos=False)
+            text += "<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else ""
+            return self.encode(text, bos=False)
         if family == "llama2":  # BOS/EOS around each exchange, as ids so sentencepiece models work too
             ids, sys_text = [], f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
             for i in range(0, len(messages), 2):
@@ -569,11 +598,15 @@ class TextStream:
 # Sampling
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
+    # --acceptance typical only (Medusa/Hydra's typical acceptance): a drafted token is accepted when the base
+    # model gives it probability above min(typical_threshold, typical_alpha * exp(-entropy))
+    typical_threshold: float = 0.09
+    typical_alpha: float = 0.3
 
 
 def sampling_logits(logits, sp: SamplingParams):
@@ -606,7 +639,7 @@ def sample(logits, sp: SamplingParams, generator=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Draft heads (Medusa, Hydra, Hydra++) and the token tree
+# Draft heads (Medusa, Hydra, Hydra++)
 
 
 def _tensor_key(t):
@@ -616,27 +649,25 @@ def _tensor_key(t):
 
 
 class ResBlock(nn.Module):
-    """y = res(x) + silu(W x + b); res is the identity, or a projection when x is wider (grounded heads)."""
+    """y = res(x) + silu(w(x)); res is the identity, or a projection when x is wider (grounded heads)."""
 
     def __init__(self, dim, in_dim):
         super().__init__()
-        self.w = nn.Parameter(torch.zeros(dim, in_dim))
-        self.b = nn.Parameter(torch.zeros(dim))
-        self.res_w = nn.Parameter(torch.empty(dim, in_dim)) if in_dim != dim else None
-        self.res_b = nn.Parameter(torch.zeros(dim)) if in_dim != dim else None
+        self.w = Projection(in_dim, dim, bias=True)
+        self.res = Projection(in_dim, dim, bias=True) if in_dim != dim else None
         self._fused = (None, None)  # (key, (weight, bias)): both projections stacked, for inference
 
     def forward(self, x):
-        if self.res_w is None:
-            return silu_add(x, F.linear(x, self.w, self.b))
+        if self.res is None:
+            return silu_add(x, self.w(x))
         if torch.is_grad_enabled():  # training: the parameters as they are
-            return silu_add(F.linear(x, self.res_w, self.res_b), F.linear(x, self.w, self.b))
-        params = (self.res_w, self.w, self.res_b, self.b)  # one GEMM instead of two; rebuilt if any changed
-        key = tuple(_tensor_key(p) for p in params)
+            return silu_add(self.res(x), self.w(x))
+        params = (self.res.weight, self.w.weight, self.res.bias, self.w.bias)  # one GEMM instead of two
+        key = tuple(_tensor_key(p) for p in params)  # rebuilt if any changed
         if self._fused[0] != key:
-            self._fused = (key, (torch.cat([self.res_w, self.w]), torch.cat([self.res_b, self.b])))
+            self._fused = (key, (torch.cat(params[:2]), torch.cat(params[2:])))
         y = F.linear(x, *self._fused[1])
-        dim = self.w.shape[0]
+        dim = self.w.weight.shape[0]
         return silu_add(y[..., :dim], y[..., dim:])
 
 
@@ -644,8 +675,7 @@ class Head(nn.Module):
     def __init__(self, dim, in_dim, n_layers, vocab_size, own_lm, lm_bias):
         super().__init__()
         self.blocks = nn.ModuleList(ResBlock(dim, in_dim if j == 0 else dim) for j in range(n_layers))
-        self.lm_w = nn.Parameter(torch.empty(vocab_size, dim)) if own_lm else None
-        self.lm_b = nn.Parameter(torch.zeros(vocab_size)) if lm_bias else None
+        self.lm = Projection(dim, vocab_size, bias=lm_bias) if own_lm else None  # None: the base model's
 
     def features(self, x):
         for block in self.blocks:
@@ -653,7 +683,11 @@ class Head(nn.Module):
         return x
 
     def forward(self, x, base_lm_w):
-        return F.linear(self.features(x), base_lm_w if self.lm_w is None else self.lm_w, self.lm_b)
+        return F.linear(self.features(x), *self.output_weights(base_lm_w))
+
+    def output_weights(self, base_lm_w):
+        """(weight, bias) of this head's output projection."""
+        return (base_lm_w, None) if self.lm is None else (self.lm.weight, self.lm.bias)
 
 
 @dataclass
@@ -684,7 +718,10 @@ class DraftHeads(nn.Module):
         super().__init__()
         self.hc = hc
         if hc.dim != base_cfg.dim or hc.vocab_size != base_cfg.vocab_size:
-            raise HydraLiteError(f"heads are for dim={hc.dim}, vocab={hc.vocab_size}; base has dim={base_cfg.dim}, vocab={base_cfg.vocab_size}")
+            raise HydraLiteError(f"heads are for dim={hc.dim}, vocab={hc.vocab_size}; "
+                                 f"base has dim={base_cfg.dim}, vocab={base_cfg.vocab_size}")
+        if hc.lm_bias and hc.lm_head != "own":
+            raise HydraLiteError("heads with lm_bias need their own output projection (lm_head: own)")
         self.heads = nn.ModuleList(
             Head(hc.dim, (k + 2) * hc.dim if hc.grounded else hc.dim, hc.n_layers, hc.vocab_size, hc.lm_head == "own", hc.lm_bias)
             for k in range(hc.n_heads))
@@ -697,12 +734,12 @@ class DraftHeads(nn.Module):
         # and top-k several times cheaper; the verifier still sees the full vocabulary.
         self.register_buffer("vocab", torch.zeros(hc.draft_vocab, dtype=torch.long) if hc.draft_vocab else None)
         self._cut = {}
+        self.tree_choices = None  # the tree these heads were fitted with (load_heads reads tree.json), if any
 
     def proposal_weights(self, d, base_lm_w, cached=True):
         """Head d's output projection (weight, bias), cut to the draft vocabulary when there is one. The cut is
         cached for inference; cached=False (training) cuts afresh, so gradients flow through it."""
-        head = self.heads[d]
-        w, b = (base_lm_w if head.lm_w is None else head.lm_w), head.lm_b
+        w, b = self.heads[d].output_weights(base_lm_w)
         if self.vocab is None:
             return w, b
         if not cached:
@@ -718,13 +755,16 @@ class DraftHeads(nn.Module):
         w, b = self.proposal_weights(d, base_lm_w)
         return lm_topk(self.heads[d].features(x), w, k, b, self.vocab)[1]
 
-    def run_prefix(self, h, rope, cache, pos=None):
-        """Hydra++: the extra decoder layer over base hidden states h [B, T, dim]; writes its cache like the
-        base model (the caller advances cache.lens)."""
+    def run_prefix(self, h, rope, cache=None, pos=None):
+        """Hydra++: the extra decoder layer over base hidden states h [B, T, dim]. With a cache it writes the
+        cache like the base model (the caller advances cache.lens); without one it is causal over h alone
+        (training, differentiable)."""
         B, T, _ = h.shape
         if pos is None:
-            pos = cache.lens[:, None].long() + torch.arange(T, device=h.device)
-        x, residual = self.prefix(h, None, rope, pos, cache.k[0], cache.v[0], cache.lens, None)
+            start = cache.lens[:, None].long() if cache is not None else torch.zeros(B, 1, dtype=torch.long, device=h.device)
+            pos = start + torch.arange(T, device=h.device)
+        kv = cache.layer(0) if cache is not None else None
+        x, residual = self.prefix(h, None, rope, pos, kv)
         return rms_norm(x, self.prefix_norm, self.prefix.cfg.norm_eps, residual)[0]
 
 
@@ -734,11 +774,10 @@ def load_heads(path, base: Llama):
     hc = HeadsConfig.from_dict(read_json(os.path.join(path, "heads.json")))
     with torch.device("meta"):
         heads = DraftHeads(hc, base.cfg)
-    state = load_safetensors(shard_files(path, "heads"))
-    state = {("prefix_norm" if k == "prefix.norm" else k): v for k, v in state.items()}
     p = base.embed.weight
     heads = heads.to_empty(device="cpu")
-    load_state(heads, {k: v.to(p.dtype) if v.is_floating_point() else v.long() for k, v in state.items()}, path)
+    load_state(heads, load_safetensors(shard_files(path, "heads")), path,
+               lambda t: t.to(p.dtype) if t.is_floating_point() else t.long())
     if heads.vocab is not None and (heads.vocab.min() < 0 or heads.vocab.max() >= base.cfg.vocab_size):
         raise HydraLiteError(f"heads {path}: draft vocabulary has ids outside the base vocabulary of {base.cfg.vocab_size}")
     heads = heads.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
@@ -755,7 +794,7 @@ def save_heads(heads: DraftHeads, path, shard_mb=15):
     for f in os.listdir(path):  # stale shards from an earlier save would be loaded too
         if f.startswith("heads") and f.endswith(".safetensors"):
             os.remove(os.path.join(path, f))
-    state = {("prefix.norm" if k == "prefix_norm" else k): v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    state = {file_name(k): v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
     shards, size = [{}], 0
     for k, v in state.items():
         nbytes = v.numel() * v.element_size()
@@ -770,24 +809,33 @@ def save_heads(heads: DraftHeads, path, shard_mb=15):
         json.dump({"format": "hydra-lite-heads/1", **heads.hc.__dict__}, f, indent=1)
 
 
-# Tree choices: each entry is a path of top-k ranks from the root (the base model's own next token); [0, 1] is
-# "head 0's best token, then head 1's second best after it".
-def build_tree(rank_acc, size=63):
-    """The `size` paths with the highest chance of being accepted, given rank_acc[d][r]: how often head d's
-    rank-r token is the right one when the path before it is right. A path's chance is the product along it
-    and never grows with depth, so growing from the best frontier node first finds the best tree."""
-    import heapq
+# ----------------------------------------------------------------------------------------------------------
+# Trees. Tree choices: each entry is a path of top-k ranks from the root (the base model's own next token);
+# [0, 1] is "head 0's best token, then head 1's second best after it".
 
-    score = lambda path: math.prod(rank_acc[d][r] for d, r in enumerate(path))
-    chosen, frontier = [], [(-score([r]), [r]) for r in range(len(rank_acc[0]))]
+
+def grow_tree(child_chances, size):
+    """The `size` paths with the highest chance of being accepted, grown best-first from the root.
+    child_chances(path) lists the chance that each rank (index) is right at the next depth, given that the path
+    is; [] where the path cannot grow. A path's chance is the product along it and never grows with depth, so
+    growing from the best frontier node first finds the best tree. Returns (paths sorted by depth, then ranks;
+    the expected acceptance length: 1 + the sum of the chances)."""
+    frontier = [(-p, [r], p) for r, p in enumerate(child_chances([]))]
     heapq.heapify(frontier)
+    chosen, expected = [], 1.0
     while frontier and len(chosen) < size:
-        _, path = heapq.heappop(frontier)
+        _, path, p = heapq.heappop(frontier)
         chosen.append(path)
-        if len(path) < len(rank_acc):
-            for r in range(len(rank_acc[len(path)])):
-                heapq.heappush(frontier, (-score(path + [r]), path + [r]))
-    return sorted(chosen, key=lambda p: (len(p), p))
+        expected += p
+        for r, q in enumerate(child_chances(path)):
+            heapq.heappush(frontier, (-p * q, path + [r], p * q))
+    return sorted(chosen, key=lambda c: (len(c), c)), expected
+
+
+def build_tree(rank_acc, size=63):
+    """The best tree of `size` paths when rank_acc[d][r], how often head d's rank-r token is the right one when
+    the path before it is right, holds independently of the path."""
+    return grow_tree(lambda path: rank_acc[len(path)] if len(path) < len(rank_acc) else [], size)[0]
 
 
 def default_tree(size=63, depth=4, top=10):
@@ -796,11 +844,13 @@ def default_tree(size=63, depth=4, top=10):
 
 
 class Tree:
-    """Static buffers for a tree of choices. Node 0 is the root; node i > 0 is choice i-1 sorted by depth."""
+    """Static buffers for a tree of draft tokens. Node 0 is the root (the base model's own next token); nodes
+    1 .. len(choices) are the heads' choices, sorted by depth, then ranks; with context=K, the last K nodes are
+    a chain under the root, filled from the context (ContextDrafts)."""
 
-    def __init__(self, choices, device="cpu"):
+    def __init__(self, choices, device="cpu", context=0):
         choices = sorted((list(c) for c in choices), key=lambda p: (len(p), p))
-        if not choices:
+        if not choices and not context:
             raise HydraLiteError("tree needs at least one choice")
         index = {(): 0}
         for i, c in enumerate(choices):
@@ -809,43 +859,23 @@ class Tree:
             if tuple(c) in index:
                 raise HydraLiteError(f"tree choice {c} appears twice")
             index[tuple(c)] = i + 1
-        self.choices, self.size, self.depth = choices, len(choices) + 1, max(len(c) for c in choices)
-        parent = [0] + [index[tuple(c[:-1])] for c in choices]
-        depth = [0] + [len(c) for c in choices]
-        rank = [0] + [c[-1] for c in choices]
+        first = len(choices) + 1  # the context chain's first node
+        chain_parents = ([0] + list(range(first, first + context - 1)))[:context]  # the root, then each the last
+        parent = [0] + [index[tuple(c[:-1])] for c in choices] + chain_parents
+        depth = [0] + [len(c) for c in choices] + list(range(1, context + 1))
+        self.choices, self.context, self.size, self.depth = choices, context, len(parent), max(depth)
+        self.context_nodes = torch.arange(first, self.size, device=device)
+        chains = [ancestry(parent, i) for i in range(self.size)]  # each node's path from the root
         mask = torch.zeros(self.size, self.size, dtype=torch.bool)
-        for i in range(self.size):  # a node sees itself and its ancestors
-            j = i
-            while True:
-                mask[i, j] = True
-                if j == 0:
-                    break
-                j = parent[j]
-        paths = [[0] + [index[tuple(c[:n])] for n in range(1, len(c) + 1)] for c in choices
-                 if not any(len(o) == len(c) + 1 and o[:-1] == c for o in choices)]  # leaves
-        retrieve = torch.full((len(paths), self.depth + 1), -1, dtype=torch.long)
-        for p, nodes in enumerate(paths):
+        node_path = torch.zeros(self.size, self.depth + 1, dtype=torch.long)
+        for i, chain in enumerate(chains):
+            mask[i, chain] = True  # a node sees itself and its ancestors
+            node_path[i, :len(chain)] = torch.tensor(chain)
+        leaves = [chains[i] for i in range(self.size) if i not in parent[1:]] or [[0]]
+        retrieve = torch.full((len(leaves), self.depth + 1), -1, dtype=torch.long)
+        for p, nodes in enumerate(leaves):
             retrieve[p, :len(nodes)] = torch.tensor(nodes)
-        node_path = torch.zeros(self.size, self.depth + 1, dtype=torch.long)  # row i: the nodes from the root to i
-        for i in range(self.size):
-            j, chain = i, []
-            while True:
-                chain.append(j)
-                if j == 0:
-                    break
-                j = parent[j]
-            node_path[i, :len(chain)] = torch.tensor(chain[::-1])
-        # Per depth d >= 1: the nodes there, which parent (among the depth d-1 nodes that have children) and
-        # which rank each takes, and each parent's path from the root (the tokens grounded heads read).
-        self.levels = []
-        for d in range(1, self.depth + 1):
-            nodes = [i for i in range(self.size) if depth[i] == d]
-            parents = sorted({parent[i] for i in nodes})
-            self.levels.append(dict(
-                nodes=torch.tensor(nodes, device=device), parents=torch.tensor(parents, device=device),
-                parent_slot=torch.tensor([parents.index(parent[i]) for i in nodes], device=device),
-                rank=torch.tensor([rank[i] for i in nodes], device=device), k=max(rank[i] for i in nodes) + 1,
-                path=node_path[parents, :d].to(device)))
+        self.levels = head_levels(choices, parent, node_path, device)
         # Sampling (accept_exact): each node's earlier siblings (they are tried first) and each node's children.
         earlier = torch.zeros(self.size, self.size, dtype=torch.bool)
         children = torch.zeros(self.size, self.size, dtype=torch.bool)
@@ -859,24 +889,217 @@ class Tree:
         self.parent = torch.tensor(parent, device=device)
         self.node_depth = torch.tensor(depth, device=device)
 
-    def to(self, device):
-        return Tree(self.choices, device)
+
+def ancestry(parent, i):
+    """The nodes from the root to node i."""
+    chain = [i]
+    while chain[-1] != 0:
+        chain.append(parent[chain[-1]])
+    return chain[::-1]
 
 
-def draft(heads: DraftHeads, base: Llama, tree: Tree, h, root):
-    """Fill the tree: h [B, dim] (the hidden state after which `root` [B] comes) -> tree tokens [B, size]."""
-    tokens = root[:, None].repeat(1, tree.size)  # node 0 is the root; the heads fill in the rest
-    lm_w = base.output_weight
-    if not heads.hc.grounded:  # Medusa: every head reads h alone; a node takes its rank of its depth's head
+def head_levels(choices, parent, node_path, device):
+    """Per depth d >= 1 of the heads' choices (node i is choice i-1): the nodes there, which parent (among the
+    depth d-1 nodes that have children) and which rank each takes, and each parent's path from the root (the
+    tokens grounded heads read)."""
+    levels = []
+    for d in range(1, max((len(c) for c in choices), default=0) + 1):
+        nodes = [i + 1 for i, c in enumerate(choices) if len(c) == d]
+        parents = sorted({parent[i] for i in nodes})
+        ranks = [choices[i - 1][-1] for i in nodes]
+        levels.append(dict(
+            nodes=torch.tensor(nodes, device=device), parents=torch.tensor(parents, device=device),
+            parent_slot=torch.tensor([parents.index(parent[i]) for i in nodes], device=device),
+            rank=torch.tensor(ranks, device=device), k=max(ranks) + 1, path=node_path[parents, :d].to(device)))
+    return levels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Drafting: where a tree's tokens come from. A draft source fills the tree nodes it owns; draft() runs them all.
+
+
+@dataclass
+class DraftInput:
+    """What draft sources read at one step."""
+    root: torch.Tensor  # [B] the base model's next token: node 0 of the tree
+    h: torch.Tensor  # [B, dim] the hidden state after which root comes (Hydra++: the extra layer's output)
+    history: Optional[torch.Tensor] = None  # [B, S] each row's tokens so far (prompt, answer), the root at lens[b]
+    lens: Optional[torch.Tensor] = None  # [B] the root's position in history
+
+
+class HeadDrafts:
+    """Tokens from draft heads. Medusa: a node takes its rank of its depth's head, which reads h alone. Hydra:
+    depth by depth, each head conditioned on its path's tokens."""
+
+    def __init__(self, heads: DraftHeads, base: Llama):
+        self.heads, self.base = heads, base
+
+    def fill(self, tokens, tree: Tree, inp: DraftInput):
+        lm_w = self.base.output_weight
         for d, lv in enumerate(tree.levels):
-            top = heads.propose(d, h, lm_w, lv["k"])  # [B, k]
-            tokens[:, lv["nodes"]] = top[:, lv["rank"]]
-        return tokens
-    for d, lv in enumerate(tree.levels):  # Hydra: depth by depth, each head conditioned on its path's tokens
-        x = head_input(h, tokens, lv["path"], base.embed.weight)  # [B, n_par, (d+2)*dim]: h, root .. parent
-        top = heads.propose(d, x, lm_w, lv["k"])  # [B, n_par, k]
-        tokens[:, lv["nodes"]] = top[:, lv["parent_slot"], lv["rank"]]
+            if not self.heads.hc.grounded:
+                top = self.heads.propose(d, inp.h, lm_w, lv["k"])  # [B, k]
+                tokens[:, lv["nodes"]] = top[:, lv["rank"]]
+                continue
+            x = head_input(inp.h, tokens, lv["path"], self.base.embed.weight)  # [B, n_par, (d+2)*dim]: h, root .. parent
+            top = self.heads.propose(d, x, lm_w, lv["k"])  # [B, n_par, k]
+            tokens[:, lv["nodes"]] = top[:, lv["parent_slot"], lv["rank"]]
+
+
+def context_match(history, lens, k, ngram=4):
+    """Prompt lookup: where the text's last tokens (up to `ngram` of them, ending with the root at lens[b]) last
+    occurred before, in the prompt or the answer, and the k tokens that followed there. history [B, S] holds each
+    row's tokens, the root at lens[b] (later slots are scratch). Picks the longest match, the latest among
+    equals. Returns the k tokens [B, k] and the match length [B] (0: no earlier occurrence of even the root;
+    the tokens are then the root repeated). A continuation that runs into the root wraps around to the match
+    (a repeating text repeats). Static shapes and no host reads: runs inside a CUDA graph."""
+    B, S = history.shape
+    end = lens.long()[:, None]  # [B, 1]
+    j = torch.arange(S, device=history.device)[None]  # [1, S]: where a match ends
+    run = torch.ones(B, S, dtype=torch.bool, device=history.device)
+    length = torch.zeros(B, S, dtype=torch.long, device=history.device)
+    for i in range(ngram):  # the match grows backwards token by token while it holds
+        earlier = F.pad(history, (i, 0), value=-1)[:, :S]  # earlier[b, j] = history[b, j - i]
+        last = history.gather(1, (end - i).clamp(min=0))  # the text's i-th last token
+        run = run & (earlier == last) & (end - i >= 0)
+        length += run
+    best = torch.where(j < end, length * S + j, -1).argmax(-1, keepdim=True)  # ends before the root; longest, latest
+    period = end - best  # >= 1
+    pos = best + 1 + torch.arange(k, device=history.device)[None] % period
+    return history.gather(1, pos), length.gather(1, best)[:, 0]
+
+
+class ContextDrafts:
+    """Tokens from the context (prompt lookup): the tree's context chain continues the latest earlier occurrence
+    of the text's last tokens, in the prompt or in what was generated. Copying pays in summaries, answers from
+    passages and code edits; where nothing is copied, the chain is rejected like any wrong draft."""
+
+    def __init__(self, ngram=4):
+        self.ngram = ngram
+
+    def fill(self, tokens, tree: Tree, inp: DraftInput):
+        if tree.context:
+            tokens[:, tree.context_nodes] = context_match(inp.history, inp.lens, tree.context, self.ngram)[0]
+
+
+def record_accepted(history, lens, acc):
+    """Write a step's accepted tokens and the next root into each row's history at lens[b] .. (lens: before the
+    step). Slots past the new root get scratch, which later steps overwrite."""
+    start = lens[:, None].long()
+    history.scatter_(1, start + torch.arange(acc.tokens.shape[1], device=history.device), acc.tokens)
+    history.scatter_(1, start + acc.n[:, None], acc.next_token[:, None])
+
+
+def draft(sources, tree: Tree, inp: DraftInput):
+    """Fill the tree: tokens [B, size], node 0 the root, the other nodes from the draft sources."""
+    tokens = inp.root[:, None].repeat(1, tree.size)
+    for source in sources:
+        source.fill(tokens, tree, inp)
     return tokens
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Verification and acceptance. Every rule takes what the verification pass saw (Verified), the sampling
+# settings and a random generator, and returns an Accepted; ACCEPTANCE_RULES names the rules for sampling.
+
+
+@dataclass
+class Verified:
+    """One verification pass: the tree, its tokens [B, T], and the base model's view at every node (its last
+    hidden states [B, T, dim] and output projection; or, for tests, its logits [B, T, V] as given)."""
+    tree: Tree
+    tokens: torch.Tensor
+    hidden: Optional[torch.Tensor] = None
+    output_weight: Optional[torch.Tensor] = None
+    given_logits: Optional[torch.Tensor] = None
+
+    def logits(self):
+        return self.given_logits if self.given_logits is not None else F.linear(self.hidden, self.output_weight)
+
+    def argmax(self):
+        """The base model's greedy token after every node [B, T], without its [B, T, V] logits in memory."""
+        if self.given_logits is not None:
+            return self.given_logits.argmax(-1)
+        return lm_topk(self.hidden, self.output_weight, 1)[1][..., 0]
+
+
+@dataclass
+class Accepted:
+    """n [B]: tokens accepted (root included, >= 1); path [B, depth+1]: their tree nodes, then j for the unused
+    tail (so a KV compaction over it is a no-op); row [B, depth+3]: what the host reads, in one copy: the tokens
+    along the path (valid up to n), n, and the next token (the base model's own after the last accepted one,
+    the next tree's root)."""
+    n: torch.Tensor
+    path: torch.Tensor
+    row: torch.Tensor
+
+    @classmethod
+    def of(cls, tokens, n, path, next_token):
+        return cls(n, path, step_output(tokens, n, path, next_token))
+
+    @property
+    def tokens(self):
+        return self.row[:, :-2]
+
+    @property
+    def next_token(self):
+        return self.row[:, -1]
+
+
+def accept_greedy(v: Verified, sp: SamplingParams = None, generator=None):
+    """Greedy decoding: the longest path whose tokens are the base model's argmax after their parents (what every
+    rule reduces to at temperature 0)."""
+    return Accepted(*greedy_path(v.tokens, v.argmax(), v.tree.retrieve))
+
+
+def accept_typical(v: Verified, sp: SamplingParams, generator=None):
+    """Typical acceptance (Medusa/Hydra, for sampling): a drafted token is accepted when the base model gives
+    it probability above min(threshold, alpha * exp(-entropy)) after its parent, at this temperature. Not
+    lossless like greedy verification, but keeps sampled text close to the base model's at far higher
+    acceptance than exact rejection sampling. The next token is sampled from the base model after the path."""
+    tree, logits = v.tree, v.logits()
+    B, T, V = logits.shape
+    probs = F.softmax(logits.float() / sp.temperature, dim=-1)
+    entropy = -(probs * torch.log(probs + 1e-10)).sum(-1)  # [B, T]
+    limit = torch.minimum(torch.full_like(entropy, sp.typical_threshold), sp.typical_alpha * torch.exp(-entropy))
+    p_node = probs[:, tree.parent].gather(2, v.tokens[:, :, None])[:, :, 0]  # each node's prob after its parent
+    ok_node = p_node > limit[:, tree.parent]
+    n, path = longest_path(ok_node[:, tree.retrieve.clamp(min=0)[:, 1:]], tree.retrieve)
+    after = logits.gather(1, last_accepted(path, n)[:, :, None].expand(B, 1, V))[:, 0]
+    return Accepted.of(v.tokens, n, path, sample(after, sp, generator))
+
+
+def accept_exact(v: Verified, sp: SamplingParams, generator=None):
+    """Lossless verification for sampling: the tokens come out distributed exactly as sampling from the base
+    model one token at a time (same temperature, top-k, top-p). At each accepted node, its children (distinct
+    tokens, in rank order) are tried in turn: child c is accepted with probability p(c) / (1 - p(children
+    tried before)), and the first accepted one is taken; when all are rejected, the next token is drawn from p
+    without them. (Speculative sampling with deterministic drafts: each token comes out with probability
+    exactly p.)"""
+    tree, tokens, logits = v.tree, v.tokens, v.logits()
+    B, T, V = logits.shape
+    probs = sampling_logits(logits, sp).softmax(-1)  # [B, T, V]: p after each node
+    p_node = probs.view(B, T * V).gather(1, tree.parent[None] * V + tokens)  # each node's p after its parent
+    earlier = tree.earlier_siblings.to(probs.dtype)  # [T, T]: [j, i] = i is tried before j
+    tried = p_node @ earlier.T  # the probability of the siblings tried before each node
+    u = torch.rand(B, T, device=probs.device, generator=generator)
+    accept = u * (1 - tried) < p_node
+    taken = accept & (accept.to(probs.dtype) @ earlier.T == 0)  # the first accepted child of each node
+    n, path = longest_path(taken[:, tree.retrieve.clamp(min=0)[:, 1:]], tree.retrieve)
+    last = last_accepted(path, n)  # [B, 1]: its children were all rejected
+    p_last = probs.gather(1, last[:, :, None].expand(B, 1, V))[:, 0]  # [B, V]
+    rejected = torch.zeros_like(p_last).scatter_add_(1, tokens, tree.children[last[:, 0]].to(p_last.dtype))
+    residual = p_last.masked_fill(rejected > 0, 0.0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_last)  # (rounding left it no mass)
+    return Accepted.of(tokens, n, path, draw(residual, generator))
+
+
+# Acceptance rules for sampled speculative decoding, by name (the CLIs' --acceptance). Greedy decoding always
+# verifies with accept_greedy, which both rules become at temperature 0.
+ACCEPTANCE_RULES = {
+    "exact": accept_exact,  # lossless: the base model's own distribution
+    "typical": accept_typical,  # more tokens per step, not the same distribution
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -903,7 +1126,8 @@ class Stats:
         return self.accepted / self.row_steps if self.row_steps else 0.0
 
 
-def _sync(device):
+def sync(device):
+    """Wait for the device's queued work (for wall-clock timing)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -934,56 +1158,185 @@ class StepGraph:
         return self.outputs
 
 
+class GraphKey(NamedTuple):
+    """What a Workspace is built for; a generate() call with the same key reuses it."""
+    batch: int
+    max_len: int  # cache slots per row
+    mode: str  # "ar" or "spec"
+    sampling: Optional[SamplingParams]  # spec only: its step samples inside the graph (AR samples outside)
+    acceptance: Optional[str]  # spec only: the ACCEPTANCE_RULES name used when sampling
+
+
+@dataclass
+class Workspace:
+    """The caches and the captured decoding step for one GraphKey."""
+    key: GraphKey
+    cache: KVCache
+    prefix_cache: Optional[KVCache]  # Hydra++'s extra layer
+    rows: torch.Tensor  # [B, 1] row indices (made once: not a kernel in every step)
+    step: Optional[StepGraph] = None
+    host: list = field(default_factory=list)  # two pinned buffers that step outputs take turns in
+
+
+class Output:
+    """One generate() call's results as they arrive: each row's new tokens, which rows are done, the stats, and
+    the text streamed to on_text."""
+
+    def __init__(self, prompts, max_new_tokens, eos, stop, tokenizer, on_text):
+        B = len(prompts)
+        self.tokens, self.done = [[] for _ in range(B)], [False] * B
+        self.stats = Stats(prompt_tokens=sum(map(len, prompts)))
+        self.max_new_tokens, self.eos, self.stop, self.tokenizer, self.on_text = max_new_tokens, eos, stop, tokenizer, on_text
+        self.streams = [TextStream(tokenizer) for _ in range(B)] if on_text and tokenizer else None
+        self._live = (None, None)  # (the live rows, their mask on the device)
+
+    def emit(self, b, ids):
+        """Append row b's new tokens, up to the first that ends it (an EOS, a stop string, the length limit)."""
+        for t in ids:
+            if self.done[b]:
+                return
+            if t in self.eos:
+                self.done[b] = True
+                return
+            self.tokens[b].append(t)
+            self.stats.new_tokens += 1
+            if self.stop and any(x in self.tokenizer.decode(self.tokens[b][-16:]) for x in self.stop):
+                self.done[b] = True
+            if self.streams:
+                text = self.streams[b].push([t])
+                if text:
+                    self.on_text(b, text)
+            if len(self.tokens[b]) >= self.max_new_tokens:
+                self.done[b] = True
+
+    def live_mask(self, device):
+        """live[b] = 0 freezes a finished row's cache. Made anew only when a row finishes; sent from pinned
+        memory, so it need not wait for the step in flight."""
+        rows = tuple(b for b, d in enumerate(self.done) if not d)
+        if self._live[0] != rows:
+            live = torch.tensor([0 if d else 1 for d in self.done], dtype=torch.int32)
+            if torch.device(device).type == "cuda":
+                live = live.pin_memory().to(device, non_blocking=True)
+            self._live = (rows, live)
+        return self._live[1]
+
+    def take_step(self, mode, rows, lens):
+        """Emit one step's tokens (rows: the host copy of its output) and count them; lens: the host's copy of
+        each row's cache length."""
+        active = [b for b in range(len(rows)) if not self.done[b]]
+        gained = 0
+        for b in active:
+            if mode == "ar":
+                n = 1
+                self.emit(b, rows[b])
+            else:  # the tree's root was emitted last step; emit the rest and the next root
+                n = rows[b][-2]
+                self.emit(b, rows[b][1:n] + [rows[b][-1]])
+            lens[b] += n  # a live row's cache grew by its accepted tokens
+            gained += n
+        if active:
+            self.stats.steps += 1
+            self.stats.row_steps += len(active)
+            self.stats.accepted += gained
+
+
 class Generator:
     """Batched generation with one model (and optionally draft heads). Caches and CUDA graphs are built per
-    (batch, max_len, mode, speculative sampling settings) and reused across calls."""
+    GraphKey and reused across calls."""
 
     def __init__(self, model: Llama, tokenizer=None, heads: Optional[DraftHeads] = None, tree_choices=None,
-                 cuda_graphs=True, acceptance="exact", posterior_threshold=0.09, posterior_alpha=0.3):
+                 cuda_graphs=True, acceptance="exact"):
         self.model, self.tokenizer, self.heads = model, tokenizer, heads
         self.device = model.embed.weight.device
         # Graph capture needs the Triton path: the reference attention reads lengths on the host.
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and USE_TRITON and _kernels is not None
-        if heads is not None and tree_choices is None:  # heads may ship the tree fitted to their accuracies
-            tree_choices = getattr(heads, "tree_choices", None) or default_tree(depth=min(4, heads.hc.n_heads))
-        self.tree = Tree(tree_choices, self.device) if heads is not None else None
-        if heads is not None and self.tree.depth > heads.hc.n_heads:
-            raise HydraLiteError(f"tree is {self.tree.depth} deep but there are only {heads.hc.n_heads} heads")
-        self._key, self._host = None, None
-        # Sampled speculative decoding: "exact" (lossless, accept_exact) or "typical" (Medusa/Hydra's typical
-        # acceptance: more tokens per step, but not the base model's distribution; its threshold and alpha).
         if acceptance not in ACCEPTANCE_RULES:
-            raise HydraLiteError(f"acceptance is 'exact' or 'typical', not {acceptance!r}")
+            raise HydraLiteError(f"acceptance is one of {', '.join(map(repr, ACCEPTANCE_RULES))}, not {acceptance!r}")
         self.acceptance = acceptance
-        self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
+        self.tree, self.drafts = None, []
+        if heads is not None:
+            if tree_choices is None:  # heads may ship the tree fitted to their accuracies
+                tree_choices = heads.tree_choices or default_tree(depth=min(4, heads.hc.n_heads))
+            self.tree = Tree(tree_choices, self.device)
+            if self.tree.depth > heads.hc.n_heads:
+                raise HydraLiteError(f"tree is {self.tree.depth} deep but there are only {heads.hc.n_heads} heads")
+            self.drafts = [HeadDrafts(heads, model)]
+        self.workspace = None  # the last GraphKey's caches and step
 
-    # -- setup shared by both modes
-    def _setup(self, batch, max_len, mode):
-        sampled = (self.sampling, self.acceptance) if mode != "ar" else None  # AR samples outside its graph
-        key = (batch, max_len, mode, sampled)
-        if self._key == key:
-            return
-        self._key = key
-        self.cache = self.model.new_cache(batch, max_len)
-        self.prefix_cache = None
-        if mode != "ar" and self.heads.prefix is not None:
-            c = self.model.cfg
-            self.prefix_cache = KVCache(1, batch, max_len, c.n_kv_heads, c.head_dim, self.device, self.cache.k.dtype)
-        B = batch
-        self._rows = torch.arange(B, device=self.device)[:, None]  # (made here: not a kernel in every step)
-        if mode == "ar":
-            ex = [torch.zeros(B, dtype=torch.long, device=self.device), torch.ones(B, dtype=torch.int32, device=self.device)]
-            self.step = StepGraph(self._ar_step, ex, self.use_graphs)
+    @torch.inference_mode()
+    def generate(self, prompts, max_new_tokens=256, sampling=None, mode=None, on_text=None, stop_at_eos=True, stop=()):
+        """prompts: list of token-id lists. mode: "ar", or "spec" (needs heads; the default when heads are
+        loaded). on_text(row, text) is called with each new piece of text (needs a tokenizer). stop: strings
+        that end a row once its text contains one (kept in the output; needs a tokenizer).
+        Returns (list of generated id lists, Stats)."""
+        sampling = sampling or SamplingParams()
+        mode = self._check_call(prompts, mode, stop)
+        room = 2 * ((self.tree.size if mode == "spec" else 1) + 1)  # one step in flight, one step's tree
+        ws = self._workspace(len(prompts), self._max_len(prompts, max_new_tokens, room), mode, sampling)
+        out = Output(prompts, max_new_tokens, set(self.model.cfg.eos_ids) if stop_at_eos else set(), stop,
+                     self.tokenizer, on_text)
+        t0 = time.perf_counter()
+        logits, h = self._prefill(ws, prompts)
+        token = sample(logits, sampling)
+        sync(self.device)
+        out.stats.prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for b, t in enumerate(token.tolist()):
+            out.emit(b, [t])
+        self._decode(ws, out, token, h, [len(p) for p in prompts], room, sampling)
+        sync(self.device)
+        out.stats.decode_s = time.perf_counter() - t0
+        return out.tokens, out.stats
+
+    def _check_call(self, prompts, mode, stop):
+        mode = mode or ("spec" if self.heads is not None else "ar")
+        if mode == "spec" and self.heads is None:
+            raise HydraLiteError("speculative decoding needs draft heads (--heads)")
+        if stop and self.tokenizer is None:
+            raise HydraLiteError("stop strings need a tokenizer")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise HydraLiteError("every prompt needs at least one token")
+        return mode
+
+    def _max_len(self, prompts, max_new_tokens, room):
+        """Cache slots per row: the longest prompt, its new tokens and room for the steps in flight, rounded
+        up so that similar calls share graphs."""
+        longest, context = max(len(p) for p in prompts), self.model.cfg.max_seq_len
+        max_len = -(-min(context, longest + max_new_tokens + room) // 256) * 256
+        if longest + room > max_len or longest + room > context:
+            raise HydraLiteError(f"prompt of {longest} tokens does not fit the context of {context}")
+        return max_len
+
+    def _workspace(self, batch, max_len, mode, sampling):
+        spec = mode == "spec"
+        key = GraphKey(batch, max_len, mode, sampling if spec else None, self.acceptance if spec else None)
+        if self.workspace is None or self.workspace.key != key:
+            self.workspace = self._build_workspace(key)
+        return self.workspace
+
+    def _build_workspace(self, key):
+        B, c, dtype = key.batch, self.model.cfg, self.model.embed.weight.dtype
+        cache = self.model.new_cache(B, key.max_len)
+        prefix_cache = None
+        if key.mode == "spec" and self.heads.prefix is not None:
+            prefix_cache = new_cache(c, 1, B, key.max_len, self.device, dtype, rope=cache.rope)
+        ws = Workspace(key, cache, prefix_cache, torch.arange(B, device=self.device)[:, None])
+        zeros = torch.zeros(B, dtype=torch.long, device=self.device)
+        live = torch.ones(B, dtype=torch.int32, device=self.device)
+        if key.mode == "ar":
+            ws.step = StepGraph(lambda tokens, live: self._ar_step(ws, tokens, live), [zeros, live], self.use_graphs)
         else:
-            ex = [torch.zeros(B, dtype=torch.long, device=self.device),
-                  torch.zeros(B, self.model.cfg.dim, device=self.device, dtype=self.cache.k.dtype),
-                  torch.ones(B, dtype=torch.int32, device=self.device)]
-            self.step = StepGraph(self._spec_step, ex, self.use_graphs)
-        self.cache.lens.zero_()  # graph warm-up wrote scratch
-        if self.prefix_cache is not None:
-            self.prefix_cache.lens.zero_()
+            sp = key.sampling
+            accept = ACCEPTANCE_RULES[key.acceptance] if sp.temperature > 0 else accept_greedy
+            h = torch.zeros(B, c.dim, device=self.device, dtype=dtype)
+            ws.step = StepGraph(lambda root, h, live: self._spec_step(ws, sp, accept, root, h, live), [zeros, h, live],
+                                self.use_graphs)
+        for kv in (cache, prefix_cache):  # graph warm-up wrote scratch
+            if kv is not None:
+                kv.lens.zero_()
+        return ws
 
-    def _prefill(self, prompts):
+    def _prefill(self, ws, prompts):
         """Fill each row's cache with its prompt, all rows in one forward (right-padded: a row's padding writes
         keys/values past its length, which nothing reads and later tokens overwrite). Returns the base logits
         after the prompt [B, V] and the hidden state the draft heads start from [B, dim] (Hydra++: the prefix
@@ -991,65 +1344,83 @@ class Generator:
         T = max(map(len, prompts))
         ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=self.device)
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
-        last = (self._rows[:, 0], lens.long() - 1)  # each row's last prompt position
-        self.cache.lens.zero_()
-        h = self.model(ids, self.cache)
-        self.cache.lens.copy_(lens)
+        last = (ws.rows[:, 0], lens.long() - 1)  # each row's last prompt position
+        ws.cache.lens.zero_()
+        h = self.model(ids, ws.cache)
+        ws.cache.lens.copy_(lens)
         logits = self.model.logits(h[last])
-        if self.prefix_cache is not None:
-            self.prefix_cache.lens.zero_()
-            h = self.heads.run_prefix(h, self.model.rope, self.prefix_cache)
-            self.prefix_cache.lens.copy_(lens)
+        if ws.prefix_cache is not None:
+            ws.prefix_cache.lens.zero_()
+            h = self.heads.run_prefix(h, ws.cache.rope, ws.prefix_cache)
+            ws.prefix_cache.lens.copy_(lens)
         return logits, h[last]
+
+    def _decode(self, ws, out, token, h, lens, room, sampling):
+        """Decoding steps until every row is done or out of room. One step stays in flight: step i+1 is queued
+        on the GPU (its inputs are step i's outputs, still on the device) before the host reads step i's
+        tokens, so the host's work (reading, emitting, stop checks) overlaps the GPU's. The host learns that a
+        row is done one step late: that row's next step is wasted, and its cache may grow by one more step,
+        which the room allows for. lens: the host's copy of each row's cache length."""
+        pending = None
+        while True:
+            step = None
+            if not all(out.done) and max(lens) + room <= ws.key.max_len:
+                live = out.live_mask(self.device)
+                if ws.key.mode == "ar":
+                    token = sample(ws.step(token, live), sampling)
+                    step = self._to_host(ws, token[:, None])
+                else:
+                    packed, h = ws.step(token, h, live)
+                    token = packed[:, -1]
+                    step = self._to_host(ws, packed)
+            if pending is not None:
+                out.take_step(ws.key.mode, self._read(pending), lens)
+            if step is None:
+                return
+            pending = step
 
     # -- one step of each mode (captured as a CUDA graph on GPU). live[b] = 0 freezes a finished row's cache,
     # so rows that stopped early never run out of room while the others go on.
-    def _ar_step(self, tokens, live):
-        h = self.model(tokens[:, None], self.cache)
-        self.cache.lens += live
+    def _ar_step(self, ws, tokens, live):
+        h = self.model(tokens[:, None], ws.cache)
+        ws.cache.lens += live
         return self.model.logits(h[:, 0])
 
-    def _spec_step(self, root, h, live):
-        """Draft a tree after `root`, verify it, accept, compact. Returns one int tensor [B, depth+3] (so the
-        host reads it in one transfer): the accepted tokens (valid up to n_accept, root first), n_accept, and
-        the base model's greedy token after them (the next root); and the next h."""
-        tree, cache, sp = self.tree, self.cache, self.sampling
-        rows = self._rows  # [B, 1]
-        tokens = draft(self.heads, self.model, tree, h, root)
+    def _spec_step(self, ws, sp, accept, root, h, live):
+        """Draft a tree after root, verify it in one forward pass, accept what the base model agrees with,
+        compact the cache. Returns the Accepted row [B, depth+3] (the host reads it in one transfer) and the
+        hidden state the next tree is drafted from."""
+        tree, cache = self.tree, ws.cache
+        tokens = draft(self.drafts, tree, DraftInput(root, h))
         pos = cache.lens[:, None].long() + tree.node_depth[None]
         hidden = self.model(tokens, cache, pos, tree.mask)  # [B, T, dim]
-        if sp.temperature > 0:
-            logits = self.model.logits(hidden)  # [B, T, V]
-            if self.acceptance == "exact":
-                n_accept, path, next_token = accept_exact(tokens, logits, tree, sp)
-            else:
-                n_accept, path = accept_typical(tokens, logits, tree.parent, tree.retrieve, sp.temperature,
-                                                self.posterior_threshold, self.posterior_alpha)
-                next_token = sample(logits[rows, last_accepted(path, n_accept)][:, 0], sp)  # the base model's choice
-            out = step_output(tokens, n_accept, path, next_token)
-        else:  # the base model's argmax at each node, without its [B, T, V] logits in memory
-            base_pred = lm_topk(hidden, self.model.output_weight, 1)[1][..., 0]  # [B, T]
-            n_accept, path, out = accept_greedy(tokens, base_pred, tree.retrieve)
-        grow = n_accept.to(torch.int32) * live
-        if self.prefix_cache is None:
-            next_h = hidden[rows, last_accepted(path, n_accept)][:, 0]
-        else:  # the extra layer sees the accepted hidden states, in order
-            h_pre = self.heads.run_prefix(hidden[rows, path], self.model.rope, self.prefix_cache)
-            self.prefix_cache.lens += grow
-            next_h = h_pre[rows, (n_accept - 1)[:, None]][:, 0]
-        kv_compact(cache.k, cache.v, cache.lens, path)
+        acc = accept(Verified(tree, tokens, hidden, self.model.output_weight), sp)
+        grow = acc.n.to(torch.int32) * live
+        next_h = self._next_draft_state(ws, hidden, acc, grow)
+        kv_compact(cache.k, cache.v, cache.lens, acc.path)
         cache.lens += grow
-        return out, next_h
+        return acc.row, next_h
 
-    def _to_host(self, x):
+    def _next_draft_state(self, ws, hidden, acc, grow):
+        """The hidden state after the last accepted token: the base model's (Hydra++: the extra layer's, which
+        runs over the accepted hidden states in order and keeps its own cache)."""
+        rows = ws.rows
+        if ws.prefix_cache is None:
+            return hidden[rows, last_accepted(acc.path, acc.n)][:, 0]
+        h_pre = self.heads.run_prefix(hidden[rows, acc.path], ws.cache.rope, ws.prefix_cache)
+        ws.prefix_cache.lens += grow
+        return h_pre[rows, (acc.n - 1)[:, None]][:, 0]
+
+    @staticmethod
+    def _to_host(ws, x):
         """Start copying a step's (small) output to the host without waiting; _read waits. Two pinned buffers
         take turns: one step's is being read while the next one's fills."""
         if x.device.type != "cuda":
             return x.clone(), None
-        if self._host is None or self._host[0].shape != x.shape:
-            self._host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for _ in range(2)]
-        self._host.reverse()
-        buf = self._host[0]
+        if not ws.host or ws.host[0].shape != x.shape:
+            ws.host[:] = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for _ in range(2)]
+        ws.host.reverse()
+        buf = ws.host[0]
         buf.copy_(x, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
@@ -1061,106 +1432,6 @@ class Generator:
         if event is not None:
             event.synchronize()
         return buf.tolist()
-
-    @torch.inference_mode()
-    def generate(self, prompts, max_new_tokens=256, sampling=None, mode=None, on_text=None, stop_at_eos=True, stop=()):
-        """prompts: list of token-id lists. mode: "ar", or "spec" (needs heads; the default when heads are
-        loaded). on_text(row, text) is called with each new piece of text (needs a tokenizer). stop: strings
-        that end a row once its text contains one (kept in the output; needs a tokenizer).
-        Returns (list of generated id lists, Stats)."""
-        sampling = sampling or SamplingParams()
-        mode = mode or ("spec" if self.heads is not None else "ar")
-        if mode == "spec" and self.heads is None:
-            raise HydraLiteError("speculative decoding needs draft heads (--heads)")
-        if stop and self.tokenizer is None:
-            raise HydraLiteError("stop strings need a tokenizer")
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise HydraLiteError("every prompt needs at least one token")
-        B = len(prompts)
-        extra = (self.tree.size if mode == "spec" else 1) + 1
-        longest = max(len(p) for p in prompts)
-        room = 2 * extra  # one step in flight, one step's tree (see the loop)
-        max_len = min(self.model.cfg.max_seq_len, longest + max_new_tokens + room)
-        max_len = -(-max_len // 256) * 256  # round up so the graphs are reused across similar calls
-        if longest + room > max_len or longest + room > self.model.cfg.max_seq_len:
-            raise HydraLiteError(f"prompt of {longest} tokens does not fit the context of {self.model.cfg.max_seq_len}")
-        self.sampling = sampling
-        self._setup(B, max_len, mode)
-        stats, eos = Stats(prompt_tokens=sum(map(len, prompts))), set(self.model.cfg.eos_ids)
-        streams = [TextStream(self.tokenizer) for _ in range(B)] if on_text and self.tokenizer else None
-        out, done = [[] for _ in range(B)], [False] * B
-
-        def emit(b, ids):
-            for t in ids:
-                if done[b]:
-                    return
-                if stop_at_eos and t in eos:
-                    done[b] = True
-                    return
-                out[b].append(t)
-                stats.new_tokens += 1
-                if stop and any(x in self.tokenizer.decode(out[b][-16:]) for x in stop):
-                    done[b] = True
-                if streams:
-                    text = streams[b].push([t])
-                    if text:
-                        on_text(b, text)
-                if len(out[b]) >= max_new_tokens:
-                    done[b] = True
-
-        t0 = time.perf_counter()
-        logits, h = self._prefill(prompts)
-        token = sample(logits, sampling)
-        _sync(self.device)
-        stats.prefill_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        first = token.tolist()
-        for b in range(B):
-            emit(b, [first[b]])
-        # The loop keeps one step in flight: step i+1 is queued on the GPU (its inputs are step i's outputs,
-        # still on the device) before the host reads step i's tokens, so the host's work (reading, emitting,
-        # stop checks) overlaps the GPU's. The host learns that a row is done one step late: that row's
-        # next step is wasted, and its cache may grow by one more step, which the room check allows for.
-        lens, live, live_rows = [len(p) for p in prompts], None, None  # host copies of what it has read
-        pending = None
-        while True:
-            step = None
-            if not all(done) and max(lens) + room <= max_len:
-                active = [b for b in range(B) if not done[b]]
-                if active != live_rows:
-                    live_rows = active
-                    live = torch.tensor([0 if d else 1 for d in done], dtype=torch.int32)
-                    if self.device.type == "cuda":  # from pinned memory: no wait for the step in flight
-                        live = live.pin_memory().to(self.device, non_blocking=True)
-                if mode == "ar":
-                    token = sample(self.step(token, live), sampling)
-                    step = self._to_host(token[:, None])
-                else:
-                    packed, h = self.step(token, h, live)
-                    token = packed[:, -1]
-                    step = self._to_host(packed)
-            if pending is not None:
-                rows = self._read(pending)
-                active = [b for b in range(B) if not done[b]]
-                n = [0] * B
-                for b in active:
-                    if mode == "ar":
-                        n[b] = 1
-                        emit(b, rows[b])
-                    else:  # the tree's root was emitted last step; emit the rest and the next root
-                        n[b] = rows[b][-2]
-                        emit(b, rows[b][1:n[b]] + [rows[b][-1]])
-                    lens[b] += n[b]  # a live row's cache grew by its accepted tokens
-                if active:
-                    stats.steps += 1
-                    stats.row_steps += len(active)
-                    stats.accepted += sum(n[b] for b in active)
-            if step is None:
-                break
-            pending = step
-        _sync(self.device)
-        stats.decode_s = time.perf_counter() - t0
-        return out, stats
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1179,7 +1450,7 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--acceptance", choices=ACCEPTANCE_RULES, default="exact",
+    ap.add_argument("--acceptance", choices=list(ACCEPTANCE_RULES), default="exact",
                     help="sampled speculative decoding: exact (the base model's own distribution) or typical "
                          "(Medusa/Hydra's typical acceptance: more tokens per step, not the same distribution)")
     ap.add_argument("--stop", action="append", default=[], help="stop once the answer contains this text (repeatable)")
@@ -1222,7 +1493,8 @@ def _run_cli(args):
     if args.raw or model.cfg.chat_template == "none":
         prompts = [tok.encode(p) for p in args.prompt]
     else:
-        prompts = [tok.encode_chat([{"role": "system", "content": args.system}] * bool(args.system) + [{"role": "user", "content": p}]) for p in args.prompt]
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [tok.encode_chat(system + [{"role": "user", "content": p}]) for p in args.prompt]
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     single = len(prompts) == 1
     outs, stats = gen.generate(prompts, args.max_new_tokens, sampling, stop=args.stop,

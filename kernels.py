@@ -4,7 +4,7 @@ Each wrapper has the signature and semantics of its reference in hydra_lite.py (
 oracle the tests hold it to. Every wrapper is CUDA-graph safe: it never reads a device value on the host, grid
 sizes and buffer shapes come from static shapes only.
 
-    python kernels.py --check      # on a GPU: compare every kernel to its reference, then time both
+    python benchmark.py check      # on a GPU: compare every kernel to its reference, then time both
 
 Notes on the Triton interpreter (TRITON_INTERPRET=1, how the tests run these kernels on CPU tensors): it keeps
 bfloat16 as raw uint16, so arithmetic (tl.dot included) on bf16 values is wrong there. The kernels therefore
@@ -14,11 +14,19 @@ are, fp32 ones use exact "ieee" products, not tf32).
 """
 import math
 import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
+
+
+class KernelInputError(ValueError):
+    """Inputs a kernel cannot take (a shape or layout it does not support)."""
+
+
+def _require(ok, message):
+    if not ok:
+        raise KernelInputError(message)
 
 
 def _pow2(n, lo=1):
@@ -112,7 +120,7 @@ def _silu_add_kernel(r_ptr, z_ptr, o_ptr, dim, stride_r, stride_z, BLOCK: tl.con
 
 def silu_add(res, z):
     """res + silu(z). Rows may be strided (e.g. the two halves of one fused projection's output)."""
-    assert res.shape == z.shape
+    _require(res.shape == z.shape, f"silu_add: res {tuple(res.shape)} and z {tuple(z.shape)} differ")
     dim = z.shape[-1]
     r2, z2 = _rows(res, dim), _rows(z, dim)
     out = torch.empty(z.shape, dtype=torch.promote_types(res.dtype, z.dtype), device=z.device)
@@ -147,7 +155,8 @@ def _head_input_kernel(h_ptr, tok_ptr, path_ptr, emb_ptr, out_ptr, P, J, dim, st
 def head_input(h, tokens, path, embed_w):
     B, dim = h.shape
     P, L = path.shape
-    assert embed_w.shape[1] == dim and embed_w.stride(1) == 1 and h.stride(1) == 1 and tokens.stride(1) == 1
+    _require(embed_w.shape[1] == dim, f"head_input: embeddings of width {embed_w.shape[1]}, h of {dim}")
+    _require(embed_w.stride(1) == 1 and h.stride(1) == 1 and tokens.stride(1) == 1, "head_input: rows must be contiguous")
     path = path.contiguous()
     out = torch.empty(B, P, (L + 1) * dim, dtype=h.dtype, device=h.device)
     BLOCK = min(_pow2(dim, 16), 1024)
@@ -207,8 +216,8 @@ def _rope_cache_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_
 def rope_cache_write(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, lens):
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
-    assert D % 2 == 0, "rotate-half RoPE needs an even head_dim"
-    assert cos_table.stride() == sin_table.stride() and cos_table.stride(1) == 1
+    _require(D % 2 == 0, f"rotate-half RoPE needs an even head_dim, not {D}")
+    _require(cos_table.stride() == sin_table.stride() and cos_table.stride(1) == 1, "rope tables must be contiguous rows")
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lens = lens.contiguous()
     _rope_cache_write_kernel[(B * T,)](
@@ -366,8 +375,8 @@ def _sm_count(device):
 def _attention(q, k_cache, v_cache, lens, mask, num_splits=None):
     B, T, Hq, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    assert Hq % Hkv == 0, f"Hq={Hq} is not a multiple of Hkv={Hkv}"
-    assert D <= 256, "head_dim > 256 is not supported"
+    _require(Hq % Hkv == 0, f"Hq={Hq} is not a multiple of Hkv={Hkv}")
+    _require(D <= 256, f"head_dim {D} > 256 is not supported")
     REP = Hq // Hkv
     # Tile sizes measured on an H100 (bf16, lens ~2000): decoding wants wide key blocks; trees and prefill
     # want 64 rows and narrow key blocks (BLOCK_M=128 with 8 warps was 1.5-3x slower; so was BLOCK_N=128).
@@ -418,7 +427,7 @@ def tree_attention(q, k_cache, v_cache, lens, mask, num_splits=None):
 
 def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
     """T = 1: the new token at slot lens[b] sees slots 0 .. lens[b]."""
-    assert q.shape[1] == 1
+    _require(q.shape[1] == 1, f"decode_attention takes one token per row, not {q.shape[1]}")
     return _attention(q, k_cache, v_cache, lens, None, num_splits)
 
 
@@ -432,7 +441,7 @@ def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
 def _kv_compact_kernel(k_ptr, v_ptr, lens_ptr, path_ptr, B, P, S, D, HD,
                        skl, skb, sks, skh, skd, svl, svb, svs, svh, svd, spb, spj,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    l = (tl.program_id(0) // B).to(tl.int64)
+    layer = (tl.program_id(0) // B).to(tl.int64)
     b = (tl.program_id(0) % B).to(tl.int64)
     j = tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -441,8 +450,8 @@ def _kv_compact_kernel(k_ptr, v_ptr, lens_ptr, path_ptr, B, P, S, D, HD,
     src = lens + tl.load(path_ptr + b * spb + j * spj, mask=j < P, other=0)
     dst = lens + j
     ok = ((j < P) & (src < S) & (dst < S))[:, None] & (c < HD)[None, :]
-    k_row = k_ptr + l * skl + b * skb + head[None, :] * skh + d[None, :] * skd
-    v_row = v_ptr + l * svl + b * svb + head[None, :] * svh + d[None, :] * svd
+    k_row = k_ptr + layer * skl + b * skb + head[None, :] * skh + d[None, :] * skd
+    v_row = v_ptr + layer * svl + b * svb + head[None, :] * svh + d[None, :] * svd
     k = tl.load(k_row + src[:, None] * sks, mask=ok)
     v = tl.load(v_row + src[:, None] * svs, mask=ok)
     tl.debug_barrier()  # every load of the block is done before any store
@@ -506,7 +515,8 @@ def accept_greedy(tree_tokens, base_pred, retrieve):
     n_accept = torch.empty(B, dtype=torch.int64, device=tree_tokens.device)
     path = torch.empty(B, D1, dtype=torch.int64, device=tree_tokens.device)
     out = torch.empty(B, D1 + 2, dtype=torch.int64, device=tree_tokens.device)
-    assert tree_tokens.stride(1) == 1 and base_pred.stride(1) == 1 and retrieve.stride(1) == 1
+    _require(tree_tokens.stride(1) == 1 and base_pred.stride(1) == 1 and retrieve.stride(1) == 1,
+             "accept_greedy: rows must be contiguous")
     _accept_greedy_kernel[(B,)](tree_tokens, base_pred, retrieve, n_accept, path, out, P, D1,
                                 tree_tokens.stride(0), base_pred.stride(0), retrieve.stride(0),
                                 BLOCK_P=_pow2(P, 2), BLOCK_D1=_pow2(D1, 2), num_warps=4)
@@ -582,8 +592,9 @@ def _lm_topk_merge_kernel(cv_ptr, ci_ptr, vocab_ptr, v_ptr, i_ptr, C, K: tl.cons
 
 def lm_topk(x, w, k, bias=None, vocab=None):
     D, V = x.shape[-1], w.shape[0]
-    assert w.shape[1] == D and w.stride(1) == 1 and 1 <= k <= V
-    assert vocab is None or (vocab.shape == (V,) and vocab.is_contiguous())
+    _require(w.shape[1] == D and w.stride(1) == 1, f"lm_topk: weight {tuple(w.shape)} does not take inputs of width {D}")
+    _require(1 <= k <= V, f"lm_topk: k={k} is not between 1 and the {V} rows of the weight")
+    _require(vocab is None or (vocab.shape == (V,) and vocab.is_contiguous()), "lm_topk: vocab needs one id per weight row")
     x2 = _rows(x, D)
     N = x2.shape[0]
     # Tiles measured on an H100 (bf16; D=576 and 4096, V=16k-49k, N=1-80): 128 vocab entries a program; 64 rows
@@ -607,193 +618,3 @@ def lm_topk(x, w, k, bias=None, vocab=None):
                                 K=k, BLOCK_C=BLOCK_C, BLOCK_K=_pow2(k, 2), HAS_VOCAB=vocab is not None,
                                 num_warps=4 if BLOCK_C <= 8192 else 16)
     return values, indices
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Self-check on a GPU: python kernels.py --check
-
-
-def _check():
-    import hydra_lite as hl
-
-    torch.manual_seed(0)
-    dev = torch.device("cuda")
-    bf16, f32 = torch.bfloat16, torch.float32
-    failures, timings = [], []
-    bench = triton.testing.do_bench
-
-    def report(name, out, ref, dtype):
-        out, ref = out.float(), ref.float()
-        abs_err = (out - ref).abs().max().item()
-        rel_err = abs_err / max(ref.abs().max().item(), 1e-30)
-        rtol, atol = (1e-4, 1e-4) if dtype == f32 else (1.6e-2, 1e-2)
-        ok = bool(torch.isfinite(out).all()) and torch.allclose(out, ref, rtol=rtol, atol=atol)
-        print(f"{'PASS' if ok else 'FAIL'}  {name:58s} max abs {abs_err:.2e}  rel {rel_err:.2e}")
-        if not ok:
-            failures.append(name)
-
-    def timing(name, fn, ref_fn):  # kernel replayed in a CUDA graph (GPU time) and called eagerly (+ host time)
-        graph = triton.testing.do_bench_cudagraph(fn, return_mode="median") * 1e3
-        timings.append((name, graph, bench(fn, return_mode="median") * 1e3, bench(ref_fn, return_mode="median") * 1e3))
-
-    # (Hq, Hkv, head_dim, dim, hidden_dim, layers); "d80": a non-power-of-2 head_dim
-    models = {"smollm2": (9, 3, 64, 576, 1536, 30), "7b": (32, 32, 128, 4096, 11008, 32), "d80": (8, 2, 80, 640, 1024, 4)}
-    tree = hl.Tree(hl.default_tree(), dev)  # the runtime's 64-node tree
-    S = 2048 + 512 + 64
-
-    print("== correctness")
-    for mname, (Hq, Hkv, D, dim, hidden, L) in models.items():
-        for B in (1, 8) if mname != "d80" else (4,):
-            rows = B * 64
-            x = torch.randn(B, 64, dim, device=dev, dtype=bf16)
-            r, w = torch.randn_like(x), torch.randn(dim, device=dev, dtype=bf16)
-            report(f"rms_norm {mname} [{rows},{dim}]", rms_norm(x, w, 1e-5), hl.rms_norm_ref(x, w, 1e-5), bf16)
-            y, s = rms_norm(x, w, 1e-5, r)
-            y_ref, s_ref = hl.rms_norm_ref(x, w, 1e-5, r)
-            report(f"rms_norm+residual {mname} [{rows},{dim}]", torch.cat([y, s]), torch.cat([y_ref, s_ref]), bf16)
-            if B == 8:  # (timings at B=8 only)
-                timing(f"rms_norm+res {mname} [{rows},{dim}]", lambda: rms_norm(x, w, 1e-5, r),
-                       lambda: hl.rms_norm_ref(x, w, 1e-5, r))
-            gu = torch.randn(B, 64, 2 * hidden, device=dev, dtype=bf16)
-            report(f"swiglu {mname} [{rows},{2 * hidden}]", swiglu(gu), hl.swiglu_ref(gu), bf16)
-            if B == 8:
-                timing(f"swiglu {mname} [{rows},{2 * hidden}]", lambda: swiglu(gu), lambda: hl.swiglu_ref(gu))
-            r, z = torch.randn(B, 64, dim, device=dev, dtype=bf16), torch.randn(B, 64, dim, device=dev, dtype=bf16)
-            report(f"silu_add {mname} [{rows},{dim}]", silu_add(r, z), hl.silu_add_ref(r, z), bf16)
-            y = torch.randn(B, 64, 2 * dim, device=dev, dtype=bf16)  # the heads' fused projection: two halves
-            report(f"silu_add halves {mname} [{rows},{dim}]", silu_add(y[..., :dim], y[..., dim:]),
-                   hl.silu_add_ref(y[..., :dim], y[..., dim:]), bf16)
-            emb = torch.randn(1000, dim, device=dev, dtype=bf16)
-            toks, path = torch.randint(0, 1000, (B, 64), device=dev), torch.randint(0, 64, (10, 4), device=dev)
-            h = torch.randn(B, dim, device=dev, dtype=bf16)
-            report(f"head_input {mname} [{B}x10,{5 * dim}]", head_input(h, toks, path, emb),
-                   hl.head_input_ref(h, toks, path, emb), bf16)
-
-            cfg = hl.Config(dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv, hidden_dim=8, vocab_size=8, head_dim=D)
-            cos, sin = hl.rope_tables(cfg, S, dev)
-            for dtype in (bf16, f32) if (mname, B) == ("smollm2", 8) else (bf16,):
-                k_all = torch.randn(2, B, S, Hkv, D, device=dev, dtype=dtype)
-                v_all = torch.randn(2, B, S, Hkv, D, device=dev, dtype=dtype)
-                k_cache, v_cache = k_all[1], v_all[1]
-                for T in (1, 64, 512):
-                    if T == 512 and B == 8 and dtype == f32:
-                        continue
-                    lens = torch.randint(0, 2000, (B,), device=dev, dtype=torch.int32)
-                    lens[0] = 2000 if T < 512 else 0
-                    tag = f"{mname} B={B} T={T} {str(dtype)[6:]}"
-                    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, device=dev, dtype=dtype)
-                    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], -1)
-                    q, k, v = q.view(B, T, Hq, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-                    pos = lens[:, None].long() + (tree.node_depth[None] if T == 64 else torch.arange(T, device=dev))
-                    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
-                    q_ref = hl.rope_cache_write_ref(q, k, v, cos, sin, pos, kc_ref, vc_ref, lens)
-                    q_rot = rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, lens)
-                    report(f"rope_cache_write {tag}", torch.cat([q_rot.flatten(), k_cache.flatten(), v_cache.flatten()]),
-                           torch.cat([q_ref.flatten(), kc_ref.flatten(), vc_ref.flatten()]), dtype)
-                    if T in (1, 64) and dtype == bf16 and mname != "d80":
-                        timing(f"rope_cache_write {tag}",
-                               lambda: rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, lens),
-                               lambda: hl.rope_cache_write_ref(q, k, v, cos, sin, pos, kc_ref, vc_ref, lens))
-                    mask = tree.mask if T == 64 else None
-                    ref = hl.attention_ref(q_rot, k_cache, v_cache, lens, mask)
-                    if T == 1:
-                        fn = lambda: decode_attention(q_rot, k_cache, v_cache, lens)
-                        report(f"decode_attention {tag}", fn(), ref, dtype)
-                        report(f"decode_attention no-split {tag}",
-                               decode_attention(q_rot, k_cache, v_cache, lens, num_splits=1), ref, dtype)
-                    else:
-                        fn = lambda: tree_attention(q_rot, k_cache, v_cache, lens, mask)
-                        report(f"tree_attention {'tree' if T == 64 else 'causal'} {tag}", fn(), ref, dtype)
-                    if dtype == bf16 and mname != "d80":
-                        timing(f"{'decode' if T == 1 else 'tree'}_attention {tag}", fn,
-                               lambda: hl.attention_ref(q_rot, k_cache, v_cache, lens, mask))
-
-            # verification bookkeeping on the 64-node tree
-            tokens = torch.randint(0, 3, (B, tree.size), device=dev)
-            pred = torch.randint(0, 3, (B, tree.size), device=dev)
-            n, path, out = accept_greedy(tokens, pred, tree.retrieve)
-            n_ref, path_ref, out_ref = hl.accept_greedy_ref(tokens, pred, tree.retrieve)
-            ok = torch.equal(n, n_ref) and torch.equal(path, path_ref) and torch.equal(out, out_ref)
-            print(f"{'PASS' if ok else 'FAIL'}  accept_greedy {mname} B={B} (mean accepted {n.float().mean():.2f})")
-            failures += [] if ok else [f"accept_greedy {mname} B={B}"]
-            if B == 8:
-                timing(f"accept_greedy B={B} tree=64", lambda: accept_greedy(tokens, pred, tree.retrieve),
-                       lambda: hl.accept_greedy_ref(tokens, pred, tree.retrieve))
-            k_all = torch.randn(L, B, S, Hkv, D, device=dev, dtype=bf16)
-            v_all = torch.randn_like(k_all)
-            lens = torch.randint(0, 2000, (B,), device=dev, dtype=torch.int32)
-            k_ref, v_ref = k_all.clone(), v_all.clone()
-            kv_compact(k_all, v_all, lens, path)
-            hl.kv_compact_ref(k_ref, v_ref, lens, path)
-            ok = torch.equal(k_all, k_ref) and torch.equal(v_all, v_ref)
-            print(f"{'PASS' if ok else 'FAIL'}  kv_compact {mname} L={L} B={B}")
-            failures += [] if ok else [f"kv_compact {mname} B={B}"]
-            if B == 8:
-                timing(f"kv_compact {mname} L={L} B={B}", lambda: kv_compact(k_all, v_all, lens, path),
-                       lambda: hl.kv_compact_ref(k_ref, v_ref, lens, path))
-
-    # draft proposals: output projection + top-k (SmolLM2's vocabulary, a draft vocabulary with a head bias, 7B's)
-    for N, D, V in [(1, 576, 49152), (10, 576, 49152), (80, 576, 49152), (1, 576, 16384), (10, 576, 16384),
-                    (80, 576, 16384), (10, 4096, 32000)]:
-        x = torch.randn(N, D, device=dev, dtype=bf16)
-        w = torch.randn(V, D, device=dev, dtype=bf16) / math.sqrt(D)
-        bias = torch.randn(V, device=dev, dtype=bf16) if V == 16384 else None
-        values, indices = lm_topk(x, w, 10, bias)
-        ref_v, _ = hl.lm_topk_ref(x, w, 10, bias)
-        # ties may order differently: compare the values, and the reference logits of the chosen tokens
-        chosen = torch.nn.functional.linear(x, w, bias).float().gather(-1, indices)
-        tag = f"N={N} D={D} V={V}{' +bias' if bias is not None else ''} k=10"
-        report(f"lm_topk {tag}", torch.cat([values, chosen]), torch.cat([ref_v, ref_v]), bf16)
-        timing(f"lm_topk {tag}", lambda: lm_topk(x, w, 10, bias), lambda: hl.lm_topk_ref(x, w, 10, bias))
-
-    # greedy verification: the base model's argmax at every tree node (B=1 and 8), fused vs logits + argmax
-    for N in (64, 512):
-        x = torch.randn(N, 576, device=dev, dtype=bf16)
-        w = torch.randn(49152, 576, device=dev, dtype=bf16) / math.sqrt(576)
-        logits = torch.nn.functional.linear(x, w)
-        chosen = logits.float().gather(-1, lm_topk(x, w, 1)[1])[:, 0]
-        report(f"lm_topk N={N} D=576 V=49152 k=1 (verification)", chosen, logits.float().amax(-1), bf16)
-        timing(f"verify argmax N={N} V=49152 (fused; ref: logits+argmax)", lambda: lm_topk(x, w, 1),
-               lambda: torch.nn.functional.linear(x, w).argmax(-1))
-
-    # CUDA graph: capture once, replay with new lengths and inputs (no host reads of device values inside)
-    Hq, Hkv, D = 9, 3, 64
-    B, T = 4, tree.size
-    k_cache = torch.randn(B, S, Hkv, D, device=dev, dtype=bf16)
-    v_cache = torch.randn_like(k_cache)
-    lens = torch.zeros(B, device=dev, dtype=torch.int32)
-    q = torch.randn(B, T, Hq, D, device=dev, dtype=bf16)
-    step = lambda: tree_attention(q, k_cache, v_cache, lens, tree.mask)
-    dec = lambda: decode_attention(q[:, :1], k_cache, v_cache, lens)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step(), dec()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out, out_dec = step(), dec()
-    lens.copy_(torch.tensor([5, 1999, 0, 777], device=dev))
-    q.normal_()
-    g.replay()
-    report("tree_attention under CUDA graph replay", out, hl.attention_ref(q, k_cache, v_cache, lens, tree.mask), bf16)
-    report("decode_attention under CUDA graph replay", out_dec, hl.attention_ref(q[:, :1], k_cache, v_cache, lens), bf16)
-
-    print("\n== timings (median, us; graph: the kernel replayed in a CUDA graph, eager: one call from Python)")
-    print(f"{'kernel':52s} {'graph':>8s} {'eager':>8s} {'reference':>10s} {'ref/graph':>9s}")
-    for name, t_g, t_e, t_r in timings:
-        print(f"{name:52s} {t_g:8.1f} {t_e:8.1f} {t_r:10.1f} {t_r / t_g:8.1f}x")
-    if failures:
-        print(f"\n{len(failures)} FAILED: {failures}")
-        return 1
-    print("\nall PASS")
-    return 0
-
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] != ["--check"] or not torch.cuda.is_available():
-        print("usage: python kernels.py --check   (needs a CUDA GPU)")
-        sys.exit(2)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    sys.exit(_check())

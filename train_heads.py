@@ -238,11 +238,11 @@ def draft_vocab(rows, size, vocab_size):
     return keep, coverage(counts, keep)
 
 
-def new_heads(model, kind, n_heads, n_layers, vocab=None):
+def new_heads(model, kind, n_heads, n_layers, vocab=None, source="train_heads.py"):
     c = model.cfg
     grounded, prefix = kind in ("hydra", "hydra++"), kind == "hydra++"
     hc = hl.HeadsConfig(n_heads=n_heads, n_layers=n_layers, dim=c.dim, vocab_size=c.vocab_size, grounded=grounded,
-                        prefix=prefix, lm_head="base", lm_bias=False, kind=kind, source=f"train_heads.py on {getattr(model, 'path', '?')}",
+                        prefix=prefix, lm_head="base", lm_bias=False, kind=kind, source=source,
                         draft_vocab=0 if vocab is None else len(vocab))
     heads = hl.DraftHeads(hc, c)
     if vocab is not None:
@@ -250,35 +250,16 @@ def new_heads(model, kind, n_heads, n_layers, vocab=None):
     with torch.no_grad():  # start near "predict what the base model would from h": residual blocks at identity
         for head in heads.heads:
             for block in head.blocks:
-                block.w.zero_(), block.b.zero_()
-                if block.res_w is not None:
-                    block.res_w.normal_(std=0.01)
-                    block.res_w[:, :c.dim] += torch.eye(c.dim)
-                    block.res_b.zero_()
+                block.w.weight.zero_(), block.w.bias.zero_()
+                if block.res is not None:
+                    block.res.weight.normal_(std=0.01)
+                    block.res.weight[:, :c.dim] += torch.eye(c.dim)
+                    block.res.bias.zero_()
         if prefix:  # the extra layer starts as the identity (zero output projections) before its norm
             p = heads.prefix
-            p.attn_norm.fill_(1), p.ffn_norm.fill_(1), heads.prefix_norm.fill_(1)
-            p.wqkv.normal_(std=0.02), p.w13.normal_(std=0.02), p.wo.zero_(), p.w2.zero_()
+            p.attn_norm.weight.fill_(1), p.ffn_norm.weight.fill_(1), heads.prefix_norm.fill_(1)
+            p.wqkv.weight.normal_(std=0.02), p.w13.weight.normal_(std=0.02), p.wo.weight.zero_(), p.w2.weight.zero_()
     return heads
-
-
-def prefix_forward_train(heads, h, rope):
-    """Differentiable Hydra++ prefix layer over a whole sequence (causal; the runtime's cached path is for
-    inference only)."""
-    blk = heads.prefix
-    c = blk.cfg
-    B, T, _ = h.shape
-    x = hl.rms_norm_ref(h, blk.attn_norm, c.norm_eps)
-    q, k, v = F.linear(x, blk.wqkv).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
-    cos, sin = rope[0][:T][None].expand(B, T, -1), rope[1][:T][None].expand(B, T, -1)
-    q = hl.rope_rotate(q.view(B, T, c.n_heads, c.head_dim), cos, sin).transpose(1, 2)
-    k = hl.rope_rotate(k.view(B, T, c.n_kv_heads, c.head_dim), cos, sin).transpose(1, 2)
-    v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-    rep = c.n_heads // c.n_kv_heads
-    a = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
-    h = h + F.linear(a.transpose(1, 2).reshape(B, T, -1), blk.wo)
-    h = h + F.linear(hl.swiglu_ref(F.linear(hl.rms_norm_ref(h, blk.ffn_norm, c.norm_eps), blk.w13)), blk.w2)
-    return hl.rms_norm_ref(h, heads.prefix_norm, c.norm_eps)
 
 
 def batches(rows, max_tokens, rng):
@@ -316,7 +297,7 @@ def head_losses(model, heads, tokens, valid, noise_alpha):
     noise = lambda x: x + (torch.rand_like(x) * 2 - 1) * noise_alpha / math.sqrt(T * dim) if noise_alpha else x
     h = noise(h)
     if heads.prefix is not None:
-        h = prefix_forward_train(heads, h, model.rope)
+        h = heads.run_prefix(h, cache.rope)  # (no cache: causal over the sequence, differentiable)
     results = []
     for k, head in enumerate(heads.heads):
         n = T - k - 2  # head k at position t predicts token t+k+2: the base's distribution at t+k+1
@@ -344,16 +325,16 @@ def draft_ranks(model, heads, rows, max_tokens):
     path (as in a drafted tree); -1 where it is not (sampled answers leave greedy paths), or past the end."""
     dev, K = model.embed.weight.device, len(heads.heads)
     lm_w, out = model.output_weight, []
-    model.new_cache(1, max(len(r[0]) for r in rows) + 1)  # RoPE tables long enough
     with torch.no_grad():
         for idx in batches(rows, max_tokens, random.Random(0)):
             tokens, valid = pad([rows[i] for i in idx], dev)
             B, T = tokens.shape
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                h = model(tokens, model.new_cache(B, T))
+                cache = model.new_cache(B, T)
+                h = model(tokens, cache)
                 greedy = model.logits(h).argmax(-1)  # greedy[:, t]: the base model's choice for token t+1
                 if heads.prefix is not None:
-                    h = prefix_forward_train(heads, h, model.rope)
+                    h = heads.run_prefix(h, cache.rope)  # (no cache: causal over the sequence, differentiable)
                 emb = model.embed(tokens)
                 on_path = torch.zeros(B, T, dtype=torch.bool, device=dev)  # token t+1 is the greedy one
                 on_path[:, :-1] = tokens[:, 1:] == greedy[:, :-1]
@@ -378,29 +359,16 @@ def fit_tree(ranks, size=63):
     where ranks[t, :len] equals it. Chance of a path = chance of its parent x how often its last rank is right
     among the positions that reach it (positions that leave the greedy path drop out at that depth), so
     heads' errors that come together (hard spans) are counted as they are. Returns (tree, expected acceptance
-    length). Never grows with depth, so growing from the best frontier node first finds the best tree."""
-    import heapq
-
+    length)."""
     K = ranks.shape[1]
 
-    def children(path, reach):  # reach: positions where the path so far is right
-        d = len(path)
-        if d == K:
+    def child_chances(path):  # the share of each rank among the positions where the path so far is right
+        if len(path) == K:
             return []
-        return [(q, path + [j]) for j, q in enumerate(rank_shares(ranks[reach, d]))]  # (unseen: 0, picked last)
+        reach = (ranks[:, :len(path)] == torch.tensor(path, dtype=ranks.dtype)).all(-1)
+        return rank_shares(ranks[reach, len(path)])  # (unseen ranks: 0, picked last)
 
-    everywhere = torch.ones(len(ranks), dtype=torch.bool)
-    frontier = [(-p, path, p) for p, path in children([], everywhere)]
-    heapq.heapify(frontier)
-    chosen, expected = [], 1.0
-    while frontier and len(chosen) < size:
-        _, path, p = heapq.heappop(frontier)
-        chosen.append(path)
-        expected += p
-        reach = (ranks[:, :len(path)] == torch.tensor(path)).all(-1)
-        for q, child in children(path, reach):
-            heapq.heappush(frontier, (-p * q, child, p * q))
-    return sorted(chosen, key=lambda c: (len(c), c)), expected
+    return hl.grow_tree(child_chances, size)
 
 
 def tree_accept(ranks, tree):
@@ -440,7 +408,6 @@ def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, time_l
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (
         1 + math.cos(math.pi * min(s, horizon[0]) / max(horizon[0], 1))))
     dev = model.embed.weight.device
-    model.new_cache(1, max(len(r[0]) for r in rows) + 1)  # RoPE tables long enough
     step, t0, plan = 0, time.time(), []
     heads.train().requires_grad_(True)
     while step < horizon[0]:
@@ -478,7 +445,7 @@ def write_tree(model, heads, rows, size, out, info, max_tokens=4096):
     t0 = time.time()
     ranks = draft_ranks(model, heads, rows, max_tokens)
     rank_acc = rank_accuracies(ranks)
-    log(f"held-out top-1 per head (on the greedy path): " + " ".join(f"{a[0]:.3f}" for a in rank_acc)
+    log("held-out top-1 per head (on the greedy path): " + " ".join(f"{a[0]:.3f}" for a in rank_acc)
         + f" ({len(ranks)} positions, {time.time() - t0:.0f}s)")
     tree, expected = fit_tree(ranks, size)
     independent = hl.build_tree(rank_acc, size)
@@ -521,7 +488,7 @@ def load_rows(path):
     if "," in path:
         return [row for p in path.split(",") for row in load_rows(p)]
     if not path.endswith(".npz"):  # older files: torch.save({"rows": [(ids, start), ...]})
-        return torch.load(path)["rows"]
+        return torch.load(path, weights_only=True)["rows"]
     d = np.load(path)
     ids, lens, starts = d["ids"].astype(np.int64), d["lens"], d["starts"]  # (each d[key] reads the file again)
     ends = np.cumsum(lens)
@@ -615,7 +582,8 @@ def main(argv=None):
                 log(f"going on from {args.init} ({hc.kind}, {hc.n_heads} heads of {hc.n_layers} blocks)")
             else:
                 vocab = draft_vocab(train_rows, args.draft_vocab, model.cfg.vocab_size)[0]
-                heads = new_heads(model, args.kind, args.n_heads, args.n_layers, vocab).to(args.device)
+                heads = new_heads(model, args.kind, args.n_heads, args.n_layers, vocab,
+                                  f"train_heads.py on {args.checkpoint}").to(args.device)
             if vocab is not None:
                 counts = [answer_counts(r, model.cfg.vocab_size) for r in (train_rows, held_out)]
                 log(f"draft vocabulary: {len(vocab)} tokens cover {coverage(counts[0], vocab.cpu()):.4f} of the training "

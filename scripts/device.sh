@@ -2,7 +2,7 @@
 # Everything the GPU runs, in stages, from the repo root:  bash scripts/device.sh STAGE [STAGE...]
 #   model  assemble the SmolLM2 GGUF from /root/smol/part_* and convert it (the parts travel in earlier calls:
 #          split the GGUF so each call's working tree stays under the device tool's 64 MiB, copy each to /root/smol)
-#   check  kernel self-check and GPU tests
+#   check  kernel check (benchmark.py check) and GPU tests
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights)
 #   data   self-distillation data: rows 0-79 of the prompts (SAMPLES answers each), SYNTH template prompts
 #          (SEED picks them) and IMITATE prompts the base model writes in the style of those rows, into DATA,
@@ -32,7 +32,7 @@ for stage in "$@"; do
     check)
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
       python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-      python3 kernels.py --check 2>&1 | tee "$RES/kernels_check.txt"
+      python3 benchmark.py check 2>&1 | tee "$RES/kernels_check.txt"
       HYDRA_LITE_CKPT=$CKPT python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -5 ;;
     steps)
       python3 benchmark.py steps --shape 7b --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"

@@ -13,7 +13,8 @@ if [ ! -f "$gguf" ]; then
   rm -rf "$tmp"
 fi
 [ -f checkpoints/smollm2-135m-instruct/config.json ] || python3 convert.py "$gguf" checkpoints/smollm2-135m-instruct
+python3 -m ruff check .  # lint (settings in pyproject.toml)
 # A CPU suite: every Triton kernel runs in the interpreter, in this process. (On a GPU, run tests/test_gpu.py
-# and `python kernels.py --check` instead, without TRITON_INTERPRET.)
+# and `python benchmark.py check` instead, without TRITON_INTERPRET.)
 export TRITON_INTERPRET=1
 python3 -m pytest -q tests "$@"

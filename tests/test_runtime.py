@@ -36,7 +36,8 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
                   "original_max_position_embeddings": 64}
 
 
-@pytest.mark.parametrize("n_heads,n_kv_heads,tie,scaling", [(4, 4, True, None), (4, 2, False, None), (6, 2, True, LLAMA3_SCALING)])
+@pytest.mark.parametrize("n_heads,n_kv_heads,tie,scaling",
+                         [(4, 4, True, None), (4, 2, False, None), (6, 2, True, LLAMA3_SCALING)])
 def test_cached_decoding_equals_full_forward(n_heads, n_kv_heads, tie, scaling):
     model = tiny_model(seed=n_heads + n_kv_heads, n_heads=n_heads, n_kv_heads=n_kv_heads, tie=tie, rope_scaling=scaling)
     tokens = torch.randint(0, model.cfg.vocab_size, (3, 90))  # past original_max_position_embeddings
@@ -89,10 +90,10 @@ def test_oracle_drafts_are_accepted_and_compacted(monkeypatch):
     gen_prompt_lens = [len(p) for p in prompts]
     rng = torch.Generator().manual_seed(0)
 
-    def oracle_draft(heads_, base, tree, h, root):
-        tokens = real_draft(heads_, base, tree, h, root)
+    def oracle_draft(sources, tree, inp):
+        tokens = real_draft(sources, tree, inp)
         for b in range(tokens.shape[0]):
-            at = int(gen.cache.lens[b]) - gen_prompt_lens[b]  # index of the root in the output
+            at = int(gen.workspace.cache.lens[b]) - gen_prompt_lens[b]  # index of the root in the output
             node, good = 0, int(torch.randint(0, tree.depth + 1, (1,), generator=rng))
             for d in range(1, good + 1):  # follow rank-0 children along the true continuation
                 children = [i for i in range(tree.size) if int(tree.node_depth[i]) == d and int(tree.node_path[i, d - 1]) == node]
@@ -142,8 +143,9 @@ def test_fused_block_projection_matches_training_path():
     train = block(x)
     assert train.requires_grad and torch.allclose(fused, train, atol=1e-5)
     with torch.no_grad():
-        block.w.mul_(-1)  # as an optimizer step does
-        assert torch.allclose(block(x), hl.silu_add_ref(F.linear(x, block.res_w, block.res_b), F.linear(x, block.w, block.b)), atol=1e-5)
+        block.w.weight.mul_(-1)  # as an optimizer step does
+        expected = hl.silu_add_ref(F.linear(x, block.res.weight, block.res.bias), F.linear(x, block.w.weight, block.w.bias))
+        assert torch.allclose(block(x), expected, atol=1e-5)
 
 
 def test_accept_greedy_ref():
@@ -183,7 +185,7 @@ def test_bad_inputs(tmp_path):
         hl.load_model(str(tmp_path))
     with pytest.raises(hl.HydraLiteError, match="only 2 heads"):
         hl.Generator(model, heads=tiny_heads(model, True, False, n_heads=2), tree_choices=hl.default_tree(depth=4))
-    with pytest.raises(hl.HydraLiteError, match="'exact' or 'typical'"):
+    with pytest.raises(hl.HydraLiteError, match="one of 'exact', 'typical'"):
         hl.Generator(model, acceptance="loose")
     with pytest.raises(hl.HydraLiteError, match="at least one token"):
         hl.Generator(model).generate([[]])
@@ -222,7 +224,7 @@ def test_finished_rows_stop_growing(mode):
     assert out == ar and len(out[0]) == 2
     # the host learns of the EOS one step late (one step is always in flight), so one more step may land
     grow = 1 if mode == "ar" else gen.tree.depth + 1
-    assert int(gen.cache.lens[0]) <= len(prompts[0]) + 2 + 2 * grow
+    assert int(gen.workspace.cache.lens[0]) <= len(prompts[0]) + 2 + 2 * grow
 
 
 def test_accept_typical():
@@ -232,10 +234,11 @@ def test_accept_typical():
     logits[0, 0, 6] = 10.0  # after the root the base is sure of 6 (node 1)
     logits[0, 1, 8] = 0.0  # after node 1: flat over 8 and 9 -> p(8) = 0.5, high entropy
     logits[0, 1, 9] = 0.0
-    n, path = hl.accept_typical(tokens, logits, tree.parent, tree.retrieve, 1.0)
-    assert n.tolist() == [3] and path.tolist() == [[0, 1, 3]]
-    n, _ = hl.accept_typical(tokens, logits, tree.parent, tree.retrieve, 1.0, threshold=0.6, alpha=1.0)
-    assert n.tolist() == [2]  # p(8) = 0.5 is not above min(0.6, exp(-ln 2)) = 0.5: rejected
+    acc = hl.accept_typical(hl.Verified(tree, tokens, given_logits=logits), hl.SamplingParams(1.0))
+    assert acc.n.tolist() == [3] and acc.path.tolist() == [[0, 1, 3]]
+    acc = hl.accept_typical(hl.Verified(tree, tokens, given_logits=logits),
+                            hl.SamplingParams(1.0, typical_threshold=0.6, typical_alpha=1.0))
+    assert acc.n.tolist() == [2]  # p(8) = 0.5 is not above min(0.6, exp(-ln 2)) = 0.5: rejected
 
 
 def markov_decode(tree, table, draft_table, root, n_tokens, sp, acceptance, rows):
@@ -251,11 +254,8 @@ def markov_decode(tree, table, draft_table, root, n_tokens, sp, acceptance, rows
             top = draft_table[tokens[:, lv["parents"]]].topk(lv["k"], dim=-1).indices  # [rows, n_par, k]
             tokens[:, lv["nodes"]] = top[:, lv["parent_slot"], lv["rank"]]
         logits = table[tokens]  # [rows, T, V]
-        if acceptance == "exact":
-            n, path, nxt = hl.accept_exact(tokens, logits, tree, sp)
-        else:
-            n, path = hl.accept_typical(tokens, logits, tree.parent, tree.retrieve, sp.temperature)
-            nxt = hl.sample(logits.gather(1, hl.last_accepted(path, n)[:, :, None].expand(-1, 1, table.shape[1]))[:, 0], sp)
+        acc = hl.ACCEPTANCE_RULES[acceptance](hl.Verified(tree, tokens, given_logits=logits), sp)
+        n, path, nxt = acc.n, acc.path, acc.next_token
         emitted = torch.cat([tokens.gather(1, path)[:, 1:], nxt[:, None]], dim=1)  # valid: the first n
         emitted.scatter_(1, (n - 1)[:, None], nxt[:, None])
         j = torch.arange(emitted.shape[1])
@@ -318,7 +318,8 @@ def test_accept_exact_rejects_then_draws_the_rest():
     tokens = torch.tensor([[2, 0, 1]]).repeat(20000, 1)
     logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))[None, None].repeat(20000, 3, 1)
     torch.manual_seed(0)
-    n, path, nxt = hl.accept_exact(tokens, logits, tree, hl.SamplingParams(temperature=1.0))
+    acc = hl.accept_exact(hl.Verified(tree, tokens, given_logits=logits), hl.SamplingParams(temperature=1.0))
+    n, path, nxt = acc.n, acc.path, acc.next_token
     first = torch.where(n == 2, tokens.gather(1, path)[:, 1], nxt)
     share = torch.bincount(first, minlength=3).float() / len(first)
     assert torch.allclose(share, torch.tensor([0.5, 0.3, 0.2]), atol=0.015), share
@@ -379,9 +380,10 @@ def test_proposal_weights_cut_follows_updates():
         torch.nn.init.normal_(p)
     with torch.no_grad():
         w, b = heads.proposal_weights(1, None)
-        assert torch.equal(w, heads.heads[1].lm_w[heads.vocab]) and torch.equal(b, heads.heads[1].lm_b[heads.vocab])
-        heads.heads[1].lm_w.mul_(2)
-        heads.heads[1].lm_b.add_(1)
+        lm = heads.heads[1].lm
+        assert torch.equal(w, lm.weight[heads.vocab]) and torch.equal(b, lm.bias[heads.vocab])
+        lm.weight.mul_(2)
+        lm.bias.add_(1)
         w2, b2 = heads.proposal_weights(1, None)
         assert torch.equal(w2, 2 * w) and torch.equal(b2, b + 1)
         heads.proposal_weights(0, None)

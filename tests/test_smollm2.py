@@ -26,7 +26,8 @@ def tok(model):
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}],
     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Name a color.\nOnly one."}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! 👋"}, {"role": "user", "content": "def f(x): return x**2"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! 👋"},
+     {"role": "user", "content": "def f(x): return x**2"}],
 ]
 
 
@@ -105,10 +106,12 @@ def test_train_heads_cli_end_to_end(tmp_path):
     import train_heads as th
 
     prompts = tmp_path / "q.jsonl"
-    prompts.write_text('{"turns": ["Name three colors."]}\n{"turns": ["What is 2+2?"]}\n{"turns": ["how to sort a list in python"]}\n')
+    prompts.write_text('{"turns": ["Name three colors."]}\n{"turns": ["What is 2+2?"]}\n'
+                       '{"turns": ["how to sort a list in python"]}\n')
     data, out = str(tmp_path / "d.npz"), str(tmp_path / "heads")
-    assert th.main(["data", "--checkpoint", CKPT, "--prompts", str(prompts), "--samples", "2", "--temperatures", "0,0.8", "--time-limit", "600",
-                    "--synthetic", "2", "--imitate", "2", "--batch", "4", "--max-new-tokens", "12", "--out", data]) == 0
+    assert th.main(["data", "--checkpoint", CKPT, "--prompts", str(prompts), "--samples", "2", "--temperatures", "0,0.8",
+                    "--time-limit", "600", "--synthetic", "2", "--imitate", "2", "--batch", "4", "--max-new-tokens", "12",
+                    "--out", data]) == 0
     assert len(th.load_rows(data)) == 3 * 2 + 2 + 2 and len(th.load_rows(f"{data},{data}")) == 20
     assert th.main(["train", "--checkpoint", CKPT, "--data", f"{data},{data}", "--steps", "2", "--n-layers", "1",
                     "--max-tokens", "256", "--draft-vocab", "64", "--tree-size", "7", "--out", out]) == 0

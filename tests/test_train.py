@@ -2,7 +2,6 @@
 import random
 
 import pytest
-
 import torch
 
 import hydra_lite as hl
@@ -17,10 +16,10 @@ def test_prefix_training_forward_matches_runtime():
         torch.nn.init.normal_(p, std=0.3)
     h = torch.randn(2, 11, model.cfg.dim)
     cache = model.new_cache(2, 16)
-    pre_cache = hl.KVCache(1, 2, 16, model.cfg.n_kv_heads, model.cfg.head_dim, "cpu", torch.float32)
+    pre_cache = hl.new_cache(model.cfg, 1, 2, 16, "cpu", torch.float32, rope=cache.rope)
     with torch.no_grad():
-        runtime = heads.run_prefix(h, model.rope, pre_cache)
-        train = th.prefix_forward_train(heads, h, model.rope)
+        runtime = heads.run_prefix(h, cache.rope, pre_cache)  # cached, as generation runs it
+    train = heads.run_prefix(h, cache.rope)  # no cache, with grad: as training runs it
     assert (runtime - train).abs().max() < 1e-4
 
 
