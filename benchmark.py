@@ -9,11 +9,16 @@
         64-token tree verification, batch 1 and 8, against the HBM roofline (weights + KV cache read once).
     python benchmark.py check
         On a GPU: every Triton kernel of kernels.py against its reference in hydra_lite.py, then their times.
+    python benchmark.py tasks --heads shipped=heads/smollm2-135m-hydra++ --sharegpt questions.jsonl
+        The multi-task held-out prompts (tasks/heldout.jsonl: chat, translation, summarization, QA, RAG, math,
+        code completion and editing): AR vs each heads with and without context drafts, wall clock per call
+        (prefill included), first and repeated call, per task and overall. JSON, a markdown table and a plot.
 """
 import argparse
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -534,6 +539,179 @@ def check(args):
     return c.report()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Multi-task benchmark: what a user sees on real work of several kinds (tasks/heldout.jsonl), per call.
+
+
+def read_tasks(path, tasks=None, limit=0):
+    """Rows {"task", "prompt", ...} of a tasks file (tasks/heldout.jsonl), optionally only some families, at
+    most `limit` per family."""
+    rows, seen = [], {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                if (tasks is None or row["task"] in tasks) and (not limit or seen.get(row["task"], 0) < limit):
+                    seen[row["task"]] = seen.get(row["task"], 0) + 1
+                    rows.append(row)
+    if not rows:
+        raise hl.HydraLiteError(f"no prompts in {path}" + (f" for tasks {tasks}" if tasks else ""))
+    return rows
+
+
+def task_methods(args, model, tok):
+    """(name, Generator factory) for every method compared: AR; each heads directory with each context-draft
+    setting; context drafts alone."""
+    methods = [("ar", lambda: hl.Generator(model, tok))]
+    for name, path in (h.split("=", 1) for h in args.heads):
+        heads = hl.load_heads(path, model)
+        for k in args.context:
+            label = name if k == 0 else f"{name} + context {k}"
+            methods.append((label, lambda heads=heads, k=k: hl.Generator(model, tok, heads, context_drafts=k)))
+    if args.context_only:
+        methods.append((f"context {args.context_only} alone",
+                        lambda: hl.Generator(model, tok, context_drafts=args.context_only)))
+    return methods
+
+
+def time_calls(gen, rows, ids, batch, max_new, mode, repeat):
+    """Each group of `batch` prompts as one generate() call, timed by the wall clock around the call (prefill,
+    setup and decoding: what a caller waits for); with repeat, the same call again right after (warm). Returns
+    per-row records, attempt "first" or "repeat"."""
+    records = []
+    for i in range(0, len(rows), batch):
+        group = list(range(i, min(i + batch, len(rows))))
+        for attempt in ("first", "repeat")[:1 + repeat]:
+            hl.sync(gen.device)
+            t0 = time.perf_counter()
+            outs, stats = gen.generate([ids[j] for j in group], max_new, mode=mode)
+            wall = time.perf_counter() - t0
+            for b, j in enumerate(group):
+                records.append(dict(task=rows[j]["task"], id=rows[j].get("id", str(j)), call=i // batch, attempt=attempt,
+                                    new_tokens=len(outs[b]), accepted=stats.row_accepted[b], steps=stats.row_active[b],
+                                    call_s=wall, call_tokens=stats.new_tokens, prefill_s=stats.prefill_s, out=outs[b]))
+    return records
+
+
+def summarize(records, ar_records=None):
+    """Mean acceptance, tokens/s by the wall clock per call (prefill included) and exact match with AR."""
+    calls = {r["call"]: (r["call_s"], r["call_tokens"]) for r in records}  # (one attempt's records)
+    secs, toks = sum(s for s, _ in calls.values()), sum(t for _, t in calls.values())
+    out = dict(prompts=len(records), new_tokens=sum(r["new_tokens"] for r in records), wall_s=secs,
+               tokens_per_s=toks / secs if secs else 0.0,
+               mean_accept=sum(r["accepted"] for r in records) / max(sum(r["steps"] for r in records), 1))
+    if ar_records is not None:
+        ar = {r["id"]: r["out"] for r in ar_records}
+        out["exact_match"] = sum(r["out"] == ar[r["id"]] for r in records) / len(records)
+    return out
+
+
+def tasks_bench(args):
+    dev, dtype = args.device, getattr(torch, args.dtype)
+    os.makedirs(args.out, exist_ok=True)
+    model = hl.load_model(args.checkpoint, dev, dtype)
+    tok = hl.Tokenizer(args.checkpoint, model.cfg)
+    rows = read_tasks(args.data, args.tasks, args.limit)
+    if args.sharegpt:  # the chat prompts the shipped heads were fitted near: the regression check
+        turns = th.read_prompts(args.sharegpt, th.parse_range(args.sharegpt_rows), first_turn=True)
+        rows += [dict(task="sharegpt", id=f"sharegpt-{i}", prompt=t) for i, t in enumerate(turns)]
+    ids = [tok.encode_chat([{"role": "user", "content": r["prompt"]}]) for r in rows]
+    families = sorted({r["task"] for r in rows}, key=lambda t: (t == "sharegpt", t))
+    log(f"{len(rows)} prompts ({', '.join(families)}), {args.max_new_tokens} new tokens, {dev} {args.dtype}")
+    results, records = [], []
+    for batch in args.batch:
+        order = sorted(range(len(rows)), key=lambda i: (rows[i]["task"], i)) if batch == 1 else \
+            random.Random(0).sample(range(len(rows)), len(rows))  # larger batches mix the families, as traffic does
+        b_rows, b_ids = [rows[i] for i in order], [ids[i] for i in order]
+        ar_recs = None
+        for name, make in task_methods(args, model, tok):
+            gen, mode = make(), "ar" if name == "ar" else "spec"
+            t0 = time.perf_counter()
+            gen.generate(b_ids[:1], 8, mode=mode)  # load and compile once
+            warm = gen.warmup([batch], modes=[mode], progress=log) if args.warmup else 0.0
+            log(f"b{batch} {name}: first call and warm-up {time.perf_counter() - t0:.1f} s")
+            recs = time_calls(gen, b_rows, b_ids, batch, args.max_new_tokens, mode, args.repeat)
+            records += [dict(r, method=name, batch=batch) for r in recs]
+            for attempt in ("first", "repeat")[:1 + args.repeat]:
+                att = [r for r in recs if r["attempt"] == attempt]
+                ar_recs = att if name == "ar" and attempt == "first" else ar_recs
+                for family in families + ["all"]:
+                    fam = [r for r in att if family in ("all", r["task"])]
+                    s = summarize(fam, [r for r in ar_recs if family in ("all", r["task"])])
+                    if family != "all" and batch > 1:  # rows of a call share its time: acceptance only
+                        s["tokens_per_s"] = float("nan")
+                    results.append(dict(method=name, batch=batch, task=family, attempt=attempt, warmup_s=warm, **s))
+                log(f"b{batch} {name} ({attempt} calls): {results[-1]['tokens_per_s']:.0f} tokens/s, "
+                    f"accept {results[-1]['mean_accept']:.2f}")
+    for r in results:
+        ar = next(a for a in results if a["method"] == "ar" and (a["batch"], a["task"], a["attempt"]) ==
+                  (r["batch"], r["task"], r["attempt"]))
+        r["speedup"] = r["tokens_per_s"] / ar["tokens_per_s"] if ar["tokens_per_s"] == ar["tokens_per_s"] else float("nan")
+    write_tasks_report(args, results, records, families, tok)
+
+
+def write_tasks_report(args, results, records, families, tok):
+    meta = dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), torch=torch.__version__, dtype=args.dtype,
+                data=args.data, max_new_tokens=args.max_new_tokens, families=families)
+    with open(os.path.join(args.out, "tasks.json"), "w") as f:
+        json.dump(dict(meta=meta, results=results,
+                       records=[{k: v for k, v in r.items() if k != "out"} for r in records]), f, indent=1)
+    with open(os.path.join(args.out, "tasks_outputs.json"), "w") as f:  # a few answers to read, per method
+        json.dump([dict(method=r["method"], batch=r["batch"], id=r["id"], text=tok.decode(r["out"]))
+                   for r in records if r["attempt"] == "first" and r["id"].endswith(("-01", "-02"))], f, indent=1)
+    table = tasks_table(results, families)
+    with open(os.path.join(args.out, "tasks.md"), "w") as f:
+        f.write(table + "\n")
+    plot_tasks(results, families, os.path.join(args.out, "tasks.png"))
+    print(json.dumps(meta))
+    print(table)
+
+
+def tasks_table(results, families):
+    """Per batch and call (first/repeat): a row per method, a column per family: speedup (batch 1) and mean
+    acceptance; then overall speedup, tokens/s and exact match with AR."""
+    lines = []
+    for batch, attempt in sorted({(r["batch"], r["attempt"]) for r in results}):
+        rs = [r for r in results if (r["batch"], r["attempt"]) == (batch, attempt)]
+        lines += [f"\nbatch {batch}, {attempt} call: speedup over AR / mean acceptance per task" +
+                  (" (batch > 1: acceptance only per task)" if batch > 1 else ""),
+                  "| method | " + " | ".join(families) + " | all: speedup | all: tokens/s | all: accept | exact match |",
+                  "| --- |" + " --- |" * (len(families) + 4)]
+        for method in dict.fromkeys(r["method"] for r in rs):
+            cell = {r["task"]: r for r in rs if r["method"] == method}
+            per = [f"{cell[t]['speedup']:.2f}x / {cell[t]['mean_accept']:.2f}" if batch == 1
+                   else f"{cell[t]['mean_accept']:.2f}" for t in families]
+            a = cell["all"]
+            overall = f"{a['speedup']:.2f}x | {a['tokens_per_s']:.0f} | {a['mean_accept']:.2f} | {a.get('exact_match', 1):.2f}"
+            lines.append(f"| {method} | " + " | ".join(per) + f" | {overall} |")
+    return "\n".join(lines)
+
+
+def plot_tasks(results, families, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rs = [r for r in results if r["batch"] == 1 and r["attempt"] == "first" and r["method"] != "ar"]
+    methods = list(dict.fromkeys(r["method"] for r in rs))
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(families)), 4))
+    width = 0.8 / max(len(methods), 1)
+    for m, method in enumerate(methods):
+        vals = [next(r["speedup"] for r in rs if r["method"] == method and r["task"] == t) for t in families + ["all"]]
+        ax.bar([i + m * width for i in range(len(vals))], vals, width, label=method)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(families) + 1)], families + ["all"], rotation=20)
+    ax.set_ylabel("speedup over AR (wall clock per call)")
+    ax.set_title("batch 1, greedy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -556,15 +734,35 @@ def main(argv=None):
                    help="sampled speculative decoding's acceptance rule(s), each as its own row (exact: the base "
                         "model's own distribution; typical: Medusa/Hydra's typical acceptance)")
     sub.add_parser("check", help="on a GPU: every kernel against its reference, then their times")
+    t = sub.add_parser("tasks", help="AR vs speculative decoding on the multi-task held-out prompts (tasks/)")
+    t.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
+    t.add_argument("--data", default=os.path.join(hl.HERE, "tasks", "heldout.jsonl"))
+    t.add_argument("--tasks", nargs="*", default=None, help="only these families")
+    t.add_argument("--limit", type=int, default=0, help="at most N prompts per family")
+    t.add_argument("--sharegpt", default=None, help="also ShareGPT prompts (a JSONL of turns), as family 'sharegpt'")
+    t.add_argument("--sharegpt-rows", default="80-99", help="their rows (held out from the shipped heads' training)")
+    t.add_argument("--heads", nargs="*", default=[], help="NAME=DIR: heads to compare, each with every --context")
+    t.add_argument("--context", type=int, nargs="+", default=[0, hl.DEFAULT_CONTEXT_DRAFTS],
+                   help="context-draft chain lengths to run with each heads (0: heads alone)")
+    t.add_argument("--context-only", type=int, default=0, help="also context drafts of this length without heads")
+    t.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    t.add_argument("--max-new-tokens", type=int, default=256)
+    t.add_argument("--repeat", action="store_true", help="time every call twice: first, and repeated right after")
+    t.add_argument("--warmup", action="store_true", help="Generator.warmup() before timing (no capture in a call)")
+    t.add_argument("--dtype", default="bfloat16")
     s = sub.add_parser("steps")
     s.add_argument("--shape", choices=list(SHAPES), default="7b")
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     s.add_argument("--context", type=int, default=512)
-    for p in (e, s):
+    for p in (e, s, t):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--out", default="runs/bench")
     args = ap.parse_args(argv)
-    return {"e2e": e2e, "steps": steps, "check": check}[args.cmd](args)
+    try:
+        return {"e2e": e2e, "steps": steps, "check": check, "tasks": tasks_bench}[args.cmd](args)
+    except hl.HydraLiteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

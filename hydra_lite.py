@@ -735,6 +735,7 @@ class DraftHeads(nn.Module):
         self.register_buffer("vocab", torch.zeros(hc.draft_vocab, dtype=torch.long) if hc.draft_vocab else None)
         self._cut = {}
         self.tree_choices = None  # the tree these heads were fitted with (load_heads reads tree.json), if any
+        self.rank_acc = None  # [head][rank]: how often that rank is right on held-out answers (train.json), if known
 
     def proposal_weights(self, d, base_lm_w, cached=True):
         """Head d's output projection (weight, bias), cut to the draft vocabulary when there is one. The cut is
@@ -781,8 +782,9 @@ def load_heads(path, base: Llama):
     if heads.vocab is not None and (heads.vocab.min() < 0 or heads.vocab.max() >= base.cfg.vocab_size):
         raise HydraLiteError(f"heads {path}: draft vocabulary has ids outside the base vocabulary of {base.cfg.vocab_size}")
     heads = heads.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
-    tree_path = os.path.join(path, "tree.json")
+    tree_path, train_path = os.path.join(path, "tree.json"), os.path.join(path, "train.json")
     heads.tree_choices = read_json(tree_path) if os.path.exists(tree_path) else None
+    heads.rank_acc = read_json(train_path).get("held_out_rank_acc") if os.path.exists(train_path) else None
     return heads
 
 
@@ -963,10 +965,12 @@ def context_match(history, lens, k, ngram=4):
         last = history.gather(1, (end - i).clamp(min=0))  # the text's i-th last token
         run = run & (earlier == last) & (end - i >= 0)
         length += run
-    best = torch.where(j < end, length * S + j, -1).argmax(-1, keepdim=True)  # ends before the root; longest, latest
-    period = end - best  # >= 1
-    pos = best + 1 + torch.arange(k, device=history.device)[None] % period
-    return history.gather(1, pos), length.gather(1, best)[:, 0]
+    key = torch.where(j < end, length * S + j, -1)  # a match ends before the root; the longest, then the latest
+    best = key.argmax(-1, keepdim=True)
+    found = length.gather(1, best) * (key.gather(1, best) >= 0)  # [B, 1] its length, 0: none
+    best = torch.where(found > 0, best, end - 1)  # none: the "continuation" is the root itself, repeated
+    pos = best + 1 + torch.arange(k, device=history.device)[None] % (end - best)
+    return history.gather(1, pos), found[:, 0]
 
 
 class ContextDrafts:
@@ -1069,6 +1073,13 @@ def accept_typical(v: Verified, sp: SamplingParams, generator=None):
     return Accepted.of(v.tokens, n, path, sample(after, sp, generator))
 
 
+def drop_repeats(p_node, tokens, tree):
+    """A token drafted twice under one parent (a context draft that a head also proposed) is tried once: the
+    later copy gets p = 0, so it is never accepted and its mass is not counted twice among the tried."""
+    repeat = ((tokens[:, :, None] == tokens[:, None, :]) & tree.earlier_siblings[None]).any(-1)
+    return p_node.masked_fill(repeat, 0.0)
+
+
 def accept_exact(v: Verified, sp: SamplingParams, generator=None):
     """Lossless verification for sampling: the tokens come out distributed exactly as sampling from the base
     model one token at a time (same temperature, top-k, top-p). At each accepted node, its children (distinct
@@ -1080,6 +1091,7 @@ def accept_exact(v: Verified, sp: SamplingParams, generator=None):
     B, T, V = logits.shape
     probs = sampling_logits(logits, sp).softmax(-1)  # [B, T, V]: p after each node
     p_node = probs.view(B, T * V).gather(1, tree.parent[None] * V + tokens)  # each node's p after its parent
+    p_node = drop_repeats(p_node, tokens, tree)
     earlier = tree.earlier_siblings.to(probs.dtype)  # [T, T]: [j, i] = i is tried before j
     tried = p_node @ earlier.T  # the probability of the siblings tried before each node
     u = torch.rand(B, T, device=probs.device, generator=generator)
@@ -1115,6 +1127,8 @@ class Stats:
     decode_s: float = 0.0
     accepted: int = 0  # tokens gained by active rows over all steps
     row_steps: int = 0  # active rows summed over steps
+    row_accepted: list = field(default_factory=list)  # per row: tokens gained, and steps it was active in
+    row_active: list = field(default_factory=list)
 
     @property
     def tokens_per_s(self):
@@ -1174,8 +1188,18 @@ class Workspace:
     cache: KVCache
     prefix_cache: Optional[KVCache]  # Hydra++'s extra layer
     rows: torch.Tensor  # [B, 1] row indices (made once: not a kernel in every step)
+    tree: Optional[Tree] = None  # spec only: the tree verified at this batch size
+    history: Optional[torch.Tensor] = None  # context drafts only: [B, max_len] each row's tokens (see DraftInput)
     step: Optional[StepGraph] = None
     host: list = field(default_factory=list)  # two pinned buffers that step outputs take turns in
+
+
+MAX_WORKSPACES = 12  # workspaces a Generator keeps (its KV caches and captured graphs)
+
+
+def cache_bucket(slots, context):
+    """Cache slots for a call needing `slots`: the next power of two (at least 256), at most the context."""
+    return min(context, max(256, 1 << (slots - 1).bit_length()))
 
 
 class Output:
@@ -1185,7 +1209,7 @@ class Output:
     def __init__(self, prompts, max_new_tokens, eos, stop, tokenizer, on_text):
         B = len(prompts)
         self.tokens, self.done = [[] for _ in range(B)], [False] * B
-        self.stats = Stats(prompt_tokens=sum(map(len, prompts)))
+        self.stats = Stats(prompt_tokens=sum(map(len, prompts)), row_accepted=[0] * B, row_active=[0] * B)
         self.max_new_tokens, self.eos, self.stop, self.tokenizer, self.on_text = max_new_tokens, eos, stop, tokenizer, on_text
         self.streams = [TextStream(tokenizer) for _ in range(B)] if on_text and tokenizer else None
         self._live = (None, None)  # (the live rows, their mask on the device)
@@ -1234,50 +1258,88 @@ class Output:
                 self.emit(b, rows[b][1:n] + [rows[b][-1]])
             lens[b] += n  # a live row's cache grew by its accepted tokens
             gained += n
+            self.stats.row_accepted[b] += n
+            self.stats.row_active[b] += 1
         if active:
             self.stats.steps += 1
             self.stats.row_steps += len(active)
             self.stats.accepted += gained
 
 
+# Head-tree nodes by batch size (up to that batch): a verification pass costs more per node as the batch grows,
+# so larger batches verify smaller trees (the heads' most likely paths). Measured on an H100/H200 with
+# SmolLM2-135M: BENCHMARKS.md, "tree size by batch".
+TREE_NODES_BY_BATCH = ((2, 63), (4, 48), (8, 32), (16, 24), (32, 16), (1 << 30, 8))
+DEFAULT_CONTEXT_DRAFTS = 10  # context-chain tokens per tree, with heads (0: none)
+
+
+def prune_tree(choices, size, rank_acc=None):
+    """The `size` most likely paths of a tree (a subtree: every parent kept before its children), a path's
+    chance taken as the product of rank_acc[d][r] along it (heads' held-out accuracies; default: rank r right
+    ~0.75/(r+1) of the time)."""
+    if len(choices) <= size:
+        return choices
+    chance = lambda path: math.prod(rank_acc[d][r] if rank_acc else 0.75 / (r + 1) for d, r in enumerate(path))
+    kept = sorted(choices, key=lambda p: (-chance(p), len(p), p))[:size]
+    return sorted(kept, key=lambda p: (len(p), p))
+
+
 class Generator:
-    """Batched generation with one model (and optionally draft heads). Caches and CUDA graphs are built per
-    GraphKey and reused across calls."""
+    """Batched generation with one model, and optionally drafts for speculative decoding: draft heads and/or
+    context drafts (prompt lookup, a chain of `context_drafts` tokens under the tree's root). Caches and CUDA
+    graphs are built per GraphKey and reused across calls."""
 
     def __init__(self, model: Llama, tokenizer=None, heads: Optional[DraftHeads] = None, tree_choices=None,
-                 cuda_graphs=True, acceptance="exact"):
+                 cuda_graphs=True, acceptance="exact", context_drafts=None, tree_nodes_by_batch=TREE_NODES_BY_BATCH):
         self.model, self.tokenizer, self.heads = model, tokenizer, heads
         self.device = model.embed.weight.device
         # Graph capture needs the Triton path: the reference attention reads lengths on the host.
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and USE_TRITON and _kernels is not None
         if acceptance not in ACCEPTANCE_RULES:
             raise HydraLiteError(f"acceptance is one of {', '.join(map(repr, ACCEPTANCE_RULES))}, not {acceptance!r}")
-        self.acceptance = acceptance
-        self.tree, self.drafts = None, []
+        if context_drafts is None:  # on with heads; without, Generator(model) stays plain decoding
+            context_drafts = DEFAULT_CONTEXT_DRAFTS if heads is not None else 0
+        self.acceptance, self.context_drafts, self.tree_nodes_by_batch = acceptance, context_drafts, tree_nodes_by_batch
+        self.tree_choices, self.drafts, self._trees = [], [], {}
         if heads is not None:
             if tree_choices is None:  # heads may ship the tree fitted to their accuracies
                 tree_choices = heads.tree_choices or default_tree(depth=min(4, heads.hc.n_heads))
-            self.tree = Tree(tree_choices, self.device)
-            if self.tree.depth > heads.hc.n_heads:
-                raise HydraLiteError(f"tree is {self.tree.depth} deep but there are only {heads.hc.n_heads} heads")
-            self.drafts = [HeadDrafts(heads, model)]
-        self.workspace = None  # the last GraphKey's caches and step
+            self.tree_choices = [list(c) for c in tree_choices]
+            depth = max(map(len, self.tree_choices), default=0)
+            if depth > heads.hc.n_heads:
+                raise HydraLiteError(f"tree is {depth} deep but there are only {heads.hc.n_heads} heads")
+            self.drafts.append(HeadDrafts(heads, model))
+        if context_drafts:
+            self.drafts.append(ContextDrafts())
+        self.tree = self.tree_for(1) if self.drafts else None  # (a batch of one verifies the whole tree)
+        self.workspaces = {}  # GraphKey -> Workspace, the most recently used last
+
+    def tree_for(self, batch):
+        """The tree verified at this batch size: the heads' tree cut to TREE_NODES_BY_BATCH, and the context chain."""
+        if batch not in self._trees:
+            nodes = next(n for b, n in self.tree_nodes_by_batch if batch <= b)
+            rank_acc = self.heads.rank_acc if self.heads is not None else None
+            choices = prune_tree(self.tree_choices, nodes, rank_acc)
+            self._trees[batch] = Tree(choices, self.device, context=self.context_drafts)
+        return self._trees[batch]
 
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens=256, sampling=None, mode=None, on_text=None, stop_at_eos=True, stop=()):
-        """prompts: list of token-id lists. mode: "ar", or "spec" (needs heads; the default when heads are
-        loaded). on_text(row, text) is called with each new piece of text (needs a tokenizer). stop: strings
-        that end a row once its text contains one (kept in the output; needs a tokenizer).
-        Returns (list of generated id lists, Stats)."""
+        """prompts: list of token-id lists. mode: "ar", or "spec" (needs drafts: heads or context drafts; the
+        default when there are any). on_text(row, text) is called with each new piece of text (needs a
+        tokenizer). stop: strings that end a row once its text contains one (kept in the output; needs a
+        tokenizer). Returns (list of generated id lists, Stats)."""
         sampling = sampling or SamplingParams()
         mode = self._check_call(prompts, mode, stop)
-        room = 2 * ((self.tree.size if mode == "spec" else 1) + 1)  # one step in flight, one step's tree
+        room = 2 * ((self.tree_for(len(prompts)).size if mode == "spec" else 1) + 1)  # a step in flight, a tree
         ws = self._workspace(len(prompts), self._max_len(prompts, max_new_tokens, room), mode, sampling)
         out = Output(prompts, max_new_tokens, set(self.model.cfg.eos_ids) if stop_at_eos else set(), stop,
                      self.tokenizer, on_text)
         t0 = time.perf_counter()
         logits, h = self._prefill(ws, prompts)
         token = sample(logits, sampling)
+        if ws.history is not None:  # the first root
+            ws.history.scatter_(1, ws.cache.lens[:, None].long(), token[:, None])
         sync(self.device)
         out.stats.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -1289,9 +1351,9 @@ class Generator:
         return out.tokens, out.stats
 
     def _check_call(self, prompts, mode, stop):
-        mode = mode or ("spec" if self.heads is not None else "ar")
-        if mode == "spec" and self.heads is None:
-            raise HydraLiteError("speculative decoding needs draft heads (--heads)")
+        mode = mode or ("spec" if self.drafts else "ar")
+        if mode == "spec" and not self.drafts:
+            raise HydraLiteError("speculative decoding needs drafts: draft heads (--heads) or context drafts")
         if stop and self.tokenizer is None:
             raise HydraLiteError("stop strings need a tokenizer")
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -1299,28 +1361,54 @@ class Generator:
         return mode
 
     def _max_len(self, prompts, max_new_tokens, room):
-        """Cache slots per row: the longest prompt, its new tokens and room for the steps in flight, rounded
-        up so that similar calls share graphs."""
+        """Cache slots per row: room for the longest prompt, its new tokens and the steps in flight, rounded up
+        to a power of two (at least 256, at most the context), so that calls share a few workspaces."""
         longest, context = max(len(p) for p in prompts), self.model.cfg.max_seq_len
-        max_len = -(-min(context, longest + max_new_tokens + room) // 256) * 256
-        if longest + room > max_len or longest + room > context:
+        if longest + room > context:
             raise HydraLiteError(f"prompt of {longest} tokens does not fit the context of {context}")
-        return max_len
+        return cache_bucket(longest + max_new_tokens + room, context)
+
+    @property
+    def workspace(self):
+        """The workspace of the last call (None before the first)."""
+        return next(reversed(self.workspaces.values()), None)
 
     def _workspace(self, batch, max_len, mode, sampling):
+        """The workspace for this call's GraphKey: kept from an earlier call or warmup(), else built (the least
+        recently used one goes when there are MAX_WORKSPACES)."""
         spec = mode == "spec"
         key = GraphKey(batch, max_len, mode, sampling if spec else None, self.acceptance if spec else None)
-        if self.workspace is None or self.workspace.key != key:
-            self.workspace = self._build_workspace(key)
-        return self.workspace
+        ws = self.workspaces.pop(key, None) or self._build_workspace(key)
+        self.workspaces[key] = ws  # the most recently used last
+        while len(self.workspaces) > MAX_WORKSPACES:
+            self.workspaces.pop(next(iter(self.workspaces)))
+        return ws
+
+    def warmup(self, batch_sizes=(1,), sampling=None, modes=None, progress=None):
+        """Build the workspaces (caches, captured steps, compiled kernels) that calls of these batch sizes can
+        need, every cache size up to the context, so that no call pays for a capture. progress(text): told
+        before each. Returns the seconds it took."""
+        t0, context = time.perf_counter(), self.model.cfg.max_seq_len
+        sizes = sorted({cache_bucket(n, context) for n in (256 << i for i in range(16)) if n // 2 < context})
+        modes = modes or (["ar", "spec"] if self.drafts else ["ar"])
+        todo = [(b, m, n) for b in batch_sizes for m in modes for n in sizes]
+        for i, (b, mode, n) in enumerate(todo):
+            if progress:
+                progress(f"warm-up {i + 1}/{len(todo)}: batch {b}, {mode}, {n} slots")
+            with torch.inference_mode():
+                self._workspace(b, n, mode, sampling or SamplingParams())
+        return time.perf_counter() - t0
 
     def _build_workspace(self, key):
-        B, c, dtype = key.batch, self.model.cfg, self.model.embed.weight.dtype
+        B, c, dtype, spec = key.batch, self.model.cfg, self.model.embed.weight.dtype, key.mode == "spec"
         cache = self.model.new_cache(B, key.max_len)
-        prefix_cache = None
-        if key.mode == "spec" and self.heads.prefix is not None:
+        prefix_cache = history = None
+        if spec and self.heads is not None and self.heads.prefix is not None:
             prefix_cache = new_cache(c, 1, B, key.max_len, self.device, dtype, rope=cache.rope)
-        ws = Workspace(key, cache, prefix_cache, torch.arange(B, device=self.device)[:, None])
+        if spec and self.context_drafts:
+            history = torch.zeros(B, key.max_len, dtype=torch.long, device=self.device)
+        ws = Workspace(key, cache, prefix_cache, torch.arange(B, device=self.device)[:, None],
+                       self.tree_for(B) if spec else None, history)
         zeros = torch.zeros(B, dtype=torch.long, device=self.device)
         live = torch.ones(B, dtype=torch.int32, device=self.device)
         if key.mode == "ar":
@@ -1348,6 +1436,8 @@ class Generator:
         ws.cache.lens.zero_()
         h = self.model(ids, ws.cache)
         ws.cache.lens.copy_(lens)
+        if ws.history is not None:
+            ws.history[:, :T] = ids
         logits = self.model.logits(h[last])
         if ws.prefix_cache is not None:
             ws.prefix_cache.lens.zero_()
@@ -1390,13 +1480,15 @@ class Generator:
         """Draft a tree after root, verify it in one forward pass, accept what the base model agrees with,
         compact the cache. Returns the Accepted row [B, depth+3] (the host reads it in one transfer) and the
         hidden state the next tree is drafted from."""
-        tree, cache = self.tree, ws.cache
-        tokens = draft(self.drafts, tree, DraftInput(root, h))
+        tree, cache = ws.tree, ws.cache
+        tokens = draft(self.drafts, tree, DraftInput(root, h, ws.history, cache.lens))
         pos = cache.lens[:, None].long() + tree.node_depth[None]
         hidden = self.model(tokens, cache, pos, tree.mask)  # [B, T, dim]
         acc = accept(Verified(tree, tokens, hidden, self.model.output_weight), sp)
         grow = acc.n.to(torch.int32) * live
         next_h = self._next_draft_state(ws, hidden, acc, grow)
+        if ws.history is not None:
+            record_accepted(ws.history, cache.lens, acc)
         kv_compact(cache.k, cache.v, cache.lens, acc.path)
         cache.lens += grow
         return acc.row, next_h
@@ -1446,6 +1538,9 @@ def main(argv=None):
     ap.add_argument("--mode", choices=["ar", "medusa", "hydra"], default=None,
                     help="ar: plain decoding; medusa/hydra: speculative with the given heads (default: hydra when heads load)")
     ap.add_argument("--tree", default=None, help="tree choices as JSON (list of rank paths), or a .json file")
+    ap.add_argument("--context-drafts", type=int, default=None, metavar="K",
+                    help=f"drafts from the context: a chain of K tokens that continues the latest earlier occurrence "
+                         f"of the text's last tokens (default {DEFAULT_CONTEXT_DRAFTS} with heads; 0: off)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
@@ -1489,7 +1584,8 @@ def _run_cli(args):
     tree = None
     if args.tree:
         tree = json.load(open(args.tree)) if args.tree.endswith(".json") else json.loads(args.tree)
-    gen = Generator(model, tok, heads, tree, cuda_graphs=not args.no_cuda_graphs, acceptance=args.acceptance)
+    gen = Generator(model, tok, heads, tree, cuda_graphs=not args.no_cuda_graphs, acceptance=args.acceptance,
+                    context_drafts=0 if args.mode == "ar" else args.context_drafts)
     if args.raw or model.cfg.chat_template == "none":
         prompts = [tok.encode(p) for p in args.prompt]
     else:
@@ -1503,6 +1599,8 @@ def _run_cli(args):
         for i, ids in enumerate(outs):
             print(f"--- [{i}] {tok.decode(ids)}")
     mode = "ar" if heads is None else ("hydra" if heads.hc.grounded else "medusa") + ("++" if heads.hc.prefix else "")
+    if gen.context_drafts:
+        mode = ("" if heads is None else mode + " + ") + f"context drafts {gen.context_drafts}"
     print(f"\n[{mode}] {stats.prompt_tokens} prompt tokens, {stats.new_tokens} new tokens in {stats.decode_s:.2f}s: "
           f"{stats.tokens_per_s:.1f} tokens/s, {stats.steps} steps, mean acceptance length {stats.mean_accept:.2f} "
           f"(prefill {stats.prefill_s * 1000:.0f} ms, {args.device}, {str(dtype).replace('torch.', '')})", file=sys.stderr)

@@ -19,16 +19,30 @@ def models():
         yield "real", hl.load_model(ckpt, "cuda", torch.float32)
 
 
+@pytest.mark.parametrize("context", [0, 10], ids=["heads", "heads+context"])
 @pytest.mark.parametrize("kind", ["medusa", "hydra", "hydra++"])
-def test_gpu_speculative_equals_autoregressive_fp32(kind):
+def test_gpu_speculative_equals_autoregressive_fp32(kind, context):
     for name, model in models():
         heads = tiny_heads(model, kind != "medusa", kind == "hydra++").cuda()  # uses only model.cfg
         torch.manual_seed(0)
         prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),)).tolist() for n in (7, 31, 12)]
+        prompts[1] = prompts[1] + prompts[1][:20]  # a repeated span for the context drafts
         ar, _ = hl.Generator(model).generate(prompts, 64, stop_at_eos=False)
         for batch in (prompts[:1], prompts):
-            spec, _ = hl.Generator(model, heads=heads).generate(batch, 64, stop_at_eos=False)
+            spec, _ = hl.Generator(model, heads=heads, context_drafts=context).generate(batch, 64, stop_at_eos=False)
             assert spec == ar[:len(batch)], (name, kind)
+
+
+def test_gpu_context_drafts_alone_equal_autoregressive_fp32():
+    """Prompt lookup without heads, under CUDA graphs: output equals AR, and a copied span is accepted."""
+    for name, model in models():
+        torch.manual_seed(3)
+        prompts = [torch.randint(0, model.cfg.vocab_size, (n,)).tolist() for n in (9, 40)]
+        ar, _ = hl.Generator(model).generate(prompts, 48, stop_at_eos=False)
+        gen = hl.Generator(model, context_drafts=8)
+        assert gen.use_graphs
+        spec, _ = gen.generate(prompts, 48, stop_at_eos=False)
+        assert spec == ar, name
 
 
 def test_gpu_ragged_batch_equals_rows_alone_fp32():

@@ -244,7 +244,9 @@ def test_accept_typical():
 def markov_decode(tree, table, draft_table, root, n_tokens, sp, acceptance, rows):
     """Speculative sampling of a first-order Markov "model" (the logits after token t are table[t]), drafts
     from the top ranks of draft_table[parent token] on `tree`, like draft() does with heads, `rows` sequences
-    at once. Returns the first n_tokens sampled tokens [rows, n_tokens] and the mean acceptance length."""
+    at once; a context chain in the tree repeats the heads' rank-0 path (every token drafted twice under one
+    parent, as a context draft can be). Returns the first n_tokens sampled tokens [rows, n_tokens] and the mean
+    acceptance length."""
     out = torch.full((rows, n_tokens), -1)
     count, last = torch.zeros(rows, dtype=torch.long), torch.full((rows,), root)
     steps = accepted = 0
@@ -253,6 +255,9 @@ def markov_decode(tree, table, draft_table, root, n_tokens, sp, acceptance, rows
         for lv in tree.levels:
             top = draft_table[tokens[:, lv["parents"]]].topk(lv["k"], dim=-1).indices  # [rows, n_par, k]
             tokens[:, lv["nodes"]] = top[:, lv["parent_slot"], lv["rank"]]
+        if tree.context:
+            deepest = tree.choices.index([0] * tree.context) + 1  # the node at the end of the rank-0 path
+            tokens[:, tree.context_nodes] = tokens[:, tree.node_path[deepest, 1:tree.context + 1]]
         logits = table[tokens]  # [rows, T, V]
         acc = hl.ACCEPTANCE_RULES[acceptance](hl.Verified(tree, tokens, given_logits=logits), sp)
         n, path, nxt = acc.n, acc.path, acc.next_token
@@ -283,9 +288,10 @@ def chi_square_ok(samples, probs, z=4.3):
     return stat < limit, stat, limit
 
 
+@pytest.mark.parametrize("context", [0, 3], ids=["heads", "heads+context"])
 @pytest.mark.parametrize("sp", [hl.SamplingParams(temperature=1.0), hl.SamplingParams(temperature=0.7, top_p=0.8),
                                 hl.SamplingParams(temperature=1.3, top_k=3)])
-def test_accept_exact_samples_the_base_distribution(sp):
+def test_accept_exact_samples_the_base_distribution(sp, context):
     """Speculative sampling with exact acceptance: the first three tokens are distributed as the base model's
     own sampling (its joint probability, checked by chi-square over 30,000 sequences on fresh random tables),
     while accepting more than one token per step. Typical acceptance, on the same draws, is not (the check
@@ -301,7 +307,7 @@ def test_accept_exact_samples_the_base_distribution(sp):
         if (joint * 30000 >= 5).sum() >= 10:
             break
     draft_table = table + 0.7 * torch.randn(V, V)  # drafts: mostly, not always, the base model's top tokens
-    tree = hl.Tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1]])
+    tree = hl.Tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1]], context=context)
     for acceptance in ("exact", "typical"):
         out, mean_accept = markov_decode(tree, table, draft_table, 2, 3, sp, acceptance, 30000)
         ok, stat, limit = chi_square_ok(out[:, 0] * V * V + out[:, 1] * V + out[:, 2], joint)
@@ -309,6 +315,21 @@ def test_accept_exact_samples_the_base_distribution(sp):
             assert ok and mean_accept > 1.3, (seed, stat, limit, mean_accept)
         else:
             assert not ok, (seed, stat, limit)
+
+
+def test_exact_acceptance_without_dropping_repeats_is_not_lossless(monkeypatch):
+    """The check above has the power to catch a token drafted twice under one parent being tried twice: with
+    drop_repeats poisoned (a no-op), the context chain's copies of the heads' path skew the distribution."""
+    torch.manual_seed(5)
+    V, sp = 5, hl.SamplingParams(temperature=1.0)
+    table = torch.randn(V, V) * 1.5
+    p = table.softmax(-1)
+    joint = (p[2][:, None, None] * p[:, :, None] * p[None]).flatten()
+    tree = hl.Tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1]], context=3)
+    monkeypatch.setattr(hl, "drop_repeats", lambda p_node, tokens, tree: p_node)
+    out, _ = markov_decode(tree, table, table, 2, 3, sp, "exact", 30000)
+    ok, stat, limit = chi_square_ok(out[:, 0] * V * V + out[:, 1] * V + out[:, 2], joint)
+    assert not ok, (stat, limit)
 
 
 def test_accept_exact_rejects_then_draws_the_rest():
@@ -388,3 +409,115 @@ def test_proposal_weights_cut_follows_updates():
         assert torch.equal(w2, 2 * w) and torch.equal(b2, b + 1)
         heads.proposal_weights(0, None)
         assert len(heads._cut) == 2  # one cut per head's own projection: the stale one was replaced
+
+
+def context_match_oracle(history, length, k, ngram):
+    """A plain-Python prompt lookup over one row (history: the tokens up to and including the root), written
+    independently of hydra_lite.context_match: the longest earlier match of the last tokens (up to ngram), the
+    latest among equals, and the k tokens after it (wrapping within the known text)."""
+    best, best_len = None, 0
+    for j in range(len(history) - 1):  # a match ends at j < the root's position
+        n = 0
+        while n < ngram and j - n >= 0 and history[j - n] == history[len(history) - 1 - n]:
+            n += 1
+        if n >= best_len and n > 0:
+            best, best_len = j, n
+    if best is None:
+        return [history[-1]] * k, 0
+    known = history[best + 1:]
+    return [known[i % len(known)] for i in range(k)], best_len
+
+
+def test_context_match_against_a_plain_oracle():
+    torch.manual_seed(3)
+    for _ in range(40):
+        B, S, k, ngram = 3, 40, 5, 4
+        history = torch.randint(0, 4, (B, S))  # a small vocabulary: many matches of every length
+        lens = torch.randint(0, S - 1, (B,))
+        tokens, length = hl.context_match(history, lens, k, ngram)
+        for b in range(B):
+            expected, n = context_match_oracle(history[b, :lens[b] + 1].tolist(), int(lens[b]), k, ngram)
+            assert tokens[b].tolist() == expected and int(length[b]) == n, (history[b, :lens[b] + 1], lens[b])
+    # by hand: a repeat of "5 6 7" continues with what followed it; a loop wraps; no match repeats the root
+    h = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 0, 0], [1, 2, 3, 1, 2, 3, 1, 0, 0, 0], [4, 4, 4, 9, 0, 0, 0, 0, 0, 0]])
+    tokens, length = hl.context_match(h, torch.tensor([7, 6, 3]), 5)
+    assert tokens.tolist() == [[8, 9, 5, 6, 7], [2, 3, 1, 2, 3], [9, 9, 9, 9, 9]] and length.tolist() == [3, 4, 0]
+
+
+@pytest.mark.parametrize("with_heads", [False, True], ids=["context", "heads+context"])
+def test_context_drafts_are_accepted_and_recorded(monkeypatch, with_heads):
+    """Context chains that hold the true greedy continuation are accepted (many tokens per step), the output
+    equals plain decoding, and the history the matcher reads is the text so far (prompt, answer, root)."""
+    model = tiny_model(7)
+    heads = tiny_heads(model, True, True) if with_heads else None
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (6, 13)]
+    ar, _ = hl.Generator(model).generate(prompts, 60, stop_at_eos=False)
+    gen = hl.Generator(model, heads=heads, context_drafts=6)
+    checked = []
+
+    def true_continuation(history, lens, k, ngram=4):
+        rows = []
+        for b, p in enumerate(prompts):
+            at = int(lens[b]) - len(p)  # the root's index in the answer
+            if at < len(ar[b]):  # (the step in flight at the end runs past the answer)
+                assert history[b, :int(lens[b]) + 1].tolist() == p + ar[b][:at + 1]
+            rows.append((ar[b][at + 1:at + 1 + k] + [0] * k)[:k])
+            checked.append(1)
+        return torch.tensor(rows), torch.full((len(prompts),), ngram)
+
+    monkeypatch.setattr(hl, "context_match", true_continuation)
+    spec, stats = gen.generate(prompts, 60, stop_at_eos=False)
+    assert spec == ar and checked
+    assert stats.mean_accept > 5.0, stats.mean_accept
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_speculative_with_context_drafts_equals_autoregressive(batch):
+    """The real matcher (not an oracle) on repetitive prompts: whatever the chain drafts, output equals AR."""
+    model = tiny_model(20 + batch)
+    heads = tiny_heads(model, True, True)
+    torch.manual_seed(batch)
+    base = [torch.randint(0, 97, (7,)).tolist() for _ in range(batch)]
+    prompts = [b * 3 + b[:2] for b in base]  # a repeated span: the matcher finds it
+    ar, _ = hl.Generator(model).generate(prompts, 40, stop_at_eos=False)
+    for h in (None, heads):
+        spec, stats = hl.Generator(model, heads=h, context_drafts=5).generate(prompts, 40, stop_at_eos=False)
+        assert spec == ar and stats.mean_accept >= 1.0
+
+
+def test_tree_with_a_context_chain():
+    tree = hl.Tree([[0], [1], [0, 0]], context=3)  # nodes: 0 root, 1 [0], 2 [1], 3 [0,0], 4-6 the chain
+    assert tree.size == 7 and tree.depth == 3 and tree.context_nodes.tolist() == [4, 5, 6]
+    assert tree.parent.tolist() == [0, 0, 0, 1, 0, 4, 5] and tree.node_depth.tolist() == [0, 1, 1, 2, 1, 2, 3]
+    assert tree.retrieve.tolist() == [[0, 2, -1, -1], [0, 1, 3, -1], [0, 4, 5, 6]]
+    assert tree.mask[6].nonzero().flatten().tolist() == [0, 4, 5, 6]
+    assert [lv["nodes"].tolist() for lv in tree.levels] == [[1, 2], [3]]  # the heads fill only their own nodes
+    assert tree.earlier_siblings[4].nonzero().flatten().tolist() == [1, 2]  # the chain is tried after the heads
+    assert hl.Tree([], context=2).retrieve.tolist() == [[0, 1, 2]]
+    with pytest.raises(hl.HydraLiteError, match="at least one"):
+        hl.Tree([])
+
+
+def test_tree_size_by_batch_and_pruning():
+    """Larger batches verify the heads' most likely paths only; every kept path keeps its parent."""
+    model = tiny_model(2)
+    heads = tiny_heads(model, True, False)
+    gen = hl.Generator(model, heads=heads, tree_choices=hl.default_tree(), context_drafts=4,
+                       tree_nodes_by_batch=((1, 63), (8, 20), (1 << 30, 5)))
+    assert [gen.tree_for(b).size for b in (1, 2, 8, 9)] == [64 + 4, 21 + 4, 21 + 4, 6 + 4]
+    kept = gen.tree_for(9).choices
+    assert all(c[:-1] in kept or len(c) == 1 for c in kept) and [0] in kept and [0, 0] in kept
+    acc = [[0.1, 0.9], [0.5, 0.5]]  # rank 1 is the better first guess: it is kept first
+    assert hl.prune_tree([[0], [1], [1, 0], [0, 0]], 2, acc) == [[1], [1, 0]]
+
+
+def test_warmup_leaves_nothing_to_build(monkeypatch):
+    model = tiny_model(4)
+    gen = hl.Generator(model, heads=tiny_heads(model, True, True))
+    gen.warmup([2], progress=lambda text: None)
+    assert len(gen.workspaces) == 2 * 3  # AR and spec, caches of 256, 512 and 1024 (the context)
+    monkeypatch.setattr(gen, "_build_workspace", lambda key: pytest.fail(f"built {key} after warm-up"))
+    for n in (3, 300, 700):
+        gen.generate([[1] * n, [2] * 5], 40, stop_at_eos=False)
+        gen.generate([[1] * n, [2] * 5], 40, stop_at_eos=False, mode="ar")
+    assert [hl.cache_bucket(n, 8192) for n in (1, 256, 257, 5000, 9000)] == [256, 256, 512, 8192, 8192]
