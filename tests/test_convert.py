@@ -178,6 +178,7 @@ def test_hf_tokenizer_and_chat_template(tmp_path):
     src = tmp_path / "chat-model"
     tiny_hf(src)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|im_start|>": 3, "<|im_end|>": 4, "hello": 5}
+    vocab.update({f"w{i}": i for i in range(6, 96)})  # as many tokens as embedding rows (convert checks they agree)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(src / "tokenizer.json"))
@@ -432,7 +433,28 @@ def smol_out(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smol_hf():
+def fast_gguf_oracle():
+    """transformers' GGUF loader parses the whole file on every call (config, weights, tokenizer) and rebuilds gguf's
+    tensor name map for every module: about half of this file's time on 2 CPU cores. Both are pure, so memoize
+    them (the reader for the SmolLM2 file only) while the SmolLM2 oracles run."""
+    import functools
+    gguf = pytest.importorskip("gguf")
+    real_reader, readers = gguf.GGUFReader, {}
+
+    def reader(path, *args, **kw):
+        if args or kw or os.path.abspath(path) != os.path.abspath(SMOL):
+            return real_reader(path, *args, **kw)
+        if SMOL not in readers:
+            readers[SMOL] = real_reader(path)
+        return readers[SMOL]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", reader)
+        mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
+        yield
+
+
+@pytest.fixture(scope="module")
+def smol_hf(fast_gguf_oracle):
     pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(os.path.dirname(SMOL), gguf_file=os.path.basename(SMOL),
@@ -499,7 +521,7 @@ def test_smollm2_logits_match_transformers(smol_out, smol_hf):
 
 
 @needs_smol
-def test_smollm2_tokenizer_matches_transformers(smol_out):
+def test_smollm2_tokenizer_matches_transformers(smol_out, fast_gguf_oracle):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
     ref = AutoTokenizer.from_pretrained(os.path.dirname(SMOL), gguf_file=os.path.basename(SMOL))
@@ -517,13 +539,14 @@ def test_smollm2_tokenizer_matches_transformers(smol_out):
 
 @needs_smol
 def test_smollm2_keyword_uses_verified_copy(tmp_path, monkeypatch):
-    """`convert.py smollm2` finds the sha256-verified GGUF and converts it to checkpoints/smollm2-135m-instruct."""
+    """`convert.py smollm2` finds the sha256-verified GGUF and converts it to <repo>/checkpoints/smollm2-135m-instruct,
+    where the runtime looks, whatever the working directory."""
     calls = []
     monkeypatch.setenv("HYDRA_LITE_GGUF", SMOL)
     monkeypatch.setattr(convert, "convert_gguf", lambda path, out, dtype=None: calls.append((path, out, dtype)))
     monkeypatch.chdir(tmp_path)
     assert convert.main(["smollm2"]) == 0
-    assert calls == [(SMOL, os.path.join("checkpoints", "smollm2-135m-instruct"), None)]
+    assert calls == [(SMOL, os.path.join(ROOT, "checkpoints", "smollm2-135m-instruct"), None)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -763,6 +786,9 @@ def test_bad_gguf_files(tmp_path):
 
 
 def test_cli_exit_code(tmp_path):
+    """The real entry point: one line on stderr, no traceback, exit code 2 (test_convert_safety.py covers the
+    many bad inputs in-process, through main())."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), str(tmp_path / "missing")],
                        capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.startswith("error: no such file or directory")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [f"error: no such file or directory: {tmp_path / 'missing'}"]
