@@ -559,19 +559,35 @@ def read_tasks(path, tasks=None, limit=0):
     return rows
 
 
-def task_methods(args, model, tok):
-    """(name, Generator factory) for every method compared: AR; each heads directory with each context-draft
-    setting; context drafts alone."""
+def task_methods(args, model, tok, heads_sets):
+    """(name, Generator factory) for every method compared: AR; each heads with each context-draft setting;
+    context drafts alone. --tree-nodes: one head-tree size at every batch size instead of the default table."""
+    sizes = {} if not args.tree_nodes else dict(tree_nodes_by_batch=((1 << 30, args.tree_nodes),))
     methods = [("ar", lambda: hl.Generator(model, tok))]
-    for name, path in (h.split("=", 1) for h in args.heads):
-        heads = hl.load_heads(path, model)
+    for name, heads in heads_sets.items():
         for k in args.context:
             label = name if k == 0 else f"{name} + context {k}"
-            methods.append((label, lambda heads=heads, k=k: hl.Generator(model, tok, heads, context_drafts=k)))
+            methods.append((label, lambda heads=heads, k=k: hl.Generator(model, tok, heads, context_drafts=k, **sizes)))
     if args.context_only:
         methods.append((f"context {args.context_only} alone",
                         lambda: hl.Generator(model, tok, context_drafts=args.context_only)))
     return methods
+
+
+def vocab_coverage(heads_sets, records, families):
+    """Per heads and family: the share of AR's answer tokens in the heads' draft vocabulary (tokens outside it are
+    never drafted by the heads)."""
+    out = {}
+    for name, heads in heads_sets.items():
+        if heads.vocab is None:
+            continue
+        inside = torch.zeros(heads.hc.vocab_size, dtype=torch.bool)
+        inside[heads.vocab.cpu()] = True
+        out[name] = {}
+        for family in families + ["all"]:
+            toks = [t for r in records if family in ("all", r["task"]) for t in r["out"]]
+            out[name][family] = inside[toks].float().mean().item() if toks else float("nan")
+    return out
 
 
 def time_calls(gen, rows, ids, batch, max_new, mode, repeat):
@@ -617,6 +633,8 @@ def tasks_bench(args):
         rows += [dict(task="sharegpt", id=f"sharegpt-{i}", prompt=t) for i, t in enumerate(turns)]
     ids = [tok.encode_chat([{"role": "user", "content": r["prompt"]}]) for r in rows]
     families = sorted({r["task"] for r in rows}, key=lambda t: (t == "sharegpt", t))
+    heads_sets = {name: hl.load_heads(path, model) for name, path in (h.split("=", 1) for h in args.heads)}
+    coverage = {}
     log(f"{len(rows)} prompts ({', '.join(families)}), {args.max_new_tokens} new tokens, {dev} {args.dtype}")
     results, records = [], []
     for batch in args.batch:
@@ -624,7 +642,7 @@ def tasks_bench(args):
             random.Random(0).sample(range(len(rows)), len(rows))  # larger batches mix the families, as traffic does
         b_rows, b_ids = [rows[i] for i in order], [ids[i] for i in order]
         ar_recs = None
-        for name, make in task_methods(args, model, tok):
+        for name, make in task_methods(args, model, tok, heads_sets):
             gen, mode = make(), "ar" if name == "ar" else "spec"
             t0 = time.perf_counter()
             gen.generate(b_ids[:1], 8, mode=mode)  # load and compile once
@@ -634,7 +652,9 @@ def tasks_bench(args):
             records += [dict(r, method=name, batch=batch) for r in recs]
             for attempt in ("first", "repeat")[:1 + args.repeat]:
                 att = [r for r in recs if r["attempt"] == attempt]
-                ar_recs = att if name == "ar" and attempt == "first" else ar_recs
+                if name == "ar" and attempt == "first":
+                    ar_recs = att
+                    coverage = coverage or vocab_coverage(heads_sets, att, families)
                 for family in families + ["all"]:
                     fam = [r for r in att if family in ("all", r["task"])]
                     s = summarize(fam, [r for r in ar_recs if family in ("all", r["task"])])
@@ -647,13 +667,13 @@ def tasks_bench(args):
         ar = next(a for a in results if a["method"] == "ar" and (a["batch"], a["task"], a["attempt"]) ==
                   (r["batch"], r["task"], r["attempt"]))
         r["speedup"] = r["tokens_per_s"] / ar["tokens_per_s"] if ar["tokens_per_s"] == ar["tokens_per_s"] else float("nan")
-    write_tasks_report(args, results, records, families, tok)
+    write_tasks_report(args, results, records, families, tok, coverage)
 
 
-def write_tasks_report(args, results, records, families, tok):
+def write_tasks_report(args, results, records, families, tok, coverage):
     meta = dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                 date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), torch=torch.__version__, dtype=args.dtype,
-                data=args.data, max_new_tokens=args.max_new_tokens, families=families)
+                data=args.data, max_new_tokens=args.max_new_tokens, families=families, vocab_coverage=coverage)
     with open(os.path.join(args.out, "tasks.json"), "w") as f:
         json.dump(dict(meta=meta, results=results,
                        records=[{k: v for k, v in r.items() if k != "out"} for r in records]), f, indent=1)
@@ -745,6 +765,7 @@ def main(argv=None):
     t.add_argument("--context", type=int, nargs="+", default=[0, hl.DEFAULT_CONTEXT_DRAFTS],
                    help="context-draft chain lengths to run with each heads (0: heads alone)")
     t.add_argument("--context-only", type=int, default=0, help="also context drafts of this length without heads")
+    t.add_argument("--tree-nodes", type=int, default=0, help="head-tree nodes at every batch size (default: by batch)")
     t.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     t.add_argument("--max-new-tokens", type=int, default=256)
     t.add_argument("--repeat", action="store_true", help="time every call twice: first, and repeated right after")

@@ -262,7 +262,8 @@ def sha256(path):
 def file_records(directory, known=None):
     """{"name": {"bytes", "sha256"}} for every file in `directory` but config.json/heads.json (which hold this)."""
     known = known or {}
-    return {f: known.get(f) or {"bytes": os.path.getsize(os.path.join(directory, f)), "sha256": sha256(os.path.join(directory, f))}
+    return {f: known.get(f) or {"bytes": os.path.getsize(os.path.join(directory, f)),
+                                "sha256": sha256(os.path.join(directory, f))}
             for f in sorted(os.listdir(directory)) if f not in ("config.json", "heads.json")}
 
 
@@ -1310,11 +1311,12 @@ def convert_gguf(path, out, dtype=None):
                         lambda i, p: f"blk.{i}.{GGUF_LAYER[p]}")
     src = GGUFSource(path, tensors, c)
     items = plan(specs, src)  # fail on missing/mis-shaped tensors before spending time on the tokenizer
-    for spec_name, parts in specs:  # and on types this converter can't dequantize, before writing anything
+    for _spec_name, parts in specs:  # and on types this converter can't dequantize, before writing anything
         for part, _ in parts:
             t = tensors[part]
             if t.type_name not in DEQUANTIZABLE:
-                what = t.type_name if t.type in GGML_TYPES else f"unknown type {t.type} (a corrupt file, or a type newer than this converter)"
+                what = (t.type_name if t.type in GGML_TYPES
+                        else f"unknown type {t.type} (a corrupt file, or a type newer than this converter)")
                 raise ConvertError(f"unsupported GGUF tensor type {what} (tensor {part} in {path})")
     tok = gguf_tokenizer(meta) if tokens else None
     with staged_output(out, "model", [path]) as tmp:

@@ -9,6 +9,7 @@ the teacher loss of Hydra++: each head matches the base model's own next-token d
 (soft cross-entropy), with uniform noise on the heads' inputs.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -236,6 +237,35 @@ def draft_vocab(rows, size, vocab_size):
     counts = answer_counts(rows, vocab_size)
     keep = counts.topk(size).indices.sort().values
     return keep, coverage(counts, keep)
+
+
+VOCAB_SIZES = (8192, 16384, 24576, 32768, 40960)
+VOCAB_COVERAGE = 0.995
+
+
+def pick_vocab_size(asked, train_rows, held_out, vocab_size):
+    """The draft vocabulary size: asked (a number), None (not asked), or "auto": the smallest of VOCAB_SIZES whose
+    most frequent training-answer tokens cover VOCAB_COVERAGE of the held-out answers' tokens (logged for each)."""
+    if asked != "auto":
+        return None if asked is None else int(asked)
+    train_counts, held_counts = answer_counts(train_rows, vocab_size), answer_counts(held_out, vocab_size)
+    order = train_counts.argsort(descending=True)
+    shares = {n: coverage(held_counts, order[:n]) for n in VOCAB_SIZES}
+    log("draft vocabulary coverage of held-out answer tokens: " + ", ".join(f"{n}: {c:.4f}" for n, c in shares.items()))
+    return next((n for n, c in shares.items() if c >= VOCAB_COVERAGE), 0)
+
+
+def with_draft_vocab(heads, vocab, base_cfg):
+    """The same heads proposing from another draft vocabulary (None: all tokens). The vocabulary only says which
+    rows of the output projection a head's top-k looks at, so the trained weights carry over."""
+    hc = dataclasses.replace(heads.hc, draft_vocab=0 if vocab is None else len(vocab))
+    param = next(heads.parameters())
+    new = hl.DraftHeads(hc, base_cfg).to(param.device, param.dtype)
+    result = new.load_state_dict({k: v for k, v in heads.state_dict().items() if k != "vocab"}, strict=False)
+    assert set(result.missing_keys) <= {"vocab"} and not result.unexpected_keys, result
+    if vocab is not None:
+        new.vocab.copy_(vocab)
+    return new.train().requires_grad_(True)
 
 
 def new_heads(model, kind, n_heads, n_layers, vocab=None, source="train_heads.py"):
@@ -531,8 +561,10 @@ def main(argv=None):
     t.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch")
     t.add_argument("--noise", type=float, default=5.0, help="uniform input noise scale (0: off)")
     t.add_argument("--tree-size", type=int, default=63, help="tree nodes besides the root, fitted to held-out accuracies")
-    t.add_argument("--draft-vocab", type=int, default=16384,
-                   help="heads propose only the N tokens most frequent in the answers (0: the whole vocabulary)")
+    t.add_argument("--draft-vocab", default=None,
+                   help="heads propose only the N tokens most frequent in the answers (0: the whole vocabulary; auto: the "
+                        f"smallest of {', '.join(map(str, VOCAB_SIZES))} covering {VOCAB_COVERAGE:.1%} of the held-out "
+                        "answers' tokens); default 16384, or with --init the heads' own")
     t.add_argument("--init", default=None, help="go on training these heads (their kind, size and draft vocabulary)")
     f = sub.add_parser("tree", help="fit the tree of trained heads (in --out) to data, e.g. after changing its size")
     f.add_argument("--data", required=True, help="answers to count on (train's held-out answers: --held-out)")
@@ -574,16 +606,19 @@ def main(argv=None):
                        args.max_tokens)
         else:
             held_out, train_rows = held_out_split(load_rows(args.data), args.seed)
-            if args.init:  # fine-tuning: the heads keep their shape and draft vocabulary
+            size = pick_vocab_size(args.draft_vocab, train_rows, held_out, model.cfg.vocab_size)
+            if args.init:  # fine-tuning: the heads keep their shape (and their draft vocabulary, unless one is asked)
                 heads = hl.load_heads(args.init, model).float().train().requires_grad_(True)  # fp32 master weights
                 hc = heads.hc
-                args.kind, args.n_heads, args.n_layers, args.draft_vocab = hc.kind, hc.n_heads, hc.n_layers, hc.draft_vocab
-                vocab = heads.vocab
+                args.kind, args.n_heads, args.n_layers = hc.kind, hc.n_heads, hc.n_layers
+                if size is not None:
+                    heads = with_draft_vocab(heads, draft_vocab(train_rows, size, model.cfg.vocab_size)[0], model.cfg)
                 log(f"going on from {args.init} ({hc.kind}, {hc.n_heads} heads of {hc.n_layers} blocks)")
             else:
-                vocab = draft_vocab(train_rows, args.draft_vocab, model.cfg.vocab_size)[0]
+                vocab = draft_vocab(train_rows, 16384 if size is None else size, model.cfg.vocab_size)[0]
                 heads = new_heads(model, args.kind, args.n_heads, args.n_layers, vocab,
                                   f"train_heads.py on {args.checkpoint}").to(args.device)
+            vocab, args.draft_vocab = heads.vocab, heads.hc.draft_vocab
             if vocab is not None:
                 counts = [answer_counts(r, model.cfg.vocab_size) for r in (train_rows, held_out)]
                 log(f"draft vocabulary: {len(vocab)} tokens cover {coverage(counts[0], vocab.cpu()):.4f} of the training "

@@ -121,7 +121,7 @@ def run_quiet(cmd, cwd, label):
     try:
         res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise BuildError(f"{label} failed: {e}")
+        raise BuildError(f"{label} failed: {e}") from None
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise BuildError(f"{label} failed: {last}")
@@ -413,7 +413,7 @@ def prose_paragraphs(page, lo_words=40, hi_words=200):
 def family_translation(corpus, split, n, rng, counter):
     half = quota(n, {"out": 1, "in": 1})
     out_cands, in_cands = [], []
-    for pkg, (code, language) in sorted(L10N.items()):
+    for _pkg, (code, language) in sorted(L10N.items()):
         for p in corpus.man(split, code):
             for heading, para in prose_paragraphs(p):
                 prompt = pick_template(tt.TRANSLATE_TO_ENGLISH, split, rng).format(text=para, language=language)
@@ -630,7 +630,7 @@ def related_pairs(commands):
     """Pairs of commands of one package whose NAME lines share a content word (cp/mv: "files")."""
     stop = {"a", "an", "the", "and", "or", "of", "to", "in", "for", "on", "with", "from", "by", "file", "files"}
     pairs = []
-    for pkg, cmds in sorted(commands.items()):
+    for _pkg, cmds in sorted(commands.items()):
         free = list(cmds)
         while free:
             a, wa = free.pop(0)

@@ -163,7 +163,7 @@ def is_clean_prose(text):
 def parse_man(raw):
     """Parse man(7) source into a Page; None for .so redirects and pages without a NAME line."""
     lines = preprocess_troff(raw)
-    if any(l.startswith(".so ") for l in lines[:3]) and len(lines) < 5:
+    if any(line.startswith(".so ") for line in lines[:3]) and len(lines) < 5:
         return None
     sections, blocks = [], None
     state = {"mode": "text", "kind": "para", "tag": "", "buf": []}
@@ -425,7 +425,7 @@ def clean_readme(text, content_type):
         text = re.sub(r"(\S)::$", r"\1:", text, flags=re.M)
         text = text.replace("``", "`")
     text = re.sub(r"^\s*(https?://\S+)\s*$", "", text, flags=re.M)
-    text = "\n".join(l.rstrip() for l in text.split("\n"))
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
@@ -447,12 +447,12 @@ def debian_description(desc):
     """The long description of a Debian control Description field, as paragraphs."""
     lines = desc.splitlines()[1:]
     paras, cur = [], []
-    for l in lines:
-        if l.strip() == ".":
+    for line in lines:
+        if line.strip() == ".":
             paras.append(" ".join(cur))
             cur = []
         else:
-            cur.append(l.strip())
+            cur.append(line.strip())
     paras.append(" ".join(cur))
     return "\n\n".join(p for p in paras if p)
 
@@ -495,7 +495,7 @@ def functions(text):
         for fn, qual in pairs:
             start = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
             body = src[start - 1:fn.end_lineno]
-            if any("\t" in l for l in body):
+            if any("\t" in line for line in body):
                 continue
             out.append(Fn(qual, textwrap.dedent("\n".join(body)).split("\n"), fn, start))
     return out
@@ -521,7 +521,7 @@ def completion_head(fn, rng):
     extra = rng.choice([0, 0, 0, 1, 2, 3]) if body_len >= 12 else 0
     head = fn.lines[:span[1] + extra]
     if "." in fn.qualname:   # a method: show it inside its class, as it appears in the file
-        head = [f"class {fn.qualname.split('.')[0]}:", "    ...", ""] + [("    " + l).rstrip() for l in head]
+        head = [f"class {fn.qualname.split('.')[0]}:", "    ...", ""] + [("    " + line).rstrip() for line in head]
     return "\n".join(head)
 
 

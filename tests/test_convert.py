@@ -54,8 +54,12 @@ def tiny_hf(path, n_kv=2, tie=False, arch="llama", dtype=torch.float32, vocab=96
     torch.manual_seed(0)
     kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=n_kv, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tie,
-              bos_token_id=1, eos_token_id=2, **{k: dict(v) if isinstance(v, dict) else v for k, v in extra.items()})  # transformers edits dicts in place
-    cfg, cls = (MistralConfig(sliding_window=None, **kw), MistralForCausalLM) if arch == "mistral" else (LlamaConfig(**kw), LlamaForCausalLM)
+              bos_token_id=1, eos_token_id=2,
+              **{k: dict(v) if isinstance(v, dict) else v for k, v in extra.items()})  # transformers edits dicts in place
+    if arch == "mistral":
+        cfg, cls = MistralConfig(sliding_window=None, **kw), MistralForCausalLM
+    else:
+        cfg, cls = LlamaConfig(**kw), LlamaForCausalLM
     model = cls(cfg)
     with torch.no_grad():  # non-trivial norms, so a swapped or dropped norm shows up
         for name, p in model.named_parameters():
@@ -206,7 +210,8 @@ def test_vicuna_dir_without_template(tmp_path):
     ("{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'}}", "chatml", None),
     ("{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + system_message + '<|eot_id|>' }}", "llama3", None),
     ("<|start_header_id|>system<|end_header_id|>\n\nYou are a pirate.<|eot_id|>", "llama3", "You are a pirate."),
-    ("{% set system_message = 'Always answer in French.' %}{{ '[INST] <<SYS>>\\n' + system_message }}", "llama2", "Always answer in French."),
+    ("{% set system_message = 'Always answer in French.' %}{{ '[INST] <<SYS>>\\n' + system_message }}",
+     "llama2", "Always answer in French."),
     ("{{ bos_token + '[INST] ' + message['content'] + ' [/INST]' }}", "llama2", None),
     ("{{ 'A chat between a curious user and an AI. ' }}{% for m in messages %}USER: {{ m }} ASSISTANT:{% endfor %}",
      "vicuna", "A chat between a curious user and an AI."),
@@ -641,8 +646,10 @@ def test_hydra_heads(tmp_path, base_dir, arch, grounded):
         assert t[f"heads.{k}.blocks.0.w"].shape == (dim, in0) and (f"heads.{k}.blocks.0.res_w" in t) == grounded
     if arch == "prefix-mlp":
         sd, p = ref.prefix_embeding_layer.state_dict(), "layers.0."
-        torch.testing.assert_close(t["prefix.wqkv"], torch.cat([sd[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]), rtol=0, atol=0)
-        torch.testing.assert_close(t["prefix.w13"], torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]), rtol=0, atol=0)
+        torch.testing.assert_close(t["prefix.wqkv"], torch.cat([sd[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(t["prefix.w13"], torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]),
+                                   rtol=0, atol=0)
         for mine, theirs in (("wo", "self_attn.o_proj.weight"), ("w2", "mlp.down_proj.weight"),
                              ("attn_norm", "input_layernorm.weight"), ("ffn_norm", "post_attention_layernorm.weight")):
             torch.testing.assert_close(t["prefix." + mine], sd[p + theirs], rtol=0, atol=0)
@@ -717,7 +724,8 @@ def test_heads_errors(tmp_path, base_dir):
     sd = hydra_heads(64, 96, 2, 1, grounded=True, prefix=False).state_dict()
     sd["hydra_mlp.1.0.linear.weight"] = torch.zeros(64, 128)  # head 1 sees 3 vectors: should be [64, 192]
     torch.save(sd, src / "hydra_lm_head.pt")
-    with pytest.raises(ConvertError, match=r"shape mismatch for hydra_mlp\.1\.0\.linear\.weight .*expected \[64, 192\], got \[64, 128\]"):
+    with pytest.raises(ConvertError,
+                       match=r"shape mismatch for hydra_mlp\.1\.0\.linear\.weight .*expected \[64, 192\], got \[64, 128\]"):
         convert.convert_heads(str(src), str(base_dir), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
@@ -750,7 +758,9 @@ def test_bad_inputs(tmp_path, capsys):
     tiny_hf(src)
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 100}))
-    with pytest.raises(ConvertError, match=r"shape mismatch for model\.layers\.0\.mlp\.gate_proj\.weight.*expected \[100, 64\], got \[128, 64\]"):
+    with pytest.raises(ConvertError,
+                       match=r"shape mismatch for model\.layers\.0\.mlp\.gate_proj\.weight"
+                             r".*expected \[100, 64\], got \[128, 64\]"):
         convert.convert(str(src), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing is written before the checks pass
 

@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import convert  # noqa: E402
 from test_convert import GGUF_VOCAB, tiny_hf, write_gguf  # noqa: E402
+
+import convert  # noqa: E402
 
 PROGRESS = re.compile(r"converting \d+/\d+ tensors, [\d.]+/[\d.]+ MiB")
 
@@ -31,7 +32,8 @@ PROGRESS = re.compile(r"converting \d+/\d+ tensors, [\d.]+/[\d.]+ MiB")
 def models(tmp_path_factory):
     """Pristine tiny sources, copied by each test that edits them: an HF dir (no tokenizer), one with a
     tokenizer.json as big as its embedding, and a GGUF."""
-    from tokenizers import Tokenizer, models as tok_models
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
     root = tmp_path_factory.mktemp("models")
     tiny_hf(root / "hf")
     shutil.copytree(root / "hf", root / "hf_tok")
@@ -198,7 +200,8 @@ def case_missing_layer(models, tmp):
 
 def tokenizer_case(n_tokens):
     def case(models, tmp):
-        from tokenizers import Tokenizer, models as tok_models
+        from tokenizers import Tokenizer
+        from tokenizers import models as tok_models
         src = copy_hf(models, tmp)
         Tokenizer(tok_models.WordLevel({f"t{i}": i for i in range(n_tokens)}, unk_token="t0")).save(str(src / "tokenizer.json"))
         return [src, tmp / "out"]
@@ -613,7 +616,8 @@ def test_progress_is_one_line(models, tmp_path, capsys, monkeypatch):
     """Not a terminal: a line at every ~10% and one summary line. A terminal: one line rewritten with \\r."""
     rc, out, err = cli(capsys, models / "hf", tmp_path / "a")
     lines = err.splitlines()
-    assert rc == 0 and out.splitlines() == [f"wrote {tmp_path / 'a'}: 2 layers, dim 64, vocab 96, float32, 0.3 MiB, chat template none"]
+    assert rc == 0
+    assert out.splitlines() == [f"wrote {tmp_path / 'a'}: 2 layers, dim 64, vocab 96, float32, 0.3 MiB, chat template none"]
     assert lines[-1].startswith("warning: no tokenizer")  # after the progress, so that errors stay one line
     assert 2 <= len(lines[:-1]) <= 11 and all(PROGRESS.fullmatch(line) for line in lines[:-1]), err
     assert lines[-2] == "converting 15/15 tensors, 0.33/0.33 MiB"

@@ -193,3 +193,29 @@ def test_imitated_prompts(monkeypatch):
     monkeypatch.setattr(hl.Generator, "generate", counted)
     out = th.imitated_prompts(model, Tok(), examples, 1000, 8, seed=0, max_new_tokens=12, deadline=0)
     assert calls[0] == 1 and len(out) < 1000
+
+
+def test_fine_tuning_with_another_draft_vocabulary():
+    """--init with a new draft vocabulary: the trained weights carry over, proposals come from the new
+    vocabulary, and "auto" picks the smallest size that covers the held-out answers."""
+    model = tiny_model(6)
+    rows = greedy_rows(model, 6, 30, seed=3)
+    heads = th.new_heads(model, "hydra++", 2, 1, torch.arange(0, 40))
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    vocab = torch.arange(50, 97)
+    moved = th.with_draft_vocab(heads, vocab, model.cfg)
+    assert torch.equal(moved.vocab, vocab) and moved.hc.draft_vocab == 47
+    assert all(torch.equal(a, b) for (n, a), (m, b) in zip(heads.named_parameters(), moved.named_parameters()))
+    with torch.no_grad():
+        x = torch.randn(3, 2 * model.cfg.dim)  # head 0 reads h and the root's embedding
+        assert torch.isin(moved.propose(0, x, model.output_weight, 5), vocab).all()
+    old_sizes = th.VOCAB_SIZES
+    try:
+        th.VOCAB_SIZES = (10, 20, 97)
+        assert th.pick_vocab_size("auto", rows, rows, 97) in (10, 20, 97)
+        every_token = [([1] * 5 + list(range(97)), 5)]  # held-out answers that use every token once
+        assert th.pick_vocab_size("auto", rows, every_token, 97) == 97
+    finally:
+        th.VOCAB_SIZES = old_sizes
+    assert th.pick_vocab_size(None, rows, rows, 97) is None and th.pick_vocab_size("300", rows, rows, 97) == 300
