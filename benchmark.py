@@ -201,7 +201,9 @@ def e2e(args):
             log(f"b1 hf generate: {hf['tokens_per_s']:.1f} tokens/s")
         for (name, spec), rule in ((h, r) for h in heads.items() for r in rules):
             path, _, size = spec.partition(":")  # DIR[:TREE_NODES]
-            gen = hl.Generator(model, tok, hl.load_heads(path, model), tree_for(path, args, int(size or 0)), acceptance=rule)
+            sizes = {} if not args.tree_nodes else dict(tree_nodes_by_batch=((1 << 30, args.tree_nodes),))
+            gen = hl.Generator(model, tok, hl.load_heads(path, model), tree_for(path, args, int(size or 0)), acceptance=rule,
+                               context_drafts=args.context, **sizes)
             name = name if len(rules) == 1 else f"{name} ({rule})"
             gen.generate(prompts[:batch], 16, sp)
             out, r = run_mode(gen, prompts, batch, args.max_new_tokens, "spec", sp)
@@ -744,6 +746,8 @@ def main(argv=None):
     e.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--tree", default=None, help="tree choices as JSON")
+    e.add_argument("--context", type=int, default=None, help="context-draft chain length (default: the Generator's)")
+    e.add_argument("--tree-nodes", type=int, default=0, help="head-tree nodes at every batch size (default: by batch)")
     e.add_argument("--profile", action="store_true", help="also write a per-kernel profile of one speculative step")
     e.add_argument("--dtype", default="bfloat16")
     e.add_argument("--no-hf", dest="hf", action="store_false")

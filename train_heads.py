@@ -613,6 +613,7 @@ def main(argv=None):
                 args.kind, args.n_heads, args.n_layers = hc.kind, hc.n_heads, hc.n_layers
                 if size is not None:
                     heads = with_draft_vocab(heads, draft_vocab(train_rows, size, model.cfg.vocab_size)[0], model.cfg)
+                heads.hc.source = f"train_heads.py on {args.checkpoint}: {args.init} fine-tuned on {args.data}"
                 log(f"going on from {args.init} ({hc.kind}, {hc.n_heads} heads of {hc.n_layers} blocks)")
             else:
                 vocab = draft_vocab(train_rows, 16384 if size is None else size, model.cfg.vocab_size)[0]

@@ -11,6 +11,12 @@
 #          would take over TIME_LIMIT seconds), N_LAYERS blocks per head, learning rate LR; INIT=DIR: go on
 #          training those heads instead (one KIND)
 #   e2e    end-to-end benchmark on the held-out rows 80-99 (bf16), and a float32 exact-match run
+#   data-mix  data for heads that generalize: answers to the multi-task training prompts (TASKS_TRAIN, made by
+#          tasks/build_tasks.py --split train) at temperatures 0 and 0.7, and to IMITATE prompts the model writes
+#          in the style of ShareGPT rows 0-79, into $WORK/data_tasks.npz and $WORK/data_chat.npz
+#   train-mix  Hydra++ heads fine-tuned from INIT on both (draft vocabulary sized by coverage: auto), TIME_LIMIT s
+#   tasks  the multi-task benchmark (tasks/heldout.jsonl + ShareGPT rows 80-99): AR vs TASK_HEADS (NAME=DIR ...)
+#          with and without context drafts, and context drafts alone, batches TASK_BATCH; TASK_FLAGS adds flags
 #   pack   results into $OUT/results.tar and the trained heads into $OUT/heads.tar.part_* (the device tool
 #          returns at most 8 files of 16 MiB)
 # Work (checkpoint, data, heads, results) stays in $WORK across calls while the machine is warm.
@@ -51,6 +57,18 @@ for stage in "$@"; do
         --heads ${E2E_HEADS:-medusa=$H/heads-medusa hydra=$H/heads-hydra hydra++=$H/heads-hydra++} ${E2E_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/e2e.txt"
       python3 benchmark.py e2e --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 80-99 --limit 8 --batch 1 4 --dtype float32 \
         --no-hf --heads hydra++=$H/heads-hydra++ --out "$RES/fp32" 2>&1 | tee "$RES/e2e_fp32.txt" ;;
+    data-mix)
+      python3 train_heads.py data --checkpoint "$CKPT" --prompts "${TASKS_TRAIN:-runs/tasks_train.jsonl}" --samples 2 --temperatures 0,0.7 \
+        --max-new-tokens ${MAX_NEW:-256} --batch ${BATCH:-256} --time-limit ${DATA_TIME:-170} --out "$WORK/data_tasks.npz" 2>&1 | tee "$RES/data_tasks.txt" | awk 'NR % 10 == 1 || /wrote|rror/'
+      python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples 4 --temperatures 0,0.3,0.7 --imitate ${IMITATE:-8000} \
+        --seed 4 --max-new-tokens ${MAX_NEW:-256} --batch ${BATCH:-256} --time-limit ${DATA_TIME2:-130} --out "$WORK/data_chat.npz" 2>&1 | tee "$RES/data_chat.txt" | awk 'NR % 10 == 1 || /wrote|rror/' ;;
+    train-mix)
+      python3 train_heads.py train --checkpoint "$CKPT" --data "$WORK/data_tasks.npz,$WORK/data_chat.npz" --init "${INIT:-heads/smollm2-135m-hydra++}" \
+        --draft-vocab ${VOCAB:-auto} --lr ${LR:-5e-4} --steps 100000 --time-limit ${TIME_LIMIT:-300} --out "$WORK/heads-hydra++" 2>&1 \
+        | tee "$RES/train-mix.txt" | grep -v "^step [0-9]*[1-9]/" | tail -14 ;;
+    tasks)
+      python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
+        --batch ${TASK_BATCH:-1 8 32} --context 0 10 --context-only 10 --warmup ${TASK_FLAGS:-} --out "$RES/tasks${TAG:-}" 2>&1 | tee "$RES/tasks${TAG:-}.txt" | grep -v "warm-up" ;;
     pack)
       tar cf "$OUT/results.tar" -C "$RES" .
       heads=$(cd "$WORK" && ls -d heads-* 2>/dev/null || true)
