@@ -648,7 +648,8 @@ def tasks_bench(args):
             gen, mode = make(), "ar" if name == "ar" else "spec"
             t0 = time.perf_counter()
             gen.generate(b_ids[:1], 8, mode=mode)  # load and compile once
-            warm = gen.warmup([batch], modes=[mode], progress=log) if args.warmup else 0.0
+            sizes = sorted({min(batch, len(b_rows) - i) for i in range(0, len(b_rows), batch)})  # (a last, smaller call)
+            warm = gen.warmup(sizes, modes=[mode], progress=log) if args.warmup else 0.0
             log(f"b{batch} {name}: first call and warm-up {time.perf_counter() - t0:.1f} s")
             recs = time_calls(gen, b_rows, b_ids, batch, args.max_new_tokens, mode, args.repeat)
             records += [dict(r, method=name, batch=batch) for r in recs]
@@ -711,6 +712,7 @@ def tasks_table(results, families):
 
 
 def plot_tasks(results, families, path):
+    """Speedup over AR per method: per task at batch 1, overall at larger batches (first calls)."""
     try:
         import matplotlib
 
@@ -718,26 +720,29 @@ def plot_tasks(results, families, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rs = [r for r in results if r["batch"] == 1 and r["attempt"] == "first" and r["method"] != "ar"]
-    methods = list(dict.fromkeys(r["method"] for r in rs))
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(families)), 4))
-    width = 0.8 / max(len(methods), 1)
-    for m, method in enumerate(methods):
-        vals = [next(r["speedup"] for r in rs if r["method"] == method and r["task"] == t) for t in families + ["all"]]
-        ax.bar([i + m * width for i in range(len(vals))], vals, width, label=method)
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(families) + 1)], families + ["all"], rotation=20)
-    ax.set_ylabel("speedup over AR (wall clock per call)")
-    ax.set_title("batch 1, greedy")
-    ax.legend(fontsize=8)
+    batches = sorted({r["batch"] for r in results})
+    fig, axes = plt.subplots(1, len(batches), figsize=(3 + 1.2 * len(families) + 3 * (len(batches) - 1), 4), squeeze=False,
+                             gridspec_kw=dict(width_ratios=[len(families) + 1 if b == 1 else 2 for b in batches]))
+    for ax, batch in zip(axes[0], batches):
+        rs = [r for r in results if r["batch"] == batch and r["attempt"] == "first" and r["method"] != "ar"]
+        methods, columns = list(dict.fromkeys(r["method"] for r in rs)), (families if batch == 1 else []) + ["all"]
+        width = 0.8 / max(len(methods), 1)
+        for m, method in enumerate(methods):
+            vals = [next(r["speedup"] for r in rs if r["method"] == method and r["task"] == t) for t in columns]
+            ax.bar([i + m * width for i in range(len(vals))], vals, width, label=method)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(columns))], columns, rotation=20)
+        ax.set_title(f"batch {batch}", fontsize=9)
+    axes[0][0].set_ylabel("speedup over AR, greedy\n(wall clock per call)")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = hl.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("e2e")
+    e = sub.add_parser("e2e", formatter_class=hl.HelpWithDefaults)
     e.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
     e.add_argument("--heads", nargs="*", default=[], help="NAME=DIR[:TREE_NODES] (TREE_NODES refits the heads' tree)")
     e.add_argument("--prompts", required=True)
@@ -758,7 +763,8 @@ def main(argv=None):
                    help="sampled speculative decoding's acceptance rule(s), each as its own row (exact: the base "
                         "model's own distribution; typical: Medusa/Hydra's typical acceptance)")
     sub.add_parser("check", help="on a GPU: every kernel against its reference, then their times")
-    t = sub.add_parser("tasks", help="AR vs speculative decoding on the multi-task held-out prompts (tasks/)")
+    t = sub.add_parser("tasks", help="AR vs speculative decoding on the multi-task held-out prompts (tasks/)",
+                       formatter_class=hl.HelpWithDefaults)
     t.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
     t.add_argument("--data", default=os.path.join(hl.HERE, "tasks", "heldout.jsonl"))
     t.add_argument("--tasks", nargs="*", default=None, help="only these families")
@@ -775,7 +781,7 @@ def main(argv=None):
     t.add_argument("--repeat", action="store_true", help="time every call twice: first, and repeated right after")
     t.add_argument("--warmup", action="store_true", help="Generator.warmup() before timing (no capture in a call)")
     t.add_argument("--dtype", default="bfloat16")
-    s = sub.add_parser("steps")
+    s = sub.add_parser("steps", formatter_class=hl.HelpWithDefaults)
     s.add_argument("--shape", choices=list(SHAPES), default="7b")
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     s.add_argument("--context", type=int, default=512)
@@ -787,6 +793,9 @@ def main(argv=None):
         return {"e2e": e2e, "steps": steps, "check": check, "tasks": tasks_bench}[args.cmd](args)
     except hl.HydraLiteError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file named on the command line that cannot be read or written
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
 
 

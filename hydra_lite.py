@@ -71,17 +71,38 @@ class Config:
     dtype: str = "float32"
 
     def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "max_seq_len"):
+            check_int(f"config {name}", getattr(self, name), 1)
+        check_int("config head_dim", self.head_dim, 0)
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise HydraLiteError(f"config {name} must be a positive number, not {value!r}")
+        if not isinstance(self.eos_ids, list) or not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in self.eos_ids):
+            raise HydraLiteError(f"config eos_ids must be a list of token ids below {self.vocab_size}, not {self.eos_ids!r}")
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise HydraLiteError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise HydraLiteError(f"head_dim={self.head_dim} is odd: rotate-half RoPE needs an even head_dim")
 
     @classmethod
     def from_dict(cls, d):
+        if not isinstance(d, dict):
+            raise HydraLiteError("config.json must hold a JSON object")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         missing = [k for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size") if k not in d]
         if missing:
             raise HydraLiteError(f"config is missing {missing}")
         return cls(**known)
+
+
+def check_int(what, value, lowest, highest=None):
+    """value must be an int in [lowest, highest]; else a HydraLiteError that says so."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < lowest or (highest is not None and value > highest):
+        bound = f"at least {lowest}" if highest is None else f"between {lowest} and {highest}"
+        raise HydraLiteError(f"{what} must be an integer {bound}, not {value!r}")
+    return value
 
 
 def read_json(path):
@@ -463,8 +484,24 @@ def load_safetensors(paths):
 
     state = {}
     for p in paths:
-        state.update(load_file(p))
+        try:
+            state.update(load_file(p))
+        except Exception as e:  # (SafetensorError, OSError, ...: a damaged or truncated file)
+            why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            raise HydraLiteError(f"{p} cannot be read as safetensors ({why}); convert it again") from None
     return state
+
+
+def check_files(directory, meta):
+    """The files a checkpoint or heads directory lists in its JSON ("files": name -> {"bytes": n}) are there,
+    with their sizes (a copy cut short, a file from another model)."""
+    for name, info in (meta.get("files") or {}).items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise HydraLiteError(f"{path} is missing; convert the checkpoint again")
+        if isinstance(info, dict) and "bytes" in info and os.path.getsize(path) != info["bytes"]:
+            raise HydraLiteError(f"{path} has {os.path.getsize(path)} bytes, not the {info['bytes']} its checkpoint "
+                                 f"lists; convert it again")
 
 
 def shard_files(directory, stem):
@@ -497,7 +534,9 @@ def load_model(path, device="cpu", dtype=None):
     """Load a runtime checkpoint directory (see FORMAT.md; make one with convert.py)."""
     if not os.path.isdir(path):
         raise HydraLiteError(f"checkpoint {path} not found; make one with: python convert.py smollm2  (or convert.py HF_DIR)")
-    cfg = Config.from_dict(read_json(os.path.join(path, "config.json")))
+    meta = read_json(os.path.join(path, "config.json"))
+    cfg = Config.from_dict(meta)
+    check_files(path, meta)
     dtype = dtype or getattr(torch, cfg.dtype)
     with torch.device("meta"):
         model = Llama(cfg)
@@ -531,13 +570,24 @@ class Tokenizer:
         else:
             raise HydraLiteError(f"no tokenizer.json or tokenizer.model in {path}")
 
-    def encode(self, text, bos=None):
+    def encode(self, text, bos=None, special=False):
+        """text -> ids (with BOS per the config, or as bos says). Control tokens written in the text (such as
+        "<|im_end|>") stay text unless special=True: user text cannot open a new chat turn."""
         if self.hf_tokenizer:
+            self.hf_tokenizer.encode_special_tokens = not special
             ids = self.hf_tokenizer.encode(text, add_special_tokens=False).ids
-        else:
+        else:  # (sentencepiece never reads control tokens from text)
             ids = self.sentencepiece.encode(text)
         bos = self.cfg.add_bos if bos is None else bos
         return ([self.cfg.bos_id] if bos and self.cfg.bos_id is not None else []) + ids
+
+    def encode_parts(self, parts, bos=None):
+        """[(text, is_template), ...] -> ids: control tokens parsed in the template's text only, a message's text
+        kept as text; BOS (per bos) once, first."""
+        ids = []
+        for i, (text, template) in enumerate(p for p in parts if p[0]):
+            ids += self.encode(text, bos=bos if i == 0 else False, special=template)
+        return ids
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
@@ -550,16 +600,18 @@ class Tokenizer:
         family, system = self.cfg.chat_template, self.cfg.default_system
         if messages and messages[0]["role"] == "system":
             system, messages = messages[0]["content"], messages[1:]
-        if family == "chatml":
-            text = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-            text += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-            return self.encode(text + ("<|im_start|>assistant\n" if add_generation_prompt else ""))
+        turns = ([("system", system)] if system else []) + [(m["role"], m["content"]) for m in messages]
+        if family == "chatml":  # (text, is_template): control tokens only from the template
+            parts = [p for role, content in turns
+                     for p in ((f"<|im_start|>{role}\n", True), (content, False), ("<|im_end|>\n", True))]
+            return self.encode_parts(parts + [("<|im_start|>assistant\n" if add_generation_prompt else "", True)])
         if family == "llama3":
-            turn = lambda role, content: f"<|start_header_id|>{role}<|end_header_id|>\n\n{content.strip()}<|eot_id|>"
-            text = "<|begin_of_text|>" + (turn("system", system) if system else "")
-            text += "".join(turn(m["role"], m["content"]) for m in messages)
-            text += "<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else ""
-            return self.encode(text, bos=False)
+            header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+            parts = [("<|begin_of_text|>", True)] + [
+                p for role, content in turns
+                for p in ((header.format(role), True), (content.strip(), False), ("<|eot_id|>", True))]
+            end = "<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else ""
+            return self.encode_parts(parts + [(end, True)], bos=False)
         if family == "llama2":  # BOS/EOS around each exchange, as ids so sentencepiece models work too
             ids, sys_text = [], f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
             for i in range(0, len(messages), 2):
@@ -706,7 +758,16 @@ class HeadsConfig:
 
     @classmethod
     def from_dict(cls, d):
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        if not isinstance(d, dict):
+            raise HydraLiteError("heads.json must hold a JSON object")
+        missing = [k for k in ("n_heads", "n_layers", "dim", "vocab_size", "grounded", "prefix") if k not in d]
+        if missing:
+            raise HydraLiteError(f"heads.json is missing {missing}")
+        hc = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        for name in ("n_heads", "n_layers", "dim", "vocab_size"):
+            check_int(f"heads.json {name}", getattr(hc, name), 1)
+        check_int("heads.json draft_vocab", hc.draft_vocab, 0, hc.vocab_size)
+        return hc
 
 
 class DraftHeads(nn.Module):
@@ -772,7 +833,9 @@ class DraftHeads(nn.Module):
 def load_heads(path, base: Llama):
     if not os.path.isdir(path):
         raise HydraLiteError(f"heads {path} not found (train some with train_heads.py, or convert with convert.py --heads)")
-    hc = HeadsConfig.from_dict(read_json(os.path.join(path, "heads.json")))
+    meta = read_json(os.path.join(path, "heads.json"))
+    hc = HeadsConfig.from_dict(meta)
+    check_files(path, meta)
     with torch.device("meta"):
         heads = DraftHeads(hc, base.cfg)
     p = base.embed.weight
@@ -788,14 +851,12 @@ def load_heads(path, base: Llama):
     return heads
 
 
-def save_heads(heads: DraftHeads, path, shard_mb=15):
-    """Write heads in the runtime format (FORMAT.md), in shards of at most shard_mb MB."""
+def save_heads(heads: DraftHeads, path, base_cfg: Optional[Config] = None, extra=None, shard_mb=15):
+    """Write heads in the runtime format (FORMAT.md), in shards of at most shard_mb MB, with extra JSON files
+    ({name: object}, e.g. tree.json), all or nothing: into a fresh directory beside path that replaces it once
+    complete. base_cfg: the model they were trained for (its shape goes into heads.json, "base")."""
     from safetensors.torch import save_file
 
-    os.makedirs(path, exist_ok=True)
-    for f in os.listdir(path):  # stale shards from an earlier save would be loaded too
-        if f.startswith("heads") and f.endswith(".safetensors"):
-            os.remove(os.path.join(path, f))
     state = {file_name(k): v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
     shards, size = [{}], 0
     for k, v in state.items():
@@ -804,11 +865,53 @@ def save_heads(heads: DraftHeads, path, shard_mb=15):
             shards.append({})
             size = 0
         shards[-1][k], size = v, size + nbytes
-    for i, shard in enumerate(shards):
-        name = "heads.safetensors" if len(shards) == 1 else f"heads-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, name))
-    with open(os.path.join(path, "heads.json"), "w") as f:
-        json.dump({"format": "hydra-lite-heads/1", **heads.hc.__dict__}, f, indent=1)
+    meta = {"format": "hydra-lite-heads/1", **heads.hc.__dict__}
+    if base_cfg is not None:
+        meta["base"] = {k: getattr(base_cfg, k) for k in BASE_SHAPE}
+
+    def write(directory):
+        for i, shard in enumerate(shards):
+            name = "heads.safetensors" if len(shards) == 1 else f"heads-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(directory, name))
+        for name, obj in {"heads.json": meta, **(extra or {})}.items():
+            with open(os.path.join(directory, name), "w") as f:
+                json.dump(obj, f, indent=1)
+
+    write_dir_atomically(path, write)
+
+
+BASE_SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")  # heads.json "base"
+
+
+def write_dir_atomically(path, write):
+    """write(directory) fills a fresh directory beside path, which then takes path's place: the old directory
+    stays whole until the new one is complete, and none of its files survive into the new one."""
+    import shutil
+    import tempfile
+
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-", dir=os.path.dirname(path))
+    try:
+        write(tmp)
+        if os.path.isdir(path):
+            old = tmp + ".old"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomically(path, obj):
+    """A JSON file written whole or not at all (a temp file beside it, renamed over it)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -845,13 +948,31 @@ def default_tree(size=63, depth=4, top=10):
     return build_tree([[0.75 / (r + 1) for r in range(top)] for _ in range(depth)], size)
 
 
+MAX_TREE_NODES, MAX_TREE_RANK, MAX_CONTEXT_DRAFTS = 512, 64, 64
+
+
+def check_tree_choices(choices):
+    """Tree choices as given by a user (JSON): a list of paths, each a non-empty list of ranks 0 .. MAX_TREE_RANK-1,
+    at most MAX_TREE_NODES of them. Returns them as lists; a HydraLiteError says what is wrong."""
+    example = "give a list of rank paths such as [[0],[1],[0,0]]"
+    if not isinstance(choices, list) or not all(isinstance(c, list) and c for c in choices):
+        raise HydraLiteError(f"tree choices must be a list of non-empty lists of ranks, not {str(choices)[:60]}; {example}")
+    if len(choices) > MAX_TREE_NODES:
+        raise HydraLiteError(f"tree has {len(choices)} choices; at most {MAX_TREE_NODES}")
+    for c in choices:
+        if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < MAX_TREE_RANK for r in c):
+            raise HydraLiteError(f"tree choice {c}: ranks are integers from 0 to {MAX_TREE_RANK - 1}; {example}")
+    return [list(c) for c in choices]
+
+
 class Tree:
     """Static buffers for a tree of draft tokens. Node 0 is the root (the base model's own next token); nodes
     1 .. len(choices) are the heads' choices, sorted by depth, then ranks; with context=K, the last K nodes are
     a chain under the root, filled from the context (ContextDrafts)."""
 
     def __init__(self, choices, device="cpu", context=0):
-        choices = sorted((list(c) for c in choices), key=lambda p: (len(p), p))
+        choices = sorted(check_tree_choices(choices), key=lambda p: (len(p), p))
+        check_int("context drafts", context, 0, MAX_CONTEXT_DRAFTS)
         if not choices and not context:
             raise HydraLiteError("tree needs at least one choice")
         index = {(): 0}
@@ -1194,6 +1315,14 @@ class Workspace:
     host: list = field(default_factory=list)  # two pinned buffers that step outputs take turns in
 
 
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during generate(): what was generated so far (outputs, stats), for the caller to show."""
+
+    def __init__(self, outputs, stats):
+        super().__init__("generation interrupted")
+        self.outputs, self.stats = outputs, stats
+
+
 MAX_WORKSPACES = 12  # workspaces a Generator keeps (its KV caches and captured graphs)
 
 
@@ -1270,6 +1399,10 @@ class Output:
 # so larger batches verify smaller trees (the heads' most likely paths). Measured on an H100/H200 with
 # SmolLM2-135M: BENCHMARKS.md, "tree size by batch".
 TREE_NODES_BY_BATCH = ((2, 63), (4, 48), (8, 32), (16, 24), (32, 16), (1 << 30, 8))
+# On the CPU a verification pass costs about in proportion to its nodes (no launch overhead hides them): an
+# 8-node head tree with the context chain pays at batch 1 (1.56x AR decoding, the 64-node tree 0.93x), and the
+# command line decodes batches plainly there (BENCHMARKS.md, run 11, "On the CPU").
+CPU_TREE_NODES_BY_BATCH = ((1 << 30, 8),)
 DEFAULT_CONTEXT_DRAFTS = 10  # context-chain tokens per tree, with heads (0: none)
 
 
@@ -1314,6 +1447,18 @@ class Generator:
         self.tree = self.tree_for(1) if self.drafts else None  # (a batch of one verifies the whole tree)
         self.workspaces = {}  # GraphKey -> Workspace, the most recently used last
 
+    def describe(self, batch=1):
+        """What decodes a batch of this size, in words: "ar", or the heads' kind and tree, and context drafts."""
+        if self.tree is None:
+            return "ar"
+        tree, parts = self.tree_for(batch), []
+        if self.heads is not None:
+            kind = ("hydra" if self.heads.hc.grounded else "medusa") + ("++" if self.heads.hc.prefix else "")
+            parts.append(f"{kind}, {tree.size - tree.context - 1}-node tree")
+        if tree.context:
+            parts.append(f"context drafts {tree.context}")
+        return " + ".join(parts)
+
     def tree_for(self, batch):
         """The tree verified at this batch size: the heads' tree cut to TREE_NODES_BY_BATCH, and the context chain."""
         if batch not in self._trees:
@@ -1343,9 +1488,14 @@ class Generator:
         sync(self.device)
         out.stats.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for b, t in enumerate(token.tolist()):
-            out.emit(b, [t])
-        self._decode(ws, out, token, h, [len(p) for p in prompts], room, sampling)
+        try:
+            for b, t in enumerate(token.tolist()):
+                out.emit(b, [t])
+            self._decode(ws, out, token, h, [len(p) for p in prompts], room, sampling)
+        except KeyboardInterrupt:
+            sync(self.device)
+            out.stats.decode_s = time.perf_counter() - t0
+            raise GenerationInterrupted(out.tokens, out.stats) from None
         sync(self.device)
         out.stats.decode_s = time.perf_counter() - t0
         return out.tokens, out.stats
@@ -1530,50 +1680,133 @@ class Generator:
 # Command line
 
 
+class ArgParser(argparse.ArgumentParser):
+    """argparse, with a mistake reported as one line (argparse prints its usage first) and exit code 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, where it has one."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) or action.help is None else super()._get_help_string(action)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Llama inference with Hydra speculative decoding")
+    ap = ArgParser(description="Llama inference with Hydra speculative decoding", formatter_class=HelpWithDefaults)
     ap.add_argument("--prompt", action="append", help="prompt (repeat for a batch)")
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="runtime checkpoint dir (convert.py makes one)")
-    ap.add_argument("--heads", default=None, help="draft heads dir (default: the shipped SmolLM2 Hydra++ heads)")
+    ap.add_argument("--heads", default=None, help="draft heads dir (default: the shipped SmolLM2 Hydra++ heads, when "
+                                                  "they were trained for the checkpoint's model)")
     ap.add_argument("--mode", choices=["ar", "medusa", "hydra"], default=None,
                     help="ar: plain decoding; medusa/hydra: speculative with the given heads (default: hydra when heads load)")
     ap.add_argument("--tree", default=None, help="tree choices as JSON (list of rank paths), or a .json file")
     ap.add_argument("--context-drafts", type=int, default=None, metavar="K",
                     help=f"drafts from the context: a chain of K tokens that continues the latest earlier occurrence "
                          f"of the text's last tokens (default {DEFAULT_CONTEXT_DRAFTS} with heads; 0: off)")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per prompt")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-k", type=int, default=0, help="0: off")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest top set reaching this")
     ap.add_argument("--acceptance", choices=list(ACCEPTANCE_RULES), default="exact",
                     help="sampled speculative decoding: exact (the base model's own distribution) or typical "
                          "(Medusa/Hydra's typical acceptance: more tokens per step, not the same distribution)")
     ap.add_argument("--stop", action="append", default=[], help="stop once the answer contains this text (repeatable)")
-    ap.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text")
+    ap.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text (control tokens in it "
+                                                       "are parsed as control tokens)")
     ap.add_argument("--system", default=None, help="system prompt for the chat template")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--no-cuda-graphs", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="weights and activations (None: bfloat16 on a GPU, float32 on the CPU)")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="run each step eagerly (debugging)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     args = ap.parse_args(argv)
     try:
         return _run_cli(args)
     except HydraLiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except GenerationInterrupted as e:  # Ctrl-C: what was generated so far, and its stats
+        print_stats("interrupted", e.stats, args)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, and keep the exit flush quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def check_cli_args(args):
+    """Everything about the arguments that can be checked before the model loads."""
+    if not args.prompt:
+        raise HydraLiteError("give a --prompt")
+    for p in args.prompt + args.stop + [args.system or ""]:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HydraLiteError("a --prompt, --stop or --system is not valid UTF-8 text") from None
+    check_int("--max-new-tokens", args.max_new_tokens, 1)
+    check_int("--top-k", args.top_k, 0)
+    if not 0 <= args.temperature < math.inf:
+        raise HydraLiteError(f"--temperature must be 0 (greedy) or positive, not {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise HydraLiteError(f"--top-p must be in (0, 1], not {args.top_p}")
+    if args.context_drafts is not None:
+        check_int("--context-drafts", args.context_drafts, 0, MAX_CONTEXT_DRAFTS)
+    check_device(args.device)
+    return parse_tree_arg(args.tree) if args.tree else None
+
+
+def check_device(device):
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise HydraLiteError(f"--device {device!r} is not a device; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HydraLiteError("--device cuda, but CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise HydraLiteError(f"--device {device!r}: this runtime runs on cpu or cuda")
+
+
+def parse_tree_arg(text):
+    """--tree: JSON, or a .json file holding it; checked as Tree checks it (every path's parent there too)."""
+    if text.endswith(".json"):
+        text = read_json(text) if os.path.exists(text) else _raise(HydraLiteError(f"tree file {text} not found"))
+    else:
+        try:
+            text = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise HydraLiteError(f"--tree is not valid JSON ({e}); give a list of rank paths such as [[0],[1],[0,0]]") from None
+    return Tree(text).choices
+
+
+def _raise(error):
+    raise error
+
+
+def default_heads_for(cfg):
+    """The shipped heads' directory when they were trained for this model (their heads.json names its shape)."""
+    if not os.path.isdir(DEFAULT_HEADS):
+        return None
+    meta = read_json(os.path.join(DEFAULT_HEADS, "heads.json"))
+    base = meta.get("base") or {"dim": meta.get("dim"), "vocab_size": meta.get("vocab_size")}
+    return DEFAULT_HEADS if all(getattr(cfg, k, None) == v for k, v in base.items()) else None
 
 
 def _run_cli(args):
-    if not args.prompt:
-        raise HydraLiteError("give a --prompt")
+    tree = check_cli_args(args)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     model = load_model(args.checkpoint, args.device, dtype)
     tok = Tokenizer(args.checkpoint, model.cfg)
     heads = None
     if args.mode != "ar":
-        heads_path = args.heads or (DEFAULT_HEADS if args.checkpoint == DEFAULT_CHECKPOINT else None)
-        if heads_path and (args.heads or os.path.isdir(heads_path)):
+        heads_path = args.heads or default_heads_for(model.cfg)
+        if heads_path:
             heads = load_heads(heads_path, model)
         elif args.mode in ("medusa", "hydra"):
             raise HydraLiteError(f"--mode {args.mode} needs --heads")
@@ -1581,30 +1814,31 @@ def _run_cli(args):
         raise HydraLiteError("--mode medusa needs Medusa heads; these are Hydra heads")
     if heads is not None and args.mode == "hydra" and not heads.hc.grounded:
         raise HydraLiteError("--mode hydra needs Hydra heads; these are Medusa heads")
-    tree = None
-    if args.tree:
-        tree = json.load(open(args.tree)) if args.tree.endswith(".json") else json.loads(args.tree)
+    on_cpu = torch.device(args.device).type == "cpu"  # (a small tree there, and batches decoded plainly)
+    sizes = dict(tree_nodes_by_batch=CPU_TREE_NODES_BY_BATCH) if on_cpu and tree is None else {}
     gen = Generator(model, tok, heads, tree, cuda_graphs=not args.no_cuda_graphs, acceptance=args.acceptance,
-                    context_drafts=0 if args.mode == "ar" else args.context_drafts)
+                    context_drafts=0 if args.mode == "ar" else args.context_drafts, **sizes)
+    mode = "ar" if on_cpu and len(args.prompt) > 1 and args.mode is None else None
     if args.raw or model.cfg.chat_template == "none":
-        prompts = [tok.encode(p) for p in args.prompt]
+        prompts = [tok.encode(p, special=args.raw) for p in args.prompt]
     else:
         system = [{"role": "system", "content": args.system}] if args.system else []
         prompts = [tok.encode_chat(system + [{"role": "user", "content": p}]) for p in args.prompt]
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     single = len(prompts) == 1
-    outs, stats = gen.generate(prompts, args.max_new_tokens, sampling, stop=args.stop,
+    outs, stats = gen.generate(prompts, args.max_new_tokens, sampling, mode=mode, stop=args.stop,
                                on_text=(lambda b, t: print(t, end="", flush=True)) if single else None)
     if not single:
         for i, ids in enumerate(outs):
             print(f"--- [{i}] {tok.decode(ids)}")
-    mode = "ar" if heads is None else ("hydra" if heads.hc.grounded else "medusa") + ("++" if heads.hc.prefix else "")
-    if gen.context_drafts:
-        mode = ("" if heads is None else mode + " + ") + f"context drafts {gen.context_drafts}"
+    print_stats("ar (on the CPU a batch decodes fastest plainly)" if mode == "ar" else gen.describe(len(prompts)), stats, args)
+    return 0
+
+
+def print_stats(mode, stats, args):
     print(f"\n[{mode}] {stats.prompt_tokens} prompt tokens, {stats.new_tokens} new tokens in {stats.decode_s:.2f}s: "
           f"{stats.tokens_per_s:.1f} tokens/s, {stats.steps} steps, mean acceptance length {stats.mean_accept:.2f} "
-          f"(prefill {stats.prefill_s * 1000:.0f} ms, {args.device}, {str(dtype).replace('torch.', '')})", file=sys.stderr)
-    return 0
+          f"(prefill {stats.prefill_s * 1000:.0f} ms, {args.device})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,11 @@ def read_prompts(path, ids=None, first_turn=False):
         for i, line in enumerate(f):
             if not line.strip() or (ids is not None and i not in ids):
                 continue
-            row = json.loads(line)
-            turns = row.get("turns") or [row.get("prompt") or row["text"]]
+            try:
+                row = json.loads(line)
+                turns = row.get("turns") or [row.get("prompt") or row["text"]]
+            except (json.JSONDecodeError, AttributeError, KeyError):
+                raise hl.HydraLiteError(f"{path} line {i + 1} is not a JSON object with turns, prompt or text") from None
             prompts += turns[:1] if first_turn else turns
     return prompts
 
@@ -470,8 +473,8 @@ def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, time_l
     return step
 
 
-def write_tree(model, heads, rows, size, out, info, max_tokens=4096):
-    """Fit the tree to the heads' draft ranks on rows; write tree.json and train.json into out."""
+def fit_heads_tree(model, heads, rows, size, info, max_tokens=4096):
+    """Fit the tree to the heads' draft ranks on rows. Returns the contents of tree.json and train.json."""
     t0 = time.time()
     ranks = draft_ranks(model, heads, rows, max_tokens)
     rank_acc = rank_accuracies(ranks)
@@ -481,10 +484,7 @@ def write_tree(model, heads, rows, size, out, info, max_tokens=4096):
     independent = hl.build_tree(rank_acc, size)
     log(f"tree of {len(tree) + 1} nodes: expected acceptance length {expected:.3f} "
         f"(the tree fitted as if heads were independent: {tree_accept(ranks, independent):.3f})")
-    with open(os.path.join(out, "tree.json"), "w") as f:
-        json.dump(tree, f)
-    with open(os.path.join(out, "train.json"), "w") as f:
-        json.dump(info | {"held_out_rank_acc": rank_acc, "expected_accept": expected}, f, indent=1)
+    return {"tree.json": tree, "train.json": info | {"held_out_rank_acc": rank_acc, "expected_accept": expected}}
 
 
 def read_json_or_empty(path):
@@ -505,10 +505,14 @@ def save_rows(rows, path):
 
     if not path.endswith(".npz"):
         raise hl.HydraLiteError(f"data files are .npz: {path}")
+    if not rows:
+        raise hl.HydraLiteError(f"no answers to write to {path} (is --time-limit too short?)")
     dtype = np.uint16 if max(max(ids) for ids, _ in rows) < 65536 else np.int32
-    np.savez(path, ids=np.concatenate([np.asarray(ids, dtype=dtype) for ids, _ in rows]),
+    tmp = f"{path[:-4]}.tmp-{os.getpid()}.npz"  # whole or not at all: written beside it, then renamed
+    np.savez(tmp, ids=np.concatenate([np.asarray(ids, dtype=dtype) for ids, _ in rows]),
              lens=np.asarray([len(ids) for ids, _ in rows], dtype=np.int32),
              starts=np.asarray([start for _, start in rows], dtype=np.int32))
+    os.replace(tmp, path)
 
 
 def load_rows(path):
@@ -536,9 +540,9 @@ def pad(rows, device):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = hl.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("data", help="generate self-distillation data")
+    d = sub.add_parser("data", help="generate self-distillation data", formatter_class=hl.HelpWithDefaults)
     d.add_argument("--prompts", required=True, help="JSONL prompts")
     d.add_argument("--rows", default=None, help="row range to use, e.g. 0-79 (keep the rest for evaluation)")
     d.add_argument("--samples", type=int, default=8, help="answers per prompt")
@@ -550,7 +554,7 @@ def main(argv=None):
                    help="also answer this many prompts the base model writes in the style of the --prompts rows")
     d.add_argument("--time-limit", type=float, default=0,
                    help="seconds: answer fewer prompts if it would take longer (writing --imitate prompts takes up to 40%%)")
-    t = sub.add_parser("train", help="train heads on generated data")
+    t = sub.add_parser("train", help="train heads on generated data", formatter_class=hl.HelpWithDefaults)
     t.add_argument("--data", required=True, help="data file(s), comma-separated")
     t.add_argument("--kind", choices=["medusa", "hydra", "hydra++"], default="hydra++")
     t.add_argument("--n-heads", type=int, default=4)
@@ -566,7 +570,8 @@ def main(argv=None):
                         f"smallest of {', '.join(map(str, VOCAB_SIZES))} covering {VOCAB_COVERAGE:.1%} of the held-out "
                         "answers' tokens); default 16384, or with --init the heads' own")
     t.add_argument("--init", default=None, help="go on training these heads (their kind, size and draft vocabulary)")
-    f = sub.add_parser("tree", help="fit the tree of trained heads (in --out) to data, e.g. after changing its size")
+    f = sub.add_parser("tree", help="fit the tree of trained heads (in --out) to data, e.g. after changing its size",
+                       formatter_class=hl.HelpWithDefaults)
     f.add_argument("--data", required=True, help="answers to count on (train's held-out answers: --held-out)")
     f.add_argument("--held-out", action="store_true", help="use the answers train held out (same --seed)")
     f.add_argument("--tree-size", type=int, default=63)
@@ -576,17 +581,19 @@ def main(argv=None):
         p.add_argument("--out", required=True)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="overwrite the heads shipped in this repo's heads/")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     try:
+        check_args(args)
         model = hl.load_model(args.checkpoint, args.device, dtype)
         if args.cmd == "data":
             tok = hl.Tokenizer(args.checkpoint, model.cfg)
             prompts = read_prompts(args.prompts, parse_range(args.rows))
             if not prompts:
                 raise hl.HydraLiteError(f"no prompts in {args.prompts} (rows {args.rows})")
-            temps = [float(x) for x in args.temperatures.split(",")]
+            temps = args.temperature_list
             t0, limit = time.time(), args.time_limit or float("inf")
             extra = synthetic_prompts(args.synthetic, args.seed)
             if args.imitate:
@@ -602,8 +609,10 @@ def main(argv=None):
             if args.held_out:
                 rows = held_out_split(rows, args.seed)[0]
             info = read_json_or_empty(os.path.join(args.out, "train.json"))
-            write_tree(model, heads, rows, args.tree_size, args.out, info | {"tree_data": args.data, "tree_answers": len(rows)},
-                       args.max_tokens)
+            files = fit_heads_tree(model, heads, rows, args.tree_size,
+                                   info | {"tree_data": args.data, "tree_answers": len(rows)}, args.max_tokens)
+            for name, obj in files.items():
+                hl.write_json_atomically(os.path.join(args.out, name), obj)
         else:
             held_out, train_rows = held_out_split(load_rows(args.data), args.seed)
             size = pick_vocab_size(args.draft_vocab, train_rows, held_out, model.cfg.vocab_size)
@@ -627,16 +636,61 @@ def main(argv=None):
             n_params = sum(p.numel() for p in heads.parameters())
             log(f"training {args.kind} heads ({n_params / 1e6:.1f}M parameters) on {len(train_rows)} answers")
             steps = train(model, heads, train_rows, args.steps, args.lr, args.max_tokens, args.noise, args.seed, args.time_limit)
-            hl.save_heads(heads.to(dtype), args.out)
             info = vars(args) | {"answers": len(held_out) + len(train_rows), "steps_run": steps}
             if args.init:  # the heads' history: how the ones it went on from were trained
                 info["init_train"] = read_json_or_empty(os.path.join(args.init, "train.json"))
-            write_tree(model, heads, held_out, args.tree_size, args.out, info)
+            heads = heads.to(dtype)
+            hl.save_heads(heads, args.out, model.cfg, fit_heads_tree(model, heads, held_out, args.tree_size, info))
             log(f"saved heads to {args.out}")
     except hl.HydraLiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # (outputs are written whole or not at all)
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
     return 0
+
+
+def check_args(args):
+    """What can be checked before the model loads: a mistake costs a line, not a run."""
+    hl.check_device(args.device)
+    if args.cmd == "data":
+        if not args.out.endswith(".npz"):
+            raise hl.HydraLiteError(f"data files are .npz: {args.out}")
+        if not os.path.isfile(args.prompts):
+            raise hl.HydraLiteError(f"prompts file {args.prompts} not found")
+        try:
+            args.temperature_list = [float(x) for x in args.temperatures.split(",")]
+            parse_range(args.rows)
+        except ValueError:
+            raise hl.HydraLiteError("--temperatures is a comma-separated list of numbers (e.g. 0,0.7) and --rows a "
+                                    "range like 0-79") from None
+        if not all(0 <= x < math.inf for x in args.temperature_list):
+            raise hl.HydraLiteError(f"--temperatures must be 0 (greedy) or positive: {args.temperatures}")
+        for name in ("samples", "synthetic", "imitate"):
+            hl.check_int(f"--{name}", getattr(args, name), 0)
+        hl.check_int("--max-new-tokens", args.max_new_tokens, 1)
+        hl.check_int("--batch", args.batch, 1)
+    if args.cmd in ("train", "tree"):
+        for path in args.data.split(","):
+            if not os.path.isfile(path):
+                raise hl.HydraLiteError(f"data file {path} not found (make one with: train_heads.py data)")
+    if args.cmd == "train":
+        hl.check_int("--steps", args.steps, 1)
+        hl.check_int("--n-heads", args.n_heads, 1, 16)
+        hl.check_int("--n-layers", args.n_layers, 1, 16)
+        hl.check_int("--max-tokens", args.max_tokens, 16)
+        if not 0 < args.lr < 1:
+            raise hl.HydraLiteError(f"--lr must be between 0 and 1, not {args.lr}")
+        if args.draft_vocab not in (None, "auto") and not args.draft_vocab.isdigit():
+            raise hl.HydraLiteError(f"--draft-vocab is a number of tokens or auto, not {args.draft_vocab!r}")
+        if args.init and not os.path.isdir(args.init):
+            raise hl.HydraLiteError(f"--init heads {args.init} not found")
+        shipped = os.path.join(hl.HERE, "heads")
+        if os.path.isdir(args.out) and os.path.commonpath([shipped, os.path.abspath(args.out)]) == shipped and not args.force:
+            raise hl.HydraLiteError(f"{args.out} holds heads shipped with hydra-lite; write elsewhere, or add --force")
+    if args.cmd == "tree" and not os.path.isfile(os.path.join(args.out, "heads.json")):
+        raise hl.HydraLiteError(f"no heads in {args.out} to fit a tree for")
 
 
 if __name__ == "__main__":

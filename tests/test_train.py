@@ -1,4 +1,7 @@
 """Head training: the training-time forward matches the runtime's, and training learns."""
+import contextlib
+import os
+import pickle
 import random
 
 import pytest
@@ -219,3 +222,72 @@ def test_fine_tuning_with_another_draft_vocabulary():
     finally:
         th.VOCAB_SIZES = old_sizes
     assert th.pick_vocab_size(None, rows, rows, 97) is None and th.pick_vocab_size("300", rows, rows, 97) == 300
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["data", "--prompts", "q.jsonl", "--out", "x.txt"], "data files are .npz"),
+    (["data", "--prompts", "/nonexistent.jsonl", "--out", "x.npz"], "not found"),
+    (["data", "--prompts", "{prompts}", "--temperatures", "0,hot", "--out", "x.npz"], "comma-separated"),
+    (["data", "--prompts", "{prompts}", "--temperatures", "-1", "--out", "x.npz"], "0 (greedy) or positive"),
+    (["data", "--prompts", "{prompts}", "--batch", "0", "--out", "x.npz"], "--batch must be"),
+    (["train", "--data", "/nonexistent.npz", "--out", "h"], "not found"),
+    (["train", "--data", "{data}", "--steps", "0", "--out", "h"], "--steps must be"),
+    (["train", "--data", "{data}", "--lr", "5", "--out", "h"], "--lr must be"),
+    (["train", "--data", "{data}", "--draft-vocab", "lots", "--out", "h"], "--draft-vocab"),
+    (["train", "--data", "{data}", "--out", "{shipped}"], "shipped with hydra-lite"),
+    (["tree", "--data", "{data}", "--out", "/nonexistent"], "no heads in"),
+    (["train", "--data", "{data}", "--device", "tpu9", "--out", "h"], "not a device"),
+    (["train", "--steps", "x"], "invalid int value"),
+])
+def test_train_heads_mistakes_are_one_line(tmp_path, capsys, argv, match):
+    """Refused before the model loads (the checkpoint named does not even exist): one line, exit 2."""
+    (tmp_path / "q.jsonl").write_text('{"prompt": "hi"}\n')
+    th.save_rows([([1, 2, 3], 1)], str(tmp_path / "d.npz"))
+    fill = dict(prompts=str(tmp_path / "q.jsonl"), data=str(tmp_path / "d.npz"),
+                shipped=os.path.join(hl.HERE, "heads", "smollm2-135m-hydra++"))
+    with pytest.raises(SystemExit) if "invalid" in match else contextlib.nullcontext():
+        rc = th.main([a.format(**fill) for a in argv] + ["--checkpoint", "/nonexistent"])
+        assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+
+
+def test_heads_are_saved_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A failure while writing leaves the earlier heads as they were (byte for byte), and a save replaces the
+    whole directory: no stale file of the earlier heads survives."""
+    import hashlib
+
+    model = tiny_model(3)
+    out = tmp_path / "heads"
+    hl.save_heads(th.new_heads(model, "hydra", 2, 1), str(out), model.cfg, {"tree.json": [[0]], "stale.json": {}})
+    before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in out.iterdir()}
+    real_save = __import__("safetensors.torch", fromlist=["save_file"]).save_file
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    with pytest.raises(OSError):
+        hl.save_heads(th.new_heads(model, "hydra++", 3, 1), str(out))
+    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["heads"]  # no temp directory left behind
+    monkeypatch.setattr("safetensors.torch.save_file", real_save)
+    hl.save_heads(th.new_heads(model, "hydra++", 3, 1), str(out), model.cfg, {"tree.json": [[0], [1]]})
+    assert sorted(f.name for f in out.iterdir()) == ["heads.json", "heads.safetensors", "tree.json"]
+    again = hl.load_heads(str(out), model)
+    assert again.hc.n_heads == 3 and again.tree_choices == [[0], [1]]
+    assert hl.read_json(str(out / "heads.json"))["base"]["dim"] == model.cfg.dim
+
+
+def test_old_style_data_files_load_without_running_code(tmp_path, monkeypatch):
+    """.pt data files load with weights_only: a pickle that would run code is refused, also when the environment
+    asks torch to allow it."""
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"rows": Boom()}, tmp_path / "evil.pt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        th.load_rows(str(tmp_path / "evil.pt"))
+    assert not (tmp_path / "pwned").exists()
