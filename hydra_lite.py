@@ -631,6 +631,20 @@ class Tokenizer:
         return self.encode("\n".join(m["content"] for m in messages))
 
 
+    def encode_next_turn(self, content):
+        """The tokens that follow a generated answer for one more user message: the end of the assistant's turn,
+        the user's turn, the generation prompt (chatml and llama3; None for other templates, which re-encode the
+        whole conversation)."""
+        if self.cfg.chat_template == "chatml":
+            return self.encode_parts([("<|im_end|>\n<|im_start|>user\n", True), (content, False),
+                                      ("<|im_end|>\n<|im_start|>assistant\n", True)], bos=False)
+        if self.cfg.chat_template == "llama3":
+            header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+            return self.encode_parts([("<|eot_id|>" + header.format("user"), True), (content.strip(), False),
+                                      ("<|eot_id|>" + header.format("assistant"), True)], bos=False)
+        return None
+
+
 class TextStream:
     """Turns a growing token list into printable text increments (holds back split UTF-8 characters)."""
 
@@ -1313,6 +1327,19 @@ class Workspace:
     history: Optional[torch.Tensor] = None  # context drafts only: [B, max_len] each row's tokens (see DraftInput)
     step: Optional[StepGraph] = None
     host: list = field(default_factory=list)  # two pinned buffers that step outputs take turns in
+    calls: int = 0  # generate() calls it served (a Conversation checks its cache is still its own)
+
+
+def carry_over(old, new, n):
+    """Copy the first n slots of every row (keys/values, the Hydra++ layer's, the token history) from one
+    workspace to another (a conversation that outgrew its cache)."""
+    pairs = [(old.cache.k, new.cache.k), (old.cache.v, new.cache.v)]
+    if old.prefix_cache is not None and new.prefix_cache is not None:
+        pairs += [(old.prefix_cache.k, new.prefix_cache.k), (old.prefix_cache.v, new.prefix_cache.v)]
+    for src, dst in pairs:
+        dst[:, :, :n] = src[:, :, :n]
+    if old.history is not None and new.history is not None:
+        new.history[:, :n] = old.history[:, :n]
 
 
 class GenerationInterrupted(KeyboardInterrupt):
@@ -1474,14 +1501,23 @@ class Generator:
         default when there are any). on_text(row, text) is called with each new piece of text (needs a
         tokenizer). stop: strings that end a row once its text contains one (kept in the output; needs a
         tokenizer). Returns (list of generated id lists, Stats)."""
+        return self._generate(prompts, max_new_tokens, sampling, mode, on_text, stop_at_eos, stop)
+
+    @torch.inference_mode()
+    def _generate(self, prompts, max_new_tokens, sampling, mode, on_text, stop_at_eos, stop, cached=0, previous=None):
+        """generate(); cached > 0 (one prompt): its first `cached` tokens are already in the `previous` workspace's
+        cache (a Conversation's earlier turns), and only the rest is prefilled."""
         sampling = sampling or SamplingParams()
         mode = self._check_call(prompts, mode, stop)
         room = 2 * ((self.tree_for(len(prompts)).size if mode == "spec" else 1) + 1)  # a step in flight, a tree
         ws = self._workspace(len(prompts), self._max_len(prompts, max_new_tokens, room), mode, sampling)
+        if cached and previous is not ws:
+            carry_over(previous, ws, cached)
+        ws.calls += 1
         out = Output(prompts, max_new_tokens, set(self.model.cfg.eos_ids) if stop_at_eos else set(), stop,
                      self.tokenizer, on_text)
         t0 = time.perf_counter()
-        logits, h = self._prefill(ws, prompts)
+        logits, h = self._prefill(ws, prompts, cached)
         token = sample(logits, sampling)
         if ws.history is not None:  # the first root
             ws.history.scatter_(1, ws.cache.lens[:, None].long(), token[:, None])
@@ -1574,23 +1610,23 @@ class Generator:
                 kv.lens.zero_()
         return ws
 
-    def _prefill(self, ws, prompts):
-        """Fill each row's cache with its prompt, all rows in one forward (right-padded: a row's padding writes
-        keys/values past its length, which nothing reads and later tokens overwrite). Returns the base logits
-        after the prompt [B, V] and the hidden state the draft heads start from [B, dim] (Hydra++: the prefix
-        layer's output)."""
-        T = max(map(len, prompts))
-        ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=self.device)
+    def _prefill(self, ws, prompts, cached=0):
+        """Fill each row's cache with its prompt (after the `cached` tokens already there), all rows in one forward
+        (right-padded: a row's padding writes keys/values past its length, which nothing reads and later tokens
+        overwrite). Returns the base logits after the prompt [B, V] and the hidden state the draft heads start
+        from [B, dim] (Hydra++: the prefix layer's output)."""
+        T = max(map(len, prompts)) - cached
+        ids = torch.tensor([p[cached:] + [0] * (T + cached - len(p)) for p in prompts], device=self.device)
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
-        last = (ws.rows[:, 0], lens.long() - 1)  # each row's last prompt position
-        ws.cache.lens.zero_()
+        last = (ws.rows[:, 0], lens.long() - 1 - cached)  # each row's last prompt position among the new tokens
+        ws.cache.lens.fill_(cached)
         h = self.model(ids, ws.cache)
         ws.cache.lens.copy_(lens)
         if ws.history is not None:
-            ws.history[:, :T] = ids
+            ws.history[:, cached:cached + T] = ids
         logits = self.model.logits(h[last])
         if ws.prefix_cache is not None:
-            ws.prefix_cache.lens.zero_()
+            ws.prefix_cache.lens.fill_(cached)
             h = self.heads.run_prefix(h, ws.cache.rope, ws.prefix_cache)
             ws.prefix_cache.lens.copy_(lens)
         return logits, h[last]
@@ -1676,6 +1712,48 @@ class Generator:
         return buf.tolist()
 
 
+class Conversation:
+    """A multi-turn chat on one Generator (batch 1) that keeps its KV cache between turns: each turn prefills only
+    its own new tokens. The Generator should serve only this conversation while it goes on; if another call
+    used the cache in between, the next turn prefills the whole conversation again."""
+
+    def __init__(self, gen: Generator, system=None):
+        if gen.tokenizer is None:
+            raise HydraLiteError("a conversation needs a Generator with a tokenizer")
+        self.gen, self.system = gen, system
+        self.reset()
+
+    def reset(self):
+        self.messages, self.ids, self.cached, self.ws, self.ws_calls = [], [], 0, None, None
+
+    def say(self, text, max_new_tokens=256, sampling=None, on_text=None, stop=()):
+        """The answer to one more user message: (answer text, Stats). Ctrl-C raises GenerationInterrupted; the
+        part answered so far stays in the conversation."""
+        tok, user = self.gen.tokenizer, {"role": "user", "content": text}
+        follow = tok.encode_next_turn(text) if self.ids else None
+        if follow is None:  # a first turn, or a template without turn-by-turn encoding: the whole conversation
+            system = [{"role": "system", "content": self.system}] if self.system else []
+            prompt, cached = tok.encode_chat(system + self.messages + [user]), 0
+        else:
+            prompt = self.ids + follow
+            cached = self.cached if self.ws is not None and self.ws.calls == self.ws_calls else 0
+        try:
+            outs, stats = self.gen._generate([prompt], max_new_tokens, sampling, None, on_text, True, stop, cached, self.ws)
+        except GenerationInterrupted as e:
+            self._record(prompt, user, e.outputs[0])
+            raise
+        self._record(prompt, user, outs[0])
+        return tok.decode(outs[0]), stats
+
+    def _record(self, prompt, user, answer):
+        """The conversation so far, as text and as the tokens in the cache: all but the answer's last token, whose
+        keys the last step may not have written (the next turn prefills it again)."""
+        self.messages += [user, {"role": "assistant", "content": self.gen.tokenizer.decode(answer)}]
+        self.ids = prompt + answer
+        self.cached, self.ws = len(self.ids) - 1, self.gen.workspace
+        self.ws_calls = self.ws.calls
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -1697,7 +1775,9 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 def main(argv=None):
     ap = ArgParser(description="Llama inference with Hydra speculative decoding", formatter_class=HelpWithDefaults)
-    ap.add_argument("--prompt", action="append", help="prompt (repeat for a batch)")
+    ap.add_argument("--prompt", action="append", help="prompt (repeat for a batch); without one, in a terminal: a chat")
+    ap.add_argument("--chat", action="store_true", help="a multi-turn chat, one turn per line of input (a terminal or "
+                                                        "a pipe); /reset starts over, /quit ends")
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="runtime checkpoint dir (convert.py makes one)")
     ap.add_argument("--heads", default=None, help="draft heads dir (default: the shipped SmolLM2 Hydra++ heads, when "
                                                   "they were trained for the checkpoint's model)")
@@ -1724,6 +1804,7 @@ def main(argv=None):
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run each step eagerly (debugging)")
     ap.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     args = ap.parse_args(argv)
+    args.chat = args.chat or (not args.prompt and sys.stdin.isatty())  # no prompt in a terminal: chat
     try:
         return _run_cli(args)
     except HydraLiteError as e:
@@ -1742,9 +1823,11 @@ def main(argv=None):
 
 def check_cli_args(args):
     """Everything about the arguments that can be checked before the model loads."""
-    if not args.prompt:
-        raise HydraLiteError("give a --prompt")
-    for p in args.prompt + args.stop + [args.system or ""]:
+    if args.chat and args.prompt:
+        raise HydraLiteError("--chat reads its turns from the input; leave out --prompt")
+    if not args.chat and not args.prompt:
+        raise HydraLiteError("give a --prompt, or --chat to read turns from the input")
+    for p in (args.prompt or []) + args.stop + [args.system or ""]:
         try:
             p.encode("utf-8")
         except UnicodeEncodeError:
@@ -1818,13 +1901,15 @@ def _run_cli(args):
     sizes = dict(tree_nodes_by_batch=CPU_TREE_NODES_BY_BATCH) if on_cpu and tree is None else {}
     gen = Generator(model, tok, heads, tree, cuda_graphs=not args.no_cuda_graphs, acceptance=args.acceptance,
                     context_drafts=0 if args.mode == "ar" else args.context_drafts, **sizes)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    if args.chat:
+        return chat(gen, args, sampling)
     mode = "ar" if on_cpu and len(args.prompt) > 1 and args.mode is None else None
     if args.raw or model.cfg.chat_template == "none":
         prompts = [tok.encode(p, special=args.raw) for p in args.prompt]
     else:
         system = [{"role": "system", "content": args.system}] if args.system else []
         prompts = [tok.encode_chat(system + [{"role": "user", "content": p}]) for p in args.prompt]
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     single = len(prompts) == 1
     outs, stats = gen.generate(prompts, args.max_new_tokens, sampling, mode=mode, stop=args.stop,
                                on_text=(lambda b, t: print(t, end="", flush=True)) if single else None)
@@ -1832,6 +1917,35 @@ def _run_cli(args):
         for i, ids in enumerate(outs):
             print(f"--- [{i}] {tok.decode(ids)}")
     print_stats("ar (on the CPU a batch decodes fastest plainly)" if mode == "ar" else gen.describe(len(prompts)), stats, args)
+    return 0
+
+
+def chat(gen, args, sampling):
+    """Turns from the input, a line each; the answer streams, then its stats. The cache is kept between turns
+    (only a new turn is prefilled). Ctrl-C stops an answer, not the chat; /reset, /quit."""
+    conv, interactive = Conversation(gen, args.system), sys.stdin.isatty()
+    if interactive:
+        print("chat: type a message; /reset starts over, /quit ends; Ctrl-C stops an answer", file=sys.stderr)
+    while True:
+        try:
+            text = input("> " if interactive else "").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        except UnicodeDecodeError:
+            print("error: that line is not valid UTF-8 text", file=sys.stderr)
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            conv.reset()
+            continue
+        if text:
+            try:
+                _, stats = conv.say(text, args.max_new_tokens, sampling, lambda b, t: print(t, end="", flush=True), args.stop)
+                print_stats(gen.describe(1), stats, args)
+            except GenerationInterrupted as e:
+                print_stats("interrupted", e.stats, args)
+            print(flush=True)
     return 0
 
 
