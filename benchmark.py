@@ -9,6 +9,9 @@
         64-token tree verification, batch 1 and 8, against the HBM roofline (weights + KV cache read once).
     python benchmark.py check
         On a GPU: every Triton kernel of kernels.py against its reference in hydra_lite.py, then their times.
+    python benchmark.py latency --heads heads/smollm2-135m-hydra++ [--warmup]
+        Time to first token, per-token latency (p50/p99) and per-call overhead by prompt length and batch size,
+        first call vs the same call repeated. JSON, a table and a plot.
     python benchmark.py tasks --heads shipped=heads/smollm2-135m-hydra++ --sharegpt questions.jsonl
         The multi-task held-out prompts (tasks/heldout.jsonl: chat, translation, summarization, QA, RAG, math,
         code completion and editing): AR vs each heads with and without context drafts, wall clock per call
@@ -739,6 +742,78 @@ def plot_tasks(results, families, path):
     fig.savefig(path, dpi=110)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Latency per call: what a caller that calls many times a second sees
+
+
+def latency(args):
+    """Per prompt length and batch size: time to first token (prefill, first token, setup), the latency of each
+    later step (p50/p99), and the call's overhead (wall clock minus prefill minus decoding), for a first call of
+    that shape (a new cache size: without warm-up it captures) and the same call repeated."""
+    model = hl.load_model(args.checkpoint, args.device, getattr(torch, args.dtype))
+    tok = hl.Tokenizer(args.checkpoint, model.cfg)
+    heads = hl.load_heads(args.heads, model) if args.heads else None
+    gen, rows, rng = hl.Generator(model, tok, heads), [], random.Random(0)
+    if args.warmup:
+        log(f"warm-up {gen.warmup(args.batch, progress=log):.1f} s")
+    for batch in args.batch:
+        for length in args.lengths:
+            prompts = [[rng.randrange(model.cfg.vocab_size) for _ in range(length)] for _ in range(batch)]
+            for attempt in ("first", "repeat"):
+                hl.sync(gen.device)
+                t0 = time.perf_counter()
+                _, s = gen.generate(prompts, args.max_new_tokens, stop_at_eos=False)
+                wall = time.perf_counter() - t0
+                gaps = [b - a for a, b in zip(s.step_times, s.step_times[1:])]
+                per_token = sorted(g / max(s.accepted / max(s.row_steps, 1), 1) for g in gaps) or [float("nan")]
+                rows.append(dict(batch=batch, prompt=length, attempt=attempt, wall_ms=1000 * wall,
+                                 ttft_ms=1000 * (wall - s.decode_s),  # from the call to its first token: setup, prefill
+                                 overhead_ms=1000 * (wall - s.prefill_s - s.decode_s), mean_accept=s.mean_accept,
+                                 token_p50_ms=1000 * per_token[len(per_token) // 2],
+                                 token_p99_ms=1000 * per_token[min(len(per_token) - 1, int(0.99 * len(per_token)))]))
+                log(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()))
+    write_latency_report(args, rows, gen.describe(1))
+
+
+def write_latency_report(args, rows, method):
+    meta = dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", date=time.strftime("%Y-%m-%d"),
+                command=" ".join(sys.argv), method=method, max_new_tokens=args.max_new_tokens, warmup=args.warmup)
+    table = ["| batch | prompt tokens | call | time to first token ms | token p50 ms | token p99 ms | overhead ms | accept |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    table += [f"| {r['batch']} | {r['prompt']} | {r['attempt']} | {r['ttft_ms']:.1f} | {r['token_p50_ms']:.2f} | "
+              f"{r['token_p99_ms']:.2f} | {r['overhead_ms']:.1f} | {r['mean_accept']:.2f} |" for r in rows]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "latency.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    with open(os.path.join(args.out, "latency.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    plot_latency(rows, os.path.join(args.out, "latency.png"))
+    print(json.dumps(meta))
+    print("\n".join(table))
+
+
+def plot_latency(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for batch in sorted({r["batch"] for r in rows}):
+        for attempt, style in (("first", "--"), ("repeat", "-")):
+            rs = [r for r in rows if (r["batch"], r["attempt"]) == (batch, attempt)]
+            ax.plot([r["prompt"] for r in rs], [r["ttft_ms"] for r in rs], style, marker="o",
+                    label=f"batch {batch}, {attempt} call")
+    ax.set_xscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("time to first token, ms")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     ap = hl.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -763,6 +838,15 @@ def main(argv=None):
                    help="sampled speculative decoding's acceptance rule(s), each as its own row (exact: the base "
                         "model's own distribution; typical: Medusa/Hydra's typical acceptance)")
     sub.add_parser("check", help="on a GPU: every kernel against its reference, then their times")
+    la = sub.add_parser("latency", help="time to first token and per-token latency by prompt length and batch",
+                        formatter_class=hl.HelpWithDefaults)
+    la.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
+    la.add_argument("--heads", default=None, help="heads dir (default: none, plain decoding)")
+    la.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256, 1024, 4096], help="prompt lengths")
+    la.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    la.add_argument("--max-new-tokens", type=int, default=64)
+    la.add_argument("--warmup", action="store_true", help="Generator.warmup() first (else a first call may capture)")
+    la.add_argument("--dtype", default="bfloat16")
     t = sub.add_parser("tasks", help="AR vs speculative decoding on the multi-task held-out prompts (tasks/)",
                        formatter_class=hl.HelpWithDefaults)
     t.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
@@ -785,12 +869,12 @@ def main(argv=None):
     s.add_argument("--shape", choices=list(SHAPES), default="7b")
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     s.add_argument("--context", type=int, default=512)
-    for p in (e, s, t):
+    for p in (e, s, t, la):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--out", default="runs/bench")
     args = ap.parse_args(argv)
     try:
-        return {"e2e": e2e, "steps": steps, "check": check, "tasks": tasks_bench}[args.cmd](args)
+        return {"e2e": e2e, "steps": steps, "check": check, "tasks": tasks_bench, "latency": latency}[args.cmd](args)
     except hl.HydraLiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

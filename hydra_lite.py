@@ -1264,6 +1264,7 @@ class Stats:
     row_steps: int = 0  # active rows summed over steps
     row_accepted: list = field(default_factory=list)  # per row: tokens gained, and steps it was active in
     row_active: list = field(default_factory=list)
+    step_times: list = field(default_factory=list)  # when the host read each step (perf_counter s): token latency
 
     @property
     def tokens_per_s(self):
@@ -1420,6 +1421,7 @@ class Output:
             self.stats.steps += 1
             self.stats.row_steps += len(active)
             self.stats.accepted += gained
+            self.stats.step_times.append(time.perf_counter())
 
 
 # Head-tree nodes by batch size (up to that batch): a verification pass costs more per node as the batch grows,

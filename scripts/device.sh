@@ -17,6 +17,8 @@
 #   train-mix  Hydra++ heads fine-tuned from INIT on both (draft vocabulary sized by coverage: auto), TIME_LIMIT s
 #   tasks  the multi-task benchmark (tasks/heldout.jsonl + ShareGPT rows 80-99): AR vs TASK_HEADS (NAME=DIR ...)
 #          with and without context drafts, and context drafts alone, batches TASK_BATCH; TASK_FLAGS adds flags
+#   latency  time to first token, per-token latency and per-call overhead by prompt length and batch, first vs
+#          repeated call, without and with Generator.warmup()
 #   pack   results into $OUT/results.tar and the trained heads into $OUT/heads.tar.part_* (the device tool
 #          returns at most 8 files of 16 MiB)
 # Work (checkpoint, data, heads, results) stays in $WORK across calls while the machine is warm.
@@ -69,6 +71,10 @@ for stage in "$@"; do
     tasks)
       python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
         --batch ${TASK_BATCH:-1 8 32} --context 0 10 --context-only 10 --warmup ${TASK_FLAGS:-} --out "$RES/tasks${TAG:-}" 2>&1 | tee "$RES/tasks${TAG:-}.txt" | grep -v "warm-up" ;;
+    latency)
+      for W in "" --warmup; do
+        python3 benchmark.py latency --checkpoint "$CKPT" --heads heads/smollm2-135m-hydra++ $W --out "$RES/latency$W" 2>&1 | tee "$RES/latency$W.txt" | grep "^|"
+      done ;;
     pack)
       tar cf "$OUT/results.tar" -C "$RES" .
       heads=$(cd "$WORK" && ls -d heads-* 2>/dev/null || true)

@@ -35,3 +35,20 @@ def test_divergence_margins():
     ref = [[5, 6, 7], [1, 2]]
     out = benchmark.divergence_margins(model, [[3, 4], [8]], [[5, 6, 9], [1, 2]], ref)
     assert len(out) == 1 and out[0]["at"] == 2 and out[0]["margin"] >= 0
+
+
+def test_latency_report(tmp_path, monkeypatch):
+    """benchmark.py latency on a tiny model: a row per batch, length and call, with the figures it names."""
+    import json
+
+    import hydra_lite as hl
+    model = tiny_model(4)
+    monkeypatch.setattr(hl, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(hl, "Tokenizer", lambda *a, **k: None)
+    assert benchmark.main(["latency", "--lengths", "5", "17", "--batch", "1", "2", "--max-new-tokens", "6",
+                           "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path)]) in (None, 0)
+    rows = json.loads((tmp_path / "latency.json").read_text())["rows"]
+    assert [(r["batch"], r["prompt"], r["attempt"]) for r in rows] == [
+        (b, n, a) for b in (1, 2) for n in (5, 17) for a in ("first", "repeat")]
+    assert all(r["ttft_ms"] > 0 and r["token_p50_ms"] <= r["token_p99_ms"] and r["overhead_ms"] >= 0 for r in rows)
+    assert (tmp_path / "latency.md").read_text().count("\n") == len(rows) + 2
