@@ -814,6 +814,22 @@ def plot_latency(rows, path):
     fig.savefig(path, dpi=110)
 
 
+# The least each numeric option may be (those a subcommand has).
+ARG_MINIMUMS = dict(batch=1, max_new_tokens=1, limit=0, hf_limit=0, context=0, context_only=0, tree_nodes=0, lengths=1)
+
+
+def check_args(args):
+    """Bad values are one line before anything loads."""
+    for name, lowest in ARG_MINIMUMS.items():
+        for value in getattr(args, name, None) if isinstance(getattr(args, name, None), list) else [getattr(args, name, None)]:
+            if value is not None:
+                hl.check_int(f"--{name.replace('_', '-')}", value, lowest)
+    if getattr(args, "temperature", 0) < 0 or getattr(args, "temperature", 0) != getattr(args, "temperature", 0):
+        raise hl.HydraLiteError(f"--temperature must be 0 (greedy) or positive, not {args.temperature}")
+    if hasattr(args, "device"):
+        hl.check_device(args.device)
+
+
 def main(argv=None):
     ap = hl.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -874,6 +890,7 @@ def main(argv=None):
         p.add_argument("--out", default="runs/bench")
     args = ap.parse_args(argv)
     try:
+        check_args(args)
         return {"e2e": e2e, "steps": steps, "check": check, "tasks": tasks_bench, "latency": latency}[args.cmd](args)
     except hl.HydraLiteError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1351,7 +1351,7 @@ class GenerationInterrupted(KeyboardInterrupt):
         self.outputs, self.stats = outputs, stats
 
 
-MAX_WORKSPACES = 12  # workspaces a Generator keeps (its KV caches and captured graphs)
+MAX_WORKSPACES = 24  # workspaces a Generator keeps (its KV caches and captured graphs)
 
 
 def cache_bucket(slots, context):
@@ -1574,11 +1574,14 @@ class Generator:
 
     def warmup(self, batch_sizes=(1,), sampling=None, modes=None, progress=None):
         """Build the workspaces (caches, captured steps, compiled kernels) that calls of these batch sizes can
-        need, every cache size up to the context, so that no call pays for a capture. progress(text): told
-        before each. Returns the seconds it took."""
+        need, every cache size up to the context, so that no call pays for a capture; modes: the default mode's
+        (spec with drafts, else ar) unless named. progress(text): told before each. Returns the seconds it took."""
         t0, context = time.perf_counter(), self.model.cfg.max_seq_len
         sizes = sorted({cache_bucket(n, context) for n in (256 << i for i in range(16)) if n // 2 < context})
-        modes = modes or (["ar", "spec"] if self.drafts else ["ar"])
+        modes = modes or ["spec" if self.drafts else "ar"]
+        if len(batch_sizes) * len(modes) * len(sizes) > MAX_WORKSPACES:
+            raise HydraLiteError(f"warm-up of {len(batch_sizes) * len(modes) * len(sizes)} workspaces: more than the "
+                                 f"{MAX_WORKSPACES} a Generator keeps; warm fewer batch sizes")
         todo = [(b, m, n) for b in batch_sizes for m in modes for n in sizes]
         for i, (b, mode, n) in enumerate(todo):
             if progress:

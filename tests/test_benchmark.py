@@ -52,3 +52,15 @@ def test_latency_report(tmp_path, monkeypatch):
         (b, n, a) for b in (1, 2) for n in (5, 17) for a in ("first", "repeat")]
     assert all(r["ttft_ms"] > 0 and r["token_p50_ms"] <= r["token_p99_ms"] and r["overhead_ms"] >= 0 for r in rows)
     assert (tmp_path / "latency.md").read_text().count("\n") == len(rows) + 2
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["tasks", "--batch", "0"], "--batch must be"), (["latency", "--lengths", "16", "0"], "--lengths must be"),
+    (["e2e", "--prompts", "q.jsonl", "--max-new-tokens", "-1"], "--max-new-tokens must be"),
+    (["e2e", "--prompts", "q.jsonl", "--temperature", "nan"], "--temperature"), (["tasks", "--device", "tpu9"], "not a device"),
+    (["e2e", "--prompts", "/nonexistent.jsonl", "--checkpoint", "/nonexistent"], "nonexistent"),
+])
+def test_bad_arguments_are_one_line(capsys, argv, match):
+    assert benchmark.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err

@@ -514,7 +514,7 @@ def test_tree_size_by_batch_and_pruning():
 def test_warmup_leaves_nothing_to_build(monkeypatch):
     model = tiny_model(4)
     gen = hl.Generator(model, heads=tiny_heads(model, True, True))
-    gen.warmup([2], progress=lambda text: None)
+    gen.warmup([2], modes=["ar", "spec"], progress=lambda text: None)
     assert len(gen.workspaces) == 2 * 3  # AR and spec, caches of 256, 512 and 1024 (the context)
     monkeypatch.setattr(gen, "_build_workspace", lambda key: pytest.fail(f"built {key} after warm-up"))
     for n in (3, 300, 700):

@@ -177,7 +177,7 @@ def test_benchmark_e2e_sampled(tmp_path):
     assert all(0 < r["new_tokens"] <= 12 and r["mean_accept"] >= 1.0 for r in report["results"][1:])
 
 
-@pytest.mark.parametrize("with_heads", [False, True], ids=["ar", "hydra++"])
+@pytest.mark.parametrize("with_heads", [True], ids=["hydra++"])  # (plain decoding goes through the same cache path)
 def test_conversation_keeps_its_cache(model, tok, monkeypatch, with_heads):
     """A second turn prefills only its new tokens, and its greedy answer (float32) equals a fresh generation over
     the whole conversation's tokens; a call in between from someone else makes it prefill everything again."""
