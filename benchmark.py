@@ -225,28 +225,41 @@ def e2e(args):
                 command=" ".join(sys.argv), torch=torch.__version__, dtype=args.dtype, prompts=len(prompts),
                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 acceptance=rules if args.temperature > 0 else None)
-    with open(os.path.join(args.out, "e2e.json"), "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=1)
     with open(os.path.join(args.out, "e2e_outputs.json"), "w") as f:
         json.dump({k: [tok.decode(o) for o in v[:5]] for k, v in outputs.items()}, f, indent=1)
     table = ["| mode | batch | tokens/s | speedup vs AR | mean accept | ms/step | exact match with AR | token match |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     table += [f"| {r['mode']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['mean_accept']:.2f} | "
               f"{r.get('ms_per_step', float('nan')):.3f} | {r['exact_match']:.2f} | {r['token_match']:.3f} |" for r in results]
-    with open(os.path.join(args.out, "e2e.md"), "w") as f:
-        f.write("\n".join(table) + "\n")
-    plot(results, os.path.join(args.out, "e2e.png"))
+    write_report(args.out, "e2e", meta, dict(meta=meta, results=results), "\n".join(table), lambda path: plot(results, path))
+
+
+def write_report(out, name, meta, data, table, plot_to):
+    """name.json (data), name.md (the table), name.png (plot_to(path)); then the meta and the table on stdout."""
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(table + "\n")
+    plot_to(os.path.join(out, f"{name}.png"))
     print(json.dumps(meta))
-    print("\n".join(table))
+    print(table)
 
 
-def plot(results, path):
+def pyplot():
+    """matplotlib's pyplot on a file backend, or None where matplotlib is not installed (no plot then)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(results, path):
+    plt = pyplot()
+    if plt is None:
         return
     batches = sorted({r["batch"] for r in results})
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.5), squeeze=False)
@@ -680,18 +693,12 @@ def write_tasks_report(args, results, records, families, tok, coverage):
     meta = dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                 date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), torch=torch.__version__, dtype=args.dtype,
                 data=args.data, max_new_tokens=args.max_new_tokens, families=families, vocab_coverage=coverage)
-    with open(os.path.join(args.out, "tasks.json"), "w") as f:
-        json.dump(dict(meta=meta, results=results,
-                       records=[{k: v for k, v in r.items() if k != "out"} for r in records]), f, indent=1)
     with open(os.path.join(args.out, "tasks_outputs.json"), "w") as f:  # a few answers to read, per method
         json.dump([dict(method=r["method"], batch=r["batch"], id=r["id"], text=tok.decode(r["out"]))
                    for r in records if r["attempt"] == "first" and r["id"].endswith(("-01", "-02"))], f, indent=1)
-    table = tasks_table(results, families)
-    with open(os.path.join(args.out, "tasks.md"), "w") as f:
-        f.write(table + "\n")
-    plot_tasks(results, families, os.path.join(args.out, "tasks.png"))
-    print(json.dumps(meta))
-    print(table)
+    data = dict(meta=meta, results=results, records=[{k: v for k, v in r.items() if k != "out"} for r in records])
+    write_report(args.out, "tasks", meta, data, tasks_table(results, families),
+                 lambda path: plot_tasks(results, families, path))
 
 
 def tasks_table(results, families):
@@ -716,12 +723,8 @@ def tasks_table(results, families):
 
 def plot_tasks(results, families, path):
     """Speedup over AR per method: per task at batch 1, overall at larger batches (first calls)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     batches = sorted({r["batch"] for r in results})
     fig, axes = plt.subplots(1, len(batches), figsize=(3 + 1.2 * len(families) + 3 * (len(batches) - 1), 4), squeeze=False,
@@ -783,22 +786,12 @@ def write_latency_report(args, rows, method):
     table += [f"| {r['batch']} | {r['prompt']} | {r['attempt']} | {r['ttft_ms']:.1f} | {r['token_p50_ms']:.2f} | "
               f"{r['token_p99_ms']:.2f} | {r['overhead_ms']:.1f} | {r['mean_accept']:.2f} |" for r in rows]
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "latency.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    with open(os.path.join(args.out, "latency.md"), "w") as f:
-        f.write("\n".join(table) + "\n")
-    plot_latency(rows, os.path.join(args.out, "latency.png"))
-    print(json.dumps(meta))
-    print("\n".join(table))
+    write_report(args.out, "latency", meta, dict(meta=meta, rows=rows), "\n".join(table), lambda path: plot_latency(rows, path))
 
 
 def plot_latency(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for batch in sorted({r["batch"] for r in rows}):
