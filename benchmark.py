@@ -685,7 +685,7 @@ def tasks_bench(args):
     for r in results:
         ar = next(a for a in results if a["method"] == "ar" and (a["batch"], a["task"], a["attempt"]) ==
                   (r["batch"], r["task"], r["attempt"]))
-        r["speedup"] = r["tokens_per_s"] / ar["tokens_per_s"] if ar["tokens_per_s"] == ar["tokens_per_s"] else float("nan")
+        r["speedup"] = r["tokens_per_s"] / ar["tokens_per_s"] if ar["tokens_per_s"] else float("nan")  # (NaN stays NaN)
     write_tasks_report(args, results, records, families, tok, coverage)
 
 
@@ -817,8 +817,8 @@ def check_args(args):
         for value in getattr(args, name, None) if isinstance(getattr(args, name, None), list) else [getattr(args, name, None)]:
             if value is not None:
                 hl.check_int(f"--{name.replace('_', '-')}", value, lowest)
-    if getattr(args, "temperature", 0) < 0 or getattr(args, "temperature", 0) != getattr(args, "temperature", 0):
-        raise hl.HydraLiteError(f"--temperature must be 0 (greedy) or positive, not {args.temperature}")
+    if hasattr(args, "temperature"):
+        hl.check_temperature("--temperature", args.temperature)
     if hasattr(args, "device"):
         hl.check_device(args.device)
 

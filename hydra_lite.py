@@ -97,6 +97,13 @@ class Config:
         return cls(**known)
 
 
+def check_temperature(what, value):
+    """A sampling temperature: 0 (greedy) or a positive finite number."""
+    if not 0 <= value < math.inf:  # (NaN fails it too)
+        raise HydraLiteError(f"{what} must be 0 (greedy) or positive, not {value}")
+    return value
+
+
 def check_int(what, value, lowest, highest=None):
     """value must be an int in [lowest, highest]; else a HydraLiteError that says so."""
     if not isinstance(value, int) or isinstance(value, bool) or value < lowest or (highest is not None and value > highest):
@@ -957,9 +964,14 @@ def build_tree(rank_acc, size=63):
     return grow_tree(lambda path: rank_acc[len(path)] if len(path) < len(rank_acc) else [], size)[0]
 
 
+def assumed_rank_chance(r):
+    """For heads with unknown accuracies: how often their rank-r token is right, at any depth."""
+    return 0.75 / (r + 1)
+
+
 def default_tree(size=63, depth=4, top=10):
-    """A tree for heads with unknown accuracies: rank r at any depth right ~0.75/(r+1) of the time."""
-    return build_tree([[0.75 / (r + 1) for r in range(top)] for _ in range(depth)], size)
+    """A tree for heads with unknown accuracies (assumed_rank_chance)."""
+    return build_tree([[assumed_rank_chance(r) for r in range(top)] for _ in range(depth)], size)
 
 
 MAX_TREE_NODES, MAX_TREE_RANK, MAX_CONTEXT_DRAFTS = 512, 64, 64
@@ -1260,8 +1272,6 @@ class Stats:
     steps: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    accepted: int = 0  # tokens gained by active rows over all steps
-    row_steps: int = 0  # active rows summed over steps
     row_accepted: list = field(default_factory=list)  # per row: tokens gained, and steps it was active in
     row_active: list = field(default_factory=list)
     step_times: list = field(default_factory=list)  # when the host read each step (perf_counter s): token latency
@@ -1269,6 +1279,16 @@ class Stats:
     @property
     def tokens_per_s(self):
         return self.new_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def accepted(self):
+        """Tokens gained by active rows over all steps."""
+        return sum(self.row_accepted)
+
+    @property
+    def row_steps(self):
+        """Active rows summed over steps."""
+        return sum(self.row_active)
 
     @property
     def mean_accept(self):
@@ -1405,7 +1425,6 @@ class Output:
         """Emit one step's tokens (rows: the host copy of its output) and count them; lens: the host's copy of
         each row's cache length."""
         active = [b for b in range(len(rows)) if not self.done[b]]
-        gained = 0
         for b in active:
             if mode == "ar":
                 n = 1
@@ -1414,13 +1433,10 @@ class Output:
                 n = rows[b][-2]
                 self.emit(b, rows[b][1:n] + [rows[b][-1]])
             lens[b] += n  # a live row's cache grew by its accepted tokens
-            gained += n
             self.stats.row_accepted[b] += n
             self.stats.row_active[b] += 1
         if active:
             self.stats.steps += 1
-            self.stats.row_steps += len(active)
-            self.stats.accepted += gained
             self.stats.step_times.append(time.perf_counter())
 
 
@@ -1437,11 +1453,11 @@ DEFAULT_CONTEXT_DRAFTS = 10  # context-chain tokens per tree, with heads (0: non
 
 def prune_tree(choices, size, rank_acc=None):
     """The `size` most likely paths of a tree (a subtree: every parent kept before its children), a path's
-    chance taken as the product of rank_acc[d][r] along it (heads' held-out accuracies; default: rank r right
-    ~0.75/(r+1) of the time)."""
+    chance taken as the product of rank_acc[d][r] along it (heads' held-out accuracies; without them,
+    assumed_rank_chance)."""
     if len(choices) <= size:
         return choices
-    chance = lambda path: math.prod(rank_acc[d][r] if rank_acc else 0.75 / (r + 1) for d, r in enumerate(path))
+    chance = lambda path: math.prod(rank_acc[d][r] if rank_acc else assumed_rank_chance(r) for d, r in enumerate(path))
     kept = sorted(choices, key=lambda p: (-chance(p), len(p), p))[:size]
     return sorted(kept, key=lambda p: (len(p), p))
 
@@ -1839,8 +1855,7 @@ def check_cli_args(args):
             raise HydraLiteError("a --prompt, --stop or --system is not valid UTF-8 text") from None
     check_int("--max-new-tokens", args.max_new_tokens, 1)
     check_int("--top-k", args.top_k, 0)
-    if not 0 <= args.temperature < math.inf:
-        raise HydraLiteError(f"--temperature must be 0 (greedy) or positive, not {args.temperature}")
+    check_temperature("--temperature", args.temperature)
     if not 0 < args.top_p <= 1:
         raise HydraLiteError(f"--top-p must be in (0, 1], not {args.top_p}")
     if args.context_drafts is not None:
@@ -1863,17 +1878,13 @@ def check_device(device):
 def parse_tree_arg(text):
     """--tree: JSON, or a .json file holding it; checked as Tree checks it (every path's parent there too)."""
     if text.endswith(".json"):
-        text = read_json(text) if os.path.exists(text) else _raise(HydraLiteError(f"tree file {text} not found"))
+        text = read_json(text)
     else:
         try:
             text = json.loads(text)
         except json.JSONDecodeError as e:
             raise HydraLiteError(f"--tree is not valid JSON ({e}); give a list of rank paths such as [[0],[1],[0,0]]") from None
     return Tree(text).choices
-
-
-def _raise(error):
-    raise error
 
 
 def default_heads_for(cfg):

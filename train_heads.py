@@ -232,26 +232,21 @@ def coverage(counts, vocab):
     return (counts[vocab].sum() / counts.sum().clamp(min=1)).item()
 
 
-def draft_vocab(rows, size, vocab_size):
-    """The `size` token ids most frequent in the answers (sorted), and the share of answer tokens they cover.
-    None when size is 0 or covers the whole vocabulary."""
-    if not size or size >= vocab_size:
-        return None, 1.0
-    counts = answer_counts(rows, vocab_size)
-    keep = counts.topk(size).indices.sort().values
-    return keep, coverage(counts, keep)
+def top_tokens(counts, size):
+    """The `size` most counted token ids, sorted; None when that is every token (or size is 0)."""
+    return None if not size or size >= len(counts) else counts.topk(size).indices.sort().values
 
 
 VOCAB_SIZES = (8192, 16384, 24576, 32768, 40960)
 VOCAB_COVERAGE = 0.995
 
 
-def pick_vocab_size(asked, train_rows, held_out, vocab_size):
+def pick_vocab_size(asked, train_counts, held_counts):
     """The draft vocabulary size: asked (a number), None (not asked), or "auto": the smallest of VOCAB_SIZES whose
-    most frequent training-answer tokens cover VOCAB_COVERAGE of the held-out answers' tokens (logged for each)."""
+    most frequent training-answer tokens (train_counts, answer_counts) cover VOCAB_COVERAGE of the held-out
+    answers' tokens (held_counts) (logged for each)."""
     if asked != "auto":
         return None if asked is None else int(asked)
-    train_counts, held_counts = answer_counts(train_rows, vocab_size), answer_counts(held_out, vocab_size)
     order = train_counts.argsort(descending=True)
     shares = {n: coverage(held_counts, order[:n]) for n in VOCAB_SIZES}
     log("draft vocabulary coverage of held-out answer tokens: " + ", ".join(f"{n}: {c:.4f}" for n, c in shares.items()))
@@ -593,7 +588,7 @@ def main(argv=None):
             prompts = read_prompts(args.prompts, parse_range(args.rows))
             if not prompts:
                 raise hl.HydraLiteError(f"no prompts in {args.prompts} (rows {args.rows})")
-            temps = args.temperature_list
+            temps = parse_temperatures(args.temperatures)
             t0, limit = time.time(), args.time_limit or float("inf")
             extra = synthetic_prompts(args.synthetic, args.seed)
             if args.imitate:
@@ -615,22 +610,22 @@ def main(argv=None):
                 hl.write_json_atomically(os.path.join(args.out, name), obj)
         else:
             held_out, train_rows = held_out_split(load_rows(args.data), args.seed)
-            size = pick_vocab_size(args.draft_vocab, train_rows, held_out, model.cfg.vocab_size)
+            counts = [answer_counts(r, model.cfg.vocab_size) for r in (train_rows, held_out)]  # (counted once)
+            size = pick_vocab_size(args.draft_vocab, *counts)
             if args.init:  # fine-tuning: the heads keep their shape (and their draft vocabulary, unless one is asked)
                 heads = hl.load_heads(args.init, model).float().train().requires_grad_(True)  # fp32 master weights
                 hc = heads.hc
                 args.kind, args.n_heads, args.n_layers = hc.kind, hc.n_heads, hc.n_layers
                 if size is not None:
-                    heads = with_draft_vocab(heads, draft_vocab(train_rows, size, model.cfg.vocab_size)[0], model.cfg)
+                    heads = with_draft_vocab(heads, top_tokens(counts[0], size), model.cfg)
                 heads.hc.source = f"train_heads.py on {args.checkpoint}: {args.init} fine-tuned on {args.data}"
                 log(f"going on from {args.init} ({hc.kind}, {hc.n_heads} heads of {hc.n_layers} blocks)")
             else:
-                vocab = draft_vocab(train_rows, 16384 if size is None else size, model.cfg.vocab_size)[0]
+                vocab = top_tokens(counts[0], 16384 if size is None else size)
                 heads = new_heads(model, args.kind, args.n_heads, args.n_layers, vocab,
                                   f"train_heads.py on {args.checkpoint}").to(args.device)
             vocab, args.draft_vocab = heads.vocab, heads.hc.draft_vocab
             if vocab is not None:
-                counts = [answer_counts(r, model.cfg.vocab_size) for r in (train_rows, held_out)]
                 log(f"draft vocabulary: {len(vocab)} tokens cover {coverage(counts[0], vocab.cpu()):.4f} of the training "
                     f"answers' tokens, {coverage(counts[1], vocab.cpu()):.4f} of the held-out ones")
             n_params = sum(p.numel() for p in heads.parameters())
@@ -651,6 +646,15 @@ def main(argv=None):
     return 0
 
 
+def parse_temperatures(text):
+    """--temperatures "0,0.7" -> [0.0, 0.7], each 0 (greedy) or positive."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise hl.HydraLiteError(f"--temperatures is a comma-separated list of numbers (e.g. 0,0.7), not {text!r}") from None
+    return [hl.check_temperature("--temperatures", x) for x in values]
+
+
 def check_args(args):
     """What can be checked before the model loads: a mistake costs a line, not a run."""
     hl.check_device(args.device)
@@ -659,14 +663,11 @@ def check_args(args):
             raise hl.HydraLiteError(f"data files are .npz: {args.out}")
         if not os.path.isfile(args.prompts):
             raise hl.HydraLiteError(f"prompts file {args.prompts} not found")
+        parse_temperatures(args.temperatures)
         try:
-            args.temperature_list = [float(x) for x in args.temperatures.split(",")]
             parse_range(args.rows)
         except ValueError:
-            raise hl.HydraLiteError("--temperatures is a comma-separated list of numbers (e.g. 0,0.7) and --rows a "
-                                    "range like 0-79") from None
-        if not all(0 <= x < math.inf for x in args.temperature_list):
-            raise hl.HydraLiteError(f"--temperatures must be 0 (greedy) or positive: {args.temperatures}")
+            raise hl.HydraLiteError(f"--rows is a range like 0-79, not {args.rows!r}") from None
         for name in ("samples", "synthetic", "imitate"):
             hl.check_int(f"--{name}", getattr(args, name), 0)
         hl.check_int("--max-new-tokens", args.max_new_tokens, 1)

@@ -210,3 +210,23 @@ def test_chat_cli_reads_turns_from_a_pipe(monkeypatch, capsys):
     out = capsys.readouterr()
     assert out.err.count("tokens/s") == 3 and "Traceback" not in out.err
     assert len([line for line in out.out.splitlines() if line.strip()]) == 3
+
+
+def test_benchmark_tasks_writes_its_report(tmp_path):
+    """benchmark.py tasks on two families, one prompt each (CPU, float32): every method and batch gets a row per
+    family and overall, float32 speculative output equals AR's, and acceptance is counted per row."""
+    import json
+
+    import benchmark
+
+    heads = os.path.join(ROOT, "heads", "smollm2-135m-hydra++")
+    assert benchmark.main(["tasks", "--checkpoint", CKPT, "--tasks", "math", "chat", "--limit", "1", "--max-new-tokens", "6",
+                           "--batch", "1", "2", "--dtype", "float32", "--heads", f"new={heads}", "--context", "4",
+                           "--tree-nodes", "8", "--out", str(tmp_path)]) in (None, 0)
+    report = json.loads((tmp_path / "tasks.json").read_text())
+    rows = [r for r in report["results"] if r["attempt"] == "first"]
+    assert {(r["method"], r["batch"], r["task"]) for r in rows} == {
+        (m, b, t) for m in ("ar", "new + context 4") for b in (1, 2) for t in ("math", "chat", "all")}
+    assert all(r["exact_match"] == 1.0 and r["mean_accept"] >= 1.0 for r in rows)
+    assert set(report["meta"]["vocab_coverage"]["new"]) == {"math", "chat", "all"}
+    assert (tmp_path / "tasks.md").exists() and len(report["records"]) == 2 * 2 * 2

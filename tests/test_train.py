@@ -125,9 +125,10 @@ def test_read_prompts_and_batches(tmp_path):
 
 def test_draft_vocab_and_synthetic_prompts():
     rows = [([9, 9, 1, 1, 1, 2, 2, 3], 2), ([9, 4, 1, 2], 1)]  # answer tokens: 1 x4, 2 x3, 3 x1, 4 x1
-    vocab, coverage = th.draft_vocab(rows, 2, 10)
-    assert vocab.tolist() == [1, 2] and abs(coverage - 7 / 9) < 1e-6
-    assert th.draft_vocab(rows, 0, 10) == (None, 1.0) and th.draft_vocab(rows, 10, 10) == (None, 1.0)
+    counts = th.answer_counts(rows, 10)
+    vocab = th.top_tokens(counts, 2)
+    assert vocab.tolist() == [1, 2] and abs(th.coverage(counts, vocab) - 7 / 9) < 1e-6
+    assert th.top_tokens(counts, 0) is None and th.top_tokens(counts, 10) is None
     model = tiny_model(6)
     heads = th.new_heads(model, "hydra++", 2, 1, vocab)
     assert heads.hc.draft_vocab == 2 and heads.vocab.tolist() == [1, 2]
@@ -216,12 +217,14 @@ def test_fine_tuning_with_another_draft_vocabulary():
     old_sizes = th.VOCAB_SIZES
     try:
         th.VOCAB_SIZES = (10, 20, 97)
-        assert th.pick_vocab_size("auto", rows, rows, 97) in (10, 20, 97)
-        every_token = [([1] * 5 + list(range(97)), 5)]  # held-out answers that use every token once
-        assert th.pick_vocab_size("auto", rows, every_token, 97) == 97
+        counts = th.answer_counts(rows, 97)
+        assert th.pick_vocab_size("auto", counts, counts) in (10, 20, 97)
+        every_token = th.answer_counts([([1] * 5 + list(range(97)), 5)], 97)  # held-out answers using every token once
+        assert th.pick_vocab_size("auto", counts, every_token) == 97
     finally:
         th.VOCAB_SIZES = old_sizes
-    assert th.pick_vocab_size(None, rows, rows, 97) is None and th.pick_vocab_size("300", rows, rows, 97) == 300
+    counts = th.answer_counts(rows, 97)
+    assert th.pick_vocab_size(None, counts, counts) is None and th.pick_vocab_size("300", counts, counts) == 300
 
 
 @pytest.mark.parametrize("argv,match", [
