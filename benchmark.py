@@ -578,14 +578,17 @@ def read_tasks(path, tasks=None, limit=0):
 
 
 def task_methods(args, model, tok, heads_sets):
-    """(name, Generator factory) for every method compared: AR; each heads with each context-draft setting;
-    context drafts alone. --tree-nodes: one head-tree size at every batch size instead of the default table."""
+    """(name, Generator factory) for every method compared: AR; each heads with each tree kind (--trees: static,
+    dynamic) and each context-draft setting; context drafts alone. --tree-nodes: one head-tree size at every
+    batch size instead of the default table."""
     sizes = {} if not args.tree_nodes else dict(tree_nodes_by_batch=((1 << 30, args.tree_nodes),))
     methods = [("ar", lambda: hl.Generator(model, tok))]
     for name, heads in heads_sets.items():
-        for k in args.context:
-            label = name if k == 0 else f"{name} + context {k}"
-            methods.append((label, lambda heads=heads, k=k: hl.Generator(model, tok, heads, context_drafts=k, **sizes)))
+        for kind in args.trees:
+            for k in args.context:
+                label = name + (" dynamic" if kind == "dynamic" else "") + (f" + context {k}" if k else "")
+                methods.append((label, lambda heads=heads, k=k, dyn=kind == "dynamic": hl.Generator(
+                    model, tok, heads, context_drafts=k, dynamic=dyn, **sizes)))
     if args.context_only:
         methods.append((f"context {args.context_only} alone",
                         lambda: hl.Generator(model, tok, context_drafts=args.context_only)))
@@ -868,6 +871,8 @@ def main(argv=None):
     t.add_argument("--context", type=int, nargs="+", default=[0, hl.DEFAULT_CONTEXT_DRAFTS],
                    help="context-draft chain lengths to run with each heads (0: heads alone)")
     t.add_argument("--context-only", type=int, default=0, help="also context drafts of this length without heads")
+    t.add_argument("--trees", nargs="+", choices=["static", "dynamic"], default=["static"],
+                   help="tree kinds to run with each heads: the heads' static tree, a dynamic tree (per step, per row)")
     t.add_argument("--tree-nodes", type=int, default=0, help="head-tree nodes at every batch size (default: by batch)")
     t.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     t.add_argument("--max-new-tokens", type=int, default=256)

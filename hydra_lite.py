@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -165,7 +165,8 @@ def rope_cache_write_ref(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, l
 
 def attention_ref(q, k_cache, v_cache, lens, mask=None):
     """Attention of T new tokens over their row's cache: every cached slot < lens[b] is visible; among the new
-    tokens (slots lens[b] ..) query i sees key j where mask[i, j] (mask [T, T] bool; None = causal).
+    tokens (slots lens[b] ..) query i sees key j where mask[i, j] (mask [T, T] bool, one tree for all rows), or
+    mask[b, i, j] (mask [B, T, T] bool: a tree per row; an expanded view will do); None = causal.
     q [B, T, Hq, D] -> [B, T, Hq, D]. Covers prefill, decoding (T=1) and tree verification."""
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -178,7 +179,7 @@ def attention_ref(q, k_cache, v_cache, lens, mask=None):
         v = v_cache[b, :n].float().repeat_interleave(Hq // Hkv, dim=1)
         scores = torch.einsum("thd,shd->hts", q[b].float(), k) / math.sqrt(D)
         visible = torch.ones(T, n, dtype=torch.bool, device=q.device)
-        visible[:, n - T:] = mask
+        visible[:, n - T:] = mask if mask.dim() == 2 else mask[b]
         scores = scores.masked_fill(~visible, float("-inf"))
         out[b] = torch.einsum("hts,shd->thd", scores.softmax(-1), v).to(q.dtype)
     return out
@@ -198,11 +199,12 @@ def kv_compact_ref(k_all, v_all, lens, path):
 
 def accept_greedy_ref(tree_tokens, base_pred, retrieve):
     """Greedy verification. tree_tokens, base_pred [B, T]: the drafted token at each tree node and the base
-    model's argmax after it. retrieve [P, depth+1]: node indices of each root-to-leaf path, -1 padded.
-    Returns n_accept [B] (tokens accepted, root included, >= 1), path [B, depth+1] (the accepted nodes,
-    then j for the unused tail so a KV compaction over it is a no-op) and step_output's row [B, depth+3]."""
+    model's argmax after it. retrieve [P, depth+1]: node indices of each root-to-leaf path, -1 padded; or
+    [B, P, depth+1], a table per row (row b's tree: retrieve[b]). Returns n_accept [B] (tokens accepted, root
+    included, >= 1), path [B, depth+1] (the accepted nodes, then j for the unused tail so a KV compaction over
+    it is a no-op) and step_output's row [B, depth+3]."""
     idx = retrieve.clamp(min=0)
-    match = tree_tokens[:, idx[:, 1:]] == base_pred[:, idx[:, :-1]]  # [B, P, depth]
+    match = take_nodes(tree_tokens, idx[..., 1:]) == take_nodes(base_pred, idx[..., :-1])  # [B, P, depth]
     n_accept, path = longest_path(match, retrieve)
     next_token = base_pred.gather(1, last_accepted(path, n_accept))[:, 0]
     return n_accept, path, step_output(tree_tokens, n_accept, path, next_token)
@@ -219,24 +221,26 @@ def step_output(tree_tokens, n_accept, path, next_token):
     return torch.cat([tree_tokens.gather(1, path), n_accept[:, None], next_token[:, None]], dim=1)
 
 
-def lm_topk_ref(x, w, k, bias=None, vocab=None):
+def lm_topk_ref(x, w, k, bias=None, vocab=None, lse=False):
     """Draft proposals: the k largest of x @ w.T (+ bias) per row, largest first. x [..., D], w [V, D].
     Returns values (float32) and indices (int64), each [..., k]; with vocab [V] (the token id of each row of
-    w), the indices are token ids."""
+    w), the indices are token ids. With lse=True also the log-sum-exp [...] (float32, natural log) of all V
+    logits of each row (those values are of), so values - lse are the top k's log-probabilities."""
     logits = F.linear(x, w, bias).float()
     if k == 1:  # greedy verification: the first of equal maxima, as argmax (and greedy decoding) picks
         indices = logits.argmax(-1, keepdim=True)
         values = logits.gather(-1, indices)
     else:
         values, indices = logits.topk(k, dim=-1)
-    return values, (indices if vocab is None else vocab[indices])
+    indices = indices if vocab is None else vocab[indices]
+    return (values, indices, torch.logsumexp(logits, -1)) if lse else (values, indices)
 
 
 def head_input_ref(h, tokens, path, embed_w):
     """Grounded heads' inputs at one depth: h [B, dim], tokens [B, nodes], path [P, L] (node ids from the root
-    to each parent) -> concat(h, embed(tokens on the path)) [B, P, (L+1)*dim]."""
-    B, P = h.shape[0], path.shape[0]
-    emb = F.embedding(tokens[:, path], embed_w).flatten(2)  # [B, P, L*dim]
+    to each parent) or [B, P, L] (row b's own: path[b]) -> concat(h, embed(tokens on the path)) [B, P, (L+1)*dim]."""
+    B, P = h.shape[0], path.shape[-2]
+    emb = F.embedding(take_nodes(tokens, path), embed_w).flatten(2)  # [B, P, L*dim]
     return torch.cat([h[:, None, :].expand(B, P, -1), emb.to(h.dtype)], dim=-1)
 
 
@@ -244,16 +248,25 @@ def silu_add_ref(res, z):
     return res + F.silu(z)
 
 
+def take_nodes(x, nodes):
+    """x [B, T] at tree node indices: nodes [P, L] shared by all rows, or [B, P, L] one table per row -> [B, P, L]."""
+    if nodes.dim() == 2:
+        return x[:, nodes]
+    return x.gather(1, nodes.reshape(nodes.shape[0], -1)).view(nodes.shape)
+
+
 def longest_path(ok, retrieve):
-    """ok [B, P, depth]: whether each path's token at depth d+1 is accepted. Returns (n_accept, path) for the
-    first path with the longest accepted prefix; padding (-1) in retrieve never counts."""
+    """ok [B, P, depth]: whether each path's token at depth d+1 is accepted; retrieve [P, depth+1] or
+    [B, P, depth+1] (per row). Returns (n_accept, path) for the first path with the longest accepted prefix;
+    padding (-1) in retrieve never counts."""
     idx = retrieve.clamp(min=0)
-    ok = ok & (retrieve[None, :, 1:] >= 0)
+    ok = ok & (retrieve[..., 1:] >= 0)
     accepted = ok.int().cumprod(dim=-1).sum(dim=-1)  # [B, P]
     best = accepted.argmax(dim=-1)  # first longest path
     n_accept = accepted.gather(1, best[:, None])[:, 0] + 1
-    j = torch.arange(retrieve.shape[1], device=retrieve.device)
-    path = torch.where(j[None] < n_accept[:, None], idx[best], j[None])
+    j = torch.arange(retrieve.shape[-1], device=retrieve.device)
+    best_path = idx[best] if retrieve.dim() == 2 else idx[torch.arange(len(best), device=best.device), best]
+    path = torch.where(j[None] < n_accept[:, None], best_path, j[None])
     return n_accept, path
 
 
@@ -305,8 +318,8 @@ def kv_compact(k_all, v_all, lens, path):
     (_kernels.kv_compact if _triton(k_all) else kv_compact_ref)(k_all, v_all, lens, path)
 
 
-def lm_topk(x, w, k, bias=None, vocab=None):
-    return (_kernels.lm_topk if _triton(x) else lm_topk_ref)(x, w, k, bias, vocab)
+def lm_topk(x, w, k, bias=None, vocab=None, lse=False):
+    return (_kernels.lm_topk if _triton(x) else lm_topk_ref)(x, w, k, bias, vocab, lse)
 
 
 def silu_add(res, z):
@@ -318,7 +331,7 @@ def head_input(h, tokens, path, embed_w):
 
 
 def greedy_path(tree_tokens, base_pred, retrieve):
-    """Greedy verification's longest agreeing path: see accept_greedy_ref."""
+    """Greedy verification's longest agreeing path: see accept_greedy_ref (retrieve [P, D1] or per row [B, P, D1])."""
     return (_kernels.accept_greedy if _triton(tree_tokens) else accept_greedy_ref)(tree_tokens, base_pred, retrieve)
 
 
@@ -838,6 +851,13 @@ class DraftHeads(nn.Module):
         w, b = self.proposal_weights(d, base_lm_w)
         return lm_topk(self.heads[d].features(x), w, k, b, self.vocab)[1]
 
+    def propose_scored(self, d, x, base_lm_w, k):
+        """Head d's k best tokens after x, with their log-probabilities (over the draft vocabulary): ([..., k],
+        [..., k]), best first."""
+        w, b = self.proposal_weights(d, base_lm_w)
+        values, ids, lse = lm_topk(self.heads[d].features(x), w, k, b, self.vocab, lse=True)
+        return values - lse[..., None], ids
+
     def run_prefix(self, h, rope, cache=None, pos=None):
         """Hydra++: the extra decoder layer over base hidden states h [B, T, dim]. With a cache it writes the
         cache like the base model (the caller advances cache.lens); without one it is causal over h alone
@@ -1038,6 +1058,48 @@ class Tree:
         self.parent = torch.tensor(parent, device=device)
         self.node_depth = torch.tensor(depth, device=device)
 
+    def rows(self, batch):
+        """This tree for every row of a batch: views, no copies."""
+        return TreeRows(self.parent.expand(batch, -1), self.node_depth.expand(batch, -1),
+                        self.mask.expand(batch, -1, -1), self.retrieve.expand(batch, -1, -1),
+                        self.earlier_siblings.expand(batch, -1, -1), self.children.expand(batch, -1, -1))
+
+
+@dataclass
+class TreeRows:
+    """The tree verified at one step, row by row (a static Tree's views, or a DynamicTree's own per step): each
+    node's parent and depth [B, T] (the root is its own parent), the attention mask [B, T, T] (a node sees
+    itself and its ancestors) and paths [B, P, depth+1] (node indices from the root, -1 padded), among which
+    acceptance picks the longest agreeing one. For sampling (accept_exact): earlier_siblings [B, T, T] ([b, j, i]:
+    node i has node j's parent and is tried before it) and children [B, T, T] ([b, i, j]: j is a child of i),
+    derived from the parents unless given."""
+    parent: torch.Tensor
+    node_depth: torch.Tensor
+    mask: torch.Tensor
+    retrieve: torch.Tensor
+    given_earlier: Optional[torch.Tensor] = None
+    given_children: Optional[torch.Tensor] = None
+
+    def rows(self, batch):
+        return self
+
+    @property
+    def earlier_siblings(self):
+        if self.given_earlier is None:  # siblings are tried in node order (a dynamic tree's are in score order)
+            T = self.parent.shape[1]
+            j = torch.arange(T, device=self.parent.device)
+            before = (j[None, :] < j[:, None]) & (j[None, :] > 0)  # [j, i]: i before j, not the root
+            self.given_earlier = (self.parent[:, :, None] == self.parent[:, None, :]) & before
+        return self.given_earlier
+
+    @property
+    def children(self):
+        if self.given_children is None:
+            T = self.parent.shape[1]
+            j = torch.arange(T, device=self.parent.device)
+            self.given_children = (self.parent[:, None, :] == j[None, :, None]) & (j > 0)
+        return self.given_children
+
 
 def ancestry(parent, i):
     """The nodes from the root to node i."""
@@ -1063,6 +1125,54 @@ def head_levels(choices, parent, node_path, device):
     return levels
 
 
+class DynamicTree:
+    """A draft tree grown anew at every step, per row (as EAGLE-2 grows its trees): the root's `top` best
+    children; then, depth by depth, the `width` candidates of the last depth with the highest cumulative draft
+    log-probability each get their `top` best children (HeadDrafts.grow); of all the candidates, the `nodes`
+    most likely are verified. A context chain of `context` tokens hangs under the root, as in Tree. Node order:
+    0 the root, 1 .. nodes the chosen candidates (parents before children, siblings in score order), then the
+    chain. Static shapes throughout: it runs inside a CUDA graph."""
+
+    def __init__(self, nodes, depth, width, top, device="cpu", context=0):
+        check_int("dynamic tree nodes", nodes, 1, MAX_TREE_NODES)
+        check_int("dynamic tree depth", depth, 1)
+        check_int("dynamic tree width", width, 1, MAX_TREE_RANK)
+        check_int("dynamic tree top", top, 1, MAX_TREE_RANK)
+        check_int("context drafts", context, 0, MAX_CONTEXT_DRAFTS)
+        self.widths = [1]  # frontier nodes expanded at each depth: the root, then the best `width` (or all)
+        for _ in range(1, depth):
+            self.widths.append(min(width, self.widths[-1] * top))
+        self.candidates = top * sum(self.widths)  # the root's children, then width * top per later depth
+        if nodes > self.candidates:
+            raise HydraLiteError(f"dynamic tree of {nodes} nodes from only {self.candidates} candidates")
+        self.nodes, self.top, self.context = nodes, top, context
+        self.size, self.depth = 1 + nodes + context, max(depth, context)
+        self.context_nodes = torch.arange(1 + nodes, self.size, device=device)
+        # each candidate's depth (index 0: the root), in the order grow() makes them
+        self.cand_depth = torch.tensor([0] + [d + 1 for d, w in enumerate(self.widths) for _ in range(w * top)],
+                                       device=device)
+        self.chain = Tree([], device, context) if context else None  # the chain's own structure, nodes 1 ..
+
+    def rows(self, batch):
+        """Per-row buffers for one step: the root and the context chain set, the heads' nodes for grow() to fill."""
+        T, D1, dev = self.size, self.depth + 1, self.context_nodes.device
+        parent = torch.zeros(batch, T, dtype=torch.long, device=dev)
+        depth = torch.zeros(batch, T, dtype=torch.long, device=dev)
+        retrieve = torch.full((batch, T, D1), -1, dtype=torch.long, device=dev)
+        retrieve[:, 0, 0] = 0
+        if self.chain is not None:
+            first = 1 + self.nodes  # the chain's node i (1 ..) is node first + i - 1 here
+            shift = lambda x: torch.where(x > 0, x + first - 1, x)
+            parent[:, first:] = shift(self.chain.parent[1:])
+            depth[:, first:] = self.chain.node_depth[1:]
+            chain_paths = self.chain.retrieve[0]  # one path: the root, then the chain
+            for i in range(self.context):
+                retrieve[:, first + i, :i + 2] = shift(chain_paths[:i + 2])
+        mask = torch.zeros(batch, T, T, dtype=torch.bool, device=dev)
+        mask.scatter_(2, retrieve.clamp(min=0), True)  # (-1 padding lands on the root, which all nodes see)
+        return TreeRows(parent, depth, mask, retrieve)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Drafting: where a tree's tokens come from. A draft source fills the tree nodes it owns; draft() runs them all.
 
@@ -1083,7 +1193,9 @@ class HeadDrafts:
     def __init__(self, heads: DraftHeads, base: Llama):
         self.heads, self.base = heads, base
 
-    def fill(self, tokens, tree: Tree, inp: DraftInput):
+    def fill(self, tokens, rows, tree, inp: DraftInput):
+        if isinstance(tree, DynamicTree):
+            return self.grow(tokens, rows, tree, inp)
         lm_w = self.base.output_weight
         for d, lv in enumerate(tree.levels):
             if not self.heads.hc.grounded:
@@ -1093,6 +1205,50 @@ class HeadDrafts:
             x = head_input(inp.h, tokens, lv["path"], self.base.embed.weight)  # [B, n_par, (d+2)*dim]: h, root .. parent
             top = self.heads.propose(d, x, lm_w, lv["k"])  # [B, n_par, k]
             tokens[:, lv["nodes"]] = top[:, lv["parent_slot"], lv["rank"]]
+
+    def grow(self, tokens, rows, tree, inp: DraftInput):
+        """A DynamicTree's head nodes, per row: candidates depth by depth (a table per row: index 0 the root, then
+        each depth's in order; a candidate's chain is its table indices from the root, -1 padded), then the
+        tree.nodes most likely of them, written into tokens and rows."""
+        B, D1, top = inp.root.shape[0], len(tree.widths) + 1, tree.top
+        dev, lm_w = inp.root.device, self.base.output_weight
+        table = inp.root[:, None]  # [B, 1 + candidates so far]: their tokens
+        score = torch.zeros(B, 1, device=dev)  # cumulative draft log-probability
+        parent = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        chain = torch.full((B, 1, D1), -1, dtype=torch.long, device=dev)
+        chain[:, :, 0] = 0
+        start = 0  # the last depth's first table index
+        for d, width in enumerate(tree.widths):
+            front = score[:, start:].topk(width, dim=1).indices + start  # [B, W]: the best of the last depth
+            front_chain = chain.gather(1, front[:, :, None].expand(B, width, D1))
+            if self.heads.hc.grounded:  # head d reads h and the tokens from the root to the frontier node
+                x = head_input(inp.h, table, front_chain[:, :, :d + 1], self.base.embed.weight)
+                logp, ids = self.heads.propose_scored(d, x, lm_w, top)  # [B, W, top]
+            else:  # Medusa: the same proposals after every frontier node
+                logp, ids = (t[:, None].expand(B, width, top) for t in self.heads.propose_scored(d, inp.h, lm_w, top))
+            new = table.shape[1] + torch.arange(width * top, device=dev).view(1, width, top)
+            child_chain = front_chain[:, :, None, :].repeat(1, 1, top, 1)
+            child_chain[..., d + 1] = new
+            start = table.shape[1]
+            table = torch.cat([table, ids.flatten(1)], 1)
+            score = torch.cat([score, (score.gather(1, front)[:, :, None] + logp).flatten(1)], 1)
+            parent = torch.cat([parent, front[:, :, None].expand(B, width, top).flatten(1)], 1)
+            chain = torch.cat([chain, child_chain.flatten(1, 2)], 1)
+        # A child's score is at most its parent's; the depth penalty breaks ties, so every chosen node's parent
+        # is chosen too (and comes first: table order is depth order).
+        key = (score - 1e-4 * tree.cand_depth)[:, 1:]
+        chosen = (key.topk(tree.nodes, dim=1).indices + 1).sort(dim=1).values  # [B, N] table indices
+        node = torch.full_like(table, -1)
+        node[:, 0] = 0
+        node.scatter_(1, chosen, torch.arange(1, tree.nodes + 1, device=dev).expand(B, -1))
+        heads = slice(1, 1 + tree.nodes)
+        tokens[:, heads] = table.gather(1, chosen)
+        rows.parent[:, heads] = node.gather(1, parent.gather(1, chosen))
+        rows.node_depth[:, heads] = tree.cand_depth[chosen]
+        paths = chain.gather(1, chosen[:, :, None].expand(B, tree.nodes, D1))
+        paths = torch.where(paths >= 0, node.gather(1, paths.clamp(min=0).flatten(1)).view(paths.shape), -1)
+        rows.retrieve[:, heads, :D1] = paths
+        rows.mask[:, heads].scatter_(2, paths.clamp(min=0), True)
 
 
 def context_match(history, lens, k, ngram=4):
@@ -1128,7 +1284,7 @@ class ContextDrafts:
     def __init__(self, ngram=4):
         self.ngram = ngram
 
-    def fill(self, tokens, tree: Tree, inp: DraftInput):
+    def fill(self, tokens, rows, tree, inp: DraftInput):
         if tree.context:
             tokens[:, tree.context_nodes] = context_match(inp.history, inp.lens, tree.context, self.ngram)[0]
 
@@ -1141,12 +1297,15 @@ def record_accepted(history, lens, acc):
     history.scatter_(1, start + acc.n[:, None], acc.next_token[:, None])
 
 
-def draft(sources, tree: Tree, inp: DraftInput):
-    """Fill the tree: tokens [B, size], node 0 the root, the other nodes from the draft sources."""
+def draft(sources, tree, inp: DraftInput):
+    """Fill the tree (a Tree or a DynamicTree): returns tokens [B, size] (node 0 the root, the other nodes from
+    the draft sources) and the tree's TreeRows. Every source has one contract: fill(tokens, rows, tree, inp)
+    writes the nodes it owns (and, in a DynamicTree, their structure in rows)."""
     tokens = inp.root[:, None].repeat(1, tree.size)
+    rows = tree.rows(tokens.shape[0])
     for source in sources:
-        source.fill(tokens, tree, inp)
-    return tokens
+        source.fill(tokens, rows, tree, inp)
+    return tokens, rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1156,9 +1315,10 @@ def draft(sources, tree: Tree, inp: DraftInput):
 
 @dataclass
 class Verified:
-    """One verification pass: the tree, its tokens [B, T], and the base model's view at every node (its last
-    hidden states [B, T, dim] and output projection; or, for tests, its logits [B, T, V] as given)."""
-    tree: Tree
+    """One verification pass: the tree (TreeRows, or a Tree shared by all rows), its tokens [B, T], and the base
+    model's view at every node (its last hidden states [B, T, dim] and output projection; or, for tests, its
+    logits [B, T, V] as given)."""
+    tree: Union[Tree, TreeRows]
     tokens: torch.Tensor
     hidden: Optional[torch.Tensor] = None
     output_weight: Optional[torch.Tensor] = None
@@ -1200,7 +1360,7 @@ class Accepted:
 def accept_greedy(v: Verified, sp: SamplingParams = None, generator=None):
     """Greedy decoding: the longest path whose tokens are the base model's argmax after their parents (what every
     rule reduces to at temperature 0)."""
-    return Accepted(*greedy_path(v.tokens, v.argmax(), v.tree.retrieve))
+    return Accepted(*greedy_path(v.tokens, v.argmax(), v.tree.rows(v.tokens.shape[0]).retrieve))
 
 
 def accept_typical(v: Verified, sp: SamplingParams, generator=None):
@@ -1208,22 +1368,29 @@ def accept_typical(v: Verified, sp: SamplingParams, generator=None):
     it probability above min(threshold, alpha * exp(-entropy)) after its parent, at this temperature. Not
     lossless like greedy verification, but keeps sampled text close to the base model's at far higher
     acceptance than exact rejection sampling. The next token is sampled from the base model after the path."""
-    tree, logits = v.tree, v.logits()
+    logits = v.logits()
     B, T, V = logits.shape
+    tree = v.tree.rows(B)
     probs = F.softmax(logits.float() / sp.temperature, dim=-1)
     entropy = -(probs * torch.log(probs + 1e-10)).sum(-1)  # [B, T]
     limit = torch.minimum(torch.full_like(entropy, sp.typical_threshold), sp.typical_alpha * torch.exp(-entropy))
-    p_node = probs[:, tree.parent].gather(2, v.tokens[:, :, None])[:, :, 0]  # each node's prob after its parent
-    ok_node = p_node > limit[:, tree.parent]
-    n, path = longest_path(ok_node[:, tree.retrieve.clamp(min=0)[:, 1:]], tree.retrieve)
+    p_node = probs.view(B, T * V).gather(1, tree.parent * V + v.tokens)  # each node's prob after its parent
+    ok_node = p_node > limit.gather(1, tree.parent)
+    n, path = longest_path(on_paths(ok_node, tree.retrieve), tree.retrieve)
     after = logits.gather(1, last_accepted(path, n)[:, :, None].expand(B, 1, V))[:, 0]
     return Accepted.of(v.tokens, n, path, sample(after, sp, generator))
 
 
-def drop_repeats(p_node, tokens, tree):
+def on_paths(x, retrieve):
+    """x [B, T] at each node -> [B, P, depth]: at each path's nodes after the root (padding reads the root)."""
+    B, P, D1 = retrieve.shape
+    return x.gather(1, retrieve[:, :, 1:].clamp(min=0).reshape(B, -1)).view(B, P, D1 - 1)
+
+
+def drop_repeats(p_node, tokens, tree: TreeRows):
     """A token drafted twice under one parent (a context draft that a head also proposed) is tried once: the
     later copy gets p = 0, so it is never accepted and its mass is not counted twice among the tried."""
-    repeat = ((tokens[:, :, None] == tokens[:, None, :]) & tree.earlier_siblings[None]).any(-1)
+    repeat = ((tokens[:, :, None] == tokens[:, None, :]) & tree.earlier_siblings).any(-1)
     return p_node.masked_fill(repeat, 0.0)
 
 
@@ -1234,20 +1401,22 @@ def accept_exact(v: Verified, sp: SamplingParams, generator=None):
     tried before)), and the first accepted one is taken; when all are rejected, the next token is drawn from p
     without them. (Speculative sampling with deterministic drafts: each token comes out with probability
     exactly p.)"""
-    tree, tokens, logits = v.tree, v.tokens, v.logits()
+    tokens, logits = v.tokens, v.logits()
     B, T, V = logits.shape
+    tree = v.tree.rows(B)
     probs = sampling_logits(logits, sp).softmax(-1)  # [B, T, V]: p after each node
-    p_node = probs.view(B, T * V).gather(1, tree.parent[None] * V + tokens)  # each node's p after its parent
+    p_node = probs.view(B, T * V).gather(1, tree.parent * V + tokens)  # each node's p after its parent
     p_node = drop_repeats(p_node, tokens, tree)
-    earlier = tree.earlier_siblings.to(probs.dtype)  # [T, T]: [j, i] = i is tried before j
-    tried = p_node @ earlier.T  # the probability of the siblings tried before each node
+    earlier = tree.earlier_siblings.to(probs.dtype)  # [B, T, T]: [b, j, i] = i is tried before j
+    tried = (earlier @ p_node[:, :, None])[:, :, 0]  # the probability of the siblings tried before each node
     u = torch.rand(B, T, device=probs.device, generator=generator)
     accept = u * (1 - tried) < p_node
-    taken = accept & (accept.to(probs.dtype) @ earlier.T == 0)  # the first accepted child of each node
-    n, path = longest_path(taken[:, tree.retrieve.clamp(min=0)[:, 1:]], tree.retrieve)
+    taken = accept & ((earlier @ accept.to(probs.dtype)[:, :, None])[:, :, 0] == 0)  # each node's first accepted child
+    n, path = longest_path(on_paths(taken, tree.retrieve), tree.retrieve)
     last = last_accepted(path, n)  # [B, 1]: its children were all rejected
     p_last = probs.gather(1, last[:, :, None].expand(B, 1, V))[:, 0]  # [B, V]
-    rejected = torch.zeros_like(p_last).scatter_add_(1, tokens, tree.children[last[:, 0]].to(p_last.dtype))
+    its_children = tree.children.gather(1, last[:, :, None].expand(B, 1, T))[:, 0]  # [B, T]
+    rejected = torch.zeros_like(p_last).scatter_add_(1, tokens, its_children.to(p_last.dtype))
     residual = p_last.masked_fill(rejected > 0, 0.0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_last)  # (rounding left it no mass)
     return Accepted.of(tokens, n, path, draw(residual, generator))
@@ -1344,7 +1513,7 @@ class Workspace:
     cache: KVCache
     prefix_cache: Optional[KVCache]  # Hydra++'s extra layer
     rows: torch.Tensor  # [B, 1] row indices (made once: not a kernel in every step)
-    tree: Optional[Tree] = None  # spec only: the tree verified at this batch size
+    tree: Union[Tree, DynamicTree, None] = None  # spec only: the tree verified at this batch size
     history: Optional[torch.Tensor] = None  # context drafts only: [B, max_len] each row's tokens (see DraftInput)
     step: Optional[StepGraph] = None
     host: list = field(default_factory=list)  # two pinned buffers that step outputs take turns in
@@ -1451,6 +1620,13 @@ CPU_TREE_NODES_BY_BATCH = ((1 << 30, 8),)
 DEFAULT_CONTEXT_DRAFTS = 10  # context-chain tokens per tree, with heads (0: none)
 
 
+def dynamic_spread(nodes):
+    """A dynamic tree's width and top (frontier nodes expanded per depth, children each) for `nodes` nodes:
+    about their square root, plus 3 (10 for 63 nodes, 6 for 16), so the candidates outnumber the nodes a few
+    times over."""
+    return min(10, math.isqrt(max(nodes - 1, 1)) + 3)
+
+
 def prune_tree(choices, size, rank_acc=None):
     """The `size` most likely paths of a tree (a subtree: every parent kept before its children), a path's
     chance taken as the product of rank_acc[d][r] along it (heads' held-out accuracies; without them,
@@ -1468,8 +1644,12 @@ class Generator:
     graphs are built per GraphKey and reused across calls."""
 
     def __init__(self, model: Llama, tokenizer=None, heads: Optional[DraftHeads] = None, tree_choices=None,
-                 cuda_graphs=True, acceptance="exact", context_drafts=None, tree_nodes_by_batch=TREE_NODES_BY_BATCH):
+                 cuda_graphs=True, acceptance="exact", context_drafts=None, tree_nodes_by_batch=TREE_NODES_BY_BATCH,
+                 dynamic=False):
+        """tree_choices: the heads' static tree (default: the one they ship, else default_tree()); dynamic=True
+        grows a DynamicTree per step instead, as deep as that tree, of as many nodes."""
         self.model, self.tokenizer, self.heads = model, tokenizer, heads
+        self.dynamic = dynamic and heads is not None
         self.device = model.embed.weight.device
         # Graph capture needs the Triton path: the reference attention reads lengths on the host.
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and USE_TRITON and _kernels is not None
@@ -1499,7 +1679,7 @@ class Generator:
         tree, parts = self.tree_for(batch), []
         if self.heads is not None:
             kind = ("hydra" if self.heads.hc.grounded else "medusa") + ("++" if self.heads.hc.prefix else "")
-            parts.append(f"{kind}, {tree.size - tree.context - 1}-node tree")
+            parts.append(f"{kind}, {tree.size - tree.context - 1}-node {'dynamic ' if self.dynamic else ''}tree")
         if tree.context:
             parts.append(f"context drafts {tree.context}")
         return " + ".join(parts)
@@ -1510,7 +1690,11 @@ class Generator:
             nodes = next(n for b, n in self.tree_nodes_by_batch if batch <= b)
             rank_acc = self.heads.rank_acc if self.heads is not None else None
             choices = prune_tree(self.tree_choices, nodes, rank_acc)
-            self._trees[batch] = Tree(choices, self.device, context=self.context_drafts)
+            if self.dynamic:
+                depth, spread = max(map(len, choices)), dynamic_spread(len(choices))
+                self._trees[batch] = DynamicTree(len(choices), depth, spread, spread, self.device, self.context_drafts)
+            else:
+                self._trees[batch] = Tree(choices, self.device, context=self.context_drafts)
         return self._trees[batch]
 
     @torch.inference_mode()
@@ -1688,10 +1872,10 @@ class Generator:
         compact the cache. Returns the Accepted row [B, depth+3] (the host reads it in one transfer) and the
         hidden state the next tree is drafted from."""
         tree, cache = ws.tree, ws.cache
-        tokens = draft(self.drafts, tree, DraftInput(root, h, ws.history, cache.lens))
-        pos = cache.lens[:, None].long() + tree.node_depth[None]
-        hidden = self.model(tokens, cache, pos, tree.mask)  # [B, T, dim]
-        acc = accept(Verified(tree, tokens, hidden, self.model.output_weight), sp)
+        tokens, rows = draft(self.drafts, tree, DraftInput(root, h, ws.history, cache.lens))
+        pos = cache.lens[:, None].long() + rows.node_depth
+        hidden = self.model(tokens, cache, pos, rows.mask)  # [B, T, dim]
+        acc = accept(Verified(rows, tokens, hidden, self.model.output_weight), sp)
         grow = acc.n.to(torch.int32) * live
         next_h = self._next_draft_state(ws, hidden, acc, grow)
         if ws.history is not None:
@@ -1804,7 +1988,9 @@ def main(argv=None):
                                                   "they were trained for the checkpoint's model)")
     ap.add_argument("--mode", choices=["ar", "medusa", "hydra"], default=None,
                     help="ar: plain decoding; medusa/hydra: speculative with the given heads (default: hydra when heads load)")
-    ap.add_argument("--tree", default=None, help="tree choices as JSON (list of rank paths), or a .json file")
+    ap.add_argument("--tree", default=None, help="the heads' tree: 'dynamic' (grown per step from the heads' "
+                                                 "confidences), or static tree choices as JSON (list of rank paths) "
+                                                 "or a .json file (default: the heads' own static tree)")
     ap.add_argument("--context-drafts", type=int, default=None, metavar="K",
                     help=f"drafts from the context: a chain of K tokens that continues the latest earlier occurrence "
                          f"of the text's last tokens (default {DEFAULT_CONTEXT_DRAFTS} with heads; 0: off)")
@@ -1861,7 +2047,7 @@ def check_cli_args(args):
     if args.context_drafts is not None:
         check_int("--context-drafts", args.context_drafts, 0, MAX_CONTEXT_DRAFTS)
     check_device(args.device)
-    return parse_tree_arg(args.tree) if args.tree else None
+    return parse_tree_arg(args.tree) if args.tree and args.tree != "dynamic" else None
 
 
 def check_device(device):
@@ -1916,7 +2102,8 @@ def _run_cli(args):
     on_cpu = torch.device(args.device).type == "cpu"  # (a small tree there, and batches decoded plainly)
     sizes = dict(tree_nodes_by_batch=CPU_TREE_NODES_BY_BATCH) if on_cpu and tree is None else {}
     gen = Generator(model, tok, heads, tree, cuda_graphs=not args.no_cuda_graphs, acceptance=args.acceptance,
-                    context_drafts=0 if args.mode == "ar" else args.context_drafts, **sizes)
+                    context_drafts=0 if args.mode == "ar" else args.context_drafts, dynamic=args.tree == "dynamic",
+                    **sizes)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     if args.chat:
         return chat(gen, args, sampling)

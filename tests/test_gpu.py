@@ -19,9 +19,10 @@ def models():
         yield "real", hl.load_model(ckpt, "cuda", torch.float32)
 
 
-@pytest.mark.parametrize("context", [0, 10], ids=["heads", "heads+context"])
+@pytest.mark.parametrize("context,dynamic", [(0, False), (10, False), (10, True)],
+                         ids=["heads", "heads+context", "dynamic+context"])
 @pytest.mark.parametrize("kind", ["medusa", "hydra", "hydra++"])
-def test_gpu_speculative_equals_autoregressive_fp32(kind, context):
+def test_gpu_speculative_equals_autoregressive_fp32(kind, context, dynamic):
     for name, model in models():
         heads = tiny_heads(model, kind != "medusa", kind == "hydra++").cuda()  # uses only model.cfg
         torch.manual_seed(0)
@@ -29,7 +30,8 @@ def test_gpu_speculative_equals_autoregressive_fp32(kind, context):
         prompts[1] = prompts[1] + prompts[1][:20]  # a repeated span for the context drafts
         ar, _ = hl.Generator(model).generate(prompts, 64, stop_at_eos=False)
         for batch in (prompts[:1], prompts):
-            spec, _ = hl.Generator(model, heads=heads, context_drafts=context).generate(batch, 64, stop_at_eos=False)
+            gen = hl.Generator(model, heads=heads, context_drafts=context, dynamic=dynamic)
+            spec, _ = gen.generate(batch, 64, stop_at_eos=False)
             assert spec == ar[:len(batch)], (name, kind)
 
 
@@ -71,13 +73,13 @@ def test_gpu_triton_path_matches_reference_path():
         assert ar_graph == ar_plain, name
 
 
-@pytest.mark.parametrize("acceptance", ["exact", "typical"])
-def test_gpu_sampled_speculative_under_graphs(acceptance):
+@pytest.mark.parametrize("acceptance,dynamic", [("exact", False), ("typical", False), ("exact", True)])
+def test_gpu_sampled_speculative_under_graphs(acceptance, dynamic):
     model = tiny_model(22, n_heads=4, n_kv_heads=2).cuda()
     heads = tiny_heads(model, True, True).cuda()
     prompts = [[3, 4, 5], [9, 8, 7, 6, 5]]
     greedy, _ = hl.Generator(model).generate(prompts, 40, stop_at_eos=False)
-    gen = hl.Generator(model, heads=heads, acceptance=acceptance)
+    gen = hl.Generator(model, heads=heads, acceptance=acceptance, dynamic=dynamic)
     assert gen.use_graphs
     cold, _ = gen.generate(prompts, 40, hl.SamplingParams(temperature=1e-3), stop_at_eos=False)
     assert cold == greedy

@@ -91,7 +91,7 @@ def test_oracle_drafts_are_accepted_and_compacted(monkeypatch):
     rng = torch.Generator().manual_seed(0)
 
     def oracle_draft(sources, tree, inp):
-        tokens = real_draft(sources, tree, inp)
+        tokens, rows = real_draft(sources, tree, inp)
         for b in range(tokens.shape[0]):
             at = int(gen.workspace.cache.lens[b]) - gen_prompt_lens[b]  # index of the root in the output
             node, good = 0, int(torch.randint(0, tree.depth + 1, (1,), generator=rng))
@@ -101,7 +101,7 @@ def test_oracle_drafts_are_accepted_and_compacted(monkeypatch):
                     break
                 node = children[0]
                 tokens[b, node] = ar[b][at + d]
-        return tokens
+        return tokens, rows
 
     monkeypatch.setattr(hl, "draft", oracle_draft)
     spec, stats = gen.generate(prompts, 60, stop_at_eos=False)
@@ -250,16 +250,22 @@ def markov_decode(tree, table, draft_table, root, n_tokens, sp, acceptance, rows
     out = torch.full((rows, n_tokens), -1)
     count, last = torch.zeros(rows, dtype=torch.long), torch.full((rows,), root)
     steps = accepted = 0
+    trees = tree if isinstance(tree, list) else [tree]  # several: row b has trees[b % len(trees)]
+    group = torch.arange(rows) % len(trees)
+    verified_tree = tree if len(trees) == 1 else per_row_trees([trees[g] for g in group.tolist()])
     while (count < n_tokens).any():
-        tokens = last[:, None].repeat(1, tree.size)
-        for lv in tree.levels:
-            top = draft_table[tokens[:, lv["parents"]]].topk(lv["k"], dim=-1).indices  # [rows, n_par, k]
-            tokens[:, lv["nodes"]] = top[:, lv["parent_slot"], lv["rank"]]
-        if tree.context:
-            deepest = tree.choices.index([0] * tree.context) + 1  # the node at the end of the rank-0 path
-            tokens[:, tree.context_nodes] = tokens[:, tree.node_path[deepest, 1:tree.context + 1]]
+        tokens = last[:, None].repeat(1, trees[0].size)
+        for g, tree in enumerate(trees):
+            t = tokens[group == g]
+            for lv in tree.levels:
+                top = draft_table[t[:, lv["parents"]]].topk(lv["k"], dim=-1).indices  # [rows, n_par, k]
+                t[:, lv["nodes"]] = top[:, lv["parent_slot"], lv["rank"]]
+            if tree.context:
+                deepest = tree.choices.index([0] * tree.context) + 1  # the node at the end of the rank-0 path
+                t[:, tree.context_nodes] = t[:, tree.node_path[deepest, 1:tree.context + 1]]
+            tokens[group == g] = t
         logits = table[tokens]  # [rows, T, V]
-        acc = hl.ACCEPTANCE_RULES[acceptance](hl.Verified(tree, tokens, given_logits=logits), sp)
+        acc = hl.ACCEPTANCE_RULES[acceptance](hl.Verified(verified_tree, tokens, given_logits=logits), sp)
         n, path, nxt = acc.n, acc.path, acc.next_token
         emitted = torch.cat([tokens.gather(1, path)[:, 1:], nxt[:, None]], dim=1)  # valid: the first n
         emitted.scatter_(1, (n - 1)[:, None], nxt[:, None])
@@ -270,6 +276,16 @@ def markov_decode(tree, table, draft_table, root, n_tokens, sp, acceptance, rows
         count, last = count + n, nxt
         steps, accepted = steps + 1, accepted + n.float().mean().item()
     return out, accepted / steps
+
+
+def per_row_trees(trees):
+    """TreeRows with row b shaped as trees[b] (one size and depth), its paths to every node, and its sampling
+    tables derived from the parents, as a dynamic tree's are."""
+    def paths(t):
+        j = torch.arange(t.depth + 1)
+        return torch.where(j[None] <= t.node_depth[:, None], t.node_path, -1)
+    return hl.TreeRows(torch.stack([t.parent for t in trees]), torch.stack([t.node_depth for t in trees]),
+                       torch.stack([t.mask for t in trees]), torch.stack([paths(t) for t in trees]))
 
 
 def chi_square_ok(samples, probs, z=4.3):
@@ -288,14 +304,15 @@ def chi_square_ok(samples, probs, z=4.3):
     return stat < limit, stat, limit
 
 
-@pytest.mark.parametrize("context", [0, 3], ids=["heads", "heads+context"])
+@pytest.mark.parametrize("context,per_row", [(0, False), (3, False), (3, True)],
+                         ids=["heads", "heads+context", "a tree per row"])
 @pytest.mark.parametrize("sp", [hl.SamplingParams(temperature=1.0), hl.SamplingParams(temperature=0.7, top_p=0.8),
                                 hl.SamplingParams(temperature=1.3, top_k=3)])
-def test_accept_exact_samples_the_base_distribution(sp, context):
+def test_accept_exact_samples_the_base_distribution(sp, context, per_row):
     """Speculative sampling with exact acceptance: the first three tokens are distributed as the base model's
     own sampling (its joint probability, checked by chi-square over 30,000 sequences on fresh random tables),
-    while accepting more than one token per step. Typical acceptance, on the same draws, is not (the check
-    has the power to fail)."""
+    while accepting more than one token per step; also when rows verify differently shaped trees (TreeRows, as
+    dynamic trees do). Typical acceptance, on the same draws, is not (the check has the power to fail)."""
     import random
     seed = random.randrange(2 ** 31)
     torch.manual_seed(seed)
@@ -308,6 +325,8 @@ def test_accept_exact_samples_the_base_distribution(sp, context):
             break
     draft_table = table + 0.7 * torch.randn(V, V)  # drafts: mostly, not always, the base model's top tokens
     tree = hl.Tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1]], context=context)
+    if per_row:
+        tree = [tree, hl.Tree([[0], [1], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [0, 0, 0]], context=context)]
     for acceptance in ("exact", "typical"):
         out, mean_accept = markov_decode(tree, table, draft_table, 2, 3, sp, acceptance, 30000)
         ok, stat, limit = chi_square_ok(out[:, 0] * V * V + out[:, 1] * V + out[:, 2], joint)
@@ -521,3 +540,97 @@ def test_warmup_leaves_nothing_to_build(monkeypatch):
         gen.generate([[1] * n, [2] * 5], 40, stop_at_eos=False)
         gen.generate([[1] * n, [2] * 5], 40, stop_at_eos=False, mode="ar")
     assert [hl.cache_bucket(n, 8192) for n in (1, 256, 257, 5000, 9000)] == [256, 256, 512, 8192, 8192]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dynamic trees
+
+
+def dynamic_tree_oracle(heads, model, h, root, depth, width, top, nodes):
+    """The paths (token tuples after the root) a dynamic tree should verify, by a plain search per row: the
+    root's top children; per depth, the `width` best candidates of the last depth get their `top` best
+    children; a candidate's score is the sum of its tokens' draft log-probabilities (minus 1e-4 per depth, the
+    runtime's tie-break); the `nodes` best candidates are kept."""
+    lm_w, out = model.output_weight, []
+    for b in range(h.shape[0]):
+        level, candidates = [((), 0.0)], []
+        for d in range(depth):
+            frontier = level if d == 0 else sorted(level, key=lambda c: -c[1])[:width]
+            level = []
+            for path, score in frontier:
+                toks = torch.tensor([int(root[b])] + list(path))
+                x = torch.cat([h[b], model.embed.weight[toks].flatten()]) if heads.hc.grounded else h[b]
+                w, bias = heads.proposal_weights(d, lm_w)
+                logp = F.linear(heads.heads[d].features(x), w, bias).float().log_softmax(-1)
+                values, ids = logp.topk(top)
+                ids = heads.vocab[ids] if heads.vocab is not None else ids
+                level += [(path + (int(t),), score + float(v)) for v, t in zip(values, ids)]
+            candidates += level
+        best = sorted(candidates, key=lambda c: -(c[1] - 1e-4 * len(c[0])))[:nodes]
+        out.append({path for path, _ in best})
+    return out
+
+
+def check_tree_rows(tokens, rows, n_nodes):
+    """Structure every TreeRows must have; returns each row's verified head paths as token tuples."""
+    paths = []
+    for b in range(tokens.shape[0]):
+        parent, depth = rows.parent[b].tolist(), rows.node_depth[b].tolist()
+        row_paths = set()
+        for i in range(1, len(parent)):
+            assert parent[i] < i and depth[i] == depth[parent[i]] + 1
+            chain = hl.ancestry(parent, i)
+            assert rows.mask[b, i].nonzero().flatten().tolist() == chain
+            assert rows.retrieve[b, i, :len(chain)].tolist() == chain and (rows.retrieve[b, i, len(chain):] == -1).all()
+            if i <= n_nodes:
+                row_paths.add(tuple(tokens[b, chain[1:]].tolist()))
+        paths.append(row_paths)
+    return paths
+
+
+@pytest.mark.parametrize("grounded,prefix,draft_vocab", [(False, False, 0), (True, False, 0), (True, True, 40)],
+                         ids=["medusa", "hydra", "hydra++ draft vocab"])
+def test_dynamic_tree_against_a_plain_search(grounded, prefix, draft_vocab):
+    """Each row grows its own tree: the verified paths are those of a plain per-row search, and the structure
+    (parents before children, masks of ancestors, paths, the context chain after the heads' nodes) holds."""
+    model = tiny_model(30)
+    heads = tiny_heads(model, grounded, prefix, draft_vocab=draft_vocab)
+    B, nodes, depth, width, top = 3, 12, 3, 3, 4
+    tree = hl.DynamicTree(nodes, depth, width, top, context=4)
+    h, root = torch.randn(B, model.cfg.dim), torch.randint(0, 97, (B,))
+    history, lens = torch.randint(0, 5, (B, 40)), torch.tensor([20, 30, 25])
+    with torch.no_grad():
+        tokens, rows = hl.draft([hl.HeadDrafts(heads, model), hl.ContextDrafts()], tree,
+                                hl.DraftInput(root, h, history, lens))
+        expected = dynamic_tree_oracle(heads, model, h, root, depth, width, top, nodes)
+    assert tokens.shape == (B, 1 + nodes + 4) and torch.equal(tokens[:, 0], root)
+    assert check_tree_rows(tokens, rows, nodes) == expected
+    assert len({tuple(r) for r in rows.parent.tolist()}) > 1  # rows differ
+    chain = hl.context_match(history, lens, 4)[0]
+    assert torch.equal(tokens[:, 1 + nodes:], chain) and rows.parent[:, 1 + nodes:].tolist() == [[0] + list(range(1 + nodes, 4 + nodes))] * B
+
+
+def test_tree_rows_derive_siblings_and_children():
+    """A static tree's sampling tables (built node by node) equal the ones TreeRows derives from the parents."""
+    import random
+    rng = random.Random()
+    choices = hl.build_tree([[rng.random() for _ in range(5)] for _ in range(3)], rng.randrange(3, 30))
+    tree = hl.Tree(choices, context=rng.randrange(0, 4))
+    rows = tree.rows(2)
+    derived = hl.TreeRows(rows.parent, rows.node_depth, rows.mask, rows.retrieve)
+    assert torch.equal(derived.earlier_siblings, rows.earlier_siblings)
+    assert torch.equal(derived.children, rows.children)
+
+
+@pytest.mark.parametrize("grounded,prefix", [(False, False), (True, True)], ids=["medusa", "hydra++"])
+def test_greedy_speculative_with_dynamic_trees_equals_autoregressive(grounded, prefix):
+    model = tiny_model(31)
+    heads = tiny_heads(model, grounded, prefix, lm_head="own" if grounded else "base")
+    prompts = [torch.randint(0, 97, (int(n),)).tolist() for n in torch.randint(3, 30, (3,))]
+    ar, _ = hl.Generator(model).generate(prompts, 40, stop_at_eos=False)
+    gen = hl.Generator(model, heads=heads, dynamic=True, context_drafts=3, tree_nodes_by_batch=((1 << 30, 12),))
+    assert "12-node dynamic tree" in gen.describe(3)
+    spec, stats = gen.generate(prompts, 40, stop_at_eos=False)
+    assert spec == ar and stats.mean_accept >= 1.0
+    cold, _ = gen.generate(prompts, 40, hl.SamplingParams(temperature=1e-3), stop_at_eos=False)
+    assert cold == ar  # sampled (exact acceptance) at near-zero temperature: greedy
