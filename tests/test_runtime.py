@@ -607,7 +607,8 @@ def test_dynamic_tree_against_a_plain_search(grounded, prefix, draft_vocab):
     assert check_tree_rows(tokens, rows, nodes) == expected
     assert len({tuple(r) for r in rows.parent.tolist()}) > 1  # rows differ
     chain = hl.context_match(history, lens, 4)[0]
-    assert torch.equal(tokens[:, 1 + nodes:], chain) and rows.parent[:, 1 + nodes:].tolist() == [[0] + list(range(1 + nodes, 4 + nodes))] * B
+    assert torch.equal(tokens[:, 1 + nodes:], chain)
+    assert rows.parent[:, 1 + nodes:].tolist() == [[0] + list(range(1 + nodes, 4 + nodes))] * B
 
 
 def test_tree_rows_derive_siblings_and_children():
