@@ -17,6 +17,7 @@
 #   train-mix  Hydra++ heads fine-tuned from INIT on both (draft vocabulary sized by coverage: auto), TIME_LIMIT s
 #   tasks  the multi-task benchmark (tasks/heldout.jsonl + ShareGPT rows 80-99): AR vs TASK_HEADS (NAME=DIR ...)
 #          with and without context drafts, and context drafts alone, batches TASK_BATCH; TASK_FLAGS adds flags
+#   sweep  tree size at batches 8 and 32 (SWEEP_NODES head nodes, static and dynamic trees, context drafts), 45 prompts
 #   latency  time to first token, per-token latency and per-call overhead by prompt length and batch, first vs
 #          repeated call, without and with Generator.warmup()
 #   pack   results into $OUT/results.tar and the trained heads into $OUT/heads.tar.part_* (the device tool
@@ -71,6 +72,12 @@ for stage in "$@"; do
     tasks)
       python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
         --batch ${TASK_BATCH:-1 8 32} --context 0 10 --context-only 10 --warmup ${TASK_FLAGS:-} --out "$RES/tasks${TAG:-}" 2>&1 | tee "$RES/tasks${TAG:-}.txt" | grep -v "warm-up" ;;
+    sweep)  # head-tree nodes at larger batches: 45 prompts (5 per family), each size against AR in the same run
+      for n in ${SWEEP_NODES:-8 16 32}; do
+        python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --limit 5 --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
+          --batch ${SWEEP_BATCH:-8 32} --context 10 --trees ${SWEEP_TREES:-static dynamic} --tree-nodes $n --warmup --out "$RES/sweep$n" 2>&1 \
+          | tee "$RES/sweep$n.txt" | grep -v "warm-up" | tail -12
+      done ;;
     latency)
       for W in "" --warmup; do
         python3 benchmark.py latency --checkpoint "$CKPT" --heads heads/smollm2-135m-hydra++ $W --out "$RES/latency$W" 2>&1 | tee "$RES/latency$W.txt" | grep "^|"
