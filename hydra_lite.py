@@ -1152,9 +1152,16 @@ class DynamicTree:
         self.cand_depth = torch.tensor([0] + [d + 1 for d, w in enumerate(self.widths) for _ in range(w * top)],
                                        device=device)
         self.chain = Tree([], device, context) if context else None  # the chain's own structure, nodes 1 ..
+        self._templates = {}  # batch size -> the step buffers' starting values
 
     def rows(self, batch):
-        """Per-row buffers for one step: the root and the context chain set, the heads' nodes for grow() to fill."""
+        """Per-row buffers for one step: the root and the context chain set, the heads' nodes for grow() to fill
+        (copies of a template made once per batch size: a few copies per step, not a kernel per chain node)."""
+        if batch not in self._templates:
+            self._templates[batch] = self._template(batch)
+        return TreeRows(*(t.clone() for t in self._templates[batch]))
+
+    def _template(self, batch):
         T, D1, dev = self.size, self.depth + 1, self.context_nodes.device
         parent = torch.zeros(batch, T, dtype=torch.long, device=dev)
         depth = torch.zeros(batch, T, dtype=torch.long, device=dev)
@@ -1170,7 +1177,7 @@ class DynamicTree:
                 retrieve[:, first + i, :i + 2] = shift(chain_paths[:i + 2])
         mask = torch.zeros(batch, T, T, dtype=torch.bool, device=dev)
         mask.scatter_(2, retrieve.clamp(min=0), True)  # (-1 padding lands on the root, which all nodes see)
-        return TreeRows(parent, depth, mask, retrieve)
+        return parent, depth, mask, retrieve
 
 
 # ----------------------------------------------------------------------------------------------------------
