@@ -165,7 +165,8 @@ def rope_cache_write_ref(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, l
 
 def attention_ref(q, k_cache, v_cache, lens, mask=None):
     """Attention of T new tokens over their row's cache: every cached slot < lens[b] is visible; among the new
-    tokens (slots lens[b] ..) query i sees key j where mask[i, j] (mask [T, T] bool; None = causal).
+    tokens (slots lens[b] ..) query i sees key j where mask[i, j] (mask [T, T] bool, one tree for all rows), or
+    mask[b, i, j] (mask [B, T, T] bool: a tree per row; an expanded view will do); None = causal.
     q [B, T, Hq, D] -> [B, T, Hq, D]. Covers prefill, decoding (T=1) and tree verification."""
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -178,7 +179,7 @@ def attention_ref(q, k_cache, v_cache, lens, mask=None):
         v = v_cache[b, :n].float().repeat_interleave(Hq // Hkv, dim=1)
         scores = torch.einsum("thd,shd->hts", q[b].float(), k) / math.sqrt(D)
         visible = torch.ones(T, n, dtype=torch.bool, device=q.device)
-        visible[:, n - T:] = mask
+        visible[:, n - T:] = mask if mask.dim() == 2 else mask[b]
         scores = scores.masked_fill(~visible, float("-inf"))
         out[b] = torch.einsum("hts,shd->thd", scores.softmax(-1), v).to(q.dtype)
     return out
@@ -198,11 +199,12 @@ def kv_compact_ref(k_all, v_all, lens, path):
 
 def accept_greedy_ref(tree_tokens, base_pred, retrieve):
     """Greedy verification. tree_tokens, base_pred [B, T]: the drafted token at each tree node and the base
-    model's argmax after it. retrieve [P, depth+1]: node indices of each root-to-leaf path, -1 padded.
-    Returns n_accept [B] (tokens accepted, root included, >= 1), path [B, depth+1] (the accepted nodes,
-    then j for the unused tail so a KV compaction over it is a no-op) and step_output's row [B, depth+3]."""
+    model's argmax after it. retrieve [P, depth+1]: node indices of each root-to-leaf path, -1 padded; or
+    [B, P, depth+1], a table per row (row b's tree: retrieve[b]). Returns n_accept [B] (tokens accepted, root
+    included, >= 1), path [B, depth+1] (the accepted nodes, then j for the unused tail so a KV compaction over
+    it is a no-op) and step_output's row [B, depth+3]."""
     idx = retrieve.clamp(min=0)
-    match = tree_tokens[:, idx[:, 1:]] == base_pred[:, idx[:, :-1]]  # [B, P, depth]
+    match = take_nodes(tree_tokens, idx[..., 1:]) == take_nodes(base_pred, idx[..., :-1])  # [B, P, depth]
     n_accept, path = longest_path(match, retrieve)
     next_token = base_pred.gather(1, last_accepted(path, n_accept))[:, 0]
     return n_accept, path, step_output(tree_tokens, n_accept, path, next_token)
@@ -219,24 +221,26 @@ def step_output(tree_tokens, n_accept, path, next_token):
     return torch.cat([tree_tokens.gather(1, path), n_accept[:, None], next_token[:, None]], dim=1)
 
 
-def lm_topk_ref(x, w, k, bias=None, vocab=None):
+def lm_topk_ref(x, w, k, bias=None, vocab=None, lse=False):
     """Draft proposals: the k largest of x @ w.T (+ bias) per row, largest first. x [..., D], w [V, D].
     Returns values (float32) and indices (int64), each [..., k]; with vocab [V] (the token id of each row of
-    w), the indices are token ids."""
+    w), the indices are token ids. With lse=True also the log-sum-exp [...] (float32, natural log) of all V
+    logits of each row (those values are of), so values - lse are the top k's log-probabilities."""
     logits = F.linear(x, w, bias).float()
     if k == 1:  # greedy verification: the first of equal maxima, as argmax (and greedy decoding) picks
         indices = logits.argmax(-1, keepdim=True)
         values = logits.gather(-1, indices)
     else:
         values, indices = logits.topk(k, dim=-1)
-    return values, (indices if vocab is None else vocab[indices])
+    indices = indices if vocab is None else vocab[indices]
+    return (values, indices, torch.logsumexp(logits, -1)) if lse else (values, indices)
 
 
 def head_input_ref(h, tokens, path, embed_w):
     """Grounded heads' inputs at one depth: h [B, dim], tokens [B, nodes], path [P, L] (node ids from the root
-    to each parent) -> concat(h, embed(tokens on the path)) [B, P, (L+1)*dim]."""
-    B, P = h.shape[0], path.shape[0]
-    emb = F.embedding(tokens[:, path], embed_w).flatten(2)  # [B, P, L*dim]
+    to each parent) or [B, P, L] (row b's own: path[b]) -> concat(h, embed(tokens on the path)) [B, P, (L+1)*dim]."""
+    B, P = h.shape[0], path.shape[-2]
+    emb = F.embedding(take_nodes(tokens, path), embed_w).flatten(2)  # [B, P, L*dim]
     return torch.cat([h[:, None, :].expand(B, P, -1), emb.to(h.dtype)], dim=-1)
 
 
@@ -244,16 +248,25 @@ def silu_add_ref(res, z):
     return res + F.silu(z)
 
 
+def take_nodes(x, nodes):
+    """x [B, T] at tree node indices: nodes [P, L] shared by all rows, or [B, P, L] one table per row -> [B, P, L]."""
+    if nodes.dim() == 2:
+        return x[:, nodes]
+    return x.gather(1, nodes.reshape(nodes.shape[0], -1)).view(nodes.shape)
+
+
 def longest_path(ok, retrieve):
-    """ok [B, P, depth]: whether each path's token at depth d+1 is accepted. Returns (n_accept, path) for the
-    first path with the longest accepted prefix; padding (-1) in retrieve never counts."""
+    """ok [B, P, depth]: whether each path's token at depth d+1 is accepted; retrieve [P, depth+1] or
+    [B, P, depth+1] (per row). Returns (n_accept, path) for the first path with the longest accepted prefix;
+    padding (-1) in retrieve never counts."""
     idx = retrieve.clamp(min=0)
-    ok = ok & (retrieve[None, :, 1:] >= 0)
+    ok = ok & (retrieve[..., 1:] >= 0)
     accepted = ok.int().cumprod(dim=-1).sum(dim=-1)  # [B, P]
     best = accepted.argmax(dim=-1)  # first longest path
     n_accept = accepted.gather(1, best[:, None])[:, 0] + 1
-    j = torch.arange(retrieve.shape[1], device=retrieve.device)
-    path = torch.where(j[None] < n_accept[:, None], idx[best], j[None])
+    j = torch.arange(retrieve.shape[-1], device=retrieve.device)
+    best_path = idx[best] if retrieve.dim() == 2 else idx[torch.arange(len(best), device=best.device), best]
+    path = torch.where(j[None] < n_accept[:, None], best_path, j[None])
     return n_accept, path
 
 
@@ -305,8 +318,8 @@ def kv_compact(k_all, v_all, lens, path):
     (_kernels.kv_compact if _triton(k_all) else kv_compact_ref)(k_all, v_all, lens, path)
 
 
-def lm_topk(x, w, k, bias=None, vocab=None):
-    return (_kernels.lm_topk if _triton(x) else lm_topk_ref)(x, w, k, bias, vocab)
+def lm_topk(x, w, k, bias=None, vocab=None, lse=False):
+    return (_kernels.lm_topk if _triton(x) else lm_topk_ref)(x, w, k, bias, vocab, lse)
 
 
 def silu_add(res, z):
@@ -318,7 +331,7 @@ def head_input(h, tokens, path, embed_w):
 
 
 def greedy_path(tree_tokens, base_pred, retrieve):
-    """Greedy verification's longest agreeing path: see accept_greedy_ref."""
+    """Greedy verification's longest agreeing path: see accept_greedy_ref (retrieve [P, D1] or per row [B, P, D1])."""
     return (_kernels.accept_greedy if _triton(tree_tokens) else accept_greedy_ref)(tree_tokens, base_pred, retrieve)
 
 
