@@ -431,11 +431,15 @@ def check_elementwise(c, K, shape, B, timed):
     h = torch.randn(B, dim, device=dev, dtype=bf16)
     c.close(f"head_input {name} [{B}x10,{5 * dim}]", K.head_input(h, toks, path, emb), hl.head_input_ref(h, toks, path, emb),
             bf16)
+    paths = torch.randint(0, 64, (B, 10, 4), device=dev)  # a path table per row (dynamic trees)
+    c.close(f"head_input per-row path {name} [{B}x10,{5 * dim}]", K.head_input(h, toks, paths, emb),
+            hl.head_input_ref(h, toks, paths, emb), bf16)
 
 
 def check_attention(c, K, shape, B, dtype, tree):
-    """RoPE + cache write, then decoding (T=1, split-K and not), tree verification (T=64) and causal prefill
-    (T=512) attention, over ragged rows up to 2000 cached slots."""
+    """RoPE + cache write, then decoding (T=1, split-K and not), tree verification (T=64; the shared tree's
+    [T, T] mask, a [B, T, T] mask with a tree per row, and the shared one expanded to [B, T, T]) and causal
+    prefill (T=512) attention, over ragged rows up to 2000 cached slots."""
     Hq, Hkv, D, _, _, _ = CHECK_SHAPES[shape]
     dev, S, timed = "cuda", CHECK_SLOTS, dtype == torch.bfloat16 and shape != "d80"
     cfg = hl.Config(dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv, hidden_dim=8, vocab_size=8, head_dim=D)
@@ -469,13 +473,23 @@ def check_attention(c, K, shape, B, dtype, tree):
         else:
             fn = lambda: K.tree_attention(q_rot, k_cache, v_cache, lens, mask)  # noqa: E731
             c.close(f"tree_attention {'tree' if T == 64 else 'causal'} {tag}", fn(), ref, dtype)
+        if T == 64:  # per row: each row sees its own random part of its ancestors (itself always)
+            masks = (tree.mask & (torch.rand(B, T, T, device=dev) < 0.5)) | torch.eye(T, dtype=torch.bool, device=dev)
+            c.close(f"tree_attention per-row mask {tag}", K.tree_attention(q_rot, k_cache, v_cache, lens, masks),
+                    hl.attention_ref(q_rot, k_cache, v_cache, lens, masks), dtype)
+            c.close(f"tree_attention expanded mask {tag}",
+                    K.tree_attention(q_rot, k_cache, v_cache, lens, mask.expand(B, T, T)), ref, dtype)
+            if timed:
+                c.time(f"tree_attention per-row mask {tag}", lambda: K.tree_attention(q_rot, k_cache, v_cache, lens, masks),
+                       lambda: hl.attention_ref(q_rot, k_cache, v_cache, lens, masks))
         if timed:
             c.time(f"{'decode' if T == 1 else 'tree'}_attention {tag}", fn,
                    lambda: hl.attention_ref(q_rot, k_cache, v_cache, lens, mask))
 
 
 def check_bookkeeping(c, K, shape, B, tree, timed):
-    """Greedy acceptance on the 64-node tree, and the KV compaction of its paths over all layers."""
+    """Greedy acceptance on the 64-node tree (shared, and a table per row), and the KV compaction of its paths
+    over all layers."""
     _, Hkv, D, _, _, L = CHECK_SHAPES[shape]
     dev = "cuda"
     tokens = torch.randint(0, 3, (B, tree.size), device=dev)
@@ -484,6 +498,9 @@ def check_bookkeeping(c, K, shape, B, tree, timed):
     expected = hl.accept_greedy_ref(tokens, pred, tree.retrieve)
     c.verdict(f"accept_greedy {shape} B={B}", all(map(torch.equal, (n, path, out), expected)),
               f"(mean accepted {n.float().mean():.2f})")
+    per_row = torch.stack([tree.retrieve[torch.randperm(len(tree.retrieve), device=dev)] for _ in range(B)])
+    c.verdict(f"accept_greedy per-row retrieve {shape} B={B}",
+              all(map(torch.equal, K.accept_greedy(tokens, pred, per_row), hl.accept_greedy_ref(tokens, pred, per_row))))
     k_all = torch.randn(L, B, CHECK_SLOTS, Hkv, D, device=dev, dtype=torch.bfloat16)
     v_all = torch.randn_like(k_all)
     lens = torch.randint(0, 2000, (B,), device=dev, dtype=torch.int32)
@@ -500,7 +517,8 @@ def check_bookkeeping(c, K, shape, B, tree, timed):
 
 def check_proposals(c, K):
     """Output projection + top-k: draft proposals (SmolLM2's vocabulary, a draft vocabulary with a head bias,
-    7B's) and greedy verification's argmax at every node (k=1), fused against logits + argmax."""
+    7B's), with the log-sum-exp of all logits too (lse=True), and greedy verification's argmax at every node
+    (k=1), fused against logits + argmax."""
     dev, bf16 = "cuda", torch.bfloat16
     for N, D, V in [(1, 576, 49152), (10, 576, 49152), (80, 576, 49152), (1, 576, 16384), (10, 576, 16384),
                     (80, 576, 16384), (10, 4096, 32000)]:
@@ -514,6 +532,11 @@ def check_proposals(c, K):
         tag = f"N={N} D={D} V={V}{' +bias' if bias is not None else ''} k=10"
         c.close(f"lm_topk {tag}", torch.cat([values, chosen]), torch.cat([ref_v, ref_v]), bf16)
         c.time(f"lm_topk {tag}", lambda: K.lm_topk(x, w, 10, bias), lambda: hl.lm_topk_ref(x, w, 10, bias))
+        values_l, indices_l, lse = K.lm_topk(x, w, 10, bias, lse=True)
+        c.close(f"lm_topk lse {tag}", lse, hl.lm_topk_ref(x, w, 10, bias, lse=True)[2], bf16)
+        c.verdict(f"lm_topk lse=True: same top-k {tag}", torch.equal(values_l, values) and torch.equal(indices_l, indices))
+        c.time(f"lm_topk +lse {tag}", lambda: K.lm_topk(x, w, 10, bias, lse=True),
+               lambda: hl.lm_topk_ref(x, w, 10, bias, lse=True))
     for N in (64, 512):
         x = torch.randn(N, 576, device=dev, dtype=bf16)
         w = torch.randn(49152, 576, device=dev, dtype=bf16) / math.sqrt(576)
@@ -525,18 +548,25 @@ def check_proposals(c, K):
 
 
 def check_graph_replay(c, K, tree):
-    """Attention captured once in a CUDA graph, replayed with new lengths and inputs (no host reads inside)."""
+    """Attention captured once in a CUDA graph, replayed with new lengths, inputs and per-row masks (no host reads
+    inside)."""
     Hq, Hkv, D, B, T, dev, bf16 = 9, 3, 64, 4, tree.size, "cuda", torch.bfloat16
     k_cache = torch.randn(B, CHECK_SLOTS, Hkv, D, device=dev, dtype=bf16)
     v_cache = torch.randn_like(k_cache)
     lens = torch.zeros(B, device=dev, dtype=torch.int32)
     q = torch.randn(B, T, Hq, D, device=dev, dtype=bf16)
+    masks = tree.mask.expand(B, T, T).clone()
     graph = hl.StepGraph(lambda: (K.tree_attention(q, k_cache, v_cache, lens, tree.mask),
-                                  K.decode_attention(q[:, :1], k_cache, v_cache, lens)), [], True)
+                                  K.decode_attention(q[:, :1], k_cache, v_cache, lens),
+                                  K.tree_attention(q, k_cache, v_cache, lens, masks)), [], True)
     lens.copy_(torch.tensor([5, 1999, 0, 777], device=dev))
     q.normal_()
-    out, out_dec = graph()
+    masks &= torch.rand(B, T, T, device=dev) < 0.5
+    masks |= torch.eye(T, dtype=torch.bool, device=dev)
+    out, out_dec, out_rows = graph()
     c.close("tree_attention under CUDA graph replay", out, hl.attention_ref(q, k_cache, v_cache, lens, tree.mask), bf16)
+    c.close("tree_attention per-row mask under CUDA graph replay", out_rows,
+            hl.attention_ref(q, k_cache, v_cache, lens, masks), bf16)
     c.close("decode_attention under CUDA graph replay", out_dec, hl.attention_ref(q[:, :1], k_cache, v_cache, lens), bf16)
 
 

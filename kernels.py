@@ -137,7 +137,7 @@ def silu_add(res, z):
 
 @triton.jit
 def _head_input_kernel(h_ptr, tok_ptr, path_ptr, emb_ptr, out_ptr, P, J, dim, stride_h, stride_tok, stride_e,
-                       BLOCK: tl.constexpr):
+                       spb, spp, spl, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # (row b, parent p)
     b, p = pid // P, pid % P
     j = tl.program_id(1)  # segment: 0 = h, j > 0 = the embedding of the path's token j-1
@@ -146,22 +146,25 @@ def _head_input_kernel(h_ptr, tok_ptr, path_ptr, emb_ptr, out_ptr, P, J, dim, st
     if j == 0:
         x = tl.load(h_ptr + b * stride_h + cols, mask=ok, other=0.0)
     else:
-        node = tl.load(path_ptr + p * (J - 1) + j - 1)
+        node = tl.load(path_ptr + b * spb + p * spp + (j - 1) * spl)  # (spb = 0: one path table for all rows)
         t = tl.load(tok_ptr + b * stride_tok + node)
         x = tl.load(emb_ptr + t * stride_e + cols, mask=ok, other=0.0)
     tl.store(out_ptr + (pid * J + j) * dim + cols, x.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def head_input(h, tokens, path, embed_w):
+    """See head_input_ref. path [P, L] (shared by all rows) or [B, P, L] (row b's own), any strides."""
     B, dim = h.shape
-    P, L = path.shape
+    P, L = path.shape[-2:]
+    _require(path.dim() == 2 or (path.dim() == 3 and path.shape[0] == B),
+             f"head_input: path {tuple(path.shape)} is neither [P, L] nor [{B}, P, L]")
     _require(embed_w.shape[1] == dim, f"head_input: embeddings of width {embed_w.shape[1]}, h of {dim}")
     _require(embed_w.stride(1) == 1 and h.stride(1) == 1 and tokens.stride(1) == 1, "head_input: rows must be contiguous")
-    path = path.contiguous()
+    sp = path.stride() if path.dim() == 3 else (0, *path.stride())
     out = torch.empty(B, P, (L + 1) * dim, dtype=h.dtype, device=h.device)
     BLOCK = min(_pow2(dim, 16), 1024)
     _head_input_kernel[(B * P, L + 1, triton.cdiv(dim, BLOCK))](h, tokens, path, embed_w, out, P, L + 1, dim,
-                                                                h.stride(0), tokens.stride(0), embed_w.stride(0),
+                                                                h.stride(0), tokens.stride(0), embed_w.stride(0), *sp,
                                                                 BLOCK=BLOCK, num_warps=4)
     return out
 
@@ -234,7 +237,9 @@ def rope_cache_write(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, lens)
 # rows of its tile: tile row m is token t0 + m // REP, query head kv_head*REP + m % REP. So K/V are read once
 # per GQA group, and decoding (T=1) fills REP rows instead of wasting 15 of 16 per head.
 # Keys of row b: slots 0 .. lens[b]+T-1. Slots < lens[b] are visible to all; new slot lens[b]+j is visible to
-# token i iff mask[i, j] (causal without a mask). Online softmax in base 2 with fp32 statistics.
+# token i iff mask[i, j] (causal without a mask), or mask[b, i, j] with one tree per row (a [B, T, T] mask; its
+# batch stride smb may be 0, an expanded view; a [T, T] mask is passed with smb = 0). Online softmax in base 2
+# with fp32 statistics.
 # Split-K (flash-decoding): when the grid would not fill the GPU, a third grid axis cuts the slots into
 # NUM_SPLITS chunks of SPLIT_LEN; each writes a partial output and its log-sum-exp, and _attn_combine_kernel
 # merges them. The split count comes from static shapes (capacity S, not lens), so chunks past a row's keys
@@ -283,7 +288,7 @@ def _attn_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, sks, svs, scale, offs_n,
 @triton.jit
 def _attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, mask_ptr, o_ptr, po_ptr, plse_ptr,
                  T, Hq, Hkv, D, scale, SPLIT_LEN, NUM_SPLITS,
-                 sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, smq, smk,
+                 sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, smb, smq, smk,
                  REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
@@ -304,6 +309,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, mask_ptr, o_ptr, po_ptr, plse_pt
                 mask=row_ok[:, None] & ok_d[None, :], other=0.0)
 
     lens = tl.load(lens_ptr + b)
+    mask_ptr += b * smb  # row b's tree
     if HAS_MASK:
         hi = lens + T
     else:  # causal: nothing past the tile's last token
@@ -406,7 +412,12 @@ def _attention(q, k_cache, v_cache, lens, mask, num_splits=None):
     upcast = (not q.is_cuda) or q.dtype == torch.float32 or q.dtype != k_cache.dtype
     lens = lens.contiguous()
     m = mask if mask is not None else q  # unused when HAS_MASK is False
-    sm = mask.stride() if mask is not None else (0, 0)
+    if mask is None:
+        sm = (0, 0, 0)
+    else:
+        _require(tuple(mask.shape) in ((T, T), (B, T, T)), f"attention: mask {tuple(mask.shape)} is neither [{T}, {T}] "
+                 f"nor [{B}, {T}, {T}]")
+        sm = mask.stride() if mask.dim() == 3 else (0, *mask.stride())
     num_warps = 8 if BLOCK_M >= 128 else 4  # (only REP > 64 gets here with 128 rows)
     _attn_kernel[(n_tblocks, B * Hkv, num_splits)](
         q, k_cache, v_cache, lens, m, out, po, plse, T, Hq, Hkv, D, 1.0 / math.sqrt(D) * 1.4426950408889634,
@@ -420,7 +431,8 @@ def _attention(q, k_cache, v_cache, lens, mask, num_splits=None):
 
 
 def tree_attention(q, k_cache, v_cache, lens, mask, num_splits=None):
-    """Attention of T new tokens over their row's cache (see attention_ref). mask [T, T] bool, or None = causal.
+    """Attention of T new tokens over their row's cache (see attention_ref). mask: [T, T] bool shared by all
+    rows, [B, T, T] bool with row b's tree in mask[b] (any strides, e.g. an expanded view), or None = causal.
     num_splits: override the split-K heuristic (tests, tuning)."""
     return _attention(q, k_cache, v_cache, lens, mask, num_splits)
 
@@ -471,21 +483,23 @@ def kv_compact(k_all, v_all, lens, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Greedy acceptance: one program per row; the whole retrieve table [P, D1] is one tile.
+# Greedy acceptance: one program per row; the whole retrieve table [P, D1] (row b's own with a [B, P, D1] table;
+# srb = 0 for a shared one) is one tile.
 
 
 @triton.jit
-def _accept_greedy_kernel(tok_ptr, pred_ptr, ret_ptr, n_ptr, path_ptr, out_ptr, P, D1, stok, spred, sret,
+def _accept_greedy_kernel(tok_ptr, pred_ptr, ret_ptr, n_ptr, path_ptr, out_ptr, P, D1, stok, spred, srb, srp, srj,
                           BLOCK_P: tl.constexpr, BLOCK_D1: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     p = tl.arange(0, BLOCK_P)[:, None]
     j = tl.arange(0, BLOCK_D1)[None, :]
     in_tab = (p < P) & (j < D1)
-    node = tl.load(ret_ptr + p * sret + j, mask=in_tab, other=-1)
+    ret = ret_ptr + b * srb + p * srp  # [BLOCK_P, 1] row b's paths
+    node = tl.load(ret + j * srj, mask=in_tab, other=-1)
     valid = node >= 0
     idx = tl.maximum(node, 0)
     # the base model's prediction after the previous node of the path, for j >= 1
-    prev = tl.maximum(tl.load(ret_ptr + p * sret + j - 1, mask=in_tab & (j >= 1), other=0), 0)
+    prev = tl.maximum(tl.load(ret + (j - 1) * srj, mask=in_tab & (j >= 1), other=0), 0)
     cand = tl.load(tok_ptr + b * stok + idx, mask=in_tab)
     pred = tl.load(pred_ptr + b * spred + prev, mask=in_tab & (j >= 1))
     match = valid & (cand == pred)
@@ -510,15 +524,18 @@ def _accept_greedy_kernel(tok_ptr, pred_ptr, ret_ptr, n_ptr, path_ptr, out_ptr, 
 
 
 def accept_greedy(tree_tokens, base_pred, retrieve):
+    """See accept_greedy_ref. retrieve [P, D1] (shared by all rows) or [B, P, D1] (row b's own), any strides."""
     B = tree_tokens.shape[0]
-    P, D1 = retrieve.shape
+    P, D1 = retrieve.shape[-2:]
+    _require(retrieve.dim() == 2 or (retrieve.dim() == 3 and retrieve.shape[0] == B),
+             f"accept_greedy: retrieve {tuple(retrieve.shape)} is neither [P, D1] nor [{B}, P, D1]")
+    _require(tree_tokens.stride(1) == 1 and base_pred.stride(1) == 1, "accept_greedy: rows must be contiguous")
     n_accept = torch.empty(B, dtype=torch.int64, device=tree_tokens.device)
     path = torch.empty(B, D1, dtype=torch.int64, device=tree_tokens.device)
     out = torch.empty(B, D1 + 2, dtype=torch.int64, device=tree_tokens.device)
-    _require(tree_tokens.stride(1) == 1 and base_pred.stride(1) == 1 and retrieve.stride(1) == 1,
-             "accept_greedy: rows must be contiguous")
+    sr = retrieve.stride() if retrieve.dim() == 3 else (0, *retrieve.stride())
     _accept_greedy_kernel[(B,)](tree_tokens, base_pred, retrieve, n_accept, path, out, P, D1,
-                                tree_tokens.stride(0), base_pred.stride(0), retrieve.stride(0),
+                                tree_tokens.stride(0), base_pred.stride(0), *sr,
                                 BLOCK_P=_pow2(P, 2), BLOCK_D1=_pow2(D1, 2), num_warps=4)
     return n_accept, path, out
 
@@ -528,13 +545,15 @@ def accept_greedy(tree_tokens, base_pred, retrieve):
 # logits in memory. Stage 1: a program takes BLOCK_N rows and BLOCK_V vocab entries (a chunk), computes that
 # logit tile and keeps its top K per row as candidates [N, n_chunks, K]. Stage 2: one program per row takes the
 # top K of its candidates. A top K is K passes of: row max, its first column, that column set to -inf.
+# With HAS_LSE, each chunk also writes the log-sum-exp of its logits [N, n_chunks] (columns past V excluded), and
+# stage 2 merges a row's chunk values into the log-sum-exp over all V logits (values - lse: log-probabilities).
 # (Assumes finite logits: a row with fewer than k of them may get repeated or out-of-range indices.)
 
 
 @triton.jit
-def _lm_topk_chunk_kernel(x_ptr, w_ptr, b_ptr, cv_ptr, ci_ptr, N, V, D, stride_x, stride_w, n_chunks,
-                          K: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+def _lm_topk_chunk_kernel(x_ptr, w_ptr, b_ptr, cv_ptr, ci_ptr, cl_ptr, N, V, D, stride_x, stride_w, n_chunks,
+                          K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LSE: tl.constexpr, UPCAST: tl.constexpr,
+                          PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     # Row blocks on axis 0: the programs that share a chunk of w run side by side (its rereads hit L2).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     chunk = tl.program_id(1)
@@ -557,6 +576,11 @@ def _lm_topk_chunk_kernel(x_ptr, w_ptr, b_ptr, cv_ptr, ci_ptr, N, V, D, stride_x
     # The reference's logits are in x's dtype: round once, bias included, as torch's fused addmm does (same
     # values, same ties; its unfused path, a non-contiguous 3D x with a bias, rounds twice: 1-2 ulps off).
     s = tl.where(col_ok[None, :], acc.to(x_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
+    if HAS_LSE:  # the chunk's log-sum-exp (every chunk holds a column < V, so m is finite for finite logits)
+        m = tl.max(s, axis=1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        tl.store(cl_ptr + rows.to(tl.int64) * n_chunks + chunk, m + tl.log(tl.sum(tl.exp(s - m[:, None]), axis=1)),
+                 mask=row_ok)
     local = tl.arange(0, BLOCK_V)[None, :]
     out = rows.to(tl.int64) * n_chunks * K + chunk * K  # [BLOCK_N] this chunk's candidates of each row
     for j in tl.static_range(K):
@@ -568,9 +592,16 @@ def _lm_topk_chunk_kernel(x_ptr, w_ptr, b_ptr, cv_ptr, ci_ptr, N, V, D, stride_x
 
 
 @triton.jit
-def _lm_topk_merge_kernel(cv_ptr, ci_ptr, vocab_ptr, v_ptr, i_ptr, C, K: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_K: tl.constexpr, HAS_VOCAB: tl.constexpr):
+def _lm_topk_merge_kernel(cv_ptr, ci_ptr, vocab_ptr, v_ptr, i_ptr, cl_ptr, lse_ptr, C, n_chunks,
+                          K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HAS_VOCAB: tl.constexpr,
+                          HAS_LSE: tl.constexpr, BLOCK_CH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if HAS_LSE:  # log-sum-exp of the chunks' log-sum-exps
+        ch = tl.arange(0, BLOCK_CH)
+        cl = tl.load(cl_ptr + row * n_chunks + ch, mask=ch < n_chunks, other=float("-inf"))
+        m = tl.max(cl, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        tl.store(lse_ptr + row, m + tl.log(tl.sum(tl.exp(cl - m), axis=0)))
     offs = tl.arange(0, BLOCK_C)
     s = tl.load(cv_ptr + row * C + offs, mask=offs < C, other=float("-inf"))
     kk = tl.arange(0, BLOCK_K)
@@ -590,7 +621,8 @@ def _lm_topk_merge_kernel(cv_ptr, ci_ptr, vocab_ptr, v_ptr, i_ptr, C, K: tl.cons
     tl.store(i_ptr + row * K + kk, idx.to(tl.int64), mask=kk < K)
 
 
-def lm_topk(x, w, k, bias=None, vocab=None):
+def lm_topk(x, w, k, bias=None, vocab=None, lse=False):
+    """See lm_topk_ref: (values, indices), and with lse=True the log-sum-exp over all V logits [...] as well."""
     D, V = x.shape[-1], w.shape[0]
     _require(w.shape[1] == D and w.stride(1) == 1, f"lm_topk: weight {tuple(w.shape)} does not take inputs of width {D}")
     _require(1 <= k <= V, f"lm_topk: k={k} is not between 1 and the {V} rows of the weight")
@@ -607,14 +639,21 @@ def lm_topk(x, w, k, bias=None, vocab=None):
     cand_i = torch.empty(N, n_chunks, k, dtype=torch.int32, device=x.device)
     values = torch.empty(*x.shape[:-1], k, dtype=torch.float32, device=x.device)
     indices = torch.empty(*x.shape[:-1], k, dtype=torch.int64, device=x.device)
+    if lse:
+        cand_l = torch.empty(N, n_chunks, dtype=torch.float32, device=x.device)
+        out_l = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    else:
+        cand_l = out_l = cand_v  # unused
     upcast = (not x.is_cuda) or x.dtype == torch.float32 or x.dtype != w.dtype
     b = bias.contiguous() if bias is not None else w  # unused without a bias
     _lm_topk_chunk_kernel[(triton.cdiv(N, BLOCK_N), n_chunks)](
-        x2, w, b, cand_v, cand_i, N, V, D, x2.stride(0), w.stride(0), n_chunks,
-        K=k, HAS_BIAS=bias is not None, UPCAST=upcast, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
+        x2, w, b, cand_v, cand_i, cand_l, N, V, D, x2.stride(0), w.stride(0), n_chunks,
+        K=k, HAS_BIAS=bias is not None, HAS_LSE=lse, UPCAST=upcast,
+        PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
         BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=4, num_stages=4)
     BLOCK_C = _pow2(n_chunks * k, 16)
-    _lm_topk_merge_kernel[(N,)](cand_v, cand_i, vocab if vocab is not None else cand_i, values, indices, n_chunks * k,
-                                K=k, BLOCK_C=BLOCK_C, BLOCK_K=_pow2(k, 2), HAS_VOCAB=vocab is not None,
+    _lm_topk_merge_kernel[(N,)](cand_v, cand_i, vocab if vocab is not None else cand_i, values, indices, cand_l, out_l,
+                                n_chunks * k, n_chunks, K=k, BLOCK_C=BLOCK_C, BLOCK_K=_pow2(k, 2),
+                                HAS_VOCAB=vocab is not None, HAS_LSE=lse, BLOCK_CH=_pow2(n_chunks, 2),
                                 num_warps=4 if BLOCK_C <= 8192 else 16)
-    return values, indices
+    return (values, indices, out_l) if lse else (values, indices)

@@ -81,6 +81,16 @@ def random_tree(T):
     return mask, retrieve, parent
 
 
+def random_trees(B, T):
+    """A random tree of T nodes per row (dynamic trees): masks [B, T, T] and retrieve tables [B, P, depth+1], each
+    row's table padded with -1 to the largest (rows of -1 are paths that never win)."""
+    trees = [random_tree(T)[:2] for _ in range(B)]
+    retrieve = torch.full((B, max(r.shape[0] for _, r in trees), max(r.shape[1] for _, r in trees)), -1)
+    for b, (_, r) in enumerate(trees):
+        retrieve[b, :r.shape[0], :r.shape[1]] = r
+    return torch.stack([m for m, _ in trees]), retrieve
+
+
 # ----------------------------------------------------------------------------------------------------------
 # rms_norm, swiglu
 
@@ -153,6 +163,17 @@ def test_head_input(dtype):
         path = torch.randint(0, n_nodes, (5, L))
         out, ref = kernels.head_input(h, tokens, path, embed_w), hl.head_input_ref(h, tokens, path, embed_w)
         assert out.shape == ref.shape == (B, 5, (L + 1) * dim) and torch.equal(out, ref)  # a copy: exact
+    # a path table per row (dynamic trees): row b is row b alone with its own [P, L] table; a column-major copy
+    paths = torch.randint(0, n_nodes, (B, 5, 2)).mT.contiguous().mT
+    out, ref = kernels.head_input(h, tokens, paths, embed_w), hl.head_input_ref(h, tokens, paths, embed_w)
+    assert out.shape == (B, 5, 3 * dim) and torch.equal(out, ref)
+    for b in range(B):
+        assert torch.equal(ref[b:b + 1], hl.head_input_ref(h[b:b + 1], tokens[b:b + 1], paths[b], embed_w))
+    # a shared table as an expanded [B, P, L] view (batch stride 0) gives the shared table's result
+    wide = paths[0].expand(B, -1, -1)
+    shared = hl.head_input_ref(h, tokens, paths[0], embed_w)
+    assert torch.equal(kernels.head_input(h, tokens, wide, embed_w), shared)
+    assert torch.equal(hl.head_input_ref(h, tokens, wide, embed_w), shared)
     rows = torch.randn(B, 2, dim, dtype=dtype)[:, 1]  # a strided h (a row of the verification's hidden states)
     out = kernels.head_input(rows, tokens, path, embed_w)
     assert torch.equal(out, hl.head_input_ref(rows, tokens, path, embed_w))
@@ -246,32 +267,41 @@ def attn_inputs(B, T, Hq, Hkv, D, S, dtype):
     return q, k_all[1], v_all[1], lens
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,mask_kind", [  # (a mask per row is read the same way in any dtype: fp32 only)
+    pytest.param(torch.float32, "tree", id="fp32-tree"), pytest.param(torch.bfloat16, "tree", id="bf16-tree"),
+    pytest.param(torch.float32, "per-row", id="fp32-per-row"),
+    pytest.param(torch.float32, "causal", id="fp32-causal"), pytest.param(torch.bfloat16, "causal", id="bf16-causal"),
+])
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,S", [
     (3, 6, 6, 2, 32, 80),  # GQA, a random tree
     (2, 5, 3, 3, 16, 40),  # Hq == Hkv
     (1, 9, 4, 1, 80, 50),  # MQA, non-power-of-2 head_dim
     (2, 2, 9, 3, 64, 20),  # SmolLM2's heads, the smallest tree
 ])
-@pytest.mark.parametrize("masked", [True, False])
-def test_tree_attention(dtype, B, T, Hq, Hkv, D, S, masked):
+def test_tree_attention(dtype, B, T, Hq, Hkv, D, S, mask_kind):
     q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S, dtype)
-    mask = random_tree(T)[0] if masked else None
+    if mask_kind == "tree":
+        mask = random_tree(T)[0]  # [T, T]: one tree for all rows
+    else:
+        mask = random_trees(B, T)[0] if mask_kind == "per-row" else None  # [B, T, T]: a tree per row
     ref = hl.attention_ref(q, k_cache, v_cache, lens, mask)
     out = kernels.tree_attention(q, k_cache, v_cache, lens, mask)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     close(out, ref, dtype)
+    if mask_kind == "per-row":  # row b is row b alone with its own [T, T] mask
+        for b in range(B):
+            one = slice(b, b + 1)
+            assert torch.equal(ref[one], hl.attention_ref(q[one], k_cache[one], v_cache[one], lens[one], mask[b]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tree_attention_split_k(dtype):
-    """The split-K path (partials + combine), with chunks that hold no key of some rows."""
+    """The split-K path (partials + combine), with chunks that hold no key of some rows; a shared and a per-row mask."""
     B, T, Hq, Hkv, D, S = 3, 5, 4, 2, 32, 160
     q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S, dtype)
     lens[2] = 62  # the new tokens straddle a chunk boundary
-    mask = random_tree(T)[0]
-    ref = hl.attention_ref(q, k_cache, v_cache, lens, mask)
-    for splits in (2, 5):
+    for splits, mask in ((2, random_tree(T)[0]), (5, random_trees(B, T)[0])):
+        ref = hl.attention_ref(q, k_cache, v_cache, lens, mask)
         close(kernels.tree_attention(q, k_cache, v_cache, lens, mask, num_splits=splits), ref, dtype)
     close(kernels.tree_attention(q, k_cache, v_cache, lens, None, num_splits=3),
           hl.attention_ref(q, k_cache, v_cache, lens, None), dtype)
@@ -290,8 +320,17 @@ def test_tree_attention_strided_q_and_mask():
     _, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S, torch.float32)
     q = torch.randn(B, Hq, T, D).transpose(1, 2)  # non-contiguous
     mask = random_tree(T)[0].t().contiguous().t()  # column-major mask
-    close(kernels.tree_attention(q, k_cache, v_cache, lens, mask), hl.attention_ref(q, k_cache, v_cache, lens, mask),
+    out = kernels.tree_attention(q, k_cache, v_cache, lens, mask)
+    close(out, hl.attention_ref(q, k_cache, v_cache, lens, mask), torch.float32)
+    # the shared mask as an expanded [B, T, T] view (batch stride 0): the same as the [T, T] mask, bit for bit
+    wide = mask.expand(B, T, T)
+    assert torch.equal(kernels.tree_attention(q, k_cache, v_cache, lens, wide), out)
+    assert torch.equal(hl.attention_ref(q, k_cache, v_cache, lens, wide), hl.attention_ref(q, k_cache, v_cache, lens, mask))
+    masks = random_trees(B, T)[0].permute(2, 0, 1).contiguous().permute(1, 2, 0)  # per row, no unit stride
+    close(kernels.tree_attention(q, k_cache, v_cache, lens, masks), hl.attention_ref(q, k_cache, v_cache, lens, masks),
           torch.float32)
+    with pytest.raises(kernels.KernelInputError, match="mask"):
+        kernels.tree_attention(q, k_cache, v_cache, lens, masks[:1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -376,19 +415,29 @@ def test_kv_compact_random_paths_and_row_view():
 
 
 @pytest.mark.parametrize("T,vocab", [(2, 2), (9, 2), (20, 3), (33, 4)])
-def test_accept_greedy(T, vocab):
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per-row"])
+def test_accept_greedy(T, vocab, per_row):
     B = 6
-    _, retrieve, _ = random_tree(T)
+    # retrieve [P, D1] shared, or a table per row [B, P, D1] (column-major, to exercise the strides)
+    retrieve = random_trees(B, T)[1].mT.contiguous().mT if per_row else random_tree(T)[1]
     tokens = torch.randint(0, vocab, (B, T))  # a small vocabulary: many matches and ties between paths
     pred = torch.randint(0, vocab, (B, T))
     n, path, out = kernels.accept_greedy(tokens, pred, retrieve)
-    n_ref, path_ref, out_ref = hl.accept_greedy_ref(tokens, pred, retrieve)
+    ref = hl.accept_greedy_ref(tokens, pred, retrieve)
     assert n.dtype == torch.int64 and path.dtype == torch.int64 and out.dtype == torch.int64
-    assert torch.equal(n, n_ref) and torch.equal(path, path_ref) and torch.equal(out, out_ref)
+    assert all(map(torch.equal, (n, path, out), ref))
+    if per_row:  # row b is row b alone with its own [P, D1] table; so is longest_path (typical/exact acceptance)
+        ok = torch.rand(B, retrieve.shape[1], retrieve.shape[2] - 1) < 0.6  # [B, P, depth]
+        lp = hl.longest_path(ok, retrieve)
+        for b in range(B):
+            one = slice(b, b + 1)
+            assert all(torch.equal(x[one], y) for x, y in zip(ref, hl.accept_greedy_ref(tokens[one], pred[one], retrieve[b])))
+            assert all(torch.equal(x[one], y) for x, y in zip(lp, hl.longest_path(ok[one], retrieve[b])))
 
 
 def test_accept_greedy_full_path_and_ties():
-    """A row whose best path is accepted to the end, and a row where two paths tie (the first must win)."""
+    """A row whose best path is accepted to the end, and a row where two paths tie (the first must win); the
+    shared table also as an expanded [B, P, D1] view (batch stride 0), with the same results."""
     mask, retrieve, parent = random_tree(12)
     T = 12
     tokens = torch.randint(0, 5, (3, T))
@@ -401,6 +450,9 @@ def test_accept_greedy_full_path_and_ties():
     n, path, out = kernels.accept_greedy(tokens, pred, retrieve)
     n_ref, path_ref, out_ref = hl.accept_greedy_ref(tokens, pred, retrieve)
     assert torch.equal(n, n_ref) and torch.equal(path, path_ref) and torch.equal(out, out_ref)
+    wide = retrieve.expand(3, -1, -1)
+    assert all(map(torch.equal, kernels.accept_greedy(tokens, pred, wide), (n, path, out)))
+    assert all(map(torch.equal, hl.accept_greedy_ref(tokens, pred, wide), (n, path, out)))
     assert n[0] >= len(leaf_path) and n[2] == 1 and torch.equal(path[2], torch.arange(retrieve.shape[1]))
 
 
@@ -465,6 +517,35 @@ def test_lm_topk_draft_vocab(dtype):
         assert torch.equal(ids, ref_ids)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["negative", "bias-vocab"])
+def test_lm_topk_lse(dtype, case):
+    """lse=True also gives the log-sum-exp over all V logits (as lm_topk rounds them), merged from per-chunk
+    partials: the columns past V in the last chunk, and the merge's padding past the 3 chunks, must not count
+    (every logit negative in "negative": each would add exp(0)); large logits must not overflow (|logits| ~100
+    in "bias-vocab", with a bias and a draft vocabulary); values and indices stay those of lse=False."""
+    D, V = 24, 70 if case == "negative" else 100  # 3 or 4 chunks of the interpreter's 32, the last one partial
+    x = torch.randn(2, 3, D, dtype=dtype)  # leading dims: lse [2, 3]
+    w = torch.randn(V, D, dtype=dtype)
+    bias = vocab = None
+    if case == "negative":
+        x, w = x.abs() + 0.5, -w.abs()
+    else:
+        x, bias, vocab = x * 8, torch.randn(V, dtype=dtype), torch.randperm(5000)[:V]
+    values, indices, lse = kernels.lm_topk(x, w, 3, bias, vocab, lse=True)
+    ref_v, ref_i, ref_lse = hl.lm_topk_ref(x, w, 3, bias, vocab, lse=True)
+    logits = torch.nn.functional.linear(x, w, bias).float()
+    assert torch.equal(ref_lse, torch.logsumexp(logits, -1)) and (case != "negative" or (logits < 0).all())
+    assert torch.equal(ref_v, hl.lm_topk_ref(x, w, 3, bias, vocab)[0])
+    assert lse.shape == (2, 3) and lse.dtype == torch.float32 and (values <= lse[..., None]).all()
+    close(lse, ref_lse, dtype)
+    close(values, ref_v, dtype)
+    v2, i2 = kernels.lm_topk(x, w, 3, bias, vocab)
+    assert torch.equal(values, v2) and torch.equal(indices, i2)
+    if dtype == torch.float32:
+        assert torch.equal(indices, ref_i)
+
+
 def test_lm_topk_chunk_ties():
     """Equal logits across chunks and within one (repeated rows of w): the first index of a tie goes first, and
     one chunk can hold several of the row's k best."""
@@ -503,6 +584,9 @@ def test_dispatch_falls_back_to_refs_on_cpu(monkeypatch):
     n, p, _ = hl.greedy_path(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long),
                              torch.tensor([[0, 1], [0, 2]]))
     assert n.tolist() == [2]
+    assert hl.greedy_path(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long),
+                          torch.tensor([[[0, 1], [0, 2]]]))[0].tolist() == [1]  # a retrieve table per row
+    assert len(hl.lm_topk(x, torch.randn(5, 8), 2, lse=True)) == 3
     hl.kv_compact(torch.zeros(1, 1, 4, 1, 2), torch.zeros(1, 1, 4, 1, 2), lens, p)
 
 
