@@ -1383,15 +1383,9 @@ def accept_typical(v: Verified, sp: SamplingParams, generator=None):
     limit = torch.minimum(torch.full_like(entropy, sp.typical_threshold), sp.typical_alpha * torch.exp(-entropy))
     p_node = probs.view(B, T * V).gather(1, tree.parent * V + v.tokens)  # each node's prob after its parent
     ok_node = p_node > limit.gather(1, tree.parent)
-    n, path = longest_path(on_paths(ok_node, tree.retrieve), tree.retrieve)
+    n, path = longest_path(take_nodes(ok_node, tree.retrieve[..., 1:].clamp(min=0)), tree.retrieve)
     after = logits.gather(1, last_accepted(path, n)[:, :, None].expand(B, 1, V))[:, 0]
     return Accepted.of(v.tokens, n, path, sample(after, sp, generator))
-
-
-def on_paths(x, retrieve):
-    """x [B, T] at each node -> [B, P, depth]: at each path's nodes after the root (padding reads the root)."""
-    B, P, D1 = retrieve.shape
-    return x.gather(1, retrieve[:, :, 1:].clamp(min=0).reshape(B, -1)).view(B, P, D1 - 1)
 
 
 def drop_repeats(p_node, tokens, tree: TreeRows):
@@ -1419,7 +1413,7 @@ def accept_exact(v: Verified, sp: SamplingParams, generator=None):
     u = torch.rand(B, T, device=probs.device, generator=generator)
     accept = u * (1 - tried) < p_node
     taken = accept & ((earlier @ accept.to(probs.dtype)[:, :, None])[:, :, 0] == 0)  # each node's first accepted child
-    n, path = longest_path(on_paths(taken, tree.retrieve), tree.retrieve)
+    n, path = longest_path(take_nodes(taken, tree.retrieve[..., 1:].clamp(min=0)), tree.retrieve)
     last = last_accepted(path, n)  # [B, 1]: its children were all rejected
     p_last = probs.gather(1, last[:, :, None].expand(B, 1, V))[:, 0]  # [B, V]
     its_children = tree.children.gather(1, last[:, :, None].expand(B, 1, T))[:, 0]  # [B, T]

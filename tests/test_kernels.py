@@ -642,15 +642,16 @@ def test_draft_with_kernels(monkeypatch, grounded):
     for p in heads.parameters():
         torch.nn.init.normal_(p, std=0.3)
     heads.vocab.copy_(torch.randperm(c.vocab_size)[:30])
-    tree = hl.Tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1]])
     h, root = torch.randn(2, c.dim), torch.randint(0, c.vocab_size, (2,))
-    out = []
-    with torch.no_grad():
-        for use_kernels in (False, True):
-            monkeypatch.setattr(hl, "_triton", lambda x: use_kernels)
-            out.append(hl.draft([hl.HeadDrafts(heads, model)], tree, hl.DraftInput(root, h)))
-    assert torch.equal(out[0], out[1])
-    assert torch.isin(out[1][:, 1:], heads.vocab).all()  # drafted tokens come from the draft vocabulary
+    for tree in (hl.Tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1]]), hl.DynamicTree(8, 3, 3, 3)):
+        out = []
+        with torch.no_grad():
+            for use_kernels in (False, True):
+                monkeypatch.setattr(hl, "_triton", lambda x: use_kernels)
+                out.append(hl.draft([hl.HeadDrafts(heads, model)], tree, hl.DraftInput(root, h)))
+        assert torch.equal(out[0][0], out[1][0]), type(tree)  # the tokens
+        assert all(torch.equal(a, b) for a, b in zip(vars(out[0][1]).values(), vars(out[1][1]).values()) if a is not None)
+        assert torch.isin(out[1][0][:, 1:], heads.vocab).all()  # drafted tokens come from the draft vocabulary
 
 
 @pytest.mark.parametrize("use_kernels", [False, True], ids=["ref", "kernels"])
