@@ -1611,9 +1611,10 @@ class Output:
 
 
 # Head-tree nodes by batch size (up to that batch): a verification pass costs more per node as the batch grows,
-# so larger batches verify smaller trees (the heads' most likely paths). Measured on an H100/H200 with
-# SmolLM2-135M: BENCHMARKS.md, "tree size by batch".
-TREE_NODES_BY_BATCH = ((2, 63), (4, 48), (8, 32), (16, 24), (32, 16), (1 << 30, 8))
+# so larger batches verify smaller trees (the heads' most likely paths). Measured on an H200 with SmolLM2-135M
+# and context drafts (BENCHMARKS.md, run 12, "tree size by batch"): at batch 8, 16 nodes 2.24x over AR, 8 nodes
+# 2.19x, 32 nodes 2.11x; at batch 32, 16 nodes 1.72x, 8 or 32 nodes 1.61-1.62x.
+TREE_NODES_BY_BATCH = ((2, 63), (4, 48), (32, 16), (1 << 30, 8))
 # On the CPU a verification pass costs about in proportion to its nodes (no launch overhead hides them): an
 # 8-node head tree with the context chain pays at batch 1 (1.56x AR decoding, the 64-node tree 0.93x), and the
 # command line decodes batches plainly there (BENCHMARKS.md, run 11, "On the CPU").
