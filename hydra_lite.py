@@ -1475,7 +1475,7 @@ def sync(device):
 class StepGraph:
     """Replays fn(*static_inputs) as a CUDA graph; plain call elsewhere. Inputs are copied into static buffers."""
 
-    def __init__(self, fn, example_inputs, use_graph):
+    def __init__(self, fn, example_inputs, use_graph, pool=None):
         self.fn, self.graph = fn, None
         if not use_graph:
             return
@@ -1486,7 +1486,7 @@ class StepGraph:
             fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):  # (graphs that never run at once may share a pool)
             self.outputs = fn(*self.inputs)
 
     def __call__(self, *inputs):
@@ -1518,6 +1518,7 @@ class Workspace:
     history: Optional[torch.Tensor] = None  # context drafts only: [B, max_len] each row's tokens (see DraftInput)
     step: Optional[StepGraph] = None
     host: list = field(default_factory=list)  # two pinned buffers that step outputs take turns in
+    prefills: dict = field(default_factory=dict)  # prompt-length bucket -> its captured prefill (StepGraph)
     calls: int = 0  # generate() calls it served (a Conversation checks its cache is still its own)
 
 
@@ -1542,6 +1543,8 @@ class GenerationInterrupted(KeyboardInterrupt):
 
 
 MAX_WORKSPACES = 24  # workspaces a Generator keeps (its KV caches and captured graphs)
+PREFILL_GRAPH_TOKENS = 4096  # captured prefills: up to this many padded tokens (batch x bucket); longer ones run
+# eagerly, where the launches no longer dominate
 
 
 def cache_bucket(slots, context):
@@ -1673,6 +1676,7 @@ class Generator:
             self.drafts.append(ContextDrafts())
         self.tree = self.tree_for(1) if self.drafts else None  # (a batch of one verifies the whole tree)
         self.workspaces = {}  # GraphKey -> Workspace, the most recently used last
+        self._prefill_pool = None  # the captured prefills' memory (one pool for all)
 
     def describe(self, batch=1):
         """What decodes a batch of this size, in words: "ar", or the heads' kind and tree, and context drafts."""
@@ -1789,8 +1793,19 @@ class Generator:
             if progress:
                 progress(f"warm-up {i + 1}/{len(todo)}: batch {b}, {mode}, {n} slots")
             with torch.inference_mode():
-                self._workspace(b, n, mode, sampling or SamplingParams())
+                self._warm_prefills(self._workspace(b, n, mode, sampling or SamplingParams()))
         return time.perf_counter() - t0
+
+    def _warm_prefills(self, ws):
+        """Capture the workspace's prefill for every length bucket a call can use (none without CUDA graphs)."""
+        T = 16
+        while (bucket := self._prefill_bucket(ws, T, 0)) is not None:
+            if bucket not in ws.prefills:
+                self._prefill(ws, [[0] * bucket] * ws.key.batch)
+            T = bucket * 2
+        for kv in (ws.cache, ws.prefix_cache):  # (scratch: the next call's prefill sets the lengths)
+            if kv is not None:
+                kv.lens.zero_()
 
     def _build_workspace(self, key):
         B, c, dtype, spec = key.batch, self.model.cfg, self.model.embed.weight.dtype, key.mode == "spec"
@@ -1820,20 +1835,46 @@ class Generator:
     def _prefill(self, ws, prompts, cached=0):
         """Fill each row's cache with its prompt (after the `cached` tokens already there), all rows in one forward
         (right-padded: a row's padding writes keys/values past its length, which nothing reads and later tokens
-        overwrite). Returns the base logits after the prompt [B, V] and the hidden state the draft heads start
-        from [B, dim] (Hydra++: the prefix layer's output)."""
+        overwrite). On the GPU the new tokens are padded to a length bucket whose prefill is captured once (a
+        CUDA graph per workspace and bucket: a replay, not ~300 kernel launches from Python). Returns the base
+        logits after the prompt [B, V] and the hidden state the draft heads start from [B, dim] (Hydra++: the
+        prefix layer's output)."""
         T = max(map(len, prompts)) - cached
-        ids = torch.tensor([p[cached:] + [0] * (T + cached - len(p)) for p in prompts], device=self.device)
+        bucket = self._prefill_bucket(ws, T, cached)
+        width = bucket or T
+        ids = torch.tensor([p[cached:] + [0] * (width + cached - len(p)) for p in prompts], device=self.device)
+        start = torch.full((len(prompts),), cached, dtype=torch.int32, device=self.device)
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
-        last = (ws.rows[:, 0], lens.long() - 1 - cached)  # each row's last prompt position among the new tokens
-        ws.cache.lens.fill_(cached)
+        if not bucket:
+            return self._prefill_step(ws, ids, start, lens)
+        if bucket not in ws.prefills:  # (all prefills share one memory pool: their outputs are read at once)
+            if self.use_graphs and self._prefill_pool is None:
+                self._prefill_pool = torch.cuda.graph_pool_handle()
+            ws.prefills[bucket] = StepGraph(lambda *x: self._prefill_step(ws, *x), [ids, start, lens], self.use_graphs,
+                                            self._prefill_pool)
+        return ws.prefills[bucket](ids, start, lens)
+
+    def _prefill_bucket(self, ws, T, cached):
+        """The padded length of a captured prefill of T new tokens (a power of two, at least 16), or None: eager
+        (no CUDA graphs, or a prefill too large to be launch-bound: over PREFILL_GRAPH_TOKENS padded tokens)."""
+        bucket = max(16, 1 << (T - 1).bit_length())
+        if not self.use_graphs or ws.key.batch * bucket > PREFILL_GRAPH_TOKENS or cached + bucket > ws.key.max_len:
+            return None
+        return bucket
+
+    def _prefill_step(self, ws, ids, start, lens):
+        """The prefill proper (captured per bucket on the GPU): ids [B, T] after start[b] cached tokens."""
+        B, T = ids.shape
+        last = (ws.rows[:, 0], (lens - 1 - start).long())  # each row's last prompt position among the new tokens
+        ws.cache.lens.copy_(start)
         h = self.model(ids, ws.cache)
         ws.cache.lens.copy_(lens)
-        if ws.history is not None:
-            ws.history[:, cached:cached + T] = ids
+        if ws.history is not None:  # (padding lands in scratch slots past the row's length)
+            slots = (start[:, None].long() + torch.arange(T, device=ids.device)).clamp(max=ws.history.shape[1] - 1)
+            ws.history.scatter_(1, slots, ids)
         logits = self.model.logits(h[last])
         if ws.prefix_cache is not None:
-            ws.prefix_cache.lens.fill_(cached)
+            ws.prefix_cache.lens.copy_(start)
             h = self.heads.run_prefix(h, ws.cache.rope, ws.prefix_cache)
             ws.prefix_cache.lens.copy_(lens)
         return logits, h[last]

@@ -86,3 +86,21 @@ def test_gpu_sampled_speculative_under_graphs(acceptance, dynamic):
     hot, _ = gen.generate(prompts, 40, hl.SamplingParams(temperature=1.0, top_p=0.9), stop_at_eos=False)
     again, _ = gen.generate(prompts, 40, hl.SamplingParams(temperature=1.0, top_p=0.9), stop_at_eos=False)
     assert hot != greedy and hot != again  # the graph draws fresh random numbers on every replay
+
+
+def test_gpu_captured_prefill_equals_eager_fp32(monkeypatch):
+    """Prefills replay a graph captured per length bucket: the answers equal eager prefills', and after warm-up
+    no call captures anything (prompt lengths 3 to 300, batch 1 and 2)."""
+    for name, model in models():
+        heads = tiny_heads(model, True, True).cuda()
+        torch.manual_seed(4)
+        prompts = [torch.randint(0, model.cfg.vocab_size, (n,)).tolist() for n in (3, 40, 300)]
+        batches = [[p] for p in prompts] + [prompts[:2]]
+        eager = hl.Generator(model, heads=heads, cuda_graphs=False)
+        expected = [eager.generate(b, 32, stop_at_eos=False)[0] for b in batches]
+        gen = hl.Generator(model, heads=heads)
+        gen.warmup([1, 2])
+        assert all(ws.prefills for ws in gen.workspaces.values()), name
+        with monkeypatch.context() as m:
+            m.setattr(hl, "StepGraph", lambda *a, **k: pytest.fail("captured after warm-up"))
+            assert [gen.generate(b, 32, stop_at_eos=False)[0] for b in batches] == expected, name

@@ -635,3 +635,35 @@ def test_greedy_speculative_with_dynamic_trees_equals_autoregressive(grounded, p
     assert spec == ar and stats.mean_accept >= 1.0
     cold, _ = gen.generate(prompts, 40, hl.SamplingParams(temperature=1e-3), stop_at_eos=False)
     assert cold == ar  # sampled (exact acceptance) at near-zero temperature: greedy
+
+
+def test_bucketed_prefill_equals_plain_prefill(monkeypatch):
+    """On the GPU a prefill is padded to a length bucket (and captured): padding must not change any row's
+    answer, the token history the context drafts read, or a conversation's next turn (cached tokens first)."""
+    model = tiny_model(32)
+    heads = tiny_heads(model, True, True)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (5, 23, 17)]
+    plain, padded = (hl.Generator(model, FakeTokenizer(), heads, context_drafts=3) for _ in range(2))
+    buckets = []
+    monkeypatch.setattr(padded, "_prefill_bucket", lambda ws, T, cached: buckets.append(T) or max(16, 1 << T.bit_length()))
+    expected, _ = plain.generate(prompts, 24, stop_at_eos=False)
+    out, _ = padded.generate(prompts, 24, stop_at_eos=False)
+    assert out == expected and buckets == [23]
+    for b, p in enumerate(prompts):
+        assert padded.workspace.history[b, :len(p)].tolist() == p
+    chats = [hl.Conversation(plain), hl.Conversation(padded)]
+    answers = [[chat.say(text, max_new_tokens=12)[0] for text in ("3 4 5", "6 7 8 9")] for chat in chats]
+    assert answers[0] == answers[1] and len(buckets) == 3 and buckets[-1] <= 8  # the second turn: its new tokens only
+
+
+class FakeTokenizer:
+    """Numbers as text, one token each (for conversations on tiny models)."""
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        return [int(t) for m in messages for t in m["content"].split()] + [1]
+
+    def encode_next_turn(self, content):
+        return [2] + [int(t) for t in content.split()] + [1]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
