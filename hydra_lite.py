@@ -1830,6 +1830,9 @@ class Generator:
         for kv in (cache, prefix_cache):  # graph warm-up wrote scratch
             if kv is not None:
                 kv.lens.zero_()
+        if self.device.type == "cuda":  # the step outputs' pinned host buffers (allocating them costs a first call ms)
+            width = 1 if key.mode == "ar" else ws.tree.depth + 3
+            ws.host[:] = [torch.empty((B, width), dtype=torch.long, pin_memory=True) for _ in range(2)]
         return ws
 
     def _prefill(self, ws, prompts, cached=0):
