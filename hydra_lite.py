@@ -2115,7 +2115,8 @@ def parse_tree_arg(text):
         try:
             text = json.loads(text)
         except json.JSONDecodeError as e:
-            raise HydraLiteError(f"--tree is not valid JSON ({e}); give a list of rank paths such as [[0],[1],[0,0]]") from None
+            raise HydraLiteError(f"--tree is not valid JSON ({e}); give 'dynamic' or a list of rank paths such as "
+                                 f"[[0],[1],[0,0]]") from None
     return Tree(text).choices
 
 
