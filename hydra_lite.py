@@ -185,6 +185,25 @@ def attention_ref(q, k_cache, v_cache, lens, mask=None):
     return out
 
 
+def path_attention_ref(q, k_cache, v_cache, lens, path=None, depth=None):
+    """Attention of each new token over the cached slots < lens[b], then the tree slots lens[b] + path[b, t, j]
+    for j = 0 .. depth[b, t] (its ancestors from the root, then itself). path [B, T, D1], depth [B, T]; None: one
+    token per row, decoding. (kernels.path_attention computes it batch-invariantly; this is its oracle.)"""
+    if path is None:
+        return attention_ref(q, k_cache, v_cache, lens)
+    B, T = depth.shape
+    j = torch.arange(path.shape[-1], device=q.device)
+    on_path = (j <= depth[..., None]) & (path >= 0)  # [B, T, D1]
+    mask = torch.zeros(B, T, T, dtype=torch.bool, device=q.device)
+    mask.scatter_(2, torch.where(on_path, path, 0), True)  # (padding points at the root, on every path)
+    return attention_ref(q, k_cache, v_cache, lens, mask)
+
+
+def matmul_ref(x, w, bias=None):
+    """x @ w.T (+ bias): every projection and the output layer (kernels.matmul: the batch-invariant kernel)."""
+    return F.linear(x, w, bias)
+
+
 def kv_compact_ref(k_all, v_all, lens, path):
     """After verification, move the accepted tree tokens' keys/values to the front of the tree's slots:
     slot lens[b] + path[b, j] -> slot lens[b] + j, in every layer. k_all, v_all [L, B, S, Hkv, D];
@@ -283,6 +302,11 @@ def causal_attention_ref(q, k, v, cos, sin):
 # Dispatch: Triton on CUDA tensors when kernels.py is importable, else the references above. The kernels have
 # no backward, so with grad enabled (training) the references run on the GPU too.
 USE_TRITON = os.environ.get("HYDRA_LITE_TRITON", "1") != "0"
+# Batch-invariant kernels (the default): every projection, the output layer and the attention of decoding and
+# verification compute a token's values in the same order whatever the batch or the tree, so that greedy
+# speculative decoding gives greedy decoding's output bit for bit, in bf16 too. HYDRA_LITE_EXACT=0: cuBLAS
+# and the tiled attention kernels instead (outputs may part from plain decoding at near-ties).
+EXACT = os.environ.get("HYDRA_LITE_EXACT", "1") != "0"
 
 
 def _kernels_for(x):
@@ -306,12 +330,22 @@ def rope_cache_write(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, lens)
     return fn(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, lens)
 
 
-def attention(q, k_cache, v_cache, lens, mask=None):
+def attention(q, k_cache, v_cache, lens, tree=None):
+    """tree: the TreeRows that the new tokens are (verification), or None: causal (prefill, decoding)."""
     if not _triton(q):
-        return attention_ref(q, k_cache, v_cache, lens, mask)
+        return attention_ref(q, k_cache, v_cache, lens, None if tree is None else tree.mask)
+    if EXACT and (tree is not None or q.shape[1] == 1):
+        paths = () if tree is None else (tree.node_path, tree.node_depth)
+        return _kernels.path_attention(q, k_cache, v_cache, lens, *paths)
+    if EXACT:  # a prefill: tiles of tokens are fine (per-token rows), a split count that depends on the grid is not
+        return _kernels.tree_attention(q, k_cache, v_cache, lens, None, num_splits=1)
     if q.shape[1] == 1:
         return _kernels.decode_attention(q, k_cache, v_cache, lens)
-    return _kernels.tree_attention(q, k_cache, v_cache, lens, mask)
+    return _kernels.tree_attention(q, k_cache, v_cache, lens, None if tree is None else tree.mask)
+
+
+def linear(x, w, bias=None):
+    return (_kernels.matmul if EXACT and _triton(x) else matmul_ref)(x, w, bias)
 
 
 def kv_compact(k_all, v_all, lens, path):
@@ -368,7 +402,7 @@ class Projection(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_dim)) if bias else None
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -425,9 +459,10 @@ class Block(nn.Module):
         self.w13 = Projection(cfg.dim, 2 * cfg.hidden_dim)
         self.w2 = Projection(cfg.hidden_dim, cfg.dim)
 
-    def forward(self, x, residual, rope, pos, kv=None, mask=None):
+    def forward(self, x, residual, rope, pos, kv=None, tree=None):
         """x: this layer's input before its norm, residual: the stream to add it to (None for the first layer).
-        kv: (k_cache, v_cache, lens) of this layer, or None: causal attention over x alone (training).
+        kv: (k_cache, v_cache, lens) of this layer, or None: causal attention over x alone (training). tree: the
+        TreeRows that x's tokens are (verification), None: causal.
         Returns the attention+MLP output and the new residual, so each add fuses with the next norm."""
         c = self.cfg
         B, T, _ = x.shape
@@ -441,7 +476,7 @@ class Block(nn.Module):
         else:
             k_cache, v_cache, lens = kv
             q = rope_cache_write(q, k, v, rope[0], rope[1], pos, k_cache, v_cache, lens)
-            a = attention(q, k_cache, v_cache, lens, mask)
+            a = attention(q, k_cache, v_cache, lens, tree)
         h, residual = self.ffn_norm(self.wo(a.reshape(B, T, -1)), residual)
         return self.w2(swiglu(self.w13(h))), residual
 
@@ -463,20 +498,21 @@ class Llama(nn.Module):
         p = self.embed.weight
         return new_cache(self.cfg, self.cfg.n_layers, batch, max_len or self.cfg.max_seq_len, p.device, p.dtype)
 
-    def forward(self, tokens, cache, pos=None, mask=None):
+    def forward(self, tokens, cache, pos=None, tree=None):
         """tokens [B, T] -> last hidden states [B, T, dim] after the final norm. Writes the tokens' keys/values
         at slots lens[b] + t; the caller advances cache.lens (or compacts, for a tree). pos [B, T]: RoPE
-        positions (default lens[b] + t); mask [T, T]: which new tokens see which (default causal)."""
+        positions (default lens[b] + t); tree: the TreeRows the tokens are, which new tokens see which (default
+        causal)."""
         B, T = tokens.shape
         if pos is None:
             pos = cache.lens[:, None].long() + torch.arange(T, device=tokens.device)
         x, residual = self.embed(tokens), None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cache.rope, pos, cache.layer(i), mask)
+            x, residual = layer(x, residual, cache.rope, pos, cache.layer(i), tree)
         return rms_norm(x, self.norm, self.cfg.norm_eps, residual)[0]
 
     def logits(self, h):
-        return F.linear(h, self.output_weight)
+        return linear(h, self.output_weight)
 
     @torch.no_grad()
     def forward_logits(self, tokens):
@@ -1062,7 +1098,8 @@ class Tree:
         """This tree for every row of a batch: views, no copies."""
         return TreeRows(self.parent.expand(batch, -1), self.node_depth.expand(batch, -1),
                         self.mask.expand(batch, -1, -1), self.retrieve.expand(batch, -1, -1),
-                        self.earlier_siblings.expand(batch, -1, -1), self.children.expand(batch, -1, -1))
+                        self.earlier_siblings.expand(batch, -1, -1), self.children.expand(batch, -1, -1),
+                        self.node_path.expand(batch, -1, -1))
 
 
 @dataclass
@@ -1079,9 +1116,22 @@ class TreeRows:
     retrieve: torch.Tensor
     given_earlier: Optional[torch.Tensor] = None
     given_children: Optional[torch.Tensor] = None
+    given_path: Optional[torch.Tensor] = None
 
     def rows(self, batch):
         return self
+
+    @property
+    def node_path(self):
+        """[B, T, D1]: each node's path, its tree indices from the root to itself (padded past its depth)."""
+        if self.given_path is None:  # (trees made by hand in tests: walk up from every node)
+            cols = [torch.arange(self.parent.shape[1], device=self.parent.device).expand_as(self.parent)]
+            for _ in range(int(self.node_depth.max())):
+                cols.append(self.parent.gather(1, cols[-1]))
+            up = torch.stack(cols, -1)  # [B, T, depth+1]: the node, its parent, ... (the root repeats)
+            j = (self.node_depth[..., None] - torch.arange(up.shape[-1], device=up.device)).clamp(min=0)
+            self.given_path = up.gather(2, j)
+        return self.given_path
 
     @property
     def earlier_siblings(self):
@@ -1159,7 +1209,8 @@ class DynamicTree:
         (copies of a template made once per batch size: a few copies per step, not a kernel per chain node)."""
         if batch not in self._templates:
             self._templates[batch] = self._template(batch)
-        return TreeRows(*(t.clone() for t in self._templates[batch]))
+        parent, depth, mask, retrieve = (t.clone() for t in self._templates[batch])
+        return TreeRows(parent, depth, mask, retrieve, given_path=retrieve)  # (row t of retrieve is node t's path)
 
     def _template(self, batch):
         T, D1, dev = self.size, self.depth + 1, self.context_nodes.device
@@ -1332,12 +1383,13 @@ class Verified:
     given_logits: Optional[torch.Tensor] = None
 
     def logits(self):
-        return self.given_logits if self.given_logits is not None else F.linear(self.hidden, self.output_weight)
+        return self.given_logits if self.given_logits is not None else linear(self.hidden, self.output_weight)
 
     def argmax(self):
-        """The base model's greedy token after every node [B, T], without its [B, T, V] logits in memory."""
-        if self.given_logits is not None:
-            return self.given_logits.argmax(-1)
+        """The base model's greedy token after every node [B, T]: the argmax of the same logits that greedy decoding
+        takes its argmax of (EXACT); else without the [B, T, V] logits in memory."""
+        if self.given_logits is not None or EXACT:
+            return self.logits().argmax(-1)
         return lm_topk(self.hidden, self.output_weight, 1)[1][..., 0]
 
 
@@ -1920,7 +1972,7 @@ class Generator:
         tree, cache = ws.tree, ws.cache
         tokens, rows = draft(self.drafts, tree, DraftInput(root, h, ws.history, cache.lens))
         pos = cache.lens[:, None].long() + rows.node_depth
-        hidden = self.model(tokens, cache, pos, rows.mask)  # [B, T, dim]
+        hidden = self.model(tokens, cache, pos, rows)  # [B, T, dim]
         acc = accept(Verified(rows, tokens, hidden, self.model.output_weight), sp)
         grow = acc.n.to(torch.int32) * live
         next_h = self._next_draft_state(ws, hidden, acc, grow)

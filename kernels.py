@@ -444,6 +444,189 @@ def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Batch-invariant kernels (bit-exact speculative decoding, issue 15). A token's result must be the same bits
+# whether it came from a one-token step, a tree verification or another batch: so no tile size, split or
+# reduction order may depend on how many rows a call has.
+#
+# path_attention: one program per (row, token, kv head, split); the tile's rows are that token's GQA heads,
+# so no tile ever mixes tokens. A token sees the cache slots 0 .. lens[b]-1, then its path's tree slots
+# lens[b] + path[b, t, 0 .. depth[b, t]] (its ancestors from the root, then itself): n = lens + depth + 1
+# "virtual positions", reduced in blocks of BLOCK_N from 0 and in splits of SPLIT_LEN from 0, whatever lens is.
+# A one-token step (path [[0]], depth 0) reduces over exactly the same virtual positions, block by block, as
+# a tree node does once its path is accepted; the combine merges the used splits in order, one at a time.
+
+
+@triton.jit(do_not_specialize=["T"])
+def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr, plse_ptr,
+                      T, Hq, Hkv, D, scale, NUM_SPLITS,
+                      sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, spb, spt, spj, sdb, sdt,
+                      REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    t = tl.program_id(0)
+    b = (tl.program_id(1) // Hkv).to(tl.int64)
+    kvh = tl.program_id(1) % Hkv
+    split = tl.program_id(2)
+    lens = tl.load(lens_ptr + b)
+    n = lens + tl.load(depth_ptr + b * sdb + t * sdt) + 1  # virtual positions this token sees
+    lo = split * SPLIT_LEN
+    if lo < n:  # (splits past n write nothing: the combine reads only the used ones)
+        offs_m = tl.arange(0, BLOCK_M)
+        h = kvh * REP + offs_m
+        row_ok = offs_m < REP
+        offs_d = tl.arange(0, BLOCK_D)
+        ok_d = offs_d < D
+        offs_n = tl.arange(0, BLOCK_N)
+        q = tl.load(q_ptr + b * sqb + t * sqt + h[:, None] * sqh + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None] & ok_d[None, :], other=0.0)
+        hi = tl.minimum(n, lo + SPLIT_LEN)
+        k_base = k_ptr + b * skb + kvh * skh + offs_d[None, :] * skd
+        v_base = v_ptr + b * svb + kvh * svh + offs_d[None, :] * svd
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            vp = start + offs_n  # virtual positions
+            seen = vp < hi
+            j = vp - lens  # >= 0: the j-th node of the token's path
+            node = tl.load(path_ptr + b * spb + t * spt + j * spj, mask=seen & (j >= 0), other=0)
+            slot = tl.where(j >= 0, lens + node, vp).to(tl.int64)
+            ld = seen[:, None] & ok_d[None, :]
+            k = tl.load(k_base + slot[:, None] * sks, mask=ld, other=0.0)
+            v = tl.load(v_base + slot[:, None] * svs, mask=ld, other=0.0)
+            if UPCAST:
+                qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PREC)
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = tl.where(seen[None, :], qk * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if UPCAST:
+                pv = tl.dot(p.to(q.dtype).to(tl.float32), v.to(tl.float32), input_precision=PREC)
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        row = ((b * T + t) * Hq + h) * NUM_SPLITS + split  # [BLOCK_M] into [B, T, Hq, NUM_SPLITS]
+        tl.store(plse_ptr + row, m_i + tl.log2(l_i), mask=row_ok)
+        tl.store(po_ptr + row[:, None] * D + offs_d[None, :], acc / l_i[:, None], mask=row_ok[:, None] & ok_d[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def _path_combine_kernel(po_ptr, plse_ptr, lens_ptr, depth_ptr, o_ptr, T, Hq, D, NUM_SPLITS, sdb, sdt,
+                         SPLIT_LEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.load(lens_ptr + b) + tl.load(depth_ptr + b * sdb + t * sdt) + 1
+    used = tl.cdiv(n, SPLIT_LEN)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    h_ok = h < Hq
+    ok = h_ok[:, None] & (d < D)[None, :]
+    row = (b * T + t) * Hq + h  # [BLOCK_H]
+    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    for s in range(0, used):
+        m = tl.maximum(m, tl.load(plse_ptr + row * NUM_SPLITS + s, mask=h_ok, other=0.0))
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for s in range(0, used):  # in split order, one at a time: the same sums for any number of splits after `used`
+        w = tl.exp2(tl.load(plse_ptr + row * NUM_SPLITS + s, mask=h_ok, other=0.0) - m)
+        acc += w[:, None] * tl.load(po_ptr + (row * NUM_SPLITS + s)[:, None] * D + d[None, :], mask=ok, other=0.0)
+        den += w
+    tl.store(o_ptr + row[:, None] * D + d[None, :], (acc / den[:, None]).to(o_ptr.dtype.element_ty), mask=ok)
+
+
+PATH_SPLIT_LEN = 256  # virtual positions per split (a constant: splits must not depend on the batch or the grid)
+_DECODE_PATH = {}  # device -> the one-token path ([[[0]]], depth [[0]]): a decode step is a one-node tree
+
+
+def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
+    """Batch-invariant attention for decoding and tree verification (see the note above and path_attention_ref):
+    q [B, T, Hq, D]; path [B, T, D1] (node indices from the root, any strides, e.g. an expanded view) and
+    depth [B, T]; path None: one token per row (decoding)."""
+    B, T, Hq, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    _require(Hq % Hkv == 0, f"Hq={Hq} is not a multiple of Hkv={Hkv}")
+    _require(D <= 256, f"head_dim {D} > 256 is not supported")
+    if path is None:
+        _require(T == 1, f"path_attention without a path takes one token per row, not {T}")
+        if q.device not in _DECODE_PATH:
+            _DECODE_PATH[q.device] = torch.zeros(1, 1, 1, dtype=torch.long, device=q.device)
+        path = _DECODE_PATH[q.device].expand(B, 1, 1)
+        depth = path[:, :, 0]
+    _require(path.dim() == 3 and tuple(path.shape[:2]) == (B, T) and tuple(depth.shape) == (B, T),
+             f"path_attention: path {tuple(path.shape)} / depth {tuple(depth.shape)} do not fit q {tuple(q.shape)}")
+    REP = Hq // Hkv
+    BLOCK_M, BLOCK_N, BLOCK_D = _pow2(REP, 16), 64, _pow2(D, 16)
+    num_splits = triton.cdiv(S, PATH_SPLIT_LEN)
+    po = torch.empty(B * T * Hq * num_splits * D, dtype=torch.float32, device=q.device)
+    plse = torch.empty(B * T * Hq * num_splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    upcast = (not q.is_cuda) or q.dtype == torch.float32 or q.dtype != k_cache.dtype
+    lens = lens.contiguous()
+    _path_attn_kernel[(T, B * Hkv, num_splits)](
+        q, k_cache, v_cache, lens, path, depth, po, plse, T, Hq, Hkv, D, 1.0 / math.sqrt(D) * 1.4426950408889634,
+        num_splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
+        REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
+        PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", num_warps=4, num_stages=2)
+    _path_combine_kernel[(T, B)](po, plse, lens, depth, out, T, Hq, D, num_splits, *depth.stride(),
+                                 SPLIT_LEN=PATH_SPLIT_LEN, BLOCK_H=_pow2(Hq, 2), BLOCK_D=BLOCK_D, num_warps=4)
+    return out
+
+
+# matmul: y = x @ w.T (+ bias) with one tile shape per (N, K), whatever the number of rows M (cuBLAS picks its
+# algorithm, and split-K, by M: the same row gets different bits in a 1-row step and a 74-row verification).
+# Every row is reduced over K in BLOCK_K steps, in order, in fp32, by the same MMA instructions.
+
+
+@triton.jit(do_not_specialize=["M"])
+def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, sxk, swn, swk,
+                   HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Row blocks on axis 0: the programs that read one slice of w run side by side (rereads hit L2).
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :] * sxk
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * swn + rk[:, None] * swk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
+        x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0 * swk, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
+        if BY_SUM:  # the interpreter: its tl.dot is numpy's matmul, whose bits may depend on a row's place
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        elif UPCAST:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(x, w, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def matmul(x, w, bias=None):
+    """Batch-invariant x @ w.T (+ bias), as F.linear: x [..., K], w [N, K] -> [..., N] in x's dtype."""
+    K, N = x.shape[-1], w.shape[0]
+    _require(w.dim() == 2 and w.shape[1] == K, f"matmul: weight {tuple(w.shape)} does not take inputs of width {K}")
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    # One tile shape per (N, K): 64 rows (Hopper's wgmma; a decode step's one row pays for 64, which a
+    # memory-bound step hides), narrow column blocks where N is small so that more programs share the read.
+    BLOCK_M, BLOCK_N, BLOCK_K = (64, 64 if N >= 4096 else 32, 64) if x.is_cuda else (16, 32, 32)
+    upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
+    b = bias.contiguous() if bias is not None else w  # unused without a bias
+    _matmul_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
+        x2, w, b, y, M, N, K, *x2.stride(), *w.stride(), HAS_BIAS=bias is not None, UPCAST=upcast, BY_SUM=not x.is_cuda,
+        PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------------
 # KV compaction after verification: slot lens[b] + path[b, j] -> slot lens[b] + j in every layer. One program
 # per (layer, row, column chunk) loads all P source rows, waits for its whole block, then stores: sources and
 # destinations overlap across j, and different threads may hold the same slot's load and store.

@@ -372,6 +372,77 @@ def test_attention_mixed_dtypes():
     close(out, hl.attention_ref(q, k_cache, v_cache, lens, mask), torch.float32)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# batch-invariant kernels (path_attention, matmul): a token's bits do not depend on the batch or the tree
+
+
+def tree_paths(parents):
+    """Node paths [B, T, D1] (from the root, 0 padded) and depths [B, T] of parent lists (one per row)."""
+    chains = [[hl.ancestry(p, i) for i in range(len(p))] for p in parents]
+    D1 = max(len(c) for row in chains for c in row)
+    path = torch.zeros(len(parents), len(parents[0]), D1, dtype=torch.long)
+    for b, row in enumerate(chains):
+        for i, c in enumerate(row):
+            path[b, i, :len(c)] = torch.tensor(c)
+    return path, torch.tensor([[len(c) - 1 for c in row] for row in chains])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,S,split", [(3, 7, 6, 2, 32, 90, 32), (2, 5, 9, 3, 64, 40, 256), (1, 9, 4, 1, 80, 70, 16)])
+def test_path_attention(dtype, B, T, Hq, Hkv, D, S, split, monkeypatch):
+    """Against the reference, trees per row, one split or several (splits shortened to exercise the combine)."""
+    monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", split)
+    q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S, dtype)
+    path, depth = tree_paths([random_tree(T)[2] for _ in range(B)])
+    ref = hl.path_attention_ref(q, k_cache, v_cache, lens, path, depth)
+    mask = torch.stack([random_tree(1)[0].new_zeros(T, T).scatter_(1, path[b] * (torch.arange(path.shape[2]) <=
+                        depth[b][:, None]), True) for b in range(B)])  # the same trees as masks: an independent oracle
+    close(ref, hl.attention_ref(q, k_cache, v_cache, lens, mask), dtype)
+    close(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), ref, dtype)
+    one = q[:, :1]  # decoding: a path of one node
+    close(kernels.path_attention(one, k_cache, v_cache, lens), hl.attention_ref(one, k_cache, v_cache, lens), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
+    """A tree node's output equals, bit for bit, one-token decoding over a cache that holds its path in order
+    (what the cache holds once the path is accepted), whatever the other nodes, the batch or the cache's size."""
+    monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 32)
+    B, T, Hq, Hkv, D, S = 3, 8, 6, 2, 32, 110
+    q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S - T, dtype)
+    k_cache, v_cache = (torch.cat([c, torch.randn(B, T, Hkv, D).to(dtype)], 1) for c in (k_cache, v_cache))
+    lens[0], lens[1] = 29, 64 - 3  # paths that straddle a block and a split boundary
+    path, depth = tree_paths([random_tree(T)[2] for _ in range(B)])
+    out = kernels.path_attention(q, k_cache, v_cache, lens, path, depth)
+    for b in range(B):
+        for t in range(T):
+            n = int(lens[b])
+            slots = torch.cat([torch.arange(n), n + path[b, t, :depth[b, t] + 1]])
+            k1 = torch.randn(1, S + 17, Hkv, D).to(dtype)  # another capacity, scratch past the path
+            v1 = torch.randn(1, S + 17, Hkv, D).to(dtype)
+            k1[0, :len(slots)], v1[0, :len(slots)] = k_cache[b, slots], v_cache[b, slots]
+            ar = kernels.path_attention(q[b:b + 1, t:t + 1], k1, v1, torch.tensor([len(slots) - 1], dtype=torch.int32))
+            assert torch.equal(ar[0, 0], out[b, t]), (b, t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,bias", [(1, 40, 48, False), (37, 96, 80, True), (70, 33, 64, False)])
+def test_matmul(dtype, M, N, K, bias):
+    """F.linear's values (fp32: ~1e-5), and each row's bits the same alone, in this batch or in another."""
+    x = torch.randn(M, K, dtype=dtype)
+    w = torch.randn(N, K, dtype=dtype) / K ** 0.5
+    b = torch.randn(N, dtype=dtype) if bias else None
+    y = kernels.matmul(x, w, b)
+    assert y.shape == (M, N) and y.dtype == dtype
+    close(y, hl.matmul_ref(x, w, b), dtype)
+    i = int(torch.randint(0, M, ()))
+    assert torch.equal(kernels.matmul(x[i:i + 1], w, b)[0], y[i])
+    other = torch.cat([torch.randn(5, K, dtype=dtype), x[i:i + 1], torch.randn(20, K, dtype=dtype)])
+    assert torch.equal(kernels.matmul(other, w, b)[5], y[i])
+    x3 = torch.randn(2, 3, K, dtype=dtype).transpose(0, 1)  # [..., K] with any leading strides
+    close(kernels.matmul(x3, w, b), hl.matmul_ref(x3, w, b), dtype)
+
+
 def test_attention_bad_heads():
     q = torch.randn(1, 2, 5, 16)
     kc = torch.randn(1, 8, 2, 16)
@@ -608,6 +679,8 @@ def test_model_tree_step_with_kernels(monkeypatch):
         depth[i] = depth[parent[i]] + 1
     prompt = torch.randint(0, 50, (2, 5))
     tree_tokens = torch.randint(0, 50, (2, 7))
+    rows = hl.TreeRows(torch.tensor(parent).expand(2, -1), depth.expand(2, -1), mask.expand(2, -1, -1),
+                       retrieve.expand(2, -1, -1))
     results = []
     with torch.no_grad():
         for use_kernels in (False, True):
@@ -616,7 +689,7 @@ def test_model_tree_step_with_kernels(monkeypatch):
             h0 = model(prompt, cache)
             cache.lens += 5
             pos = cache.lens[:, None].long() + depth[None]
-            hidden = model(tree_tokens, cache, pos, mask)
+            hidden = model(tree_tokens, cache, pos, rows)
             pred = hl.lm_topk(hidden, model.output_weight, 1)[1][..., 0]  # as greedy verification does
             n, path, out = hl.greedy_path(tree_tokens, pred, retrieve)
             hl.kv_compact(cache.k, cache.v, cache.lens, path)
@@ -628,6 +701,36 @@ def test_model_tree_step_with_kernels(monkeypatch):
     assert torch.equal(n_k, n) and torch.equal(path_k, path) and torch.equal(out_k, out)
     torch.testing.assert_close(k_k, k, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(v_k, v, rtol=1e-4, atol=1e-4)
+
+
+def test_model_tree_pass_is_decoding_bit_for_bit(monkeypatch):
+    """Through the whole model with the batch-invariant kernels (matmul, path_attention): the hidden states of a
+    tree pass at the nodes of a path equal, bit for bit, decoding that path's tokens one at a time. (The CPU
+    reference path does not promise this: F.linear's CPU kernels may block a 1-row and a 7-row product
+    differently, and the reference attention reduces a tree's keys in another order than decoding's.)"""
+    monkeypatch.setattr(hl, "_triton", lambda x: True)
+    monkeypatch.setattr(hl, "EXACT", True)
+    monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 16)  # several splits
+    model = tiny_model()
+    _, _, parent = random_tree(7)
+    tree = hl.Tree([hl.ancestry(parent, i)[1:] for i in range(1, 7)])  # (choices: each node's ranks = its path)
+    B, lens = 2, [13, 6]
+    prompts = [torch.randint(0, 50, (n,)) for n in lens]
+    tokens = torch.randint(0, 50, (B, tree.size))
+    with torch.no_grad():
+        caches = [model.new_cache(B, 40), model.new_cache(B, 48)]
+        for cache in caches:
+            for b, p in enumerate(prompts):
+                model(p[None], hl.KVCache(cache.k[:, b:b + 1], cache.v[:, b:b + 1], cache.lens[b:b + 1], cache.rope))
+            cache.lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        tree_cache, ar_cache = caches
+        rows = tree.rows(B)
+        hidden = model(tokens, tree_cache, tree_cache.lens[:, None].long() + rows.node_depth, rows)
+        leaf = int(tree.retrieve[:, -1].argmax())  # a deepest path
+        for d, node in enumerate(tree.retrieve[leaf].tolist()):
+            h = model(tokens[:, node:node + 1], ar_cache)
+            ar_cache.lens += 1
+            assert torch.equal(h[:, 0], hidden[:, node]), d
 
 
 @pytest.mark.parametrize("grounded", [False, True], ids=["medusa", "hydra"])
