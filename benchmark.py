@@ -18,6 +18,7 @@
         (prefill included), first and repeated call, per task and overall. JSON, a markdown table and a plot.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -334,11 +335,12 @@ def steps(args):
             cache = model.new_cache(B, 4096)
             cache.k.normal_(), cache.v.normal_()
             cache.lens.fill_(args.context)
-            for name, T in (("AR step", 1), ("tree verify", tree.size)):
+            for exact, (name, T) in itertools.product((True, False), (("AR step", 1), ("tree verify", tree.size))):
+                hl.EXACT = exact  # the batch-invariant kernels, or cuBLAS and the tiled attention (read at capture)
+                name += "" if exact else " (fast kernels)"
                 tokens = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
                 pos = cache.lens[:, None].long() + (tree.node_depth[None] if T > 1 else 0)
-                mask = tree.mask if T > 1 else None
-                fn = lambda: model.logits(model(tokens, cache, pos, mask))
+                fn = lambda: model.logits(model(tokens, cache, pos, tree.rows(B) if T > 1 else None))
                 ms = time_graph(fn)
                 kv_bytes = 2 * cfg.n_layers * B * (args.context + T) * cfg.n_kv_heads * cfg.head_dim * 2
                 floor_ms = (n_params * 2 + kv_bytes) / bw * 1000
@@ -346,6 +348,7 @@ def steps(args):
                 rows.append(dict(shape=args.shape, batch=B, step=name, tokens=B * T, ms=ms, roofline_ms=max(floor_ms, flop_ms),
                                  hbm_floor_ms=floor_ms, flop_floor_ms=flop_ms, fraction=max(floor_ms, flop_ms) / ms))
                 log(f"b{B} {name} ({B * T} tokens): {ms:.3f} ms, HBM floor {floor_ms:.3f} ms, bf16 FLOP floor {flop_ms:.3f} ms")
+    hl.EXACT = True
     table = ["| shape | batch | step | tokens | ms | roofline ms | of roofline |", "| --- | --- | --- | --- | --- | --- | --- |"]
     table += [f"| {r['shape']} | {r['batch']} | {r['step']} | {r['tokens']} | {r['ms']:.3f} | {r['roofline_ms']:.3f} | "
               f"{r['fraction'] * 100:.0f}% |" for r in rows]
@@ -570,6 +573,49 @@ def check_graph_replay(c, K, tree):
     c.close("decode_attention under CUDA graph replay", out_dec, hl.attention_ref(q[:, :1], k_cache, v_cache, lens), bf16)
 
 
+def check_invariant(c, K, shape, tree):
+    """The batch-invariant kernels: matmul against F.linear, and a row's bits the same whatever the number of
+    rows (1, a tree, a batch of trees, a prefill); path_attention against the reference, and a tree node's bits
+    equal to decoding over its path laid out in the cache (ragged rows, paths across block and split bounds)."""
+    Hq, Hkv, D, dim, hidden, _ = CHECK_SHAPES[shape]
+    dev, bf16 = "cuda", torch.bfloat16
+    for N, Kd in ((Hq * D + 2 * Hkv * D, dim), (dim, hidden), (2 * hidden, dim), (49152 if shape == "smollm2" else 32000, dim)):
+        w = torch.randn(N, Kd, device=dev, dtype=bf16) / math.sqrt(Kd)
+        x = torch.randn(600, Kd, device=dev, dtype=bf16)
+        y = K.matmul(x, w)
+        c.close(f"matmul {shape} [600,{Kd}]x[{N},{Kd}]", y, hl.matmul_ref(x, w), bf16)
+        same = all(torch.equal(K.matmul(x[:m], w), y[:m]) for m in (1, 2, 74, 257))
+        same &= torch.equal(K.matmul(x[300:301], w)[0], y[300])
+        c.verdict(f"matmul rows invariant {shape} N={N} K={Kd} (M = 1, 2, 74, 257, 600)", same)
+        c.time(f"matmul {shape} M=1 [{N},{Kd}] (ref: cuBLAS)", lambda: K.matmul(x[:1], w), lambda: hl.matmul_ref(x[:1], w))
+        c.time(f"matmul {shape} M=74 [{N},{Kd}] (ref: cuBLAS)", lambda: K.matmul(x[:74], w), lambda: hl.matmul_ref(x[:74], w))
+    B, T, S = 4, tree.size, CHECK_SLOTS
+    k_cache = torch.randn(B, S, Hkv, D, device=dev, dtype=bf16)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(B, T, Hq, D, device=dev, dtype=bf16)
+    lens = torch.tensor([2000, 5, 255, 1000], device=dev, dtype=torch.int32)
+    rows = tree.rows(B)
+    out = K.path_attention(q, k_cache, v_cache, lens, rows.node_path, rows.node_depth)
+    c.close(f"path_attention {shape} B={B} T={T}", out, hl.path_attention_ref(q, k_cache, v_cache, lens, rows.node_path,
+                                                                         rows.node_depth), bf16)
+    ok = True
+    for b in range(B):
+        for t in (0, 1, 5, T - 1, int(tree.node_depth.argmax())):
+            n = int(lens[b])
+            slots = torch.cat([torch.arange(n, device=dev), n + rows.node_path[b, t, :int(rows.node_depth[b, t]) + 1]])
+            k1, v1 = (torch.randn(1, S + 300, Hkv, D, device=dev, dtype=bf16) for _ in range(2))
+            k1[0, :len(slots)], v1[0, :len(slots)] = k_cache[b, slots], v_cache[b, slots]
+            one = K.path_attention(q[b:b + 1, t:t + 1], k1, v1, torch.tensor([len(slots) - 1], device=dev, dtype=torch.int32))
+            ok &= torch.equal(one[0, 0], out[b, t])
+    c.verdict(f"path_attention tree node == decoding its path {shape}", ok)
+    c.time(f"path_attention {shape} B=1 T=1 (ref: decode_attention)",
+           lambda: K.path_attention(q[:1, :1], k_cache[:1], v_cache[:1], lens[:1]),
+           lambda: K.decode_attention(q[:1, :1], k_cache[:1], v_cache[:1], lens[:1]))
+    c.time(f"path_attention {shape} B=1 T={T} (ref: tree_attention)",
+           lambda: K.path_attention(q[:1], k_cache[:1], v_cache[:1], lens[:1], rows.node_path[:1], rows.node_depth[:1]),
+           lambda: K.tree_attention(q[:1], k_cache[:1], v_cache[:1], lens[:1], tree.mask))
+
+
 def check(args):
     import kernels as K
 
@@ -584,6 +630,8 @@ def check(args):
             check_bookkeeping(c, K, shape, B, tree, timed=B == 8)
     check_proposals(c, K)
     check_graph_replay(c, K, tree)
+    for shape in ("smollm2", "7b"):
+        check_invariant(c, K, shape, tree)
     return c.report()
 
 
@@ -688,13 +736,15 @@ def tasks_bench(args):
     coverage = {}
     log(f"{len(rows)} prompts ({', '.join(families)}), {args.max_new_tokens} new tokens, {dev} {args.dtype}")
     results, records = [], []
-    for batch in args.batch:
+    for batch, kernels in itertools.product(args.batch, args.kernels):
+        hl.EXACT = kernels == "exact"  # (every method, AR included, with one set of kernels; read at capture)
         order = sorted(range(len(rows)), key=lambda i: (rows[i]["task"], i)) if batch == 1 else \
             random.Random(0).sample(range(len(rows)), len(rows))  # larger batches mix the families, as traffic does
         b_rows, b_ids = [rows[i] for i in order], [ids[i] for i in order]
         ar_recs = None
         for name, make in task_methods(args, model, tok, heads_sets):
             gen, mode = make(), "ar" if name == "ar" else "spec"
+            name += "" if kernels == "exact" else " [fast kernels]"
             t0 = time.perf_counter()
             gen.generate(b_ids[:1], 8, mode=mode)  # load and compile once
             sizes = sorted({min(batch, len(b_rows) - i) for i in range(0, len(b_rows), batch)})  # (a last, smaller call)
@@ -704,7 +754,7 @@ def tasks_bench(args):
             records += [dict(r, method=name, batch=batch) for r in recs]
             for attempt in ("first", "repeat")[:1 + args.repeat]:
                 att = [r for r in recs if r["attempt"] == attempt]
-                if name == "ar" and attempt == "first":
+                if mode == "ar" and attempt == "first":
                     ar_recs = att
                     coverage = coverage or vocab_coverage(heads_sets, att, families)
                 for family in families + ["all"]:
@@ -712,12 +762,14 @@ def tasks_bench(args):
                     s = summarize(fam, [r for r in ar_recs if family in ("all", r["task"])])
                     if family != "all" and batch > 1:  # rows of a call share its time: acceptance only
                         s["tokens_per_s"] = float("nan")
-                    results.append(dict(method=name, batch=batch, task=family, attempt=attempt, warmup_s=warm, **s))
+                    results.append(dict(method=name, batch=batch, task=family, attempt=attempt, kernels=kernels,
+                                        warmup_s=warm, **s))
                 log(f"b{batch} {name} ({attempt} calls): {results[-1]['tokens_per_s']:.0f} tokens/s, "
                     f"accept {results[-1]['mean_accept']:.2f}")
-    for r in results:
-        ar = next(a for a in results if a["method"] == "ar" and (a["batch"], a["task"], a["attempt"]) ==
-                  (r["batch"], r["task"], r["attempt"]))
+    hl.EXACT = True
+    for r in results:  # against AR with the same kernels
+        ar = next(a for a in results if a["method"].split(" ")[0] == "ar" and (a["batch"], a["task"], a["attempt"], a["kernels"])
+                  == (r["batch"], r["task"], r["attempt"], r["kernels"]))
         r["speedup"] = r["tokens_per_s"] / ar["tokens_per_s"] if ar["tokens_per_s"] else float("nan")  # (NaN stays NaN)
     write_tasks_report(args, results, records, families, tok, coverage)
 
@@ -909,6 +961,9 @@ def main(argv=None):
     t.add_argument("--repeat", action="store_true", help="time every call twice: first, and repeated right after")
     t.add_argument("--warmup", action="store_true", help="Generator.warmup() before timing (no capture in a call)")
     t.add_argument("--dtype", default="bfloat16")
+    t.add_argument("--kernels", nargs="+", choices=["exact", "fast"], default=["exact"],
+                   help="kernel sets to run every method with (exact: the batch-invariant ones, the default; fast: "
+                        "cuBLAS and the tiled attention, HYDRA_LITE_EXACT=0), each against AR with the same")
     s = sub.add_parser("steps", formatter_class=hl.HelpWithDefaults)
     s.add_argument("--shape", choices=list(SHAPES), default="7b")
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8])
