@@ -448,12 +448,33 @@ def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
 # whether it came from a one-token step, a tree verification or another batch: so no tile size, split or
 # reduction order may depend on how many rows a call has.
 #
-# path_attention: one program per (row, token, kv head, split); the tile's rows are that token's GQA heads,
-# so no tile ever mixes tokens. A token sees the cache slots 0 .. lens[b]-1, then its path's tree slots
-# lens[b] + path[b, t, 0 .. depth[b, t]] (its ancestors from the root, then itself): n = lens + depth + 1
-# "virtual positions", reduced in blocks of BLOCK_N from 0 and in splits of SPLIT_LEN from 0, whatever lens is.
-# A one-token step (path [[0]], depth 0) reduces over exactly the same virtual positions, block by block, as
-# a tree node does once its path is accepted; the combine merges the used splits in order, one at a time.
+# path_attention: a token sees the cache slots 0 .. lens[b]-1, then its path's tree slots lens[b] + path[b, t, j]
+# for j = 0 .. depth[b, t] (its ancestors from the root, then itself): n = lens + depth + 1 "virtual positions",
+# reduced in blocks of BLOCK_N from position 0 and in splits of SPLIT_LEN from 0, whatever lens is. A one-token
+# step (path [[0]], depth 0) reduces over the same virtual positions, block by block, as a tree node does once
+# its path is accepted, in a tile of the same shape; the combine merges the used splits in order, one at a time.
+# A program takes one (token block, row b, kv head, split), the tokens' GQA heads as tile rows (as the tiled
+# kernel below does): blocks of cached slots (all < lens) are one key tile for all its tokens. In the blocks
+# past lens each token has its own keys: the tile is computed once per token against that token's keys, and
+# each token's rows are taken from its own product. An MMA row depends only on its own row of q and on the key
+# tile, so every row gets the bits that a tile holding only its token (decoding) gives.
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
+    """a @ b in fp32. BY_SUM: the interpreter, whose tl.dot is numpy's matmul, and numpy's bits for a row may
+    depend on where the row sits in the tile: a plain product-and-sum gives every row the same bits instead."""
+    if BY_SUM:
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    elif UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _own_rows(x, own, tile):
+    return tl.where(own[:, None], tile, x)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -461,56 +482,81 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
                       T, Hq, Hkv, D, scale, NUM_SPLITS,
                       sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, spb, spt, spj, sdb, sdt,
                       REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    t = tl.program_id(0)
+                      SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
+    TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
+    t0 = tl.program_id(0) * TOK
     b = (tl.program_id(1) // Hkv).to(tl.int64)
     kvh = tl.program_id(1) % Hkv
     split = tl.program_id(2)
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = offs_m // REP  # each tile row's token (in the tile)
+    row_ok = (offs_m < TOK * REP) & (t0 + tok < T)
     lens = tl.load(lens_ptr + b)
-    n = lens + tl.load(depth_ptr + b * sdb + t * sdt) + 1  # virtual positions this token sees
+    depth = tl.load(depth_ptr + b * sdb + (t0 + tok) * sdt, mask=row_ok, other=0)
     lo = split * SPLIT_LEN
-    if lo < n:  # (splits past n write nothing: the combine reads only the used ones)
-        offs_m = tl.arange(0, BLOCK_M)
-        h = kvh * REP + offs_m
-        row_ok = offs_m < REP
+    n = tl.where(row_ok, lens + depth + 1, 0)  # [BLOCK_M] virtual positions each row's token sees
+    n = tl.minimum(n, lo + SPLIT_LEN)  # ... in this split
+    hi = tl.max(n, axis=0)
+    if lo < hi:  # (splits past every token's keys write nothing: the combine reads only the used ones)
+        h = kvh * REP + offs_m % REP
         offs_d = tl.arange(0, BLOCK_D)
         ok_d = offs_d < D
         offs_n = tl.arange(0, BLOCK_N)
-        q = tl.load(q_ptr + b * sqb + t * sqt + h[:, None] * sqh + offs_d[None, :] * sqd,
+        q = tl.load(q_ptr + b * sqb + (t0 + tok)[:, None] * sqt + h[:, None] * sqh + offs_d[None, :] * sqd,
                     mask=row_ok[:, None] & ok_d[None, :], other=0.0)
-        hi = tl.minimum(n, lo + SPLIT_LEN)
         k_base = k_ptr + b * skb + kvh * skh + offs_d[None, :] * skd
         v_base = v_ptr + b * svb + kvh * svh + offs_d[None, :] * svd
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        shared_end = tl.maximum(lo + (tl.minimum(lens, hi) - lo) // BLOCK_N * BLOCK_N, lo)
+        n_tok = tl.minimum(TOK, T - t0)
         for start in range(lo, hi, BLOCK_N):
-            vp = start + offs_n  # virtual positions
-            seen = vp < hi
-            j = vp - lens  # >= 0: the j-th node of the token's path
-            node = tl.load(path_ptr + b * spb + t * spt + j * spj, mask=seen & (j >= 0), other=0)
-            slot = tl.where(j >= 0, lens + node, vp).to(tl.int64)
-            ld = seen[:, None] & ok_d[None, :]
-            k = tl.load(k_base + slot[:, None] * sks, mask=ld, other=0.0)
-            v = tl.load(v_base + slot[:, None] * svs, mask=ld, other=0.0)
-            if UPCAST:
-                qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PREC)
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = tl.where(seen[None, :], qk * scale, float("-inf"))
+            vp = start + offs_n  # the block's virtual positions
+            if start < shared_end:  # cached slots only: one key tile for every token
+                k = tl.load(k_base + vp[:, None].to(tl.int64) * sks, mask=ok_d[None, :], other=0.0)
+                qk = _dot(q, tl.trans(k), UPCAST, PREC, BY_SUM) * scale
+            else:  # each token its own keys (its path past lens), masked to its own n
+                qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for i in range(0, n_tok):
+                    k = _path_tile(k_base, sks, path_ptr, b * spb + (t0 + i) * spt, spj, lens, vp, n, tok, i, ok_d)
+                    qk = _own_rows(qk, tok == i, _dot(q, tl.trans(k), UPCAST, PREC, BY_SUM) * scale)
+                qk = tl.where(vp[None, :] < n[:, None], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if UPCAST:
-                pv = tl.dot(p.to(q.dtype).to(tl.float32), v.to(tl.float32), input_precision=PREC)
+                p = p.to(q_ptr.dtype.element_ty).to(tl.float32)  # rounded as the GPU path rounds it
             else:
-                pv = tl.dot(p.to(v.dtype), v)
+                p = p.to(v_ptr.dtype.element_ty)
+            if start < shared_end:
+                v = tl.load(v_base + vp[:, None].to(tl.int64) * svs, mask=ok_d[None, :], other=0.0)
+                pv = _dot(p, v, UPCAST, PREC, BY_SUM)
+            else:
+                pv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+                for i in range(0, n_tok):
+                    v = _path_tile(v_base, svs, path_ptr, b * spb + (t0 + i) * spt, spj, lens, vp, n, tok, i, ok_d)
+                    pv = _own_rows(pv, tok == i, _dot(p, v, UPCAST, PREC, BY_SUM))
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        row = ((b * T + t) * Hq + h) * NUM_SPLITS + split  # [BLOCK_M] into [B, T, Hq, NUM_SPLITS]
-        tl.store(plse_ptr + row, m_i + tl.log2(l_i), mask=row_ok)
-        tl.store(po_ptr + row[:, None] * D + offs_d[None, :], acc / l_i[:, None], mask=row_ok[:, None] & ok_d[None, :])
+        row = ((b * T + t0 + tok) * Hq + h) * NUM_SPLITS + split  # [BLOCK_M] into [B, T, Hq, NUM_SPLITS]
+        used = row_ok & (lo < n)  # (n: clipped to the split)
+        l_safe = tl.where(used, l_i, 1.0)
+        tl.store(plse_ptr + row, m_i + tl.log2(l_safe), mask=used)
+        tl.store(po_ptr + row[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=used[:, None] & ok_d[None, :])
+
+
+@triton.jit
+def _path_tile(base, stride, path_ptr, path_row, spj, lens, vp, n, tok, i, ok_d):
+    """Token i's keys (or values) at the block's virtual positions vp: cached slots below lens, then its path's
+    tree slots; zero past its n."""
+    n_i = tl.max(tl.where(tok == i, n, 0), axis=0)
+    j = vp - lens  # >= 0: the j-th node of the token's path
+    seen = vp < n_i
+    node = tl.load(path_ptr + path_row + j * spj, mask=seen & (j >= 0), other=0)
+    slot = tl.where(j >= 0, lens + node, vp).to(tl.int64)
+    return tl.load(base + slot[:, None] * stride, mask=seen[:, None] & ok_d[None, :], other=0.0)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -558,18 +604,23 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     _require(path.dim() == 3 and tuple(path.shape[:2]) == (B, T) and tuple(depth.shape) == (B, T),
              f"path_attention: path {tuple(path.shape)} / depth {tuple(depth.shape)} do not fit q {tuple(q.shape)}")
     REP = Hq // Hkv
-    BLOCK_M, BLOCK_N, BLOCK_D = _pow2(REP, 16), 64, _pow2(D, 16)
+    # One tile shape for every call (decoding's one token in a tile of 64 rows too: the same MMA instructions).
+    BLOCK_M, BLOCK_N, BLOCK_D = _pow2(REP, 64), 64, _pow2(D, 16)
+    if not q.is_cuda:
+        BLOCK_M, BLOCK_N = _pow2(REP, 16), 32  # the interpreter: small tiles
+    _require(PATH_SPLIT_LEN % BLOCK_N == 0, f"PATH_SPLIT_LEN={PATH_SPLIT_LEN} is not a multiple of {BLOCK_N}")
     num_splits = triton.cdiv(S, PATH_SPLIT_LEN)
     po = torch.empty(B * T * Hq * num_splits * D, dtype=torch.float32, device=q.device)
     plse = torch.empty(B * T * Hq * num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     upcast = (not q.is_cuda) or q.dtype == torch.float32 or q.dtype != k_cache.dtype
     lens = lens.contiguous()
-    _path_attn_kernel[(T, B * Hkv, num_splits)](
+    _path_attn_kernel[(triton.cdiv(T, BLOCK_M // REP), B * Hkv, num_splits)](
         q, k_cache, v_cache, lens, path, depth, po, plse, T, Hq, Hkv, D, 1.0 / math.sqrt(D) * 1.4426950408889634,
         num_splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
-        PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", num_warps=4, num_stages=2)
+        PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda, num_warps=4,
+        num_stages=2)
     _path_combine_kernel[(T, B)](po, plse, lens, depth, out, T, Hq, D, num_splits, *depth.stride(),
                                  SPLIT_LEN=PATH_SPLIT_LEN, BLOCK_H=_pow2(Hq, 2), BLOCK_D=BLOCK_D, num_warps=4)
     return out
@@ -595,11 +646,9 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, sxk, swn, swk,
         k_ok = rk < K - k0
         x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs + k0 * swk, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
-        if BY_SUM:  # the interpreter: its tl.dot is numpy's matmul, whose bits may depend on a row's place
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-        elif UPCAST:
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision=PREC)
-        else:
+        if BY_SUM or UPCAST:
+            acc += _dot(x, w, UPCAST, PREC, BY_SUM)
+        else:  # (accumulating inside the MMA)
             acc = tl.dot(x, w, acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
