@@ -1538,7 +1538,9 @@ class StepGraph:
             fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):  # (graphs that never run at once may share a pool)
+        # (graphs that never run at once may share a pool; "relaxed": the host side of pinned buffers that other
+        # workspaces free during a capture is not the captured stream's business)
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="relaxed"):
             self.outputs = fn(*self.inputs)
 
     def __call__(self, *inputs):
