@@ -453,11 +453,10 @@ def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
 # reduced in blocks of BLOCK_N from position 0 and in splits of SPLIT_LEN from 0, whatever lens is. A one-token
 # step (path [[0]], depth 0) reduces over the same virtual positions, block by block, as a tree node does once
 # its path is accepted, in a tile of the same shape; the combine merges the used splits in order, one at a time.
-# A program takes one (token block, row b, kv head, split), the tokens' GQA heads as tile rows (as the tiled
-# kernel below does): blocks of cached slots (all < lens) are one key tile for all its tokens. In the blocks
-# past lens each token has its own keys: the tile is computed once per token against that token's keys, and
-# each token's rows are taken from its own product. An MMA row depends only on its own row of q and on the key
-# tile, so every row gets the bits that a tile holding only its token (decoding) gives.
+# The tile's rows are GQA heads of tokens. A split that lies below lens (cached slots only) is one key tile for
+# TOK tokens at once (the program of every TOK-th token does it); a split that reaches lens is done per token,
+# each token's program with its own keys (its path) and only its rows in the tile. An MMA row depends only on
+# its own row of q and the key tile, so each row gets the same bits either way: those of decoding.
 
 
 @triton.jit
@@ -472,11 +471,6 @@ def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
         return tl.dot(a, b)
 
 
-@triton.jit
-def _own_rows(x, own, tile):
-    return tl.where(own[:, None], tile, x)
-
-
 @triton.jit(do_not_specialize=["T"])
 def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr, plse_ptr,
                       T, Hq, Hkv, D, scale, NUM_SPLITS,
@@ -484,20 +478,20 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
                       REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
     TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
-    t0 = tl.program_id(0) * TOK
+    t0 = tl.program_id(0)
     b = (tl.program_id(1) // Hkv).to(tl.int64)
     kvh = tl.program_id(1) % Hkv
     split = tl.program_id(2)
-    offs_m = tl.arange(0, BLOCK_M)
-    tok = offs_m // REP  # each tile row's token (in the tile)
-    row_ok = (offs_m < TOK * REP) & (t0 + tok < T)
     lens = tl.load(lens_ptr + b)
-    depth = tl.load(depth_ptr + b * sdb + (t0 + tok) * sdt, mask=row_ok, other=0)
     lo = split * SPLIT_LEN
-    n = tl.where(row_ok, lens + depth + 1, 0)  # [BLOCK_M] virtual positions each row's token sees
-    n = tl.minimum(n, lo + SPLIT_LEN)  # ... in this split
-    hi = tl.max(n, axis=0)
-    if lo < hi:  # (splits past every token's keys write nothing: the combine reads only the used ones)
+    own = lo + SPLIT_LEN > lens  # the split reaches past the cache: this token alone, its own keys
+    if own or t0 % TOK == 0:
+        offs_m = tl.arange(0, BLOCK_M)
+        tok = offs_m // REP  # each tile row's token (in the tile)
+        row_ok = (tok < tl.where(own, 1, TOK)) & (t0 + tok < T)
+        depth = tl.load(depth_ptr + b * sdb + (t0 + tok) * sdt, mask=row_ok, other=0)
+        n = tl.minimum(tl.where(row_ok, lens + depth + 1, 0), lo + SPLIT_LEN)  # each row's positions in the split
+        hi = tl.max(n, axis=0)
         h = kvh * REP + offs_m % REP
         offs_d = tl.arange(0, BLOCK_D)
         ok_d = offs_d < D
@@ -506,57 +500,35 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
                     mask=row_ok[:, None] & ok_d[None, :], other=0.0)
         k_base = k_ptr + b * skb + kvh * skh + offs_d[None, :] * skd
         v_base = v_ptr + b * svb + kvh * svh + offs_d[None, :] * svd
+        path_row = path_ptr + b * spb + t0 * spt
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        shared_end = tl.maximum(lo + (tl.minimum(lens, hi) - lo) // BLOCK_N * BLOCK_N, lo)
-        n_tok = tl.minimum(TOK, T - t0)
         for start in range(lo, hi, BLOCK_N):
             vp = start + offs_n  # the block's virtual positions
-            if start < shared_end:  # cached slots only: one key tile for every token
-                k = tl.load(k_base + vp[:, None].to(tl.int64) * sks, mask=ok_d[None, :], other=0.0)
-                qk = _dot(q, tl.trans(k), UPCAST, PREC, BY_SUM) * scale
-            else:  # each token its own keys (its path past lens), masked to its own n
-                qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for i in range(0, n_tok):
-                    k = _path_tile(k_base, sks, path_ptr, b * spb + (t0 + i) * spt, spj, lens, vp, n, tok, i, ok_d)
-                    qk = _own_rows(qk, tok == i, _dot(q, tl.trans(k), UPCAST, PREC, BY_SUM) * scale)
-                qk = tl.where(vp[None, :] < n[:, None], qk, float("-inf"))
+            seen = vp < hi  # (own: hi is the token's n; else every position of the split is a cached slot)
+            j = vp - lens  # >= 0: the j-th node of the token's path
+            node = tl.load(path_row + j * spj, mask=seen & (j >= 0), other=0)
+            slot = tl.where(j >= 0, lens + node, vp).to(tl.int64)
+            ld = seen[:, None] & ok_d[None, :]
+            k = tl.load(k_base + slot[:, None] * sks, mask=ld, other=0.0)
+            qk = tl.where(seen[None, :], _dot(q, tl.trans(k), UPCAST, PREC, BY_SUM) * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + slot[:, None] * svs, mask=ld, other=0.0)
             if UPCAST:
                 p = p.to(q_ptr.dtype.element_ty).to(tl.float32)  # rounded as the GPU path rounds it
             else:
                 p = p.to(v_ptr.dtype.element_ty)
-            if start < shared_end:
-                v = tl.load(v_base + vp[:, None].to(tl.int64) * svs, mask=ok_d[None, :], other=0.0)
-                pv = _dot(p, v, UPCAST, PREC, BY_SUM)
-            else:
-                pv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-                for i in range(0, n_tok):
-                    v = _path_tile(v_base, svs, path_ptr, b * spb + (t0 + i) * spt, spj, lens, vp, n, tok, i, ok_d)
-                    pv = _own_rows(pv, tok == i, _dot(p, v, UPCAST, PREC, BY_SUM))
-            acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + _dot(p, v, UPCAST, PREC, BY_SUM)
             m_i = m_new
         row = ((b * T + t0 + tok) * Hq + h) * NUM_SPLITS + split  # [BLOCK_M] into [B, T, Hq, NUM_SPLITS]
-        used = row_ok & (lo < n)  # (n: clipped to the split)
+        used = row_ok & (lo < n)
         l_safe = tl.where(used, l_i, 1.0)
         tl.store(plse_ptr + row, m_i + tl.log2(l_safe), mask=used)
         tl.store(po_ptr + row[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=used[:, None] & ok_d[None, :])
-
-
-@triton.jit
-def _path_tile(base, stride, path_ptr, path_row, spj, lens, vp, n, tok, i, ok_d):
-    """Token i's keys (or values) at the block's virtual positions vp: cached slots below lens, then its path's
-    tree slots; zero past its n."""
-    n_i = tl.max(tl.where(tok == i, n, 0), axis=0)
-    j = vp - lens  # >= 0: the j-th node of the token's path
-    seen = vp < n_i
-    node = tl.load(path_ptr + path_row + j * spj, mask=seen & (j >= 0), other=0)
-    slot = tl.where(j >= 0, lens + node, vp).to(tl.int64)
-    return tl.load(base + slot[:, None] * stride, mask=seen[:, None] & ok_d[None, :], other=0.0)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -583,7 +555,7 @@ def _path_combine_kernel(po_ptr, plse_ptr, lens_ptr, depth_ptr, o_ptr, T, Hq, D,
     tl.store(o_ptr + row[:, None] * D + d[None, :], (acc / den[:, None]).to(o_ptr.dtype.element_ty), mask=ok)
 
 
-PATH_SPLIT_LEN = 256  # virtual positions per split (a constant: splits must not depend on the batch or the grid)
+PATH_SPLIT_LEN = 128  # virtual positions per split (a constant: splits must not depend on the batch or the grid)
 _DECODE_PATH = {}  # device -> the one-token path ([[[0]]], depth [[0]]): a decode step is a one-node tree
 
 
@@ -615,7 +587,7 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     upcast = (not q.is_cuda) or q.dtype == torch.float32 or q.dtype != k_cache.dtype
     lens = lens.contiguous()
-    _path_attn_kernel[(triton.cdiv(T, BLOCK_M // REP), B * Hkv, num_splits)](
+    _path_attn_kernel[(T, B * Hkv, num_splits)](
         q, k_cache, v_cache, lens, path, depth, po, plse, T, Hq, Hkv, D, 1.0 / math.sqrt(D) * 1.4426950408889634,
         num_splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
