@@ -454,9 +454,10 @@ def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
 # step (path [[0]], depth 0) reduces over the same virtual positions, block by block, as a tree node does once
 # its path is accepted, in a tile of the same shape; the combine merges the used splits in order, one at a time.
 # The tile's rows are GQA heads of tokens. A split that lies below lens (cached slots only) is one key tile for
-# TOK tokens at once (the program of every TOK-th token does it); a split that reaches lens is done per token,
-# each token's program with its own keys (its path) and only its rows in the tile. An MMA row depends only on
-# its own row of q and the key tile, so each row gets the same bits either way: those of decoding.
+# TOK tokens at once; the (at most two) splits that reach lens are done per token, each token's program with
+# its own keys (its path) and only its rows in the tile. An MMA row depends only on its own row of q and on the
+# key tile, so each row gets the same bits either way: those of decoding. Grid axis 0: n_tiles x NUM_SPLITS
+# shared programs (those of splits past lens exit), then T x 2 per-token ones.
 
 
 @triton.jit
@@ -473,19 +474,24 @@ def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T"])
 def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr, plse_ptr,
-                      T, Hq, Hkv, D, scale, NUM_SPLITS,
+                      T, Hq, Hkv, D, scale, NUM_SPLITS, N_SHARED,
                       sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, spb, spt, spj, sdb, sdt,
                       REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
     TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
-    t0 = tl.program_id(0)
+    pid = tl.program_id(0)
     b = (tl.program_id(1) // Hkv).to(tl.int64)
     kvh = tl.program_id(1) % Hkv
-    split = tl.program_id(2)
     lens = tl.load(lens_ptr + b)
+    own = pid >= N_SHARED  # a split that reaches past the cache: this token alone, its own keys
+    if own:
+        t0 = (pid - N_SHARED) // 2
+        split = lens // SPLIT_LEN + (pid - N_SHARED) % 2
+    else:
+        t0 = pid // NUM_SPLITS * TOK
+        split = pid % NUM_SPLITS
     lo = split * SPLIT_LEN
-    own = lo + SPLIT_LEN > lens  # the split reaches past the cache: this token alone, its own keys
-    if own or t0 % TOK == 0:
+    if tl.where(own, split < NUM_SPLITS, lo + SPLIT_LEN <= lens):
         offs_m = tl.arange(0, BLOCK_M)
         tok = offs_m // REP  # each tile row's token (in the tile)
         row_ok = (tok < tl.where(own, 1, TOK)) & (t0 + tok < T)
@@ -581,15 +587,17 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     if not q.is_cuda:
         BLOCK_M, BLOCK_N = _pow2(REP, 16), 32  # the interpreter: small tiles
     _require(PATH_SPLIT_LEN % BLOCK_N == 0, f"PATH_SPLIT_LEN={PATH_SPLIT_LEN} is not a multiple of {BLOCK_N}")
+    _require(path.shape[2] <= PATH_SPLIT_LEN, f"path_attention: paths of {path.shape[2]} nodes (at most {PATH_SPLIT_LEN})")
     num_splits = triton.cdiv(S, PATH_SPLIT_LEN)
+    n_shared = triton.cdiv(T, BLOCK_M // REP) * num_splits
     po = torch.empty(B * T * Hq * num_splits * D, dtype=torch.float32, device=q.device)
     plse = torch.empty(B * T * Hq * num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     upcast = (not q.is_cuda) or q.dtype == torch.float32 or q.dtype != k_cache.dtype
     lens = lens.contiguous()
-    _path_attn_kernel[(T, B * Hkv, num_splits)](
+    _path_attn_kernel[(n_shared + 2 * T, B * Hkv)](
         q, k_cache, v_cache, lens, path, depth, po, plse, T, Hq, Hkv, D, 1.0 / math.sqrt(D) * 1.4426950408889634,
-        num_splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
+        num_splits, n_shared, *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda, num_warps=4,
         num_stages=2)
