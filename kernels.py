@@ -646,7 +646,7 @@ def matmul(x, w, bias=None):
     # One tile shape per (N, K): 64 rows (Hopper's wgmma; a decode step's one row pays for 64, which a
     # memory-bound step hides), narrow column blocks where N is small so that more programs share the read.
     BLOCK_M, BLOCK_N, BLOCK_K = (64, 16 if N <= 1024 else 32 if N < 4096 else 64, 128 if K % 128 == 0 else 64) \
-        if x.is_cuda else (16, 32, 32)
+        if x.is_cuda else (64, 64, 64)  # (the interpreter: few, large programs)
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
     b = bias.contiguous() if bias is not None else w  # unused without a bias
     _matmul_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](

@@ -159,8 +159,8 @@ def imitated_prompts(model, tok, examples, n, batch, seed=0, shots=3, max_new_to
     rng, gen, seen, out = random.Random(seed), hl.Generator(model, tok), set(pool), []
     for _ in range(max(4 * n // batch, 4)):  # (bounded: a model that never writes a usable line stops here)
         metas = ["".join(f"Question: {e}\n" for e in rng.sample(pool, shots)) + "Question:" for _ in range(batch)]
-        outs, _ = gen.generate([tok.encode(m) for m in metas], max_new_tokens,
-                               hl.SamplingParams(temperature=1.0, top_p=0.95), stop_at_eos=True)
+        outs, _ = gen.generate([tok.encode(m) for m in metas], max_new_tokens,  # (only the first line is kept)
+                               hl.SamplingParams(temperature=1.0, top_p=0.95), stop_at_eos=True, stop=["\n"])
         for o in outs:
             line = tok.decode(o).split("\n")[0].strip()
             if 8 <= len(line) <= 300 and line not in seen:

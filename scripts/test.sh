@@ -10,4 +10,7 @@ python3 -m ruff check .  # lint (settings in pyproject.toml)
 # A CPU suite: every Triton kernel runs in the interpreter, in this process. (On a GPU, run tests/test_gpu.py
 # and `python benchmark.py check` instead, without TRITON_INTERPRET.)
 export TRITON_INTERPRET=1
-python3 -m pytest -q tests "$@"
+# Two workers (pytest-xdist), one thread each: the interpreter's Python and the real model's CPU matmuls share
+# the cores without the thread pools fighting over them.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+python3 -m pytest -q -n "${TEST_WORKERS:-2}" tests "$@"

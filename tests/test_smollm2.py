@@ -91,10 +91,10 @@ def test_copying_a_passage_gains_over_3_5_tokens_per_step(model, tok):
     assert stats.mean_accept >= 3.5, stats.mean_accept
 
 
-def test_benchmark_e2e_writes_its_report(tmp_path):
-    """benchmark.py e2e on the real model with the shipped heads (tiny run, CPU): the report files appear in a
-    fresh --out directory (profiles are written before the end), the shipped heads match AR in float32, and
-    transformers generate() runs on the first --hf-limit prompts only and matches AR there."""
+def test_benchmark_e2e_writes_its_report(tmp_path, tiny_smol):
+    """benchmark.py e2e (a tiny model with SmolLM2's tokenizer, random Hydra++ heads; CPU): the report files appear
+    in a fresh --out directory (profiles are written before the end), the heads' output matches AR in float32,
+    and transformers generate() runs on the first --hf-limit prompts only and matches AR there."""
     import json
 
     import benchmark
@@ -102,14 +102,14 @@ def test_benchmark_e2e_writes_its_report(tmp_path):
     prompts = tmp_path / "q.jsonl"
     prompts.write_text('{"turns": ["Name three colors."]}\n{"turns": ["What is 2+2?"]}\n')
     out = tmp_path / "new" / "dir"
-    heads = os.path.join(ROOT, "heads", "smollm2-135m-hydra++")
-    rc = benchmark.main(["e2e", "--checkpoint", CKPT, "--prompts", str(prompts), "--batch", "1", "--max-new-tokens", "12",
+    ckpt, heads = tiny_smol
+    rc = benchmark.main(["e2e", "--checkpoint", ckpt, "--prompts", str(prompts), "--batch", "1", "--max-new-tokens", "12",
                          "--dtype", "float32", "--hf-limit", "1", "--profile", "--heads", f"hydra++={heads}", "--out", str(out),
                          "--tree-nodes", "8"])  # (the CPU's tree size: the 64-node tree is slow there)
     assert not rc
     results = json.loads((out / "e2e.json").read_text())["results"]
     spec = [r for r in results if r["mode"] == "hydra++"][0]
-    assert spec["exact_match"] == 1.0 and spec["mean_accept"] > 1.0
+    assert spec["exact_match"] == 1.0 and spec["mean_accept"] >= 1.0
     hf = [r for r in results if r["mode"] == "hf-generate"][0]
     ar = [r for r in results if r["mode"] == "ar"][0]
     assert hf["exact_match"] == 1.0 and 0 < hf["new_tokens"] <= 12 < ar["new_tokens"]
@@ -129,7 +129,7 @@ def test_train_heads_cli_end_to_end(tmp_path):
                        '{"turns": ["how to sort a list in python"]}\n')
     data, out = str(tmp_path / "d.npz"), str(tmp_path / "heads")
     assert th.main(["data", "--checkpoint", CKPT, "--prompts", str(prompts), "--samples", "2", "--temperatures", "0,0.8",
-                    "--time-limit", "600", "--synthetic", "2", "--imitate", "2", "--batch", "4", "--max-new-tokens", "12",
+                    "--time-limit", "600", "--synthetic", "2", "--imitate", "2", "--batch", "4", "--max-new-tokens", "5",
                     "--out", data]) == 0
     assert len(th.load_rows(data)) == 3 * 2 + 2 + 2 and len(th.load_rows(f"{data},{data}")) == 20
     assert th.main(["train", "--checkpoint", CKPT, "--data", f"{data},{data}", "--steps", "2", "--n-layers", "1",
@@ -157,7 +157,7 @@ def test_train_heads_cli_end_to_end(tmp_path):
     assert 0 < max(diffs) < 0.01, diffs
 
 
-def test_benchmark_e2e_sampled(tmp_path):
+def test_benchmark_e2e_sampled(tmp_path, tiny_smol):
     """benchmark.py e2e --temperature: AR and speculative decoding both sample, each --acceptance rule as its
     own row, with no transformers baseline; the temperature and rules are recorded."""
     import json
@@ -166,8 +166,8 @@ def test_benchmark_e2e_sampled(tmp_path):
 
     prompts = tmp_path / "q.jsonl"
     prompts.write_text('{"turns": ["Write a haiku about rain."]}\n')
-    heads = os.path.join(ROOT, "heads", "smollm2-135m-hydra++")
-    rc = benchmark.main(["e2e", "--checkpoint", CKPT, "--prompts", str(prompts), "--batch", "1", "--max-new-tokens", "12",
+    ckpt, heads = tiny_smol
+    rc = benchmark.main(["e2e", "--checkpoint", ckpt, "--prompts", str(prompts), "--batch", "1", "--max-new-tokens", "12",
                          "--dtype", "float32", "--temperature", "0.7", "--acceptance", "exact", "typical",
                          "--heads", f"hydra++={heads}", "--out", str(tmp_path), "--tree-nodes", "8"])
     assert not rc
@@ -212,15 +212,16 @@ def test_chat_cli_reads_turns_from_a_pipe(monkeypatch, capsys):
     assert len([line for line in out.out.splitlines() if line.strip()]) == 3
 
 
-def test_benchmark_tasks_writes_its_report(tmp_path):
-    """benchmark.py tasks on two families, one prompt each (CPU, float32): every method and batch gets a row per
-    family and overall, float32 speculative output equals AR's, and acceptance is counted per row."""
+def test_benchmark_tasks_writes_its_report(tmp_path, tiny_smol):
+    """benchmark.py tasks on two families, one prompt each (CPU, float32; a tiny model with SmolLM2's tokenizer):
+    every method and batch gets a row per family and overall, float32 speculative output equals AR's, and
+    acceptance is counted per row."""
     import json
 
     import benchmark
 
-    heads = os.path.join(ROOT, "heads", "smollm2-135m-hydra++")
-    assert benchmark.main(["tasks", "--checkpoint", CKPT, "--tasks", "math", "chat", "--limit", "1", "--max-new-tokens", "6",
+    ckpt, heads = tiny_smol
+    assert benchmark.main(["tasks", "--checkpoint", ckpt, "--tasks", "math", "chat", "--limit", "1", "--max-new-tokens", "6",
                            "--batch", "1", "2", "--dtype", "float32", "--heads", f"new={heads}", "--context", "4",
                            "--tree-nodes", "8", "--out", str(tmp_path)]) in (None, 0)
     report = json.loads((tmp_path / "tasks.json").read_text())
