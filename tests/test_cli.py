@@ -138,3 +138,11 @@ def test_help_shows_defaults(capsys):
         hl.main(["--help"])
     out = capsys.readouterr().out
     assert "(default: 256)" in out and "(default: exact)" in out
+
+
+@real_model
+def test_fast_kernels_flag(monkeypatch, capsys):
+    """--fast-kernels turns the batch-invariant kernels off for the run (they are on by default)."""
+    monkeypatch.setattr(hl, "EXACT", True)
+    assert hl.main(["--checkpoint", CKPT, "--prompt", "Hi", "--mode", "ar", "--max-new-tokens", "2", "--fast-kernels"]) == 0
+    assert hl.EXACT is False and "tokens/s" in capsys.readouterr().err
