@@ -13,4 +13,4 @@ export TRITON_INTERPRET=1
 # Two workers (pytest-xdist), one thread each: the interpreter's Python and the real model's CPU matmuls share
 # the cores without the thread pools fighting over them.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-python3 -m pytest -q -n "${TEST_WORKERS:-2}" tests "$@"
+python3 -m pytest -q -n "${TEST_WORKERS:-2}" --dist worksteal tests "$@"
