@@ -539,7 +539,7 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
 
 @triton.jit(do_not_specialize=["T"])
 def _path_combine_kernel(po_ptr, plse_ptr, lens_ptr, depth_ptr, o_ptr, T, Hq, D, NUM_SPLITS, sdb, sdt,
-                         SPLIT_LEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                         SPLIT_LEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n = tl.load(lens_ptr + b) + tl.load(depth_ptr + b * sdb + t * sdt) + 1
@@ -549,9 +549,10 @@ def _path_combine_kernel(po_ptr, plse_ptr, lens_ptr, depth_ptr, o_ptr, T, Hq, D,
     h_ok = h < Hq
     ok = h_ok[:, None] & (d < D)[None, :]
     row = (b * T + t) * Hq + h  # [BLOCK_H]
-    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    for s in range(0, used):
-        m = tl.maximum(m, tl.load(plse_ptr + row * NUM_SPLITS + s, mask=h_ok, other=0.0))
+    s = tl.arange(0, BLOCK_S)
+    lse = tl.load(plse_ptr + row[:, None] * NUM_SPLITS + s[None, :], mask=h_ok[:, None] & (s < used)[None, :],
+                  other=float("-inf"))
+    m = tl.where(h_ok, tl.max(lse, axis=1), 0.0)  # (a max is the same in any order: one load, no loop)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     den = tl.zeros([BLOCK_H], dtype=tl.float32)
     for s in range(0, used):  # in split order, one at a time: the same sums for any number of splits after `used`
@@ -602,7 +603,8 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
         PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda, num_warps=4,
         num_stages=2)
     _path_combine_kernel[(T, B)](po, plse, lens, depth, out, T, Hq, D, num_splits, *depth.stride(),
-                                 SPLIT_LEN=PATH_SPLIT_LEN, BLOCK_H=_pow2(Hq, 2), BLOCK_D=BLOCK_D, num_warps=4)
+                                 SPLIT_LEN=PATH_SPLIT_LEN, BLOCK_H=_pow2(Hq, 2), BLOCK_D=BLOCK_D,
+                                 BLOCK_S=_pow2(num_splits, 2), num_warps=4)
     return out
 
 
