@@ -116,13 +116,15 @@ def test_benchmark_e2e_writes_its_report(tmp_path, tiny_smol):
     assert (out / "profile_hydra++.txt").exists() and (out / "e2e.md").exists()
 
 
-def test_train_heads_cli_end_to_end(tmp_path):
+def test_train_heads_cli_end_to_end(tmp_path, monkeypatch):
     """data -> train -> tree on the real model, tiny sizes: the heads load, the tree fits them, and it
     drafts with them."""
     import dataclasses
     import json
 
     import train_heads as th
+
+    monkeypatch.setattr(hl, "EXACT", hl.EXACT)  # (data picks its kernels for the process: restored after)
 
     prompts = tmp_path / "q.jsonl"
     prompts.write_text('{"turns": ["Name three colors."]}\n{"turns": ["What is 2+2?"]}\n'
