@@ -247,6 +247,18 @@ def rope_cache_write(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, lens)
 
 
 @triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
+    """a @ b in fp32. BY_SUM: the interpreter, whose tl.dot is numpy's matmul, and numpy's bits for a row may
+    depend on where the row sits in the tile: a plain product-and-sum gives every row the same bits instead."""
+    if BY_SUM:
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    elif UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _attn_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, sks, svs, scale, offs_n, ok_d,
                lens, hi, t, mask_ptr, smq, smk, T,
                MASKED: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
@@ -258,11 +270,7 @@ def _attn_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, sks, svs, scale, offs_n,
         ld_mask = ok_d[None, :]
     k = tl.load(k_ptrs + start * sks, mask=ld_mask, other=0.0)
     v = tl.load(v_ptrs + start * svs, mask=ld_mask, other=0.0)
-    if UPCAST:
-        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PREC)
-    else:
-        qk = tl.dot(q, tl.trans(k))
-    qk = qk * scale
+    qk = _dot(q, tl.trans(k), UPCAST, PREC, False) * scale
     if MASKED:
         j = kk[None, :] - lens  # index among the new tokens (negative: an old cache slot)
         if HAS_MASK:
@@ -276,12 +284,11 @@ def _attn_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, sks, svs, scale, offs_n,
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if UPCAST:
-        # p rounded as the GPU path rounds it (to the activations' dtype: a no-op for fp32 q)
-        pv = tl.dot(p.to(q.dtype).to(tl.float32), v.to(tl.float32), input_precision=PREC)
+    if UPCAST:  # p rounded as the GPU path rounds it (to the activations' dtype: a no-op for fp32 q)
+        p = p.to(q.dtype)
     else:
-        pv = tl.dot(p.to(v.dtype), v)
-    acc = acc * alpha[:, None] + pv
+        p = p.to(v.dtype)
+    acc = acc * alpha[:, None] + _dot(p, v, UPCAST, PREC, False)
     return acc, m_new, l_i
 
 
@@ -458,18 +465,6 @@ def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
 # its own keys (its path) and only its rows in the tile. An MMA row depends only on its own row of q and on the
 # key tile, so each row gets the same bits either way: those of decoding. Grid axis 0: n_tiles x NUM_SPLITS
 # shared programs (those of splits past lens exit), then T x 2 per-token ones.
-
-
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
-    """a @ b in fp32. BY_SUM: the interpreter, whose tl.dot is numpy's matmul, and numpy's bits for a row may
-    depend on where the row sits in the tile: a plain product-and-sum gives every row the same bits instead."""
-    if BY_SUM:
-        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
-    elif UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit(do_not_specialize=["T"])
