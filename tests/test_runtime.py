@@ -3,6 +3,7 @@ speculative decoding (Medusa, Hydra, Hydra++) equals greedy autoregressive decod
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import sharp_init
 
 import hydra_lite as hl
 
@@ -12,10 +13,7 @@ def tiny_model(seed, n_heads=4, n_kv_heads=2, tie=True, rope_scaling=None, vocab
     cfg = hl.Config(dim=32 * n_heads // 2, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=80,
                     vocab_size=vocab, max_seq_len=1024, tie_embeddings=tie, rope_scaling=rope_scaling, eos_ids=[])
     model = hl.Llama(cfg)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.5 if p.dim() == 2 else 0.1)  # sharp logits: fewer greedy near-ties
-        if p.dim() == 1:
-            p.data += 1.0
+    sharp_init(model)
     return model.eval()
 
 
