@@ -266,6 +266,21 @@ def with_draft_vocab(heads, vocab, base_cfg):
     return new.train().requires_grad_(True)
 
 
+def deeper_heads(heads, n_layers, base_cfg):
+    """The same heads with n_layers blocks each: the trained blocks first, then new ones that start as the
+    identity (w = 0: y = x + silu(0) = x), so the heads propose exactly what they did and training goes on from
+    there instead of from scratch."""
+    hc = dataclasses.replace(heads.hc, n_layers=n_layers)
+    param = next(heads.parameters())
+    new = hl.DraftHeads(hc, base_cfg).to(param.device, param.dtype)
+    for head in new.heads:
+        for block in head.blocks:
+            block.w.weight.data.zero_(), block.w.bias.data.zero_()
+    result = new.load_state_dict(heads.state_dict(), strict=False)
+    assert not result.unexpected_keys and all(".blocks." in k for k in result.missing_keys), result
+    return new.train().requires_grad_(True)
+
+
 def new_heads(model, kind, n_heads, n_layers, vocab=None, source="train_heads.py"):
     c = model.cfg
     grounded, prefix = kind in ("hydra", "hydra++"), kind == "hydra++"
@@ -553,7 +568,8 @@ def main(argv=None):
     t.add_argument("--data", required=True, help="data file(s), comma-separated")
     t.add_argument("--kind", choices=["medusa", "hydra", "hydra++"], default="hydra++")
     t.add_argument("--n-heads", type=int, default=4)
-    t.add_argument("--n-layers", type=int, default=1)
+    t.add_argument("--n-layers", type=int, default=None,
+                   help="blocks per head (default 1; with --init the heads' own, or more: new blocks start as the identity)")
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--time-limit", type=float, default=0, help="seconds: fewer steps if they would take longer")
     t.add_argument("--lr", type=float, default=1e-3)
@@ -618,13 +634,20 @@ def main(argv=None):
             if args.init:  # fine-tuning: the heads keep their shape (and their draft vocabulary, unless one is asked)
                 heads = hl.load_heads(args.init, model).float().train().requires_grad_(True)  # fp32 master weights
                 hc = heads.hc
-                args.kind, args.n_heads, args.n_layers = hc.kind, hc.n_heads, hc.n_layers
+                if args.n_layers is not None and args.n_layers < hc.n_layers:
+                    raise hl.HydraLiteError(f"--n-layers {args.n_layers}: {args.init} has {hc.n_layers} blocks per head "
+                                            "(heads can grow, not shrink)")
+                if args.n_layers is not None and args.n_layers > hc.n_layers:
+                    heads = deeper_heads(heads, args.n_layers, model.cfg)
+                    log(f"{hc.n_layers} -> {args.n_layers} blocks per head (the new ones start as the identity)")
+                args.kind, args.n_heads, args.n_layers = hc.kind, hc.n_heads, heads.hc.n_layers
                 if size is not None:
                     heads = with_draft_vocab(heads, top_tokens(counts[0], size), model.cfg)
                 heads.hc.source = f"train_heads.py on {args.checkpoint}: {args.init} fine-tuned on {args.data}"
                 log(f"going on from {args.init} ({hc.kind}, {hc.n_heads} heads of {hc.n_layers} blocks)")
             else:
                 vocab = top_tokens(counts[0], 16384 if size is None else size)
+                args.n_layers = args.n_layers or 1
                 heads = new_heads(model, args.kind, args.n_heads, args.n_layers, vocab,
                                   f"train_heads.py on {args.checkpoint}").to(args.device)
             vocab, args.draft_vocab = heads.vocab, heads.hc.draft_vocab
@@ -682,7 +705,8 @@ def check_args(args):
     if args.cmd == "train":
         hl.check_int("--steps", args.steps, 1)
         hl.check_int("--n-heads", args.n_heads, 1, 16)
-        hl.check_int("--n-layers", args.n_layers, 1, 16)
+        if args.n_layers is not None:
+            hl.check_int("--n-layers", args.n_layers, 1, 16)
         hl.check_int("--max-tokens", args.max_tokens, 16)
         if not 0 < args.lr < 1:
             raise hl.HydraLiteError(f"--lr must be between 0 and 1, not {args.lr}")

@@ -14,7 +14,8 @@
 #   data-mix  data for heads that generalize: answers to the multi-task training prompts (TASKS_TRAIN, made by
 #          tasks/build_tasks.py --split train) at temperatures 0 and 0.7, and to IMITATE prompts the model writes
 #          in the style of ShareGPT rows 0-79, into $WORK/data_tasks.npz and $WORK/data_chat.npz
-#   train-mix  Hydra++ heads fine-tuned from INIT on both (draft vocabulary sized by coverage: auto), TIME_LIMIT s
+#   train-mix  Hydra++ heads fine-tuned from INIT on both (draft vocabulary sized by coverage: auto), TIME_LIMIT s;
+#          N_LAYERS: blocks per head, more than INIT's to grow them (new blocks start as the identity)
 #   tasks  the multi-task benchmark (tasks/heldout.jsonl + ShareGPT rows 80-99): AR vs TASK_HEADS (NAME=DIR ...)
 #          with and without context drafts, and context drafts alone, batches TASK_BATCH; TASK_FLAGS adds flags
 #   sweep  tree size at batches 8 and 32 (SWEEP_NODES head nodes, static and dynamic trees, context drafts), 45 prompts
@@ -61,12 +62,13 @@ for stage in "$@"; do
       python3 benchmark.py e2e --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 80-99 --limit 8 --batch 1 4 --dtype float32 \
         --no-hf --heads hydra++=$H/heads-hydra++ --out "$RES/fp32" 2>&1 | tee "$RES/e2e_fp32.txt" ;;
     data-mix)
+      if [ -f "${TASKS_TRAIN:-runs/tasks_train.jsonl}.gz" ]; then gunzip -kf "${TASKS_TRAIN:-runs/tasks_train.jsonl}.gz"; fi
       python3 train_heads.py data --checkpoint "$CKPT" --prompts "${TASKS_TRAIN:-runs/tasks_train.jsonl}" --samples 2 --temperatures 0,0.7 \
         --max-new-tokens ${MAX_NEW:-256} --batch ${BATCH:-256} --time-limit ${DATA_TIME:-170} --out "$WORK/data_tasks.npz" 2>&1 | tee "$RES/data_tasks.txt" | awk 'NR % 10 == 1 || /wrote|rror/'
       python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples 4 --temperatures 0,0.3,0.7 --imitate ${IMITATE:-8000} \
         --seed 4 --max-new-tokens ${MAX_NEW:-256} --batch ${BATCH:-256} --time-limit ${DATA_TIME2:-130} --out "$WORK/data_chat.npz" 2>&1 | tee "$RES/data_chat.txt" | awk 'NR % 10 == 1 || /wrote|rror/' ;;
     train-mix)
-      python3 train_heads.py train --checkpoint "$CKPT" --data "$WORK/data_tasks.npz,$WORK/data_chat.npz" --init "${INIT:-heads/smollm2-135m-hydra++}" \
+      python3 train_heads.py train --checkpoint "$CKPT" --data "$WORK/data_tasks.npz,$WORK/data_chat.npz" --init "${INIT:-heads/smollm2-135m-hydra++}" ${N_LAYERS:+--n-layers $N_LAYERS} \
         --draft-vocab ${VOCAB:-auto} --lr ${LR:-5e-4} --steps 100000 --time-limit ${TIME_LIMIT:-300} --out "$WORK/heads-hydra++" 2>&1 \
         | tee "$RES/train-mix.txt" | grep -v "^step [0-9]*[1-9]/" | tail -14 ;;
     tasks)

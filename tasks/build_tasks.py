@@ -696,9 +696,9 @@ FAMILY_BUILDERS = {"chat": family_chat, "translation": family_translation, "summ
 # ----------------------------------------------------------------------------------------------------------
 # Output and checks
 # ----------------------------------------------------------------------------------------------------------
-def build(split, n, counter):
+def build(split, n, counter, mix=None):
     corpus = load_corpus()
-    counts = ({f: PER_FAMILY_HELDOUT for f in FAMILIES} if split == "heldout" else quota(n, TRAIN_MIX))
+    counts = ({f: PER_FAMILY_HELDOUT for f in FAMILIES} if split == "heldout" else quota(n, mix or TRAIN_MIX))
     rows = []
     for family in FAMILIES:
         # One generator per family, seeded by family and split, so families do not perturb each other.
@@ -775,10 +775,32 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def parse_mix(text, split):
+    """--mix "translation=0.24,chat=0.2" -> TRAIN_MIX with those weights changed."""
+    mix = dict(TRAIN_MIX)
+    for item in filter(None, text.split(",")):
+        family, _, weight = item.partition("=")
+        if family not in mix:
+            raise ValueError(f"--mix: unknown family {family!r} (one of {', '.join(FAMILIES)})")
+        try:
+            mix[family] = float(weight)
+        except ValueError:
+            raise ValueError(f"--mix: {item!r} is not FAMILY=WEIGHT") from None
+        if not 0 <= mix[family] <= 10:
+            raise ValueError(f"--mix: weight {mix[family]} of {family} is not between 0 and 10")
+    if text and split != "train":
+        raise ValueError("--mix applies to the train split only")
+    if sum(mix.values()) <= 0:
+        raise ValueError("--mix: the weights add up to 0")
+    return mix
+
+
 def parse_args(argv):
     ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--split", required=True, choices=["heldout", "train"])
     ap.add_argument("--n", type=int, help="number of training prompts (train split only; default 6000)")
+    ap.add_argument("--mix", default="", help="train split: family weights to change, e.g. translation=0.24 (the "
+                    "others keep theirs from TRAIN_MIX; weights are relative)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--tokenizer", type=Path, default=Path(DEFAULT_TOKENIZER),
                     help=f"SmolLM2 tokenizer.json (default {DEFAULT_TOKENIZER}, relative to the repo)")
@@ -789,6 +811,10 @@ def parse_args(argv):
         args.n = 6000 if args.n is None else args.n
         if not 8 <= args.n <= 10000:   # summarization runs out first (~1200 usable prompts, 11% of n)
             ap.error(f"--n must be between 8 and 10000, got {args.n}")
+    try:
+        args.mix = parse_mix(args.mix, args.split)
+    except ValueError as e:
+        ap.error(str(e))
     if not args.tokenizer.is_absolute() and not args.tokenizer.exists():
         args.tokenizer = REPO / args.tokenizer
     return args
@@ -798,7 +824,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         counter = TokenCounter(args.tokenizer)
-        rows = build(args.split, args.n, counter)
+        rows = build(args.split, args.n, counter, args.mix)
         write_jsonl(rows, args.out)
     except BuildError as e:
         print(f"build_tasks: error: {e}", file=sys.stderr)

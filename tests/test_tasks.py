@@ -111,3 +111,16 @@ def test_licence_names_become_spdx():
     assert tt.spdx("GFDL-NIV-1.3+") == "GFDL-1.3-no-invariants-or-later"
     assert tt.spdx("Expat") == "MIT"
     assert tt.spdx("GPL-3+ or Less") == "GPL-3.0-or-later OR LicenseRef-Less"
+
+
+def test_mix_changes_only_the_families_named_and_refuses_mistakes(capsys):
+    args = build_tasks.parse_args(["--split", "train", "--n", "100", "--mix", "translation=0.5,chat=0", "--out", "x.jsonl"])
+    assert args.mix == build_tasks.TRAIN_MIX | {"translation": 0.5, "chat": 0.0}
+    counts = build_tasks.quota(100, args.mix)
+    assert counts["chat"] == 0 and counts["translation"] == max(counts.values()) and sum(counts.values()) == 100
+    assert build_tasks.parse_args(["--split", "train", "--out", "x.jsonl"]).mix == build_tasks.TRAIN_MIX
+    for mix in ("poetry=1", "translation", "translation=-1", "chat=0,translation=0,summarization=0,qa=0,rag=0,math=0,"
+                "code_completion=0,code_edit=0"):
+        with pytest.raises(SystemExit):
+            build_tasks.parse_args(["--split", "train", "--mix", mix, "--out", "x.jsonl"])
+        assert capsys.readouterr().err.count("\n") == 1

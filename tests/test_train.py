@@ -227,6 +227,25 @@ def test_fine_tuning_with_another_draft_vocabulary():
     assert th.pick_vocab_size(None, counts, counts) is None and th.pick_vocab_size("300", counts, counts) == 300
 
 
+def test_deeper_heads_propose_what_they_did_and_train_on():
+    """--init with more --n-layers: the new blocks start as the identity, so the proposals are unchanged (same
+    top-10 ids and logits), and the new blocks get gradients (w = 0 still passes silu'(0) = 1/2 through)."""
+    model = tiny_model(7)
+    heads = th.new_heads(model, "hydra++", 3, 2, torch.randperm(model.cfg.vocab_size)[:60])
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    deeper = th.deeper_heads(heads, 4, model.cfg)
+    assert deeper.hc.n_layers == 4 and all(len(h.blocks) == 4 for h in deeper.heads)
+    assert torch.equal(deeper.vocab, heads.vocab)
+    x = torch.randn(5, 3 * model.cfg.dim)  # head 1 reads h and two embeddings
+    with torch.no_grad():
+        want, got = (hh.propose(1, x, model.output_weight, 10) for hh in (heads, deeper))
+        logits = [hh.heads[1](x, model.output_weight) for hh in (heads, deeper)]
+    assert torch.equal(want, got) and torch.allclose(logits[0], logits[1], atol=1e-6)
+    deeper.heads[1](x, model.output_weight).logsumexp(-1).sum().backward()
+    assert deeper.heads[1].blocks[3].w.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("argv,match", [
     (["data", "--prompts", "q.jsonl", "--out", "x.txt"], "data files are .npz"),
     (["data", "--prompts", "/nonexistent.jsonl", "--out", "x.npz"], "not found"),
@@ -241,6 +260,7 @@ def test_fine_tuning_with_another_draft_vocabulary():
     (["tree", "--data", "{data}", "--out", "/nonexistent"], "no heads in"),
     (["train", "--data", "{data}", "--device", "tpu9", "--out", "h"], "not a device"),
     (["train", "--steps", "x"], "invalid int value"),
+    (["train", "--data", "{data}", "--n-layers", "0", "--out", "h"], "--n-layers must be"),
 ])
 def test_train_heads_mistakes_are_one_line(tmp_path, capsys, argv, match):
     """Refused before the model loads (the checkpoint named does not even exist): one line, exit 2."""
