@@ -315,7 +315,19 @@ def hbm_bandwidth():
     return 2 * x.numel() * 2 * 10 / (a.elapsed_time(b) / 1000)
 
 
+def parse_tiles(text):
+    """--path-tiles 16x256 -> (16, 256): tile rows (a power of two, 16-128) x split length (a multiple of 64)."""
+    rows, _, split = text.partition("x")
+    ok = rows.isdigit() and split.isdigit() and int(rows) in (16, 32, 64, 128)
+    if not ok or int(split) % 64 or not 64 <= int(split) <= 4096:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROWSxSPLIT (rows 16, 32, 64 or 128; split a multiple of 64)")
+    return int(rows), int(split)
+
+
 def steps(args):
+    import kernels as K
+
+    args.path_tiles = args.path_tiles or [(K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN)]
     cfg = hl.Config(**SHAPES[args.shape], max_seq_len=4096)
     dtype = torch.bfloat16
     torch.set_default_dtype(dtype)  # build the weights in bf16 directly (a 7B fp32 copy would waste 27 GB)
@@ -330,15 +342,24 @@ def steps(args):
     tree = hl.Tree(hl.default_tree(), "cuda")
     rows = []
     log(f"{args.shape}: {n_params / 1e9:.2f}B parameters, HBM copy bandwidth {bw / 1e12:.2f} TB/s")
-    exact_before = hl.EXACT
+    exact_before, tiles_before = hl.EXACT, (K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN)
     with torch.inference_mode():
+        for tiles in args.path_tiles:  # each setting must keep a tree node's bits those of decoding
+            K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
+            log(f"path tiles {tiles[0]}x{tiles[1]}: tree node == decoding, bit for bit: {path_tiles_invariant(K, cfg, tree)}")
         for B in args.batch:
             cache = model.new_cache(B, 4096)
             cache.k.normal_(), cache.v.normal_()
             cache.lens.fill_(args.context)
-            for exact, (name, T) in itertools.product((True, False), (("AR step", 1), ("tree verify", tree.size))):
+            kernel_sets = [(tiles, True) for tiles in args.path_tiles] + [(None, False)]
+            for (tiles, exact), (name, T) in itertools.product(kernel_sets, (("AR step", 1), ("tree verify", tree.size))):
                 hl.EXACT = exact  # the batch-invariant kernels, or cuBLAS and the tiled attention (read at capture)
-                name += "" if exact else " (fast kernels)"
+                if exact:
+                    K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
+                if not exact:
+                    name += " (fast kernels)"
+                elif len(args.path_tiles) > 1:
+                    name += f" (path tiles {tiles[0]}x{tiles[1]})"
                 tokens = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
                 pos = cache.lens[:, None].long() + (tree.node_depth[None] if T > 1 else 0)
                 fn = lambda: model.logits(model(tokens, cache, pos, tree.rows(B) if T > 1 else None))
@@ -350,6 +371,7 @@ def steps(args):
                                  hbm_floor_ms=floor_ms, flop_floor_ms=flop_ms, fraction=max(floor_ms, flop_ms) / ms))
                 log(f"b{B} {name} ({B * T} tokens): {ms:.3f} ms, HBM floor {floor_ms:.3f} ms, bf16 FLOP floor {flop_ms:.3f} ms")
     hl.EXACT = exact_before
+    K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles_before
     table = ["| shape | batch | step | tokens | ms | roofline ms | of roofline |", "| --- | --- | --- | --- | --- | --- | --- |"]
     table += [f"| {r['shape']} | {r['batch']} | {r['step']} | {r['tokens']} | {r['ms']:.3f} | {r['roofline_ms']:.3f} | "
               f"{r['fraction'] * 100:.0f}% |" for r in rows]
@@ -599,22 +621,43 @@ def check_invariant(c, K, shape, tree):
     out = K.path_attention(q, k_cache, v_cache, lens, rows.node_path, rows.node_depth)
     c.close(f"path_attention {shape} B={B} T={T}", out, hl.path_attention_ref(q, k_cache, v_cache, lens, rows.node_path,
                                                                          rows.node_depth), bf16)
-    ok = True
-    for b in range(B):
-        for t in (0, 1, 5, T - 1, int(tree.node_depth.argmax())):
-            n = int(lens[b])
-            slots = torch.cat([torch.arange(n, device=dev), n + rows.node_path[b, t, :int(rows.node_depth[b, t]) + 1]])
-            k1, v1 = (torch.randn(1, S + 300, Hkv, D, device=dev, dtype=bf16) for _ in range(2))
-            k1[0, :len(slots)], v1[0, :len(slots)] = k_cache[b, slots], v_cache[b, slots]
-            one = K.path_attention(q[b:b + 1, t:t + 1], k1, v1, torch.tensor([len(slots) - 1], device=dev, dtype=torch.int32))
-            ok &= torch.equal(one[0, 0], out[b, t])
-    c.verdict(f"path_attention tree node == decoding its path {shape}", ok)
+    c.verdict(f"path_attention tree node == decoding its path {shape}", node_is_decoding(K, q, k_cache, v_cache, lens, rows,
+                                                                                          out, tree))
     c.time(f"path_attention {shape} B=1 T=1 (ref: decode_attention)",
            lambda: K.path_attention(q[:1, :1], k_cache[:1], v_cache[:1], lens[:1]),
            lambda: K.decode_attention(q[:1, :1], k_cache[:1], v_cache[:1], lens[:1]))
     c.time(f"path_attention {shape} B=1 T={T} (ref: tree_attention)",
            lambda: K.path_attention(q[:1], k_cache[:1], v_cache[:1], lens[:1], rows.node_path[:1], rows.node_depth[:1]),
            lambda: K.tree_attention(q[:1], k_cache[:1], v_cache[:1], lens[:1], tree.mask))
+
+
+def node_is_decoding(K, q, k_cache, v_cache, lens, rows, out, tree):
+    """Whether path_attention's output `out` for some tree nodes (the root, the deepest, a few) equals, bit for bit,
+    one-token decoding over a cache of another size that holds the node's path after the row's cached slots."""
+    ok, (B, T), S = True, q.shape[:2], k_cache.shape[1]
+    for b in range(B):
+        for t in (0, 1, 5, T - 1, int(tree.node_depth.argmax())):
+            n = int(lens[b])
+            slots = torch.cat([torch.arange(n, device=q.device), n + rows.node_path[b, t, :int(rows.node_depth[b, t]) + 1]])
+            k1, v1 = (torch.randn(1, S + 300, *k_cache.shape[2:], device=q.device, dtype=k_cache.dtype) for _ in range(2))
+            k1[0, :len(slots)], v1[0, :len(slots)] = k_cache[b, slots], v_cache[b, slots]
+            last = torch.tensor([len(slots) - 1], device=q.device, dtype=torch.int32)
+            one = K.path_attention(q[b:b + 1, t:t + 1], k1, v1, last)
+            ok &= torch.equal(one[0, 0], out[b, t])
+    return ok
+
+
+def path_tiles_invariant(K, cfg, tree):
+    """node_is_decoding with the current path_attention tiles, on the model's head shape, ragged rows."""
+    B, T, S = 4, tree.size, CHECK_SLOTS
+    k_cache = torch.randn(B, S, cfg.n_kv_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(B, T, cfg.n_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
+    lens = torch.tensor([2000, 5, 255, 1000], device="cuda", dtype=torch.int32)
+    rows = tree.rows(B)
+    out = K.path_attention(q, k_cache, v_cache, lens, rows.node_path, rows.node_depth)
+    close = (out.float() - hl.path_attention_ref(q, k_cache, v_cache, lens, rows.node_path, rows.node_depth).float()).abs().max()
+    return node_is_decoding(K, q, k_cache, v_cache, lens, rows, out, tree) and close.item() < 0.02
 
 
 def check(args):
@@ -969,6 +1012,8 @@ def main(argv=None):
     s.add_argument("--shape", choices=list(SHAPES), default="7b")
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     s.add_argument("--context", type=int, default=512)
+    s.add_argument("--path-tiles", type=parse_tiles, nargs="+", default=None,
+                   help="path_attention tile rows x split length to time, e.g. 64x128 16x256 (default: the kernels' own)")
     for p in (e, s, t, la):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--out", default="runs/bench")

@@ -550,14 +550,36 @@ def _path_combine_kernel(po_ptr, plse_ptr, lens_ptr, depth_ptr, o_ptr, T, Hq, D,
     m = tl.where(h_ok, tl.max(lse, axis=1), 0.0)  # (a max is the same in any order: one load, no loop)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     den = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for s in range(0, used):  # in split order, one at a time: the same sums for any number of splits after `used`
-        w = tl.exp2(tl.load(plse_ptr + row * NUM_SPLITS + s, mask=h_ok, other=0.0) - m)
-        acc += w[:, None] * tl.load(po_ptr + (row * NUM_SPLITS + s)[:, None] * D + d[None, :], mask=ok, other=0.0)
-        den += w
+    # In split order, one at a time: the same sums for any number of splits after `used`. The loads come four
+    # splits at a time (independent, so in flight together: a loop of one load each waited for each); a split
+    # past `used` weighs exp2(-inf) = 0 and adds exact zeros, so the sums are those of a loop over `used`.
+    for s0 in range(0, used, 4):
+        w0, x0 = _path_split(po_ptr, plse_ptr, row, d, m, s0, used, h_ok, ok, NUM_SPLITS, D)
+        w1, x1 = _path_split(po_ptr, plse_ptr, row, d, m, s0 + 1, used, h_ok, ok, NUM_SPLITS, D)
+        w2, x2 = _path_split(po_ptr, plse_ptr, row, d, m, s0 + 2, used, h_ok, ok, NUM_SPLITS, D)
+        w3, x3 = _path_split(po_ptr, plse_ptr, row, d, m, s0 + 3, used, h_ok, ok, NUM_SPLITS, D)
+        acc += w0[:, None] * x0
+        den += w0
+        acc += w1[:, None] * x1
+        den += w1
+        acc += w2[:, None] * x2
+        den += w2
+        acc += w3[:, None] * x3
+        den += w3
     tl.store(o_ptr + row[:, None] * D + d[None, :], (acc / den[:, None]).to(o_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _path_split(po_ptr, plse_ptr, row, d, m, s, used, h_ok, ok, NUM_SPLITS, D):
+    """Split s's weight exp2(lse - m) and partial output per head: 0 and zeros past `used`."""
+    here = s < used
+    w = tl.exp2(tl.load(plse_ptr + row * NUM_SPLITS + s, mask=h_ok & here, other=float("-inf")) - m)
+    x = tl.load(po_ptr + (row * NUM_SPLITS + s)[:, None] * D + d[None, :], mask=ok & here, other=0.0)
+    return w, x
+
+
 PATH_SPLIT_LEN = 128  # virtual positions per split (a constant: splits must not depend on the batch or the grid)
+PATH_TILE_ROWS = 64  # tile rows (tokens x GQA heads) on the GPU, for every call (a constant, like the split)
 _DECODE_PATH = {}  # device -> the one-token path ([[[0]]], depth [[0]]): a decode step is a one-node tree
 
 
@@ -579,7 +601,7 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
              f"path_attention: path {tuple(path.shape)} / depth {tuple(depth.shape)} do not fit q {tuple(q.shape)}")
     REP = Hq // Hkv
     # One tile shape for every call (decoding's one token in a tile of 64 rows too: the same MMA instructions).
-    BLOCK_M, BLOCK_N, BLOCK_D = _pow2(REP, 64), 64, _pow2(D, 16)
+    BLOCK_M, BLOCK_N, BLOCK_D = _pow2(REP, PATH_TILE_ROWS), 64, _pow2(D, 16)
     if not q.is_cuda:
         BLOCK_M, BLOCK_N = _pow2(REP, 16), 32  # the interpreter: small tiles
     _require(PATH_SPLIT_LEN % BLOCK_N == 0, f"PATH_SPLIT_LEN={PATH_SPLIT_LEN} is not a multiple of {BLOCK_N}")

@@ -408,10 +408,11 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
     """A tree node's output equals, bit for bit, one-token decoding over a cache that holds its path in order
     (what the cache holds once the path is accepted), whatever the other nodes, the batch or the cache's size."""
     monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 32)
-    B, T, Hq, Hkv, D, S = 2, 8, 6, 2, 32, 110
+    B, T, Hq, Hkv, D, S = 2, 8, 6, 2, 32, 200
     q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S - T, dtype)
     k_cache, v_cache = (torch.cat([c, torch.randn(B, T, Hkv, D).to(dtype)], 1) for c in (k_cache, v_cache))
-    lens[0], lens[1] = 29, 64 - 3  # paths that straddle a block and a split boundary
+    # Paths that straddle a block and a split boundary: 2 splits, and 5-6 (the combine reads 4 at a time).
+    lens[0], lens[1] = 29, 160 - 3
     path, depth = tree_paths([random_tree(T)[2] for _ in range(B)])
     out = kernels.path_attention(q, k_cache, v_cache, lens, path, depth)
     for b in range(B):
