@@ -23,7 +23,8 @@
 #          repeated call, without and with Generator.warmup()
 #   pack   results into $OUT/results.tar and the trained heads into $OUT/heads.tar.part_* (the device tool
 #          returns at most 8 files of 16 MiB)
-# Work (checkpoint, data, heads, results) stays in $WORK across calls while the machine is warm.
+# Work (checkpoint, data, heads, results) stays in $WORK across calls while the machine is warm. The machine goes
+# back after ~30 s idle and takes $WORK with it: end any call whose results matter with `pack` (train-mix pack).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/device}
