@@ -342,7 +342,7 @@ def steps(args):
     tree = hl.Tree(hl.default_tree(), "cuda")
     rows = []
     log(f"{args.shape}: {n_params / 1e9:.2f}B parameters, HBM copy bandwidth {bw / 1e12:.2f} TB/s")
-    exact_before, tiles_before = hl.EXACT, (K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN)
+    exact_before, fused_before, tiles_before = hl.EXACT, hl.FUSED, (K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN)
     with torch.inference_mode():
         for tiles in args.path_tiles:  # each setting must keep a tree node's bits those of decoding
             K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
@@ -351,13 +351,16 @@ def steps(args):
             cache = model.new_cache(B, 4096)
             cache.k.normal_(), cache.v.normal_()
             cache.lens.fill_(args.context)
-            kernel_sets = [(tiles, True) for tiles in args.path_tiles] + [(None, False)]
-            for (tiles, exact), (name, T) in itertools.product(kernel_sets, (("AR step", 1), ("tree verify", tree.size))):
-                hl.EXACT = exact  # the batch-invariant kernels, or cuBLAS and the tiled attention (read at capture)
+            kernel_sets = [(tiles, True, False) for tiles in args.path_tiles] + [(None, False, False)]
+            kernel_sets += [(args.path_tiles[0], True, True)] if args.fused else []
+            for (tiles, exact, fused), (name, T) in itertools.product(kernel_sets, (("AR step", 1), ("tree verify", tree.size))):
+                hl.EXACT, hl.FUSED = exact, fused  # which kernels (read at capture)
                 if exact:
                     K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
                 if not exact:
                     name += " (fast kernels)"
+                elif fused:
+                    name += " (fused layers)"
                 elif len(args.path_tiles) > 1:
                     name += f" (path tiles {tiles[0]}x{tiles[1]})"
                 tokens = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
@@ -370,7 +373,7 @@ def steps(args):
                 rows.append(dict(shape=args.shape, batch=B, step=name, tokens=B * T, ms=ms, roofline_ms=max(floor_ms, flop_ms),
                                  hbm_floor_ms=floor_ms, flop_floor_ms=flop_ms, fraction=max(floor_ms, flop_ms) / ms))
                 log(f"b{B} {name} ({B * T} tokens): {ms:.3f} ms, HBM floor {floor_ms:.3f} ms, bf16 FLOP floor {flop_ms:.3f} ms")
-    hl.EXACT = exact_before
+    hl.EXACT, hl.FUSED = exact_before, fused_before
     K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles_before
     table = ["| shape | batch | step | tokens | ms | roofline ms | of roofline |", "| --- | --- | --- | --- | --- | --- | --- |"]
     table += [f"| {r['shape']} | {r['batch']} | {r['step']} | {r['tokens']} | {r['ms']:.3f} | {r['roofline_ms']:.3f} | "
@@ -612,6 +615,18 @@ def check_invariant(c, K, shape, tree):
         c.verdict(f"matmul rows invariant {shape} N={N} K={Kd} (M = 1, 2, 74, 257, 600)", same)
         c.time(f"matmul {shape} M=1 [{N},{Kd}] (ref: cuBLAS)", lambda: K.matmul(x[:1], w), lambda: hl.matmul_ref(x[:1], w))
         c.time(f"matmul {shape} M=74 [{N},{Kd}] (ref: cuBLAS)", lambda: K.matmul(x[:74], w), lambda: hl.matmul_ref(x[:74], w))
+    nw = (torch.rand(dim, device=dev) + 0.5).to(bf16)
+    for label, N, Kd, kw in (("norm -> qkv", Hq * D + 2 * Hkv * D, dim, dict(norm=(nw, 1e-5))),
+                             ("norm -> gate/up -> swiglu", 2 * hidden, dim, dict(norm=(nw, 1e-5), swiglu=True)),
+                             ("down + residual", dim, hidden, dict(residual=True))):
+        w = torch.randn(N, Kd, device=dev, dtype=bf16) / math.sqrt(Kd)
+        x = torch.randn(600, Kd, device=dev, dtype=bf16)
+        if kw.get("residual"):
+            kw = dict(residual=torch.randn(600, N, device=dev, dtype=bf16))
+        y = K.matmul(x, w, **kw)
+        c.close(f"matmul fused {label} {shape} (ref: the ops one by one)", y, hl.matmul_ref(x, w, **kw), bf16)
+        one = lambda m: dict(kw, residual=kw["residual"][m:m + 1]) if "residual" in kw else kw
+        c.verdict(f"matmul fused {label} rows invariant {shape}", torch.equal(K.matmul(x[300:301], w, **one(300))[0], y[300]))
     B, T, S = 4, tree.size, CHECK_SLOTS
     k_cache = torch.randn(B, S, Hkv, D, device=dev, dtype=bf16)
     v_cache = torch.randn_like(k_cache)
@@ -1014,6 +1029,7 @@ def main(argv=None):
     s.add_argument("--context", type=int, default=512)
     s.add_argument("--path-tiles", type=parse_tiles, nargs="+", default=None,
                    help="path_attention tile rows x split length to time, e.g. 64x128 16x256 (default: the kernels' own)")
+    s.add_argument("--fused", action="store_true", help="also time the decoder layers fused into the matmuls (hl.FUSED)")
     for p in (e, s, t, la):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--out", default="runs/bench")

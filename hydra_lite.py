@@ -199,9 +199,16 @@ def path_attention_ref(q, k_cache, v_cache, lens, path=None, depth=None):
     return attention_ref(q, k_cache, v_cache, lens, mask)
 
 
-def matmul_ref(x, w, bias=None):
-    """x @ w.T (+ bias): every projection and the output layer (kernels.matmul: the batch-invariant kernel)."""
-    return F.linear(x, w, bias)
+def matmul_ref(x, w, bias=None, norm=None, residual=None, swiglu=False):
+    """x @ w.T (+ bias): every projection and the output layer (kernels.matmul: the batch-invariant kernel).
+    Optionally fused with its neighbours in a decoder layer: norm = (weight, eps): RMSNorm of x first; swiglu:
+    w stacks gate and up and the result is silu(gate) * up; residual: added to the result."""
+    if norm is not None:
+        x = rms_norm_ref(x, *norm)
+    y = F.linear(x, w, bias)
+    if swiglu:
+        y = swiglu_ref(y)
+    return y if residual is None else y + residual
 
 
 def kv_compact_ref(k_all, v_all, lens, path):
@@ -307,6 +314,10 @@ USE_TRITON = os.environ.get("HYDRA_LITE_TRITON", "1") != "0"
 # speculative decoding gives greedy decoding's output bit for bit, in bf16 too. HYDRA_LITE_EXACT=0: cuBLAS
 # and the tiled attention kernels instead (outputs may part from plain decoding at near-ties).
 EXACT = os.environ.get("HYDRA_LITE_EXACT", "1") != "0"
+# Decoder layers as four fused matmuls (norm -> qkv; out + residual; norm -> gate/up -> SwiGLU; down + residual)
+# instead of seven kernels: HYDRA_LITE_FUSED=1. For the batch-invariant matmul (elsewhere the ops run one by
+# one). Off until timed on a GPU (issue 14).
+FUSED = os.environ.get("HYDRA_LITE_FUSED", "0") == "1"
 
 
 def _kernels_for(x):
@@ -346,6 +357,12 @@ def attention(q, k_cache, v_cache, lens, tree=None):
 
 def linear(x, w, bias=None):
     return (_kernels.matmul if EXACT and _triton(x) else matmul_ref)(x, w, bias)
+
+
+def fused_linear(x, w, norm=None, residual=None, swiglu=False):
+    """linear with a decoder layer's neighbours folded in (see matmul_ref): one kernel where it runs the
+    batch-invariant matmul, else the ops one after another."""
+    return (_kernels.matmul if EXACT and _triton(x) else matmul_ref)(x, w, None, norm, residual, swiglu)
 
 
 def kv_compact(k_all, v_all, lens, path):
@@ -464,21 +481,42 @@ class Block(nn.Module):
         kv: (k_cache, v_cache, lens) of this layer, or None: causal attention over x alone (training). tree: the
         TreeRows that x's tokens are (verification), None: causal.
         Returns the attention+MLP output and the new residual, so each add fuses with the next norm."""
-        c = self.cfg
-        B, T, _ = x.shape
+        if FUSED:
+            return self.forward_fused(x, residual, rope, pos, kv, tree)
         h, residual = (self.attn_norm(x), x) if residual is None else self.attn_norm(x, residual)
-        q, k, v = self.wqkv(h).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
+        a = self.attend(self.wqkv(h), rope, pos, kv, tree)
+        h, residual = self.ffn_norm(self.wo(a), residual)
+        return self.w2(swiglu(self.w13(h))), residual
+
+    def forward_fused(self, x, residual, rope, pos, kv=None, tree=None):
+        """forward with the norms, SwiGLU and residual adds inside the matmuls. Returns (None, the residual
+        stream): the adds are done (x None on the way in: the same)."""
+        s = x if residual is None else residual if x is None else x + residual
+        a = self.attend(fused_linear(s, self.wqkv.weight, norm=(self.attn_norm.weight, self.attn_norm.eps)),
+                        rope, pos, kv, tree)
+        s = fused_linear(a, self.wo.weight, residual=s)
+        h = fused_linear(s, self.w13.weight, norm=(self.ffn_norm.weight, self.ffn_norm.eps), swiglu=True)
+        return None, fused_linear(h, self.w2.weight, residual=s)
+
+    def attend(self, qkv, rope, pos, kv, tree):
+        """Attention of the tokens whose q/k/v projections are qkv [B, T, ...]: over the cache (written first)
+        when kv is given, else causal over these tokens. Returns [B, T, n_heads * head_dim]."""
+        c = self.cfg
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
         q = q.view(B, T, c.n_heads, c.head_dim)
         k = k.view(B, T, c.n_kv_heads, c.head_dim)
         v = v.view(B, T, c.n_kv_heads, c.head_dim)
         if kv is None:
-            a = causal_attention_ref(q, k, v, rope[0][pos], rope[1][pos])
-        else:
-            k_cache, v_cache, lens = kv
-            q = rope_cache_write(q, k, v, rope[0], rope[1], pos, k_cache, v_cache, lens)
-            a = attention(q, k_cache, v_cache, lens, tree)
-        h, residual = self.ffn_norm(self.wo(a.reshape(B, T, -1)), residual)
-        return self.w2(swiglu(self.w13(h))), residual
+            return causal_attention_ref(q, k, v, rope[0][pos], rope[1][pos]).reshape(B, T, -1)
+        k_cache, v_cache, lens = kv
+        q = rope_cache_write(q, k, v, rope[0], rope[1], pos, k_cache, v_cache, lens)
+        return attention(q, k_cache, v_cache, lens, tree).reshape(B, T, -1)
+
+
+def final_norm(x, residual, w, eps):
+    """The norm after the last decoder layer, of x + residual (x None: the layers added it already)."""
+    return rms_norm(residual, w, eps) if x is None else rms_norm(x, w, eps, residual)[0]
 
 
 class Llama(nn.Module):
@@ -509,7 +547,7 @@ class Llama(nn.Module):
         x, residual = self.embed(tokens), None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cache.rope, pos, cache.layer(i), tree)
-        return rms_norm(x, self.norm, self.cfg.norm_eps, residual)[0]
+        return final_norm(x, residual, self.norm, self.cfg.norm_eps)
 
     def logits(self, h):
         return linear(h, self.output_weight)
@@ -904,7 +942,7 @@ class DraftHeads(nn.Module):
             pos = start + torch.arange(T, device=h.device)
         kv = cache.layer(0) if cache is not None else None
         x, residual = self.prefix(h, None, rope, pos, kv)
-        return rms_norm(x, self.prefix_norm, self.prefix.cfg.norm_eps, residual)[0]
+        return final_norm(x, residual, self.prefix_norm, self.prefix.cfg.norm_eps)
 
 
 def load_heads(path, base: Llama):

@@ -636,8 +636,9 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, sxk, swn, swk,
-                   HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
+def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, nw_ptr, r_ptr, M, N, K, sxm, sxk, swn, swk, srm, eps,
+                   HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                   UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Row blocks on axis 0: the programs that read one slice of w run side by side (rereads hit L2).
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -645,28 +646,65 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, sxk, swn, swk,
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :] * sxk
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * swn + rk[:, None] * swk
+    dt = x_ptr.dtype.element_ty
+    if NORM:  # RMSNorm of each row first: its sum of squares, BLOCK_K at a time, in order
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & (rk < K - k0)[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(x * x, axis=1)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # SWIGLU: the up half (rows N + rn of w)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
         x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
+        if NORM:  # rounded as rms_norm_ref rounds: normalized in fp32 to x's dtype, then times the weight
+            nw = tl.load(nw_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
+            x = ((x.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32) * nw[None, :]).to(dt)
         w = tl.load(w_ptrs + k0 * swk, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
         if BY_SUM or UPCAST:
             acc += _dot(x, w, UPCAST, PREC, BY_SUM)
         else:  # (accumulating inside the MMA)
             acc = tl.dot(x, w, acc)
+        if SWIGLU:
+            wu = tl.load(w_ptrs + N * swn + k0 * swk, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
+            if BY_SUM or UPCAST:
+                acc_up += _dot(x, wu, UPCAST, PREC, BY_SUM)
+            else:
+                acc_up = tl.dot(x, wu, acc_up)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm < M)[:, None] & (rn < N)[None, :])
+    out_dt = y_ptr.dtype.element_ty
+    if SWIGLU:  # silu(gate) * up, each rounded as the unfused ops round them (matmul outputs, then swiglu)
+        g = acc.to(out_dt).to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(out_dt).to(tl.float32)
+        acc = a * acc_up.to(out_dt).to(tl.float32)
+    ok = (rm < M)[:, None] & (rn < N)[None, :]
+    if RESIDUAL:  # residual + the product, which is rounded first (as a separate add would see it)
+        r = tl.load(r_ptr + rm[:, None].to(tl.int64) * srm + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+        acc = acc.to(out_dt).to(tl.float32) + r
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(out_dt), mask=ok)
 
 
-def matmul(x, w, bias=None):
-    """Batch-invariant x @ w.T (+ bias), as F.linear: x [..., K], w [N, K] -> [..., N] in x's dtype."""
-    K, N = x.shape[-1], w.shape[0]
+def matmul(x, w, bias=None, norm=None, residual=None, swiglu=False):
+    """Batch-invariant x @ w.T (+ bias), as F.linear: x [..., K], w [N, K] -> [..., N] in x's dtype. Fused on
+    request (see matmul_ref): norm = (weight, eps): RMSNorm of x's rows first; swiglu: w holds gate and up
+    ([2H, K]) and the result is silu(gate) * up [..., H]; residual [..., N]: added to the result."""
+    K = x.shape[-1]
     _require(w.dim() == 2 and w.shape[1] == K, f"matmul: weight {tuple(w.shape)} does not take inputs of width {K}")
+    _require(not swiglu or w.shape[0] % 2 == 0, f"matmul: swiglu needs an even number of weight rows, not {w.shape[0]}")
+    _require(not (swiglu and bias is not None), "matmul: swiglu with a bias is not supported")
+    N = w.shape[0] // 2 if swiglu else w.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    if residual is not None:
+        _require(residual.shape == y.shape, f"matmul: residual {tuple(residual.shape)} does not fit the output {tuple(y.shape)}")
+        r2 = residual.reshape(M, N)
+        r2 = r2 if r2.stride(1) == 1 else r2.contiguous()
+    else:
+        r2 = y  # unused
+    nw, eps = norm if norm is not None else (w, 0.0)  # unused without a norm
     # One tile shape per (N, K): 64 rows (Hopper's wgmma; a decode step's one row pays for 64, which a
     # memory-bound step hides), narrow column blocks where N is small so that more programs share the read.
     BLOCK_M, BLOCK_N, BLOCK_K = (64, 16 if N <= 1024 else 32 if N < 4096 else 64, 128 if K % 128 == 0 else 64) \
@@ -674,8 +712,9 @@ def matmul(x, w, bias=None):
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
     b = bias.contiguous() if bias is not None else w  # unused without a bias
     _matmul_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
-        x2, w, b, y, M, N, K, *x2.stride(), *w.stride(), HAS_BIAS=bias is not None, UPCAST=upcast, BY_SUM=not x.is_cuda,
-        PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
+        x2, w, b, y, nw.contiguous(), r2, M, N, K, *x2.stride(), *w.stride(), r2.stride(0), eps,
+        HAS_BIAS=bias is not None, NORM=norm is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
+        UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3)
     return y
 

@@ -132,10 +132,13 @@ def real_prompts(ckpt, cfg, n):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_gpu_verification_logits_equal_decoding_bit_for_bit(dtype):
+@pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused-layers"])
+def test_gpu_verification_logits_equal_decoding_bit_for_bit(dtype, fused, monkeypatch):
     """Greedy decoding's logits at each step, and the keys/values it writes, equal bit for bit the tree pass's
-    at the nodes of the same path (ragged rows, the path among other nodes, the cache of another size)."""
+    at the nodes of the same path (ragged rows, the path among other nodes, the cache of another size); with
+    the decoder layers' ops one by one and fused into the matmuls (hl.FUSED)."""
     assert hl.EXACT
+    monkeypatch.setattr(hl, "FUSED", fused)
     model = near_tie_model(dtype)
     torch.manual_seed(5)
     lens = [9, 70, 33]
@@ -182,6 +185,16 @@ def test_gpu_half_speculative_equals_autoregressive(dtype, dynamic):
     """Greedy speculative decoding gives greedy decoding's tokens in bf16/fp16, batch 1 and a ragged batch of 8,
     under CUDA graphs; and each prompt's output is the same alone and inside the batch. On a near-tie model with
     random heads, and (HYDRA_LITE_CKPT) on SmolLM2 with the shipped heads and real prompts of every family."""
+    check_half_speculative(dtype, dynamic)
+
+
+def test_gpu_fused_layers_speculative_equals_autoregressive(monkeypatch):
+    """The same with the decoder layers fused into the matmuls (hl.FUSED), bf16, static tree."""
+    monkeypatch.setattr(hl, "FUSED", True)
+    check_half_speculative(torch.bfloat16, False)
+
+
+def check_half_speculative(dtype, dynamic):
     cases = [("near-tie", near_tie_model(dtype), None, None)]
     ckpt = os.environ.get("HYDRA_LITE_CKPT")
     if ckpt:

@@ -21,6 +21,7 @@ import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hydra_lite as hl  # noqa: E402
@@ -442,6 +443,47 @@ def test_matmul(dtype, M, N, K, bias):
     assert torch.equal(kernels.matmul(other, w, b)[5], y[i])
     x3 = torch.randn(2, 3, K, dtype=dtype).transpose(0, 1)  # [..., K] with any leading strides
     close(kernels.matmul(x3, w, b), hl.matmul_ref(x3, w, b), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm,swiglu,residual", [(True, False, False), (False, False, True), (True, True, False),
+                                                  (True, True, True)])
+def test_matmul_fused(dtype, norm, swiglu, residual):
+    """The decoder layer's neighbours folded into the matmul: RMSNorm before, SwiGLU and the residual add after.
+    Against the ops one by one (independent PyTorch: rms_norm_ref, F.linear, F.silu), and each row's bits the
+    same alone and in another batch."""
+    M, H, K = 37, 40, 96  # K over one BLOCK_K of the interpreter's tiles: the norm's sum runs over two blocks
+    x = torch.randn(M, K, dtype=dtype) * 3
+    w = torch.randn(2 * H if swiglu else H, K, dtype=dtype) / K ** 0.5
+    nw = (torch.rand(K) + 0.5).to(dtype)
+    r = torch.randn(M, H, dtype=dtype)
+    kw = dict(norm=(nw, 1e-5) if norm else None, residual=r if residual else None, swiglu=swiglu)
+    y = kernels.matmul(x, w, **kw)
+    xn = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * nw if norm else x
+    want = F.linear(xn, w)
+    if swiglu:
+        want = F.silu(want[:, :H]) * want[:, H:]
+    want = want + r if residual else want
+    assert y.shape == (M, H) and y.dtype == dtype
+    for ref in (want, hl.matmul_ref(x, w, **kw)):
+        if dtype == torch.float32:  # the values: fp32 is where the math is checked
+            close(y, ref, dtype)
+        else:  # bf16: a chain of roundings (and the interpreter truncates): within a few ulps of the largest value
+            torch.testing.assert_close(y.float(), ref.float(), rtol=0.05, atol=0.05 * ref.float().abs().max().item())
+    i = int(torch.randint(0, M, ()))
+    one = kernels.matmul(x[i:i + 1], w, **(kw | dict(residual=r[i:i + 1] if residual else None)))
+    other_x = torch.cat([torch.randn(5, K, dtype=dtype), x[i:i + 1], torch.randn(70, K, dtype=dtype)])
+    other_r = torch.cat([torch.randn(5, H, dtype=dtype), r[i:i + 1], torch.randn(70, H, dtype=dtype)])
+    other = kernels.matmul(other_x, w, **(kw | dict(residual=other_r if residual else None)))
+    assert torch.equal(one[0], y[i]) and torch.equal(other[5], y[i])
+
+
+def test_matmul_fused_mistakes():
+    x, w = torch.randn(3, 16), torch.randn(5, 16)
+    with pytest.raises(ValueError, match="even"):
+        kernels.matmul(x, w, swiglu=True)
+    with pytest.raises(ValueError, match="residual"):
+        kernels.matmul(x, w, residual=torch.randn(3, 4))
 
 
 def test_attention_bad_heads():

@@ -76,6 +76,25 @@ def test_greedy_speculative_equals_autoregressive(grounded, prefix, batch):
     assert ar_stats.mean_accept == 1.0 and spec_stats.mean_accept >= 1.0
 
 
+def test_fused_layers_compute_the_same_model(monkeypatch):
+    """hl.FUSED (norms, SwiGLU and residual adds inside the matmuls): the same logits as the unfused layers
+    (float32; the Hydra++ prefix layer too), and greedy speculative decoding still equals AR with it."""
+    model = tiny_model(21)
+    heads = tiny_heads(model, True, True)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 40))
+    h = torch.randn(2, 40, model.cfg.dim)
+    with torch.no_grad():
+        plain = model.forward_logits(tokens), heads.run_prefix(h, model.new_cache(2, 40).rope)
+        monkeypatch.setattr(hl, "FUSED", True)
+        fused = model.forward_logits(tokens), heads.run_prefix(h, model.new_cache(2, 40).rope)
+    for a, b in zip(plain, fused):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (4, 19)]
+    ar, _ = hl.Generator(model).generate(prompts, 40, stop_at_eos=False)
+    spec, stats = hl.Generator(model, heads=heads).generate(prompts, 40, stop_at_eos=False)
+    assert spec == ar and stats.mean_accept >= 1.0
+
+
 def test_oracle_drafts_are_accepted_and_compacted(monkeypatch):
     """Drafts that follow the true greedy continuation for a random number of steps per row: every such token
     must be accepted (mean acceptance > 1), and compaction must keep the output equal to plain decoding."""
