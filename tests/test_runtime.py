@@ -673,6 +673,31 @@ def test_bucketed_prefill_equals_plain_prefill(monkeypatch):
     assert answers[0] == answers[1] and len(buckets) == 3 and buckets[-1] <= 8  # the second turn: its new tokens only
 
 
+def test_chunked_prefill_equals_one_piece(monkeypatch):
+    """A prefill over PREFILL_GRAPH_TOKENS padded tokens runs in chunks (each one a captured graph on the GPU):
+    rows that end in different chunks, the Hydra++ layer's cache and the context drafts' history must come out
+    as from one piece, and so must every answer, AR and speculative, and a conversation's next turns."""
+    model = tiny_model(33)
+    heads = tiny_heads(model, True, True)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (5, 40, 23)]  # end in chunks 0, 2 and 1 (of 16)
+    runs = {}
+    for limit in (4096, 48):
+        monkeypatch.setattr(hl, "PREFILL_GRAPH_TOKENS", limit)
+        chunks = []
+        gen = hl.Generator(model, FakeTokenizer(), heads, context_drafts=3)
+        real = gen._prefill_chunks
+        monkeypatch.setattr(gen, "_prefill_chunks", lambda *a, chunks=chunks, real=real: chunks.append(a[3]) or real(*a))
+        spec, _ = gen.generate(prompts, 24, stop_at_eos=False)
+        ar, _ = hl.Generator(model, FakeTokenizer()).generate(prompts, 24, stop_at_eos=False)
+        history = [gen.workspace.history[b, :len(p)].tolist() for b, p in enumerate(prompts)]
+        chat = hl.Conversation(gen)
+        turns = [chat.say(" ".join(["7"] * 30) + f" {i}", max_new_tokens=8)[0] for i in range(3)]
+        runs[limit] = (spec, ar, history, turns, chunks)
+    assert runs[4096][-1] == [] and runs[48][-1][0] == 16 and len(runs[48][-1]) >= 2  # (the turns chunk too)
+    assert runs[48][:4] == runs[4096][:4] and runs[48][0] == runs[48][1]
+    assert runs[48][2] == prompts
+
+
 class FakeTokenizer:
     """Numbers as text, one token each (for conversations on tiny models)."""
 
