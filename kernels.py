@@ -635,6 +635,43 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
 # Every row is reduced over K in BLOCK_K steps, in order, in fp32, by the same MMA instructions.
 
 
+@triton.jit
+def _row_rstd(x_ptr, rm, M, K, sxm, sxk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / RMS of each row of x (RMSNorm's scale), summed BLOCK_K columns at a time, in order."""
+    rk = tl.arange(0, BLOCK_K)
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + (k0 + rk)[None, :] * sxk,
+                    mask=(rm < M)[:, None] & (rk < K - k0)[None, :], other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    return 1.0 / tl.sqrt(ss / K + eps)
+
+
+@triton.jit
+def _rows_times_w(x_ptr, w_ptr, nw_ptr, rstd, rm, wn, n_ok, M, K, sxm, sxk, swn, swk,
+                  NORM: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[rm] @ w[wn].T in fp32 [BLOCK_M, BLOCK_N], reduced over K in BLOCK_K steps, in order (NORM: x's rows
+    RMS-normalized first, rounded as rms_norm_ref rounds: to x's dtype, then times the weight nw)."""
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :] * sxk
+    w_ptrs = w_ptr + wn[None, :].to(tl.int64) * swn + rk[:, None] * swk
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
+        x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            nw = tl.load(nw_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
+            x = ((x.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32) * nw[None, :]).to(dt)
+        w = tl.load(w_ptrs + k0 * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if BY_SUM or UPCAST:
+            acc += _dot(x, w, UPCAST, PREC, BY_SUM)
+        else:  # (accumulating inside the MMA)
+            acc = tl.dot(x, w, acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, nw_ptr, r_ptr, M, N, K, sxm, sxk, swn, swk, srm, eps,
                    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
@@ -643,42 +680,20 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, nw_ptr, r_ptr, M, N, K, sxm, sxk,
     # Row blocks on axis 0: the programs that read one slice of w run side by side (rereads hit L2).
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :] * sxk
-    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * swn + rk[:, None] * swk
-    dt = x_ptr.dtype.element_ty
-    if NORM:  # RMSNorm of each row first: its sum of squares, BLOCK_K at a time, in order
-        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & (rk < K - k0)[None, :], other=0.0).to(tl.float32)
-            ss += tl.sum(x * x, axis=1)
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # SWIGLU: the up half (rows N + rn of w)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = rk < K - k0
-        x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
-        if NORM:  # rounded as rms_norm_ref rounds: normalized in fp32 to x's dtype, then times the weight
-            nw = tl.load(nw_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
-            x = ((x.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32) * nw[None, :]).to(dt)
-        w = tl.load(w_ptrs + k0 * swk, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
-        if BY_SUM or UPCAST:
-            acc += _dot(x, w, UPCAST, PREC, BY_SUM)
-        else:  # (accumulating inside the MMA)
-            acc = tl.dot(x, w, acc)
-        if SWIGLU:
-            wu = tl.load(w_ptrs + N * swn + k0 * swk, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
-            if BY_SUM or UPCAST:
-                acc_up += _dot(x, wu, UPCAST, PREC, BY_SUM)
-            else:
-                acc_up = tl.dot(x, wu, acc_up)
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)  # (unused without NORM)
+    if NORM:
+        rstd = _row_rstd(x_ptr, rm, M, K, sxm, sxk, eps, BLOCK_M, BLOCK_K)
+    acc = _rows_times_w(x_ptr, w_ptr, nw_ptr, rstd, rm, rn, rn < N, M, K, sxm, sxk, swn, swk,
+                        NORM, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     out_dt = y_ptr.dtype.element_ty
-    if SWIGLU:  # silu(gate) * up, each rounded as the unfused ops round them (matmul outputs, then swiglu)
+    if SWIGLU:  # silu(gate) * up (rows N + rn of w), each rounded as the unfused ops round them
+        up = _rows_times_w(x_ptr, w_ptr, nw_ptr, rstd, rm, N + rn, rn < N, M, K, sxm, sxk, swn, swk,
+                           NORM, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
         g = acc.to(out_dt).to(tl.float32)
         a = (g / (1.0 + tl.exp(-g))).to(out_dt).to(tl.float32)
-        acc = a * acc_up.to(out_dt).to(tl.float32)
+        acc = a * up.to(out_dt).to(tl.float32)
     ok = (rm < M)[:, None] & (rn < N)[None, :]
     if RESIDUAL:  # residual + the product, which is rounded first (as a separate add would see it)
         r = tl.load(r_ptr + rm[:, None].to(tl.int64) * srm + rn[None, :], mask=ok, other=0.0).to(tl.float32)
