@@ -627,6 +627,7 @@ def check_invariant(c, K, shape, tree):
         c.close(f"matmul fused {label} {shape} (ref: the ops one by one)", y, hl.matmul_ref(x, w, **kw), bf16)
         one = lambda m: dict(kw, residual=kw["residual"][m:m + 1]) if "residual" in kw else kw
         c.verdict(f"matmul fused {label} rows invariant {shape}", torch.equal(K.matmul(x[300:301], w, **one(300))[0], y[300]))
+    check_qkv_rope(c, K, shape, nw)
     B, T, S = 4, tree.size, CHECK_SLOTS
     k_cache = torch.randn(B, S, Hkv, D, device=dev, dtype=bf16)
     v_cache = torch.randn_like(k_cache)
@@ -644,6 +645,30 @@ def check_invariant(c, K, shape, tree):
     c.time(f"path_attention {shape} B=1 T={T} (ref: tree_attention)",
            lambda: K.path_attention(q[:1], k_cache[:1], v_cache[:1], lens[:1], rows.node_path[:1], rows.node_depth[:1]),
            lambda: K.tree_attention(q[:1], k_cache[:1], v_cache[:1], lens[:1], tree.mask))
+
+
+def check_qkv_rope(c, K, shape, nw):
+    """The fused norm -> qkv -> RoPE -> cache write (hl.FUSED) against the ops one by one, and a token's q and
+    cache entries the same bits alone as in a batch of ragged rows."""
+    Hq, Hkv, D, dim, _, _ = CHECK_SHAPES[shape]
+    dev, bf16, B, T, S = "cuda", torch.bfloat16, 4, 64, 512
+    x = torch.randn(B, T, dim, device=dev, dtype=bf16)
+    w = torch.randn((Hq + 2 * Hkv) * D, dim, device=dev, dtype=bf16) / math.sqrt(dim)
+    cfg = hl.Config(dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv, hidden_dim=8, vocab_size=8, head_dim=D)
+    cos, sin = hl.rope_tables(cfg, 1024, dev)
+    lens = torch.tensor([0, 5, 300, 400], device=dev, dtype=torch.int32)
+    pos = lens[:, None].long() + torch.arange(T, device=dev)
+    caches = [torch.randn(2, B, S, Hkv, D, device=dev, dtype=bf16) for _ in range(2)]
+    refs = [t.clone() for t in caches]
+    q = K.qkv_rope(x, w, (nw, 1e-5), cos, sin, pos, caches[0][1], caches[1][1], lens, Hq)
+    q_ref = hl.qkv_rope_ref(x, w, (nw, 1e-5), cos, sin, pos, refs[0][1], refs[1][1], lens, Hq)
+    c.close(f"qkv_rope {shape} B={B} T={T} (ref: the ops one by one)", q, q_ref, bf16)
+    c.close(f"qkv_rope {shape} keys written", caches[0], refs[0], bf16)
+    c.close(f"qkv_rope {shape} values written", caches[1], refs[1], bf16)
+    k1, v1 = (torch.zeros(1, S, Hkv, D, device=dev, dtype=bf16) for _ in range(2))
+    q1 = K.qkv_rope(x[2:3, 7:8], w, (nw, 1e-5), cos, sin, pos[2:3, 7:8], k1, v1, lens[2:3] + 7, Hq)
+    same = torch.equal(q1[0, 0], q[2, 7]) and torch.equal(k1[0, 307], caches[0][1, 2, 307])
+    c.verdict(f"qkv_rope {shape} token alone == in the batch", same and torch.equal(v1[0, 307], caches[1][1, 2, 307]))
 
 
 def node_is_decoding(K, q, k_cache, v_cache, lens, rows, out, tree):

@@ -163,6 +163,16 @@ def rope_cache_write_ref(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, l
     return q
 
 
+def qkv_rope_ref(x, w, norm, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads):
+    """A decoder layer's attention input in one op: q, k, v = RMSNorm(x) @ w.T (norm = (weight, eps)), split into
+    heads; then rope_cache_write_ref. x [B, T, dim] -> rotated q [B, T, n_heads, D]."""
+    B, T, _ = x.shape
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
+    q, k, v = matmul_ref(x, w, norm=norm).split([n_heads * D, Hkv * D, Hkv * D], -1)
+    return rope_cache_write_ref(q.view(B, T, n_heads, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D), cos_table,
+                                sin_table, pos, k_cache, v_cache, lens)
+
+
 def attention_ref(q, k_cache, v_cache, lens, mask=None):
     """Attention of T new tokens over their row's cache: every cached slot < lens[b] is visible; among the new
     tokens (slots lens[b] ..) query i sees key j where mask[i, j] (mask [T, T] bool, one tree for all rows), or
@@ -314,9 +324,9 @@ USE_TRITON = os.environ.get("HYDRA_LITE_TRITON", "1") != "0"
 # speculative decoding gives greedy decoding's output bit for bit, in bf16 too. HYDRA_LITE_EXACT=0: cuBLAS
 # and the tiled attention kernels instead (outputs may part from plain decoding at near-ties).
 EXACT = os.environ.get("HYDRA_LITE_EXACT", "1") != "0"
-# Decoder layers as four fused matmuls (norm -> qkv; out + residual; norm -> gate/up -> SwiGLU; down + residual)
-# instead of seven kernels: HYDRA_LITE_FUSED=1. For the batch-invariant matmul (elsewhere the ops run one by
-# one). Off until timed on a GPU (issue 14).
+# Decoder layers as four fused matmuls (norm -> qkv -> RoPE -> cache; out + residual; norm -> gate/up -> SwiGLU;
+# down + residual) and the attention, instead of ten kernels: HYDRA_LITE_FUSED=1. For the batch-invariant
+# kernels (elsewhere the same ops run one by one). Off until timed on a GPU (issue 14).
 FUSED = os.environ.get("HYDRA_LITE_FUSED", "0") == "1"
 
 
@@ -357,6 +367,11 @@ def attention(q, k_cache, v_cache, lens, tree=None):
 
 def linear(x, w, bias=None):
     return (_kernels.matmul if EXACT and _triton(x) else matmul_ref)(x, w, bias)
+
+
+def qkv_rope(x, w, norm, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads):
+    fn = _kernels.qkv_rope if EXACT and _triton(x) else qkv_rope_ref
+    return fn(x, w, norm, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads)
 
 
 def fused_linear(x, w, norm=None, residual=None, swiglu=False):
@@ -492,8 +507,13 @@ class Block(nn.Module):
         """forward with the norms, SwiGLU and residual adds inside the matmuls. Returns (None, the residual
         stream): the adds are done (x None on the way in: the same)."""
         s = x if residual is None else residual if x is None else x + residual
-        a = self.attend(fused_linear(s, self.wqkv.weight, norm=(self.attn_norm.weight, self.attn_norm.eps)),
-                        rope, pos, kv, tree)
+        norm = (self.attn_norm.weight, self.attn_norm.eps)
+        if kv is None:
+            a = self.attend(fused_linear(s, self.wqkv.weight, norm=norm), rope, pos, kv, tree)
+        else:  # the projection, RoPE and the cache write in one kernel
+            k_cache, v_cache, lens = kv
+            q = qkv_rope(s, self.wqkv.weight, norm, rope[0], rope[1], pos, k_cache, v_cache, lens, self.cfg.n_heads)
+            a = attention(q, k_cache, v_cache, lens, tree).reshape(*s.shape[:2], -1)
         s = fused_linear(a, self.wo.weight, residual=s)
         h = fused_linear(s, self.w13.weight, norm=(self.ffn_norm.weight, self.ffn_norm.eps), swiglu=True)
         return None, fused_linear(h, self.w2.weight, residual=s)

@@ -734,6 +734,78 @@ def matmul(x, w, bias=None, norm=None, residual=None, swiglu=False):
     return y
 
 
+# qkv_rope: a decoder layer's first matmul with what follows it: RMSNorm(x) @ wqkv.T, then RoPE on q and k, k and
+# v written into the cache at slot lens[b] + t, rotated q returned. Columns go in pairs (j, j + D/2) of one head,
+# the two halves that rotate-half RoPE mixes: a program holds BLOCK_N pairs, as two accumulators.
+
+
+@triton.jit(do_not_specialize=["M", "T"])
+def _qkv_rope_kernel(x_ptr, w_ptr, nw_ptr, cos_ptr, sin_ptr, pos_ptr, lens_ptr, q_ptr, kc_ptr, vc_ptr,
+                     M, T, K, Hq, Hkv, HALF, S, sxm, sxk, swn, swk, eps, scos, spb, spt,
+                     sc_b, sc_s, sc_h, sc_d, sv_b, sv_s, sv_h, sv_d,
+                     UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (head, j): columns head*D + j and + HALF
+    head, j = pair // HALF, pair % HALF
+    n_ok = head < Hq + 2 * Hkv
+    col = head * 2 * HALF + j
+    rstd = _row_rstd(x_ptr, rm, M, K, sxm, sxk, eps, BLOCK_M, BLOCK_K)
+    x1 = _rows_times_w(x_ptr, w_ptr, nw_ptr, rstd, rm, col, n_ok, M, K, sxm, sxk, swn, swk,
+                       True, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+    x2 = _rows_times_w(x_ptr, w_ptr, nw_ptr, rstd, rm, col + HALF, n_ok, M, K, sxm, sxk, swn, swk,
+                       True, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+    dt = q_ptr.dtype.element_ty
+    x1, x2 = x1.to(dt).to(tl.float32), x2.to(dt).to(tl.float32)  # the projection's outputs, as the unfused ops see them
+    b, t = (rm // T).to(tl.int64), rm % T
+    m_ok = rm < M
+    p = tl.load(pos_ptr + b * spb + t * spt, mask=m_ok, other=0)
+    c = tl.load(cos_ptr + p[:, None] * scos + j[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+    sn = tl.load(sin_ptr + p[:, None] * scos + j[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+    is_v = (head >= Hq + Hkv)[None, :]
+    r1 = tl.where(is_v, x1, x1 * c - x2 * sn).to(dt)  # v is not rotated
+    r2 = tl.where(is_v, x2, x2 * c + x1 * sn).to(dt)
+    is_q = head < Hq
+    ok = m_ok[:, None] & (is_q & n_ok)[None, :]
+    dst = q_ptr + ((b * T + t)[:, None] * Hq + head[None, :]) * (2 * HALF) + j[None, :]
+    tl.store(dst, r1, mask=ok)
+    tl.store(dst + HALF, r2, mask=ok)
+    slot = tl.load(lens_ptr + b, mask=m_ok, other=0) + t
+    ok_kv = m_ok[:, None] & (slot < S)[:, None] & (~is_q & n_ok)[None, :]
+    kvh = tl.where(is_q, 0, (head - Hq) % Hkv)[None, :]
+    dst_k = kc_ptr + b[:, None] * sc_b + slot[:, None] * sc_s + kvh * sc_h + j[None, :] * sc_d
+    dst_v = vc_ptr + b[:, None] * sv_b + slot[:, None] * sv_s + kvh * sv_h + j[None, :] * sv_d
+    tl.store(dst_k, r1.to(kc_ptr.dtype.element_ty), mask=ok_kv & ~is_v)
+    tl.store(dst_k + HALF * sc_d, r2.to(kc_ptr.dtype.element_ty), mask=ok_kv & ~is_v)
+    tl.store(dst_v, r1.to(vc_ptr.dtype.element_ty), mask=ok_kv & is_v)
+    tl.store(dst_v + HALF * sv_d, r2.to(vc_ptr.dtype.element_ty), mask=ok_kv & is_v)
+
+
+def qkv_rope(x, w, norm, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads):
+    """RMSNorm(x) @ w.T split into q, k, v heads; q and k rotated by RoPE at positions pos [B, T]; k and v written
+    into the cache at slots lens[b] + t; returns q [B, T, n_heads, D]. As matmul(x, w, norm=norm) then
+    rope_cache_write, in one kernel (see qkv_rope_ref)."""
+    B, T, K = x.shape
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
+    _require(D % 2 == 0, f"rotate-half RoPE needs an even head_dim, not {D}")
+    _require(tuple(w.shape) == ((n_heads + 2 * Hkv) * D, K), f"qkv_rope: weight {tuple(w.shape)} is not "
+             f"[({n_heads} + 2 x {Hkv}) x {D}, {K}]")
+    _require(cos_table.stride() == sin_table.stride() and cos_table.stride(1) == 1, "rope tables must be contiguous rows")
+    x2 = x.reshape(B * T, K)
+    q = torch.empty(B, T, n_heads, D, dtype=x.dtype, device=x.device)
+    pairs = (n_heads + 2 * Hkv) * D // 2
+    BLOCK_M, BLOCK_N, BLOCK_K = (64, 16, 128 if K % 128 == 0 else 64) if x.is_cuda else (64, 64, 64)
+    upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
+    nw, eps = norm
+    _qkv_rope_kernel[(triton.cdiv(B * T, BLOCK_M), triton.cdiv(pairs, BLOCK_N))](
+        x2, w, nw.contiguous(), cos_table, sin_table, pos, lens.contiguous(), q, k_cache, v_cache,
+        B * T, T, K, n_heads, Hkv, D // 2, k_cache.shape[1], *x2.stride(), *w.stride(), eps, cos_table.stride(0),
+        *pos.stride(), *k_cache.stride(), *v_cache.stride(),
+        UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3)
+    return q
+
+
 # ----------------------------------------------------------------------------------------------------------
 # KV compaction after verification: slot lens[b] + path[b, j] -> slot lens[b] + j in every layer. One program
 # per (layer, row, column chunk) loads all P source rows, waits for its whole block, then stores: sources and

@@ -236,6 +236,43 @@ def test_rope_cache_write(dtype, B, T, Hq, Hkv, D):
         assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])  # other layers untouched
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,Hq,Hkv,D", [(3, 5, 4, 2, 16), (2, 1, 6, 2, 32)])
+def test_qkv_rope(dtype, B, T, Hq, Hkv, D):
+    """The layer's first matmul with RMSNorm before and RoPE + the cache write after, in one kernel: q and the
+    written keys/values against the PyTorch ops one by one, nothing else in the cache touched, and a token's
+    bits the same alone as in the batch."""
+    K, L, S = 48, 2, 20
+    x = torch.randn(B, T, K, dtype=dtype) * 2
+    w = (torch.randn((Hq + 2 * Hkv) * D, K) / K ** 0.5).to(dtype)
+    norm = ((torch.rand(K) + 0.5).to(dtype), 1e-5)
+    cos, sin = hl.rope_tables(hl.Config(dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv, hidden_dim=8,
+                                        vocab_size=8, head_dim=D), 64, "cpu")
+    lens = torch.randint(0, S - T + 1, (B,), dtype=torch.int32)
+    lens[-1] = S - T
+    pos = lens[:, None].long() + torch.randint(0, 3, (B, T))
+    k_all, v_all = torch.randn(L, B, S, Hkv, D, dtype=dtype), torch.randn(L, B, S, Hkv, D, dtype=dtype)
+    k_ref, v_ref = k_all.clone(), v_all.clone()
+    q = kernels.qkv_rope(x, w, norm, cos, sin, pos, k_all[1], v_all[1], lens, Hq)
+    q_ref = hl.qkv_rope_ref(x, w, norm, cos, sin, pos, k_ref[1], v_ref[1], lens, Hq)
+    assert q.shape == (B, T, Hq, D) and q.dtype == dtype
+    tol = {} if dtype == torch.float32 else dict(rtol=0.05, atol=0.05 * q_ref.float().abs().max().item())
+    torch.testing.assert_close(q.float(), q_ref.float(), **(tol or dict(rtol=1e-5, atol=1e-5)))
+    written = torch.zeros(B, S, dtype=torch.bool)
+    for b in range(B):
+        written[b, lens[b]:lens[b] + T] = True
+    for got, ref in ((k_all, k_ref), (v_all, v_ref)):
+        torch.testing.assert_close(got[1][written].float(), ref[1][written].float(), **(tol or dict(rtol=1e-5, atol=1e-5)))
+        assert torch.equal(got[1][~written], ref[1][~written]) and torch.equal(got[0], ref[0])
+    b, t = B - 1, T - 1  # one token alone: the same bits for q and for what it writes
+    k1, v1 = torch.zeros(1, S, Hkv, D, dtype=dtype), torch.zeros(1, S, Hkv, D, dtype=dtype)
+    slot = int(lens[b]) + t
+    q1 = kernels.qkv_rope(x[b:b + 1, t:t + 1], w, norm, cos, sin, pos[b:b + 1, t:t + 1], k1, v1,
+                          torch.tensor([slot], dtype=torch.int32), Hq)
+    assert torch.equal(q1[0, 0], q[b, t]) and torch.equal(k1[0, slot], k_all[1, b, slot])
+    assert torch.equal(v1[0, slot], v_all[1, b, slot])
+
+
 def test_rope_cache_write_row_view():
     """A view on one row of the batch (strided) and a bf16 cache for fp32 activations."""
     B, T, Hq, Hkv, D, S = 3, 3, 2, 1, 16, 10
