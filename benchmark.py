@@ -819,16 +819,17 @@ def tasks_bench(args):
     heads_sets = {name: hl.load_heads(path, model) for name, path in (h.split("=", 1) for h in args.heads)}
     coverage = {}
     log(f"{len(rows)} prompts ({', '.join(families)}), {args.max_new_tokens} new tokens, {dev} {args.dtype}")
-    results, records, exact_before = [], [], hl.EXACT
+    results, records, kernels_before = [], [], (hl.EXACT, hl.FUSED)
     for batch, kernels in itertools.product(args.batch, args.kernels):
-        hl.EXACT = kernels == "exact"  # (every method, AR included, with one set of kernels; read at capture)
+        # (every method, AR included, with one set of kernels; read at capture)
+        hl.EXACT, hl.FUSED = kernels != "fast", kernels == "fused"
         order = sorted(range(len(rows)), key=lambda i: (rows[i]["task"], i)) if batch == 1 else \
             random.Random(0).sample(range(len(rows)), len(rows))  # larger batches mix the families, as traffic does
         b_rows, b_ids = [rows[i] for i in order], [ids[i] for i in order]
         ar_recs = None
         for name, make in task_methods(args, model, tok, heads_sets):
             gen, mode = make(), "ar" if name == "ar" else "spec"
-            name += "" if kernels == "exact" else " [fast kernels]"
+            name += "" if kernels == "exact" else f" [{kernels} kernels]"
             t0 = time.perf_counter()
             gen.generate(b_ids[:1], 8, mode=mode)  # load and compile once
             sizes = sorted({min(batch, len(b_rows) - i) for i in range(0, len(b_rows), batch)})  # (a last, smaller call)
@@ -850,7 +851,7 @@ def tasks_bench(args):
                                         warmup_s=warm, **s))
                 log(f"b{batch} {name} ({attempt} calls): {results[-1]['tokens_per_s']:.0f} tokens/s, "
                     f"accept {results[-1]['mean_accept']:.2f}")
-    hl.EXACT = exact_before
+    hl.EXACT, hl.FUSED = kernels_before
     for r in results:  # against AR with the same kernels
         ar = next(a for a in results if a["method"].split(" ")[0] == "ar" and (a["batch"], a["task"], a["attempt"], a["kernels"])
                   == (r["batch"], r["task"], r["attempt"], r["kernels"]))
@@ -1045,9 +1046,10 @@ def main(argv=None):
     t.add_argument("--repeat", action="store_true", help="time every call twice: first, and repeated right after")
     t.add_argument("--warmup", action="store_true", help="Generator.warmup() before timing (no capture in a call)")
     t.add_argument("--dtype", default="bfloat16")
-    t.add_argument("--kernels", nargs="+", choices=["exact", "fast"], default=["exact"],
-                   help="kernel sets to run every method with (exact: the batch-invariant ones, the default; fast: "
-                        "cuBLAS and the tiled attention, HYDRA_LITE_EXACT=0), each against AR with the same")
+    t.add_argument("--kernels", nargs="+", choices=["exact", "fused", "fast"], default=["exact"],
+                   help="kernel sets to run every method with (exact: the batch-invariant ones, the default; fused: "
+                        "those with the decoder layers fused, HYDRA_LITE_FUSED=1; fast: cuBLAS and the tiled "
+                        "attention, HYDRA_LITE_EXACT=0), each against AR with the same")
     s = sub.add_parser("steps", formatter_class=hl.HelpWithDefaults)
     s.add_argument("--shape", choices=list(SHAPES), default="7b")
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8])
