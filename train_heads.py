@@ -596,13 +596,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    exact_before = hl.EXACT
     try:
         check_args(args)
         model = hl.load_model(args.checkpoint, args.device, dtype)
+        # Throughput work whose results are compared with nothing bit for bit: cuBLAS and the tiled attention
+        # (data: ~20% more tokens/s on the GPU than the batch-invariant kernels, BENCHMARKS.md run 13; training's
+        # base-model forward over 8,192-token batches wants cuBLAS's large tiles, not one tile shape for all).
+        hl.EXACT = False
         if args.cmd == "data":
-            # Throughput work whose answers are compared with nothing bit for bit: cuBLAS and the tiled attention
-            # (~20% more tokens/s on the GPU than the batch-invariant kernels; BENCHMARKS.md run 13).
-            hl.EXACT = False
             tok = hl.Tokenizer(args.checkpoint, model.cfg)
             prompts = read_prompts(args.prompts, parse_range(args.rows))
             if not prompts:
@@ -669,6 +671,8 @@ def main(argv=None):
     except KeyboardInterrupt:  # (outputs are written whole or not at all)
         print("\ninterrupted: nothing was written", file=sys.stderr)
         return 130
+    finally:
+        hl.EXACT = exact_before  # (a caller in the same process keeps its kernels)
     return 0
 
 

@@ -124,7 +124,7 @@ def test_train_heads_cli_end_to_end(tmp_path, monkeypatch):
 
     import train_heads as th
 
-    monkeypatch.setattr(hl, "EXACT", hl.EXACT)  # (data picks its kernels for the process: restored after)
+    monkeypatch.setattr(hl, "EXACT", True)  # train_heads runs with the faster kernels and gives the setting back
 
     prompts = tmp_path / "q.jsonl"
     prompts.write_text('{"turns": ["Name three colors."]}\n{"turns": ["What is 2+2?"]}\n'
@@ -139,6 +139,7 @@ def test_train_heads_cli_end_to_end(tmp_path, monkeypatch):
     info = json.loads(open(os.path.join(out, "train.json")).read())
     assert info["steps_run"] == 2 and len(json.loads(open(os.path.join(out, "tree.json")).read())) == 7
     assert th.main(["tree", "--checkpoint", CKPT, "--data", data, "--tree-size", "3", "--out", out]) == 0
+    assert hl.EXACT  # (each command ran with the faster kernels and gave the setting back)
     tree = json.loads(open(os.path.join(out, "tree.json")).read())
     assert len(tree) == 3 and json.loads(open(os.path.join(out, "train.json")).read())["tree_answers"] == 10
     model = hl.load_model(CKPT)
