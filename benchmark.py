@@ -343,24 +343,27 @@ def steps(args):
     rows = []
     log(f"{args.shape}: {n_params / 1e9:.2f}B parameters, HBM copy bandwidth {bw / 1e12:.2f} TB/s")
     exact_before, fused_before, tiles_before = hl.EXACT, hl.FUSED, (K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN)
+    merge_before = K.PATH_MERGE_IN_KERNEL
     with torch.inference_mode():
-        for tiles in args.path_tiles:  # each setting must keep a tree node's bits those of decoding
-            K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
-            log(f"path tiles {tiles[0]}x{tiles[1]}: tree node == decoding, bit for bit: {path_tiles_invariant(K, cfg, tree)}")
+        for tiles, merge in [(t, False) for t in args.path_tiles] + ([(args.path_tiles[0], True)] if args.fused else []):
+            K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN, K.PATH_MERGE_IN_KERNEL = *tiles, merge  # each must keep a node == decoding
+            log(f"path tiles {tiles[0]}x{tiles[1]}{', merge in kernel' if merge else ''}: tree node == decoding, bit for "
+                f"bit: {path_tiles_invariant(K, cfg, tree)}")
         for B in args.batch:
             cache = model.new_cache(B, 4096)
             cache.k.normal_(), cache.v.normal_()
             cache.lens.fill_(args.context)
-            kernel_sets = [(tiles, True, False) for tiles in args.path_tiles] + [(None, False, False)]
-            kernel_sets += [(args.path_tiles[0], True, True)] if args.fused else []
-            for (tiles, exact, fused), (name, T) in itertools.product(kernel_sets, (("AR step", 1), ("tree verify", tree.size))):
-                hl.EXACT, hl.FUSED = exact, fused  # which kernels (read at capture)
+            kernel_sets = [(tiles, True, False, False) for tiles in args.path_tiles] + [(None, False, False, False)]
+            kernel_sets += [(args.path_tiles[0], True, True, merge) for merge in (False, True)] if args.fused else []
+            steps_ = (("AR step", 1), ("tree verify", tree.size))
+            for (tiles, exact, fused, merge), (name, T) in itertools.product(kernel_sets, steps_):
+                hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = exact, fused, merge  # which kernels (read at capture)
                 if exact:
                     K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
                 if not exact:
                     name += " (fast kernels)"
                 elif fused:
-                    name += " (fused layers)"
+                    name += " (fused layers" + (", merge in kernel)" if merge else ")")
                 elif len(args.path_tiles) > 1:
                     name += f" (path tiles {tiles[0]}x{tiles[1]})"
                 tokens = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
@@ -373,7 +376,7 @@ def steps(args):
                 rows.append(dict(shape=args.shape, batch=B, step=name, tokens=B * T, ms=ms, roofline_ms=max(floor_ms, flop_ms),
                                  hbm_floor_ms=floor_ms, flop_floor_ms=flop_ms, fraction=max(floor_ms, flop_ms) / ms))
                 log(f"b{B} {name} ({B * T} tokens): {ms:.3f} ms, HBM floor {floor_ms:.3f} ms, bf16 FLOP floor {flop_ms:.3f} ms")
-    hl.EXACT, hl.FUSED = exact_before, fused_before
+    hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = exact_before, fused_before, merge_before
     K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles_before
     table = ["| shape | batch | step | tokens | ms | roofline ms | of roofline |", "| --- | --- | --- | --- | --- | --- | --- |"]
     table += [f"| {r['shape']} | {r['batch']} | {r['step']} | {r['tokens']} | {r['ms']:.3f} | {r['roofline_ms']:.3f} | "
@@ -639,6 +642,12 @@ def check_invariant(c, K, shape, tree):
                                                                          rows.node_depth), bf16)
     c.verdict(f"path_attention tree node == decoding its path {shape}", node_is_decoding(K, q, k_cache, v_cache, lens, rows,
                                                                                           out, tree))
+    merge_before, K.PATH_MERGE_IN_KERNEL = K.PATH_MERGE_IN_KERNEL, True  # 20 calls: the merge races no one
+    same = all(torch.equal(K.path_attention(q, k_cache, v_cache, lens, rows.node_path, rows.node_depth), out)
+               for _ in range(20))
+    K.PATH_MERGE_IN_KERNEL = merge_before
+    c.verdict(f"path_attention merge in kernel == combine kernel, 20 calls {shape}",
+              same and not K._MERGE_COUNTS[q.device].any())
     c.time(f"path_attention {shape} B=1 T=1 (ref: decode_attention)",
            lambda: K.path_attention(q[:1, :1], k_cache[:1], v_cache[:1], lens[:1]),
            lambda: K.decode_attention(q[:1, :1], k_cache[:1], v_cache[:1], lens[:1]))
@@ -819,10 +828,12 @@ def tasks_bench(args):
     heads_sets = {name: hl.load_heads(path, model) for name, path in (h.split("=", 1) for h in args.heads)}
     coverage = {}
     log(f"{len(rows)} prompts ({', '.join(families)}), {args.max_new_tokens} new tokens, {dev} {args.dtype}")
-    results, records, kernels_before = [], [], (hl.EXACT, hl.FUSED)
+    import kernels as K
+
+    results, records, kernels_before = [], [], (hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL)
     for batch, kernels in itertools.product(args.batch, args.kernels):
         # (every method, AR included, with one set of kernels; read at capture)
-        hl.EXACT, hl.FUSED = kernels != "fast", kernels == "fused"
+        hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = kernels != "fast", kernels == "fused", kernels == "fused"
         order = sorted(range(len(rows)), key=lambda i: (rows[i]["task"], i)) if batch == 1 else \
             random.Random(0).sample(range(len(rows)), len(rows))  # larger batches mix the families, as traffic does
         b_rows, b_ids = [rows[i] for i in order], [ids[i] for i in order]
@@ -851,7 +862,7 @@ def tasks_bench(args):
                                         warmup_s=warm, **s))
                 log(f"b{batch} {name} ({attempt} calls): {results[-1]['tokens_per_s']:.0f} tokens/s, "
                     f"accept {results[-1]['mean_accept']:.2f}")
-    hl.EXACT, hl.FUSED = kernels_before
+    hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = kernels_before
     for r in results:  # against AR with the same kernels
         ar = next(a for a in results if a["method"].split(" ")[0] == "ar" and (a["batch"], a["task"], a["attempt"], a["kernels"])
                   == (r["batch"], r["task"], r["attempt"], r["kernels"]))
@@ -1048,7 +1059,8 @@ def main(argv=None):
     t.add_argument("--dtype", default="bfloat16")
     t.add_argument("--kernels", nargs="+", choices=["exact", "fused", "fast"], default=["exact"],
                    help="kernel sets to run every method with (exact: the batch-invariant ones, the default; fused: "
-                        "those with the decoder layers fused, HYDRA_LITE_FUSED=1; fast: cuBLAS and the tiled "
+                        "those with the decoder layers fused and path_attention's merge in the kernel, HYDRA_LITE_FUSED=1 "
+                        "HYDRA_LITE_PATH_MERGE=1; fast: cuBLAS and the tiled "
                         "attention, HYDRA_LITE_EXACT=0), each against AR with the same")
     s = sub.add_parser("steps", formatter_class=hl.HelpWithDefaults)
     s.add_argument("--shape", choices=list(SHAPES), default="7b")
@@ -1056,7 +1068,8 @@ def main(argv=None):
     s.add_argument("--context", type=int, default=512)
     s.add_argument("--path-tiles", type=parse_tiles, nargs="+", default=None,
                    help="path_attention tile rows x split length to time, e.g. 64x128 16x256 (default: the kernels' own)")
-    s.add_argument("--fused", action="store_true", help="also time the decoder layers fused into the matmuls (hl.FUSED)")
+    s.add_argument("--fused", action="store_true", help="also time the decoder layers fused into the matmuls (hl.FUSED), "
+                   "without and with path_attention's merge in the kernel (kernels.PATH_MERGE_IN_KERNEL)")
     for p in (e, s, t, la):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--out", default="runs/bench")

@@ -468,11 +468,12 @@ def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
 
 
 @triton.jit(do_not_specialize=["T"])
-def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr, plse_ptr,
+def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr, plse_ptr, o_ptr, cnt_ptr,
                       T, Hq, Hkv, D, scale, NUM_SPLITS, N_SHARED,
                       sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, spb, spt, spj, sdb, sdt,
                       REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
+                      SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
+                      MERGE: tl.constexpr):
     TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
     pid = tl.program_id(0)
     b = (tl.program_id(1) // Hkv).to(tl.int64)
@@ -530,6 +531,42 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
         l_safe = tl.where(used, l_i, 1.0)
         tl.store(plse_ptr + row, m_i + tl.log2(l_safe), mask=used)
         tl.store(po_ptr + row[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=used[:, None] & ok_d[None, :])
+        if MERGE:  # the last of a row's splits to finish merges them all (no combine kernel)
+            _merge_if_last(po_ptr, plse_ptr, o_ptr, cnt_ptr, (b * T + t0 + tok) * Hq + h, used,
+                           tl.cdiv(lens + depth + 1, SPLIT_LEN), offs_d, ok_d, D, NUM_SPLITS, BLOCK_M, BLOCK_D)
+
+
+@triton.jit
+def _merge_if_last(po_ptr, plse_ptr, o_ptr, cnt_ptr, orow, used, need, offs_d, ok_d, D, NUM_SPLITS,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Count this program's splits in, per row (cnt_ptr: one int32 per output row, 0 between calls); a row whose
+    count reaches `need` (its splits) here is merged by this program, exactly as _path_combine_kernel merges it,
+    and its count goes back to 0. The barriers and the acquire-release count order the other programs' partials
+    before the merge reads them (read past L1: .cg)."""
+    tl.debug_barrier()  # this program's partials are all stored before its count says so
+    old = tl.atomic_add(cnt_ptr + orow, 1, mask=used, sem="acq_rel")
+    last = used & (old == need - 1)
+    if tl.max(last.to(tl.int32), axis=0) > 0:
+        tl.debug_barrier()
+        prow = orow * NUM_SPLITS
+        m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        for s in range(0, tl.max(tl.where(last, need, 0), axis=0)):  # (a max is the same in any order)
+            m = tl.maximum(m, tl.load(plse_ptr + prow + s, mask=last & (s < need), other=float("-inf"),
+                                      cache_modifier=".cg"))
+        m = tl.where(last, m, 0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        den = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for s in range(0, tl.max(tl.where(last, need, 0), axis=0)):  # in split order, as the combine kernel
+            here = last & (s < need)
+            w = tl.exp2(tl.load(plse_ptr + prow + s, mask=here, other=float("-inf"), cache_modifier=".cg") - m)
+            x = tl.load(po_ptr + (prow + s)[:, None] * D + offs_d[None, :], mask=here[:, None] & ok_d[None, :],
+                        other=0.0, cache_modifier=".cg")
+            acc += w[:, None] * x
+            den += w
+        den = tl.where(last, den, 1.0)
+        tl.store(o_ptr + orow[:, None] * D + offs_d[None, :], (acc / den[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=last[:, None] & ok_d[None, :])
+        tl.store(cnt_ptr + orow, tl.zeros([BLOCK_M], dtype=tl.int32), mask=last)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -584,7 +621,20 @@ def _path_split(po_ptr, plse_ptr, row, d, m, s, used, h_ok, ok, NUM_SPLITS, D):
 # less of a decode step's tile (3 rows of 16, not 64). Longer splits mean fewer partials for the combine.
 PATH_SPLIT_LEN = 256  # virtual positions per split
 PATH_TILE_ROWS = 16  # tile rows (tokens x GQA heads) on the GPU, for every call
+# The last program of a row's splits merges them (an atomic count per row) instead of a combine kernel: one launch
+# less a layer, the same bits. Off until checked and timed on a GPU (HYDRA_LITE_PATH_MERGE=1; issue 15).
+PATH_MERGE_IN_KERNEL = os.environ.get("HYDRA_LITE_PATH_MERGE", "0") == "1"
+_MERGE_COUNTS = {}  # device -> int32 counts, one per output row, all 0 between calls (each merge resets its rows)
 _DECODE_PATH = {}  # device -> the one-token path ([[[0]]], depth [[0]]): a decode step is a one-node tree
+
+
+def _merge_counts(device, n):
+    """The merge's per-row counts: zeros, kept (a graph replays with the same buffer), grown to a power of two."""
+    counts = _MERGE_COUNTS.get(device)
+    if counts is None or counts.numel() < n:
+        counts = _MERGE_COUNTS[device] = torch.zeros(max(1 << (n - 1).bit_length(), 1 << 16), dtype=torch.int32,
+                                                     device=device)
+    return counts
 
 
 def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
@@ -618,12 +668,16 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     upcast = (not q.is_cuda) or q.dtype == torch.float32 or q.dtype != k_cache.dtype
     lens = lens.contiguous()
+    counts = _merge_counts(q.device, B * T * Hq) if PATH_MERGE_IN_KERNEL else lens  # (unused without the merge)
     _path_attn_kernel[(n_shared + 2 * T, B * Hkv)](
-        q, k_cache, v_cache, lens, path, depth, po, plse, T, Hq, Hkv, D, 1.0 / math.sqrt(D) * 1.4426950408889634,
-        num_splits, n_shared, *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
+        q, k_cache, v_cache, lens, path, depth, po, plse, out, counts, T, Hq, Hkv, D,
+        1.0 / math.sqrt(D) * 1.4426950408889634, num_splits, n_shared,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
-        PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda, num_warps=4,
-        num_stages=2)
+        PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,
+        MERGE=PATH_MERGE_IN_KERNEL, num_warps=4, num_stages=2)
+    if PATH_MERGE_IN_KERNEL:
+        return out
     _path_combine_kernel[(T, B)](po, plse, lens, depth, out, T, Hq, D, num_splits, *depth.stride(),
                                  SPLIT_LEN=PATH_SPLIT_LEN, BLOCK_H=_pow2(Hq, 2), BLOCK_D=BLOCK_D,
                                  BLOCK_S=_pow2(num_splits, 2), num_warps=4)

@@ -136,9 +136,13 @@ def real_prompts(ckpt, cfg, n):
 def test_gpu_verification_logits_equal_decoding_bit_for_bit(dtype, fused, monkeypatch):
     """Greedy decoding's logits at each step, and the keys/values it writes, equal bit for bit the tree pass's
     at the nodes of the same path (ragged rows, the path among other nodes, the cache of another size); with
-    the decoder layers' ops one by one and fused into the matmuls (hl.FUSED)."""
+    the decoder layers' ops one by one, and fused into the matmuls (hl.FUSED) with path_attention's merge in
+    the kernel (kernels.PATH_MERGE_IN_KERNEL)."""
+    import kernels
+
     assert hl.EXACT
     monkeypatch.setattr(hl, "FUSED", fused)
+    monkeypatch.setattr(kernels, "PATH_MERGE_IN_KERNEL", fused)
     model = near_tie_model(dtype)
     torch.manual_seed(5)
     lens = [9, 70, 33]
@@ -189,8 +193,12 @@ def test_gpu_half_speculative_equals_autoregressive(dtype, dynamic):
 
 
 def test_gpu_fused_layers_speculative_equals_autoregressive(monkeypatch):
-    """The same with the decoder layers fused into the matmuls (hl.FUSED), bf16, static tree."""
+    """The same with the decoder layers fused into the matmuls (hl.FUSED) and path_attention's merge in the
+    kernel, bf16, static tree."""
+    import kernels
+
     monkeypatch.setattr(hl, "FUSED", True)
+    monkeypatch.setattr(kernels, "PATH_MERGE_IN_KERNEL", True)
     check_half_speculative(torch.bfloat16, False)
 
 

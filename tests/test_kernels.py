@@ -465,6 +465,23 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_path_attention_merge_in_kernel_equals_combine(dtype, monkeypatch):
+    """PATH_MERGE_IN_KERNEL: the last program of a row's splits merges them in place of the combine kernel; the
+    same bits (ragged rows, 1 to 6 splits, decoding and a tree), and every count back at 0 afterwards."""
+    monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 32)
+    B, T, Hq, Hkv, D, S = 3, 6, 6, 2, 32, 200
+    q, k_cache, v_cache, _ = attn_inputs(B, T, Hq, Hkv, D, S, dtype)
+    lens = torch.tensor([3, 61, 160], dtype=torch.int32)
+    path, depth = tree_paths([random_tree(T)[2] for _ in range(B)])
+    for args in ((q, k_cache, v_cache, lens, path, depth), (q[:, :1], k_cache, v_cache, lens)):
+        monkeypatch.setattr(kernels, "PATH_MERGE_IN_KERNEL", False)
+        want = kernels.path_attention(*args)
+        monkeypatch.setattr(kernels, "PATH_MERGE_IN_KERNEL", True)
+        assert torch.equal(kernels.path_attention(*args), want)
+        assert not kernels._MERGE_COUNTS[q.device].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,N,K,bias", [(1, 40, 48, False), (37, 96, 80, True), (70, 33, 64, False)])
 def test_matmul(dtype, M, N, K, bias):
     """F.linear's values (fp32: ~1e-5), and each row's bits the same alone, in this batch or in another."""
