@@ -800,12 +800,16 @@ def test_model_tree_step_with_kernels(monkeypatch):
     torch.testing.assert_close(v_k, v, rtol=1e-4, atol=1e-4)
 
 
-def test_model_tree_pass_is_decoding_bit_for_bit(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused-layers-and-merge"])
+def test_model_tree_pass_is_decoding_bit_for_bit(monkeypatch, fused):
     """Through the whole model with the batch-invariant kernels (matmul, path_attention): the hidden states of a
     tree pass at the nodes of a path equal, bit for bit, decoding that path's tokens one at a time (ragged rows).
+    Also with the layers fused (hl.FUSED: qkv_rope, the fused matmuls) and path_attention's merge in the kernel.
     (The CPU reference path does not promise this: F.linear's CPU kernels may block a 1-row and a 6-row product
     differently, and the reference attention reduces a tree's keys in another order than decoding's.)"""
     monkeypatch.setattr(hl, "EXACT", True)
+    monkeypatch.setattr(hl, "FUSED", fused)
+    monkeypatch.setattr(kernels, "PATH_MERGE_IN_KERNEL", fused)
     monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 32)  # several splits
     model = tiny_model()
     tree = hl.Tree([[0], [1], [0, 0], [0, 1], [0, 0, 0]])
