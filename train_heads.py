@@ -549,7 +549,7 @@ def pad(rows, device):
     return tokens.to(device), valid.to(device)
 
 
-def main(argv=None):
+def build_parser():
     ap = hl.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data", help="generate self-distillation data", formatter_class=hl.HelpWithDefaults)
@@ -593,7 +593,11 @@ def main(argv=None):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true", help="overwrite the heads shipped in this repo's heads/")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     exact_before = hl.EXACT
@@ -604,67 +608,7 @@ def main(argv=None):
         # (data: ~20% more tokens/s on the GPU than the batch-invariant kernels, BENCHMARKS.md run 13; training's
         # base-model forward over 8,192-token batches wants cuBLAS's large tiles, not one tile shape for all).
         hl.EXACT = False
-        if args.cmd == "data":
-            tok = hl.Tokenizer(args.checkpoint, model.cfg)
-            prompts = read_prompts(args.prompts, parse_range(args.rows))
-            if not prompts:
-                raise hl.HydraLiteError(f"no prompts in {args.prompts} (rows {args.rows})")
-            temps = parse_temperatures(args.temperatures)
-            t0, limit = time.time(), args.time_limit or float("inf")
-            extra = synthetic_prompts(args.synthetic, args.seed)
-            if args.imitate:
-                extra += imitated_prompts(model, tok, prompts, args.imitate, args.batch, args.seed, deadline=t0 + 0.4 * limit)
-            rows = make_data(model, tok, prompts, args.samples, temps, args.max_new_tokens, args.batch, extra, args.seed,
-                             deadline=t0 + limit)
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            save_rows(rows, args.out)
-            log(f"wrote {len(rows)} answers ({sum(len(r[0]) - r[1] for r in rows)} answer tokens) to {args.out}")
-        elif args.cmd == "tree":
-            heads = hl.load_heads(args.out, model)
-            rows = load_rows(args.data)
-            if args.held_out:
-                rows = held_out_split(rows, args.seed)[0]
-            info = read_json_or_empty(os.path.join(args.out, "train.json"))
-            files = fit_heads_tree(model, heads, rows, args.tree_size,
-                                   info | {"tree_data": args.data, "tree_answers": len(rows)}, args.max_tokens)
-            for name, obj in files.items():
-                hl.write_json_atomically(os.path.join(args.out, name), obj)
-        else:
-            held_out, train_rows = held_out_split(load_rows(args.data), args.seed)
-            counts = [answer_counts(r, model.cfg.vocab_size) for r in (train_rows, held_out)]  # (counted once)
-            size = pick_vocab_size(args.draft_vocab, *counts)
-            if args.init:  # fine-tuning: the heads keep their shape (and their draft vocabulary, unless one is asked)
-                heads = hl.load_heads(args.init, model).float().train().requires_grad_(True)  # fp32 master weights
-                hc = heads.hc
-                if args.n_layers is not None and args.n_layers < hc.n_layers:
-                    raise hl.HydraLiteError(f"--n-layers {args.n_layers}: {args.init} has {hc.n_layers} blocks per head "
-                                            "(heads can grow, not shrink)")
-                if args.n_layers is not None and args.n_layers > hc.n_layers:
-                    heads = deeper_heads(heads, args.n_layers, model.cfg)
-                    log(f"{hc.n_layers} -> {args.n_layers} blocks per head (the new ones start as the identity)")
-                args.kind, args.n_heads, args.n_layers = hc.kind, hc.n_heads, heads.hc.n_layers
-                if size is not None:
-                    heads = with_draft_vocab(heads, top_tokens(counts[0], size), model.cfg)
-                heads.hc.source = f"train_heads.py on {args.checkpoint}: {args.init} fine-tuned on {args.data}"
-                log(f"going on from {args.init} ({hc.kind}, {hc.n_heads} heads of {hc.n_layers} blocks)")
-            else:
-                vocab = top_tokens(counts[0], 16384 if size is None else size)
-                args.n_layers = args.n_layers or 1
-                heads = new_heads(model, args.kind, args.n_heads, args.n_layers, vocab,
-                                  f"train_heads.py on {args.checkpoint}").to(args.device)
-            vocab, args.draft_vocab = heads.vocab, heads.hc.draft_vocab
-            if vocab is not None:
-                log(f"draft vocabulary: {len(vocab)} tokens cover {coverage(counts[0], vocab.cpu()):.4f} of the training "
-                    f"answers' tokens, {coverage(counts[1], vocab.cpu()):.4f} of the held-out ones")
-            n_params = sum(p.numel() for p in heads.parameters())
-            log(f"training {args.kind} heads ({n_params / 1e6:.1f}M parameters) on {len(train_rows)} answers")
-            steps = train(model, heads, train_rows, args.steps, args.lr, args.max_tokens, args.noise, args.seed, args.time_limit)
-            info = vars(args) | {"answers": len(held_out) + len(train_rows), "steps_run": steps}
-            if args.init:  # the heads' history: how the ones it went on from were trained
-                info["init_train"] = read_json_or_empty(os.path.join(args.init, "train.json"))
-            heads = heads.to(dtype)
-            hl.save_heads(heads, args.out, model.cfg, fit_heads_tree(model, heads, held_out, args.tree_size, info))
-            log(f"saved heads to {args.out}")
+        {"data": run_data, "tree": run_tree, "train": run_train}[args.cmd](args, model, dtype)
     except hl.HydraLiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -674,6 +618,83 @@ def main(argv=None):
     finally:
         hl.EXACT = exact_before  # (a caller in the same process keeps its kernels)
     return 0
+
+
+def run_data(args, model, dtype):
+    """train_heads.py data: the base model's answers to the prompts (and to template / imitated ones) -> --out."""
+    tok = hl.Tokenizer(args.checkpoint, model.cfg)
+    prompts = read_prompts(args.prompts, parse_range(args.rows))
+    if not prompts:
+        raise hl.HydraLiteError(f"no prompts in {args.prompts} (rows {args.rows})")
+    temps = parse_temperatures(args.temperatures)
+    t0, limit = time.time(), args.time_limit or float("inf")
+    extra = synthetic_prompts(args.synthetic, args.seed)
+    if args.imitate:
+        extra += imitated_prompts(model, tok, prompts, args.imitate, args.batch, args.seed, deadline=t0 + 0.4 * limit)
+    rows = make_data(model, tok, prompts, args.samples, temps, args.max_new_tokens, args.batch, extra, args.seed,
+                     deadline=t0 + limit)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_rows(rows, args.out)
+    log(f"wrote {len(rows)} answers ({sum(len(r[0]) - r[1] for r in rows)} answer tokens) to {args.out}")
+
+
+def run_tree(args, model, dtype):
+    """train_heads.py tree: refit the tree of the heads in --out to the answers in --data."""
+    heads = hl.load_heads(args.out, model)
+    rows = load_rows(args.data)
+    if args.held_out:
+        rows = held_out_split(rows, args.seed)[0]
+    info = read_json_or_empty(os.path.join(args.out, "train.json"))
+    files = fit_heads_tree(model, heads, rows, args.tree_size,
+                           info | {"tree_data": args.data, "tree_answers": len(rows)}, args.max_tokens)
+    for name, obj in files.items():
+        hl.write_json_atomically(os.path.join(args.out, name), obj)
+
+
+def run_train(args, model, dtype):
+    """train_heads.py train: new heads, or --init's going on, trained on --data; saved with their fitted tree."""
+    held_out, train_rows = held_out_split(load_rows(args.data), args.seed)
+    counts = [answer_counts(r, model.cfg.vocab_size) for r in (train_rows, held_out)]  # (counted once)
+    size = pick_vocab_size(args.draft_vocab, *counts)
+    heads = heads_to_train(args, model, counts, size)
+    vocab, args.draft_vocab = heads.vocab, heads.hc.draft_vocab
+    if vocab is not None:
+        log(f"draft vocabulary: {len(vocab)} tokens cover {coverage(counts[0], vocab.cpu()):.4f} of the training "
+            f"answers' tokens, {coverage(counts[1], vocab.cpu()):.4f} of the held-out ones")
+    n_params = sum(p.numel() for p in heads.parameters())
+    log(f"training {args.kind} heads ({n_params / 1e6:.1f}M parameters) on {len(train_rows)} answers")
+    steps = train(model, heads, train_rows, args.steps, args.lr, args.max_tokens, args.noise, args.seed, args.time_limit)
+    info = vars(args) | {"answers": len(held_out) + len(train_rows), "steps_run": steps}
+    if args.init:  # the heads' history: how the ones it went on from were trained
+        info["init_train"] = read_json_or_empty(os.path.join(args.init, "train.json"))
+    heads = heads.to(dtype)
+    hl.save_heads(heads, args.out, model.cfg, fit_heads_tree(model, heads, held_out, args.tree_size, info))
+    log(f"saved heads to {args.out}")
+
+
+def heads_to_train(args, model, counts, size):
+    """New heads (--kind, --n-heads, --n-layers), or --init's: their shape and draft vocabulary unless asked
+    otherwise (--n-layers may grow them; --draft-vocab moves them to another vocabulary). Sets args' kind,
+    n_heads and n_layers to what is trained, for train.json."""
+    if not args.init:
+        args.n_layers = args.n_layers or 1
+        vocab = top_tokens(counts[0], 16384 if size is None else size)
+        return new_heads(model, args.kind, args.n_heads, args.n_layers, vocab,
+                         f"train_heads.py on {args.checkpoint}").to(args.device)
+    heads = hl.load_heads(args.init, model).float().train().requires_grad_(True)  # fp32 master weights
+    hc = heads.hc
+    if args.n_layers is not None and args.n_layers < hc.n_layers:
+        raise hl.HydraLiteError(f"--n-layers {args.n_layers}: {args.init} has {hc.n_layers} blocks per head "
+                                "(heads can grow, not shrink)")
+    if args.n_layers is not None and args.n_layers > hc.n_layers:
+        heads = deeper_heads(heads, args.n_layers, model.cfg)
+        log(f"{hc.n_layers} -> {args.n_layers} blocks per head (the new ones start as the identity)")
+    args.kind, args.n_heads, args.n_layers = hc.kind, hc.n_heads, heads.hc.n_layers
+    if size is not None:
+        heads = with_draft_vocab(heads, top_tokens(counts[0], size), model.cfg)
+    heads.hc.source = f"train_heads.py on {args.checkpoint}: {args.init} fine-tuned on {args.data}"
+    log(f"going on from {args.init} ({hc.kind}, {hc.n_heads} heads of {hc.n_layers} blocks)")
+    return heads
 
 
 def parse_temperatures(text):
