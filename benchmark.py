@@ -300,9 +300,9 @@ def time_graph(fn, reps=50):
     return statistics.median(times)
 
 
-def hbm_bandwidth():
+def hbm_bandwidth(device="cuda"):
     """Measured device-to-device copy bandwidth (bytes read + written per second)."""
-    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda")
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
     torch.cuda.synchronize()
@@ -325,64 +325,92 @@ def parse_tiles(text):
 
 
 def steps(args):
+    """Step times of a random-weight model of --shape, as CUDA graphs, for each kernel set (step_kernel_sets),
+    against the HBM and FLOP floors."""
     import kernels as K
 
     args.path_tiles = args.path_tiles or [(K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN)]
-    cfg = hl.Config(**SHAPES[args.shape], max_seq_len=4096)
-    dtype = torch.bfloat16
-    torch.set_default_dtype(dtype)  # build the weights in bf16 directly (a 7B fp32 copy would waste 27 GB)
-    with torch.device("cuda"):
-        model = hl.Llama(cfg)
-    torch.set_default_dtype(torch.float32)
+    model, tree = random_model(SHAPES[args.shape], args.device), hl.Tree(hl.default_tree(), args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    bw = hbm_bandwidth(args.device)
+    log(f"{args.shape}: {n_params / 1e9:.2f}B parameters, HBM copy bandwidth {bw / 1e12:.2f} TB/s")
+    before, rows = kernel_settings(K), []
+    try:
+        with torch.inference_mode():
+            for tiles, merge in [(t, False) for t in args.path_tiles] + ([(args.path_tiles[0], True)] if args.fused else []):
+                use_kernel_settings(K, True, False, merge, tiles)  # each setting must keep a node == decoding
+                log(f"path tiles {tiles[0]}x{tiles[1]}{', merge in kernel' if merge else ''}: tree node == decoding, "
+                    f"bit for bit: {path_tiles_invariant(K, model.cfg, tree)}")
+            for B in args.batch:
+                cache = model.new_cache(B, 4096)
+                cache.k.normal_(), cache.v.normal_()
+                cache.lens.fill_(args.context)
+                for (suffix, settings), (name, T) in itertools.product(step_kernel_sets(args),
+                                                                       (("AR step", 1), ("tree verify", tree.size))):
+                    use_kernel_settings(K, *settings)  # (read at capture)
+                    rows.append(time_step(model, cache, tree, B, T, bw, args) | dict(step=name + suffix))
+                    r = rows[-1]
+                    log(f"b{B} {r['step']} ({B * T} tokens): {r['ms']:.3f} ms, HBM floor {r['hbm_floor_ms']:.3f} ms, "
+                        f"bf16 FLOP floor {r['flop_floor_ms']:.3f} ms")
+    finally:
+        use_kernel_settings(K, *before)
+    write_steps_report(args, rows, dict(hbm_tb_s=bw / 1e12, params=n_params, context=args.context))
+
+
+def random_model(shape, device):
+    """A Llama of the given shape with random bf16 weights (built in bf16: a 7B fp32 copy would waste 27 GB)."""
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = hl.Llama(hl.Config(**shape, max_seq_len=4096))
+    finally:
+        torch.set_default_dtype(torch.float32)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    model.eval().requires_grad_(False)
-    n_params = sum(p.numel() for p in model.parameters())
-    bw = hbm_bandwidth()
-    tree = hl.Tree(hl.default_tree(), "cuda")
-    rows = []
-    log(f"{args.shape}: {n_params / 1e9:.2f}B parameters, HBM copy bandwidth {bw / 1e12:.2f} TB/s")
-    exact_before, fused_before, tiles_before = hl.EXACT, hl.FUSED, (K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN)
-    merge_before = K.PATH_MERGE_IN_KERNEL
-    with torch.inference_mode():
-        for tiles, merge in [(t, False) for t in args.path_tiles] + ([(args.path_tiles[0], True)] if args.fused else []):
-            K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN, K.PATH_MERGE_IN_KERNEL = *tiles, merge  # each must keep a node == decoding
-            log(f"path tiles {tiles[0]}x{tiles[1]}{', merge in kernel' if merge else ''}: tree node == decoding, bit for "
-                f"bit: {path_tiles_invariant(K, cfg, tree)}")
-        for B in args.batch:
-            cache = model.new_cache(B, 4096)
-            cache.k.normal_(), cache.v.normal_()
-            cache.lens.fill_(args.context)
-            kernel_sets = [(tiles, True, False, False) for tiles in args.path_tiles] + [(None, False, False, False)]
-            kernel_sets += [(args.path_tiles[0], True, True, merge) for merge in (False, True)] if args.fused else []
-            steps_ = (("AR step", 1), ("tree verify", tree.size))
-            for (tiles, exact, fused, merge), (name, T) in itertools.product(kernel_sets, steps_):
-                hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = exact, fused, merge  # which kernels (read at capture)
-                if exact:
-                    K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
-                if not exact:
-                    name += " (fast kernels)"
-                elif fused:
-                    name += " (fused layers" + (", merge in kernel)" if merge else ")")
-                elif len(args.path_tiles) > 1:
-                    name += f" (path tiles {tiles[0]}x{tiles[1]})"
-                tokens = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-                pos = cache.lens[:, None].long() + (tree.node_depth[None] if T > 1 else 0)
-                fn = lambda: model.logits(model(tokens, cache, pos, tree.rows(B) if T > 1 else None))
-                ms = time_graph(fn)
-                kv_bytes = 2 * cfg.n_layers * B * (args.context + T) * cfg.n_kv_heads * cfg.head_dim * 2
-                floor_ms = (n_params * 2 + kv_bytes) / bw * 1000
-                flop_ms = 2 * n_params * B * T / 790e12 * 1000
-                rows.append(dict(shape=args.shape, batch=B, step=name, tokens=B * T, ms=ms, roofline_ms=max(floor_ms, flop_ms),
-                                 hbm_floor_ms=floor_ms, flop_floor_ms=flop_ms, fraction=max(floor_ms, flop_ms) / ms))
-                log(f"b{B} {name} ({B * T} tokens): {ms:.3f} ms, HBM floor {floor_ms:.3f} ms, bf16 FLOP floor {flop_ms:.3f} ms")
-    hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = exact_before, fused_before, merge_before
-    K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles_before
+    return model.eval().requires_grad_(False)
+
+
+def kernel_settings(K):
+    """(exact, fused, merge in kernel, path tiles): which kernels a forward runs (read when a graph is captured)."""
+    return hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, (K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN)
+
+
+def use_kernel_settings(K, exact, fused, merge, tiles):
+    hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = exact, fused, merge
+    K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
+
+
+def step_kernel_sets(args):
+    """(name suffix, kernel settings) to time: the invariant kernels with each --path-tiles, the previous ones,
+    and with --fused the fused layers without and with the merge in the kernel."""
+    tiles = args.path_tiles
+    sets = [(f" (path tiles {t[0]}x{t[1]})" if len(tiles) > 1 else "", (True, False, False, t)) for t in tiles]
+    sets.append((" (fast kernels)", (False, False, False, tiles[0])))
+    if args.fused:
+        sets += [(" (fused layers)", (True, True, False, tiles[0])),
+                 (" (fused layers, merge in kernel)", (True, True, True, tiles[0]))]
+    return sets
+
+
+def time_step(model, cache, tree, B, T, bw, args):
+    """One step of T tokens a row (1: decoding; the tree's size: verification) timed as a graph, and its floors."""
+    cfg, n_params = model.cfg, sum(p.numel() for p in model.parameters())
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), device=args.device)
+    pos = cache.lens[:, None].long() + (tree.node_depth[None] if T > 1 else 0)
+    ms = time_graph(lambda: model.logits(model(tokens, cache, pos, tree.rows(B) if T > 1 else None)))
+    kv_bytes = 2 * cfg.n_layers * B * (args.context + T) * cfg.n_kv_heads * cfg.head_dim * 2
+    floor_ms = (n_params * 2 + kv_bytes) / bw * 1000
+    flop_ms = 2 * n_params * B * T / 790e12 * 1000
+    return dict(shape=args.shape, batch=B, tokens=B * T, ms=ms, roofline_ms=max(floor_ms, flop_ms), hbm_floor_ms=floor_ms,
+                flop_floor_ms=flop_ms, fraction=max(floor_ms, flop_ms) / ms)
+
+
+def write_steps_report(args, rows, meta):
     table = ["| shape | batch | step | tokens | ms | roofline ms | of roofline |", "| --- | --- | --- | --- | --- | --- | --- |"]
     table += [f"| {r['shape']} | {r['batch']} | {r['step']} | {r['tokens']} | {r['ms']:.3f} | {r['roofline_ms']:.3f} | "
               f"{r['fraction'] * 100:.0f}% |" for r in rows]
-    meta = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv),
-                hbm_tb_s=bw / 1e12, params=n_params, context=args.context)
+    device = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else args.device
+    meta = dict(device=device, date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv)) | meta
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"steps_{args.shape}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
