@@ -1033,8 +1033,31 @@ def check_args(args):
 
 
 def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        return {"e2e": e2e, "steps": steps, "check": check, "tasks": tasks_bench, "latency": latency}[args.cmd](args)
+    except hl.HydraLiteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file named on the command line that cannot be read or written
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+
+
+def build_parser():
     ap = hl.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    subs = [add_e2e_args(sub), add_latency_args(sub), add_tasks_args(sub), add_steps_args(sub)]
+    sub.add_parser("check", help="on a GPU: every kernel against its reference, then their times")
+    for p in subs:
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--out", default="runs/bench")
+    return ap
+
+
+def add_e2e_args(sub):
+    """benchmark.py e2e: AR vs heads (and transformers) on a prompts file."""
     e = sub.add_parser("e2e", formatter_class=hl.HelpWithDefaults)
     e.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
     e.add_argument("--heads", nargs="*", default=[], help="NAME=DIR[:TREE_NODES] (TREE_NODES refits the heads' tree)")
@@ -1055,7 +1078,11 @@ def main(argv=None):
     e.add_argument("--acceptance", nargs="+", choices=list(hl.ACCEPTANCE_RULES), default=["exact"],
                    help="sampled speculative decoding's acceptance rule(s), each as its own row (exact: the base "
                         "model's own distribution; typical: Medusa/Hydra's typical acceptance)")
-    sub.add_parser("check", help="on a GPU: every kernel against its reference, then their times")
+    return e
+
+
+def add_latency_args(sub):
+    """benchmark.py latency: time to first token and per-token latency."""
     la = sub.add_parser("latency", help="time to first token and per-token latency by prompt length and batch",
                         formatter_class=hl.HelpWithDefaults)
     la.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
@@ -1065,6 +1092,11 @@ def main(argv=None):
     la.add_argument("--max-new-tokens", type=int, default=64)
     la.add_argument("--warmup", action="store_true", help="Generator.warmup() first (else a first call may capture)")
     la.add_argument("--dtype", default="bfloat16")
+    return la
+
+
+def add_tasks_args(sub):
+    """benchmark.py tasks: the multi-task benchmark."""
     t = sub.add_parser("tasks", help="AR vs speculative decoding on the multi-task held-out prompts (tasks/)",
                        formatter_class=hl.HelpWithDefaults)
     t.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
@@ -1090,6 +1122,11 @@ def main(argv=None):
                         "those with the decoder layers fused and path_attention's merge in the kernel, HYDRA_LITE_FUSED=1 "
                         "HYDRA_LITE_PATH_MERGE=1; fast: cuBLAS and the tiled "
                         "attention, HYDRA_LITE_EXACT=0), each against AR with the same")
+    return t
+
+
+def add_steps_args(sub):
+    """benchmark.py steps: step times of a random-weight model against the roofline."""
     s = sub.add_parser("steps", formatter_class=hl.HelpWithDefaults)
     s.add_argument("--shape", choices=list(SHAPES), default="7b")
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -1098,19 +1135,7 @@ def main(argv=None):
                    help="path_attention tile rows x split length to time, e.g. 64x128 16x256 (default: the kernels' own)")
     s.add_argument("--fused", action="store_true", help="also time the decoder layers fused into the matmuls (hl.FUSED), "
                    "without and with path_attention's merge in the kernel (kernels.PATH_MERGE_IN_KERNEL)")
-    for p in (e, s, t, la):
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--out", default="runs/bench")
-    args = ap.parse_args(argv)
-    try:
-        check_args(args)
-        return {"e2e": e2e, "steps": steps, "check": check, "tasks": tasks_bench, "latency": latency}[args.cmd](args)
-    except hl.HydraLiteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a file named on the command line that cannot be read or written
-        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
-        return 2
+    return s
 
 
 if __name__ == "__main__":
