@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Compile Triton kernels of kernels.py for a GPU without one: Triton's front end, its NVIDIA back end and the
+ptxas it ships, down to a cubin for sm_90 (Hopper). A kernel that only a GPU would refuse (a type mismatch
+between branches, a bad layout, a constexpr the interpreter lets through) fails here, on the CPU.
+
+    python scripts/compile_kernels.py            # every kernel set below; exit 1 if any fails
+
+The interpreter (TRITON_INTERPRET=1, the CPU tests) checks what the kernels compute; this checks that they build.
+Kernel sets: the batch-invariant matmul in each fused form, qkv_rope, path_attention with and without the merge
+in the kernel, and its combine."""
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_kernels: unset TRITON_INTERPRET (the interpreter does not compile)")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels as K  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def build(kernel, types, constexprs, num_warps=4, num_stages=3):
+    """Compile `kernel` with arguments typed by `types` (default i32) and the constexprs given; returns the cubin size."""
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    return len(compiled.asm["cubin"])
+
+
+def kernel_sets():
+    """(name, kernel, argument types, constexprs): SmolLM2's shapes (GQA 9/3 heads, head_dim 64), bf16."""
+    bf16 = lambda *names: {n: "*bf16" for n in names}
+    matmul = bf16("x_ptr", "w_ptr", "b_ptr", "y_ptr", "nw_ptr", "r_ptr") | dict(eps="fp32")
+    for norm, swiglu, residual in ((False, False, False), (True, False, False), (True, True, False), (False, False, True)):
+        yield (f"matmul norm={norm} swiglu={swiglu} residual={residual}", K._matmul_kernel, matmul,
+               dict(HAS_BIAS=False, NORM=norm, SWIGLU=swiglu, RESIDUAL=residual, UPCAST=False, PREC="tf32",
+                    BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64))
+    yield ("qkv_rope", K._qkv_rope_kernel,
+           bf16("x_ptr", "w_ptr", "nw_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(
+               cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", lens_ptr="*i32", eps="fp32"),
+           dict(UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64))
+    path = bf16("q_ptr", "k_ptr", "v_ptr", "o_ptr") | dict(
+        lens_ptr="*i32", path_ptr="*i64", depth_ptr="*i64", po_ptr="*fp32", plse_ptr="*fp32", cnt_ptr="*i32", scale="fp32")
+    for merge in (False, True):
+        yield (f"path_attention merge={merge}", K._path_attn_kernel, path,
+               dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=K.PATH_SPLIT_LEN, UPCAST=False,
+                    PREC="tf32", BY_SUM=False, MERGE=merge))
+    yield ("path_attention combine", K._path_combine_kernel,
+           {"po_ptr": "*fp32", "plse_ptr": "*fp32", "lens_ptr": "*i32", "depth_ptr": "*i64", "o_ptr": "*bf16"},
+           dict(SPLIT_LEN=K.PATH_SPLIT_LEN, BLOCK_H=16, BLOCK_D=64, BLOCK_S=16))
+
+
+def main():
+    failed = 0
+    for name, kernel, types, constexprs in kernel_sets():
+        try:
+            print(f"OK    {name}: {build(kernel, types, constexprs)} bytes of sm_90 cubin")
+        except Exception as e:  # (any compiler error is the finding)
+            failed += 1
+            print(f"FAIL  {name}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+    print(f"{failed} failed" if failed else "all compiled")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
