@@ -365,19 +365,15 @@ def attention(q, k_cache, v_cache, lens, tree=None):
     return _kernels.tree_attention(q, k_cache, v_cache, lens, None if tree is None else tree.mask)
 
 
-def linear(x, w, bias=None):
-    return (_kernels.matmul if EXACT and _triton(x) else matmul_ref)(x, w, bias)
+def linear(x, w, bias=None, norm=None, residual=None, swiglu=False):
+    """x @ w.T (+ bias), optionally with a decoder layer's neighbours folded in (see matmul_ref): one kernel where
+    it runs the batch-invariant matmul, else the ops one after another."""
+    return (_kernels.matmul if EXACT and _triton(x) else matmul_ref)(x, w, bias, norm, residual, swiglu)
 
 
 def qkv_rope(x, w, norm, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads):
     fn = _kernels.qkv_rope if EXACT and _triton(x) else qkv_rope_ref
     return fn(x, w, norm, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads)
-
-
-def fused_linear(x, w, norm=None, residual=None, swiglu=False):
-    """linear with a decoder layer's neighbours folded in (see matmul_ref): one kernel where it runs the
-    batch-invariant matmul, else the ops one after another."""
-    return (_kernels.matmul if EXACT and _triton(x) else matmul_ref)(x, w, None, norm, residual, swiglu)
 
 
 def kv_compact(k_all, v_all, lens, path):
@@ -509,14 +505,14 @@ class Block(nn.Module):
         s = x if residual is None else residual if x is None else x + residual
         norm = (self.attn_norm.weight, self.attn_norm.eps)
         if kv is None:
-            a = self.attend(fused_linear(s, self.wqkv.weight, norm=norm), rope, pos, kv, tree)
+            a = self.attend(linear(s, self.wqkv.weight, norm=norm), rope, pos, kv, tree)
         else:  # the projection, RoPE and the cache write in one kernel
             k_cache, v_cache, lens = kv
             q = qkv_rope(s, self.wqkv.weight, norm, rope[0], rope[1], pos, k_cache, v_cache, lens, self.cfg.n_heads)
             a = attention(q, k_cache, v_cache, lens, tree).reshape(*s.shape[:2], -1)
-        s = fused_linear(a, self.wo.weight, residual=s)
-        h = fused_linear(s, self.w13.weight, norm=(self.ffn_norm.weight, self.ffn_norm.eps), swiglu=True)
-        return None, fused_linear(h, self.w2.weight, residual=s)
+        s = linear(a, self.wo.weight, residual=s)
+        h = linear(s, self.w13.weight, norm=(self.ffn_norm.weight, self.ffn_norm.eps), swiglu=True)
+        return None, linear(h, self.w2.weight, residual=s)
 
     def attend(self, qkv, rope, pos, kv, tree):
         """Attention of the tokens whose q/k/v projections are qkv [B, T, ...]: over the cache (written first)
