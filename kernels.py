@@ -557,10 +557,7 @@ def _merge_if_last(po_ptr, plse_ptr, o_ptr, cnt_ptr, orow, used, need, offs_d, o
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         den = tl.zeros([BLOCK_M], dtype=tl.float32)
         for s in range(0, tl.max(tl.where(last, need, 0), axis=0)):  # in split order, as the combine kernel
-            here = last & (s < need)
-            w = tl.exp2(tl.load(plse_ptr + prow + s, mask=here, other=float("-inf"), cache_modifier=".cg") - m)
-            x = tl.load(po_ptr + (prow + s)[:, None] * D + offs_d[None, :], mask=here[:, None] & ok_d[None, :],
-                        other=0.0, cache_modifier=".cg")
+            w, x = _path_split(po_ptr, plse_ptr, orow, offs_d, ok_d, m, s, last & (s < need), NUM_SPLITS, D)
             acc += w[:, None] * x
             den += w
         den = tl.where(last, den, 1.0)
@@ -578,8 +575,8 @@ def _path_combine_kernel(po_ptr, plse_ptr, lens_ptr, depth_ptr, o_ptr, T, Hq, D,
     used = tl.cdiv(n, SPLIT_LEN)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
-    h_ok = h < Hq
-    ok = h_ok[:, None] & (d < D)[None, :]
+    h_ok, d_ok = h < Hq, d < D
+    ok = h_ok[:, None] & d_ok[None, :]
     row = (b * T + t) * Hq + h  # [BLOCK_H]
     s = tl.arange(0, BLOCK_S)
     lse = tl.load(plse_ptr + row[:, None] * NUM_SPLITS + s[None, :], mask=h_ok[:, None] & (s < used)[None, :],
@@ -591,10 +588,10 @@ def _path_combine_kernel(po_ptr, plse_ptr, lens_ptr, depth_ptr, o_ptr, T, Hq, D,
     # splits at a time (independent, so in flight together: a loop of one load each waited for each); a split
     # past `used` weighs exp2(-inf) = 0 and adds exact zeros, so the sums are those of a loop over `used`.
     for s0 in range(0, used, 4):
-        w0, x0 = _path_split(po_ptr, plse_ptr, row, d, m, s0, used, h_ok, ok, NUM_SPLITS, D)
-        w1, x1 = _path_split(po_ptr, plse_ptr, row, d, m, s0 + 1, used, h_ok, ok, NUM_SPLITS, D)
-        w2, x2 = _path_split(po_ptr, plse_ptr, row, d, m, s0 + 2, used, h_ok, ok, NUM_SPLITS, D)
-        w3, x3 = _path_split(po_ptr, plse_ptr, row, d, m, s0 + 3, used, h_ok, ok, NUM_SPLITS, D)
+        w0, x0 = _path_split(po_ptr, plse_ptr, row, d, d_ok, m, s0, h_ok & (s0 < used), NUM_SPLITS, D)
+        w1, x1 = _path_split(po_ptr, plse_ptr, row, d, d_ok, m, s0 + 1, h_ok & (s0 + 1 < used), NUM_SPLITS, D)
+        w2, x2 = _path_split(po_ptr, plse_ptr, row, d, d_ok, m, s0 + 2, h_ok & (s0 + 2 < used), NUM_SPLITS, D)
+        w3, x3 = _path_split(po_ptr, plse_ptr, row, d, d_ok, m, s0 + 3, h_ok & (s0 + 3 < used), NUM_SPLITS, D)
         acc += w0[:, None] * x0
         den += w0
         acc += w1[:, None] * x1
@@ -607,11 +604,13 @@ def _path_combine_kernel(po_ptr, plse_ptr, lens_ptr, depth_ptr, o_ptr, T, Hq, D,
 
 
 @triton.jit
-def _path_split(po_ptr, plse_ptr, row, d, m, s, used, h_ok, ok, NUM_SPLITS, D):
-    """Split s's weight exp2(lse - m) and partial output per head: 0 and zeros past `used`."""
-    here = s < used
-    w = tl.exp2(tl.load(plse_ptr + row * NUM_SPLITS + s, mask=h_ok & here, other=float("-inf")) - m)
-    x = tl.load(po_ptr + (row * NUM_SPLITS + s)[:, None] * D + d[None, :], mask=ok & here, other=0.0)
+def _path_split(po_ptr, plse_ptr, row, d, d_ok, m, s, here, NUM_SPLITS, D):
+    """Split s's weight exp2(lse - m) and partial output for each output row `row` where `here` (the row is
+    merged and has a split s), else 0 and zeros. Read past L1 (.cg): the in-kernel merge reads partials that
+    other programs wrote during the same kernel."""
+    w = tl.exp2(tl.load(plse_ptr + row * NUM_SPLITS + s, mask=here, other=float("-inf"), cache_modifier=".cg") - m)
+    x = tl.load(po_ptr + (row * NUM_SPLITS + s)[:, None] * D + d[None, :], mask=here[:, None] & d_ok[None, :],
+                other=0.0, cache_modifier=".cg")
     return w, x
 
 
