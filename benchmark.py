@@ -436,11 +436,12 @@ class KernelCheck:
         self.bench, self.bench_graph = triton.testing.do_bench, triton.testing.do_bench_cudagraph
         self.failures, self.timings = [], []
 
-    def close(self, name, out, ref, dtype):
+    def close(self, name, out, ref, dtype, tol=None):
+        """tol: (rtol, atol) instead of the dtype's."""
         out, ref = out.float(), ref.float()
         abs_err = (out - ref).abs().max().item()
         rel_err = abs_err / max(ref.abs().max().item(), 1e-30)
-        rtol, atol = (1e-4, 1e-4) if dtype == torch.float32 else (1.6e-2, 1e-2)
+        rtol, atol = tol or ((1e-4, 1e-4) if dtype == torch.float32 else (1.6e-2, 1e-2))
         self.verdict(name, bool(torch.isfinite(out).all()) and torch.allclose(out, ref, rtol=rtol, atol=atol),
                      f"max abs {abs_err:.2e}  rel {rel_err:.2e}")
 
@@ -449,11 +450,12 @@ class KernelCheck:
         if not ok:
             self.failures.append(name)
 
-    def time(self, name, fn, ref_fn):
-        """The kernel replayed in a CUDA graph (GPU time), called eagerly (+ host time), and its reference."""
+    def time(self, name, fn, ref_fn, ref_graph=False):
+        """The kernel replayed in a CUDA graph (GPU time), called eagerly (+ host time), and its reference (called
+        eagerly; ref_graph: replayed in a graph too)."""
         median = dict(return_mode="median")
         self.timings.append((name, self.bench_graph(fn, **median) * 1e3, self.bench(fn, **median) * 1e3,
-                             self.bench(ref_fn, **median) * 1e3))
+                             (self.bench_graph if ref_graph else self.bench)(ref_fn, **median) * 1e3))
 
     def report(self):
         print("\n== timings (median, us; graph: the kernel replayed in a CUDA graph, eager: one call from Python)")
@@ -646,19 +648,8 @@ def check_invariant(c, K, shape, tree):
         c.verdict(f"matmul rows invariant {shape} N={N} K={Kd} (M = 1, 2, 74, 257, 600)", same)
         c.time(f"matmul {shape} M=1 [{N},{Kd}] (ref: cuBLAS)", lambda: K.matmul(x[:1], w), lambda: hl.matmul_ref(x[:1], w))
         c.time(f"matmul {shape} M=74 [{N},{Kd}] (ref: cuBLAS)", lambda: K.matmul(x[:74], w), lambda: hl.matmul_ref(x[:74], w))
-    nw = (torch.rand(dim, device=dev) + 0.5).to(bf16)
-    for label, N, Kd, kw in (("norm -> qkv", Hq * D + 2 * Hkv * D, dim, dict(norm=(nw, 1e-5))),
-                             ("norm -> gate/up -> swiglu", 2 * hidden, dim, dict(norm=(nw, 1e-5), swiglu=True)),
-                             ("down + residual", dim, hidden, dict(residual=True))):
-        w = torch.randn(N, Kd, device=dev, dtype=bf16) / math.sqrt(Kd)
-        x = torch.randn(600, Kd, device=dev, dtype=bf16)
-        if kw.get("residual"):
-            kw = dict(residual=torch.randn(600, N, device=dev, dtype=bf16))
-        y = K.matmul(x, w, **kw)
-        c.close(f"matmul fused {label} {shape} (ref: the ops one by one)", y, hl.matmul_ref(x, w, **kw), bf16)
-        one = lambda m: dict(kw, residual=kw["residual"][m:m + 1]) if "residual" in kw else kw
-        c.verdict(f"matmul fused {label} rows invariant {shape}", torch.equal(K.matmul(x[300:301], w, **one(300))[0], y[300]))
-    check_qkv_rope(c, K, shape, nw)
+    check_fused_matmuls(c, K, shape)
+    check_qkv_rope(c, K, shape)
     B, T, S = 4, tree.size, CHECK_SLOTS
     k_cache = torch.randn(B, S, Hkv, D, device=dev, dtype=bf16)
     v_cache = torch.randn_like(k_cache)
@@ -684,7 +675,47 @@ def check_invariant(c, K, shape, tree):
            lambda: K.tree_attention(q[:1], k_cache[:1], v_cache[:1], lens[:1], tree.mask))
 
 
-def check_qkv_rope(c, K, shape, nw):
+def check_fused_matmuls(c, K, shape):
+    """The matmuls with a decoder layer's neighbours inside (hl.FUSED) against PyTorch's ops, a row's bits alone
+    == in the batch, and their time at 1 and 64 rows, as forward_fused calls them (the norm's scale from the
+    sums of squares that the previous matmul left), against the unfused kernels that they replace."""
+    Hq, Hkv, D, dim, hidden, _ = CHECK_SHAPES[shape]
+    dev, bf16 = "cuda", torch.bfloat16
+    nw = (torch.rand(dim, device=dev) + 0.5).to(bf16)
+    sumsq = torch.rand(600, dim // 16, device=dev) * 16  # (the parts of an output of width dim)
+    for label, N, Kd, kw in (("norm -> qkv", Hq * D + 2 * Hkv * D, dim, dict(rms_eps=1e-5)),
+                             ("norm -> gate/up -> swiglu", 2 * hidden, dim, dict(rms_eps=1e-5, swiglu=True)),
+                             ("down + residual", dim, hidden, dict(residual=True))):
+        w = torch.randn(N, Kd, device=dev, dtype=bf16) / math.sqrt(Kd)
+        x = torch.randn(600, Kd, device=dev, dtype=bf16)
+        if kw.get("residual"):
+            kw = dict(residual=torch.randn(600, N, device=dev, dtype=bf16))
+        y = K.matmul(x, w, **kw)
+        ref = hl.matmul_ref(x, w, **kw)  # (SwiGLU: a gate one bf16 ulp apart, times a large up, is 3% apart)
+        c.close(f"matmul fused {label} {shape} (ref: PyTorch)", y, ref, bf16, (3e-2, 2e-2 * ref.abs().max().item()))
+        if c.failures and c.failures[-1].startswith(f"matmul fused {label} {shape}"):  # which side is off
+            truth = hl.matmul_ref(x.double(), w.double(), **kw)
+            worst = (y.float() - ref.float()).abs().argmax()
+            print(f"      worst element {divmod(worst.item(), y.shape[-1])}: kernel {y.flatten()[worst].item():.4f} "
+                  f"ref {ref.flatten()[worst].item():.4f} float64 {truth.flatten()[worst].item():.4f}; max |kernel - "
+                  f"float64| {(y.double() - truth).abs().max().item():.3e}, "
+                  f"max |ref - float64| {(ref.double() - truth).abs().max().item():.3e}")
+        some = lambda m, kw=kw: dict(kw, residual=kw["residual"][:m]) if "residual" in kw else kw
+        c.verdict(f"matmul fused {label} rows invariant {shape}", torch.equal(K.matmul(x[:1], w, **some(1))[0], y[0]))
+        wf = hl.fold_norm(w, nw) if "rms_eps" in kw else w
+        fused = lambda m, kw=kw, wf=wf, x=x, some=some: K.matmul(x[:m], wf, **(
+            dict(kw, sumsq=sumsq[:m]) if "rms_eps" in kw else dict(some(m), sumsq_out=True)))
+
+        def unfused(m, w=w, kw=kw, x=x):  # the kernels that the fused one replaces
+            h = K.rms_norm(x[:m], nw, 1e-5) if "rms_eps" in kw else x[:m]
+            y = K.matmul(h, w)
+            return K.swiglu(y) if kw.get("swiglu") else y + kw["residual"][:m] if "residual" in kw else y
+        for m in (1, 64):
+            c.time(f"matmul fused {label} {shape} M={m} (ref: unfused, graph)", lambda m=m, fused=fused: fused(m),
+                   lambda m=m, unfused=unfused: unfused(m), ref_graph=True)
+
+
+def check_qkv_rope(c, K, shape):
     """The fused norm -> qkv -> RoPE -> cache write (hl.FUSED) against the ops one by one, and a token's q and
     cache entries the same bits alone as in a batch of ragged rows."""
     Hq, Hkv, D, dim, _, _ = CHECK_SHAPES[shape]
@@ -697,15 +728,29 @@ def check_qkv_rope(c, K, shape, nw):
     pos = lens[:, None].long() + torch.arange(T, device=dev)
     caches = [torch.randn(2, B, S, Hkv, D, device=dev, dtype=bf16) for _ in range(2)]
     refs = [t.clone() for t in caches]
-    q = K.qkv_rope(x, w, (nw, 1e-5), cos, sin, pos, caches[0][1], caches[1][1], lens, Hq)
-    q_ref = hl.qkv_rope_ref(x, w, (nw, 1e-5), cos, sin, pos, refs[0][1], refs[1][1], lens, Hq)
+    q = K.qkv_rope(x, w, 1e-5, cos, sin, pos, caches[0][1], caches[1][1], lens, Hq)
+    q_ref = hl.qkv_rope_ref(x, w, 1e-5, cos, sin, pos, refs[0][1], refs[1][1], lens, Hq)
     c.close(f"qkv_rope {shape} B={B} T={T} (ref: the ops one by one)", q, q_ref, bf16)
     c.close(f"qkv_rope {shape} keys written", caches[0], refs[0], bf16)
     c.close(f"qkv_rope {shape} values written", caches[1], refs[1], bf16)
     k1, v1 = (torch.zeros(1, S, Hkv, D, device=dev, dtype=bf16) for _ in range(2))
-    q1 = K.qkv_rope(x[2:3, 7:8], w, (nw, 1e-5), cos, sin, pos[2:3, 7:8], k1, v1, lens[2:3] + 7, Hq)
+    q1 = K.qkv_rope(x[2:3, 7:8], w, 1e-5, cos, sin, pos[2:3, 7:8], k1, v1, lens[2:3] + 7, Hq)
     same = torch.equal(q1[0, 0], q[2, 7]) and torch.equal(k1[0, 307], caches[0][1, 2, 307])
     c.verdict(f"qkv_rope {shape} token alone == in the batch", same and torch.equal(v1[0, 307], caches[1][1, 2, 307]))
+    nw = (torch.rand(dim, device=dev) + 0.5).to(bf16)
+    wf = hl.fold_norm(w, nw)
+    kc, vc = caches[0][0], caches[1][0]
+    sumsq = torch.rand(B, T, dim // 16, device=dev) * 16  # (as the previous layer's matmul leaves them)
+
+    def unfused(t):  # the kernels that qkv_rope replaces
+        qkv = K.matmul(K.rms_norm(x[:1, :t], nw, 1e-5), w)
+        q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], -1)
+        return K.rope_cache_write(q.view(1, t, Hq, D), k.view(1, t, Hkv, D), v.view(1, t, Hkv, D), cos, sin, pos[:1, :t],
+                                  kc[:1], vc[:1], lens[:1])
+    for t in (1, 64):
+        c.time(f"qkv_rope {shape} B=1 T={t} (ref: unfused, graph)", lambda t=t: K.qkv_rope(
+            x[:1, :t], wf, 1e-5, cos, sin, pos[:1, :t], kc[:1], vc[:1], lens[:1], Hq, sumsq[:1, :t]),
+            lambda t=t: unfused(t), ref_graph=True)
 
 
 def node_is_decoding(K, q, k_cache, v_cache, lens, rows, out, tree):

@@ -163,12 +163,13 @@ def rope_cache_write_ref(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, l
     return q
 
 
-def qkv_rope_ref(x, w, norm, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads):
-    """A decoder layer's attention input in one op: q, k, v = RMSNorm(x) @ w.T (norm = (weight, eps)), split into
-    heads; then rope_cache_write_ref. x [B, T, dim] -> rotated q [B, T, n_heads, D]."""
+def qkv_rope_ref(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq=None):
+    """A decoder layer's attention input in one op: q, k, v = RMSNorm(x) @ w.T (the norm's weight folded into w:
+    fold_norm; eps rms_eps; sumsq: see matmul_ref), split into heads; then rope_cache_write_ref. x [B, T, dim] ->
+    rotated q [B, T, n_heads, D]."""
     B, T, _ = x.shape
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
-    q, k, v = matmul_ref(x, w, norm=norm).split([n_heads * D, Hkv * D, Hkv * D], -1)
+    q, k, v = matmul_ref(x, w, rms_eps=rms_eps, sumsq=sumsq).split([n_heads * D, Hkv * D, Hkv * D], -1)
     return rope_cache_write_ref(q.view(B, T, n_heads, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D), cos_table,
                                 sin_table, pos, k_cache, v_cache, lens)
 
@@ -209,16 +210,29 @@ def path_attention_ref(q, k_cache, v_cache, lens, path=None, depth=None):
     return attention_ref(q, k_cache, v_cache, lens, mask)
 
 
-def matmul_ref(x, w, bias=None, norm=None, residual=None, swiglu=False):
+def fold_norm(w, norm_w):
+    """w [N, K] with RMSNorm's weight [K] folded into its columns: RMSNorm(x) @ w.T == rms_scale(x) * (x @
+    fold_norm(w, norm_w).T), so a fused matmul takes x as it is and scales each result row once."""
+    return (w.float() * norm_w.float()).to(w.dtype)
+
+
+def matmul_ref(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False):
     """x @ w.T (+ bias): every projection and the output layer (kernels.matmul: the batch-invariant kernel).
-    Optionally fused with its neighbours in a decoder layer: norm = (weight, eps): RMSNorm of x first; swiglu:
-    w stacks gate and up and the result is silu(gate) * up; residual: added to the result."""
-    if norm is not None:
-        x = rms_norm_ref(x, *norm)
-    y = F.linear(x, w, bias)
+    Optionally fused with its neighbours in a decoder layer: rms_eps: RMSNorm of x first, its weight folded into
+    w (fold_norm), its 1/RMS applied to the product in float32 (from sumsq [..., P] when given: the sum of
+    squares of each row of x in P parts); swiglu: w stacks gate and up and the result is silu(gate) * up;
+    residual: added to the result. sumsq_out: returns (y, y's rows' sums of squares [..., P'] (here P' = 1))."""
+    if rms_eps is None:
+        y = F.linear(x, w, bias)
+    else:
+        xf = x.float()
+        ss = xf.pow(2).sum(-1, keepdim=True) if sumsq is None else sumsq.sum(-1, keepdim=True)
+        y = F.linear(xf, w.float()) * torch.rsqrt(ss / x.shape[-1] + rms_eps)
+        y = (y if bias is None else y + bias.float()).to(x.dtype)
     if swiglu:
         y = swiglu_ref(y)
-    return y if residual is None else y + residual
+    y = y if residual is None else y + residual
+    return (y, y.float().pow(2).sum(-1, keepdim=True)) if sumsq_out else y
 
 
 def kv_compact_ref(k_all, v_all, lens, path):
@@ -365,15 +379,16 @@ def attention(q, k_cache, v_cache, lens, tree=None):
     return _kernels.tree_attention(q, k_cache, v_cache, lens, None if tree is None else tree.mask)
 
 
-def linear(x, w, bias=None, norm=None, residual=None, swiglu=False):
+def linear(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False):
     """x @ w.T (+ bias), optionally with a decoder layer's neighbours folded in (see matmul_ref): one kernel where
     it runs the batch-invariant matmul, else the ops one after another."""
-    return (_kernels.matmul if EXACT and _triton(x) else matmul_ref)(x, w, bias, norm, residual, swiglu)
+    fn = _kernels.matmul if EXACT and _triton(x) else matmul_ref
+    return fn(x, w, bias, rms_eps, residual, swiglu, sumsq, sumsq_out)
 
 
-def qkv_rope(x, w, norm, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads):
+def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq=None):
     fn = _kernels.qkv_rope if EXACT and _triton(x) else qkv_rope_ref
-    return fn(x, w, norm, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads)
+    return fn(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq)
 
 
 def kv_compact(k_all, v_all, lens, path):
@@ -473,6 +488,12 @@ def new_cache(cfg, n_layers, batch, max_len, device, dtype, rope=None):
                    torch.zeros(batch, dtype=torch.int32, device=device), rope)
 
 
+def _tensor_key(t):
+    """Identifies a tensor's current values for inference caches: storage, in-place version, dtype. (Tensors
+    made under inference_mode keep no version counter; they count as never changed.)"""
+    return t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype
+
+
 class Block(nn.Module):
     """One Llama decoder layer with fused q/k/v and gate/up projections."""
 
@@ -486,33 +507,42 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.w13 = Projection(cfg.dim, 2 * cfg.hidden_dim)
         self.w2 = Projection(cfg.hidden_dim, cfg.dim)
+        self._folded = (None, None)  # (the weights' keys, folded_weights())
 
     def forward(self, x, residual, rope, pos, kv=None, tree=None):
         """x: this layer's input before its norm, residual: the stream to add it to (None for the first layer).
         kv: (k_cache, v_cache, lens) of this layer, or None: causal attention over x alone (training). tree: the
         TreeRows that x's tokens are (verification), None: causal.
         Returns the attention+MLP output and the new residual, so each add fuses with the next norm."""
-        if FUSED:
-            return self.forward_fused(x, residual, rope, pos, kv, tree)
         h, residual = (self.attn_norm(x), x) if residual is None else self.attn_norm(x, residual)
         a = self.attend(self.wqkv(h), rope, pos, kv, tree)
         h, residual = self.ffn_norm(self.wo(a), residual)
         return self.w2(swiglu(self.w13(h))), residual
 
-    def forward_fused(self, x, residual, rope, pos, kv=None, tree=None):
-        """forward with the norms, SwiGLU and residual adds inside the matmuls. Returns (None, the residual
-        stream): the adds are done (x None on the way in: the same)."""
-        s = x if residual is None else residual if x is None else x + residual
-        norm = (self.attn_norm.weight, self.attn_norm.eps)
+    def forward_fused(self, s, sumsq, rope, pos, kv=None, tree=None):
+        """forward with the norms, SwiGLU and residual adds inside the matmuls. s: the residual stream (the sum
+        so far), sumsq: the partial sums of squares of its rows that the matmul which wrote it left (None: the
+        first matmul sums them). Returns the new stream and its sums of squares."""
+        wqkv, w13 = self.folded_weights()
+        eps = self.attn_norm.eps
         if kv is None:
-            a = self.attend(linear(s, self.wqkv.weight, norm=norm), rope, pos, kv, tree)
+            a = self.attend(linear(s, wqkv, rms_eps=eps, sumsq=sumsq), rope, pos, kv, tree)
         else:  # the projection, RoPE and the cache write in one kernel
             k_cache, v_cache, lens = kv
-            q = qkv_rope(s, self.wqkv.weight, norm, rope[0], rope[1], pos, k_cache, v_cache, lens, self.cfg.n_heads)
+            q = qkv_rope(s, wqkv, eps, rope[0], rope[1], pos, k_cache, v_cache, lens, self.cfg.n_heads, sumsq)
             a = attention(q, k_cache, v_cache, lens, tree).reshape(*s.shape[:2], -1)
-        s = linear(a, self.wo.weight, residual=s)
-        h = linear(s, self.w13.weight, norm=(self.ffn_norm.weight, self.ffn_norm.eps), swiglu=True)
-        return None, linear(h, self.w2.weight, residual=s)
+        s, sumsq = linear(a, self.wo.weight, residual=s, sumsq_out=True)
+        h = linear(s, w13, rms_eps=self.ffn_norm.eps, swiglu=True, sumsq=sumsq)
+        return linear(h, self.w2.weight, residual=s, sumsq_out=True)
+
+    def folded_weights(self):
+        """wqkv and w13 with their norms' weights folded in (fold_norm), for forward_fused: made on first use and
+        kept until one of the four weights changes."""
+        parts = (self.wqkv.weight, self.attn_norm.weight, self.w13.weight, self.ffn_norm.weight)
+        key = tuple(_tensor_key(t) for t in parts)
+        if self._folded[0] != key:
+            self._folded = (key, (fold_norm(parts[0], parts[1]), fold_norm(parts[2], parts[3])))
+        return self._folded[1]
 
     def attend(self, qkv, rope, pos, kv, tree):
         """Attention of the tokens whose q/k/v projections are qkv [B, T, ...]: over the cache (written first)
@@ -530,9 +560,20 @@ class Block(nn.Module):
         return attention(q, k_cache, v_cache, lens, tree).reshape(B, T, -1)
 
 
-def final_norm(x, residual, w, eps):
-    """The norm after the last decoder layer, of x + residual (x None: the layers added it already)."""
-    return rms_norm(residual, w, eps) if x is None else rms_norm(x, w, eps, residual)[0]
+def run_decoder(layers, x, rope, pos, kv_of, tree, norm_w):
+    """x [B, T, dim] through decoder layers (layer i's (k_cache, v_cache, lens): kv_of(i); None: causal over x,
+    no cache) and the norm after them (weight norm_w). With hl.FUSED, for inference, the fused layers: each of
+    their matmuls that writes the residual stream leaves its rows' sums of squares for the next norm."""
+    eps = layers[0].cfg.norm_eps
+    if FUSED and not torch.is_grad_enabled():  # (training: the norms' weights must get their gradients)
+        sumsq = None
+        for i, layer in enumerate(layers):
+            x, sumsq = layer.forward_fused(x, sumsq, rope, pos, kv_of(i), tree)
+        return rms_norm(x, norm_w, eps)
+    residual = None
+    for i, layer in enumerate(layers):
+        x, residual = layer(x, residual, rope, pos, kv_of(i), tree)
+    return rms_norm(x, norm_w, eps, residual)[0]
 
 
 class Llama(nn.Module):
@@ -560,10 +601,7 @@ class Llama(nn.Module):
         B, T = tokens.shape
         if pos is None:
             pos = cache.lens[:, None].long() + torch.arange(T, device=tokens.device)
-        x, residual = self.embed(tokens), None
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cache.rope, pos, cache.layer(i), tree)
-        return final_norm(x, residual, self.norm, self.cfg.norm_eps)
+        return run_decoder(self.layers, self.embed(tokens), cache.rope, pos, cache.layer, tree, self.norm)
 
     def logits(self, h):
         return linear(h, self.output_weight)
@@ -818,12 +856,6 @@ def sample(logits, sp: SamplingParams, generator=None):
 # Draft heads (Medusa, Hydra, Hydra++)
 
 
-def _tensor_key(t):
-    """Identifies a tensor's current values for inference caches: storage, in-place version, dtype. (Tensors
-    made under inference_mode keep no version counter; they count as never changed.)"""
-    return t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype
-
-
 class ResBlock(nn.Module):
     """y = res(x) + silu(w(x)); res is the identity, or a projection when x is wider (grounded heads)."""
 
@@ -957,8 +989,7 @@ class DraftHeads(nn.Module):
             start = cache.lens[:, None].long() if cache is not None else torch.zeros(B, 1, dtype=torch.long, device=h.device)
             pos = start + torch.arange(T, device=h.device)
         kv = cache.layer(0) if cache is not None else None
-        x, residual = self.prefix(h, None, rope, pos, kv)
-        return final_norm(x, residual, self.prefix_norm, self.prefix.cfg.norm_eps)
+        return run_decoder([self.prefix], h, rope, pos, lambda i: kv, None, self.prefix_norm)
 
 
 def load_heads(path, base: Llama):

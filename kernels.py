@@ -689,61 +689,70 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
 
 
 @triton.jit
-def _row_rstd(x_ptr, rm, M, K, sxm, sxk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / RMS of each row of x (RMSNorm's scale), summed BLOCK_K columns at a time, in order."""
-    rk = tl.arange(0, BLOCK_K)
-    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + (k0 + rk)[None, :] * sxk,
-                    mask=(rm < M)[:, None] & (rk < K - k0)[None, :], other=0.0).to(tl.float32)
-        ss += tl.sum(x * x, axis=1)
-    return 1.0 / tl.sqrt(ss / K + eps)
+def _mma(acc, x, w, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
+    if BY_SUM or UPCAST:
+        return acc + _dot(x, w, UPCAST, PREC, BY_SUM)
+    return tl.dot(x, w, acc)  # (accumulating inside the MMA)
 
 
 @triton.jit
-def _rows_times_w(x_ptr, w_ptr, nw_ptr, rstd, rm, wn, n_ok, M, K, sxm, sxk, swn, swk,
-                  NORM: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x[rm] @ w[wn].T in fp32 [BLOCK_M, BLOCK_N], reduced over K in BLOCK_K steps, in order (NORM: x's rows
-    RMS-normalized first, rounded as rms_norm_ref rounds: to x's dtype, then times the weight nw)."""
+def _rows_times_w(x_ptr, w_ptr, rm, wa, wb, n_ok, M, K, sxm, sxk, swn, swk,
+                  TWO: tl.constexpr, SUMSQ: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                  BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[rm] @ w[wa].T and (TWO) x[rm] @ w[wb].T in fp32 [BLOCK_M, BLOCK_N], reduced over K in BLOCK_K steps, in
+    order, from one read of x; SUMSQ: also each row's sum of squares (RMSNorm's), in the same steps. x goes into
+    the MMA as loaded: a prologue on its tile (64 rows, most of them padding in a decode step) costs more than
+    the weight read it would hide behind."""
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :] * sxk
-    w_ptrs = w_ptr + wn[None, :].to(tl.int64) * swn + rk[:, None] * swk
-    dt = x_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    wa_ptrs = w_ptr + wa[None, :].to(tl.int64) * swn + rk[:, None] * swk
+    wb_ptrs = w_ptr + wb[None, :].to(tl.int64) * swn + rk[:, None] * swk
+    acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
         x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
-        if NORM:
-            nw = tl.load(nw_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
-            x = ((x.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32) * nw[None, :]).to(dt)
-        w = tl.load(w_ptrs + k0 * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if BY_SUM or UPCAST:
-            acc += _dot(x, w, UPCAST, PREC, BY_SUM)
-        else:  # (accumulating inside the MMA)
-            acc = tl.dot(x, w, acc)
-    return acc
+        w_ok = k_ok[:, None] & n_ok[None, :]
+        acc_a = _mma(acc_a, x, tl.load(wa_ptrs + k0 * swk, mask=w_ok, other=0.0), UPCAST, PREC, BY_SUM)
+        if TWO:
+            acc_b = _mma(acc_b, x, tl.load(wb_ptrs + k0 * swk, mask=w_ok, other=0.0), UPCAST, PREC, BY_SUM)
+        if SUMSQ:
+            xf = x.to(tl.float32)
+            ss += tl.sum(xf * xf, axis=1)
+    return acc_a, acc_b, ss
+
+
+@triton.jit
+def _rms_scale(ss, ss_ptr, rm, M, K, P, eps, SS_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Each row's 1/RMS: from its sum of squares ss, or (SS_IN) from the P partial sums [M, P] that the kernel
+    which wrote x left, added in one fixed order."""
+    if SS_IN:
+        rp = tl.arange(0, BLOCK_P)
+        parts = tl.load(ss_ptr + rm[:, None].to(tl.int64) * P + rp[None, :], mask=(rm < M)[:, None] & (rp < P)[None, :],
+                        other=0.0)
+        ss = tl.sum(parts, axis=1)
+    return 1.0 / tl.sqrt(ss / K + eps)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, nw_ptr, r_ptr, M, N, K, sxm, sxk, swn, swk, srm, eps,
+def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K, P, sxm, sxk, swn, swk, srm, eps,
                    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                   UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   SS_IN: tl.constexpr, SS_OUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                   BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
     # Row blocks on axis 0: the programs that read one slice of w run side by side (rereads hit L2).
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)  # (unused without NORM)
-    if NORM:
-        rstd = _row_rstd(x_ptr, rm, M, K, sxm, sxk, eps, BLOCK_M, BLOCK_K)
-    acc = _rows_times_w(x_ptr, w_ptr, nw_ptr, rstd, rm, rn, rn < N, M, K, sxm, sxk, swn, swk,
-                        NORM, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, up, ss = _rows_times_w(x_ptr, w_ptr, rm, rn, N + rn, rn < N, M, K, sxm, sxk, swn, swk,
+                                SWIGLU, NORM and not SS_IN, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+    if NORM:  # RMSNorm's 1/RMS, per row (its weight is in w's columns)
+        rstd = _rms_scale(ss, ssi_ptr, rm, M, K, P, eps, SS_IN, BLOCK_M, BLOCK_P)[:, None]
+        acc, up = acc * rstd, up * rstd
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     out_dt = y_ptr.dtype.element_ty
     if SWIGLU:  # silu(gate) * up (rows N + rn of w), each rounded as the unfused ops round them
-        up = _rows_times_w(x_ptr, w_ptr, nw_ptr, rstd, rm, N + rn, rn < N, M, K, sxm, sxk, swn, swk,
-                           NORM, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
         g = acc.to(out_dt).to(tl.float32)
         a = (g / (1.0 + tl.exp(-g))).to(out_dt).to(tl.float32)
         acc = a * up.to(out_dt).to(tl.float32)
@@ -751,13 +760,28 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, nw_ptr, r_ptr, M, N, K, sxm, sxk,
     if RESIDUAL:  # residual + the product, which is rounded first (as a separate add would see it)
         r = tl.load(r_ptr + rm[:, None].to(tl.int64) * srm + rn[None, :], mask=ok, other=0.0).to(tl.float32)
         acc = acc.to(out_dt).to(tl.float32) + r
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(out_dt), mask=ok)
+    y = acc.to(out_dt)
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], y, mask=ok)
+    if SS_OUT:  # this block's share of each output row's sum of squares, for the next norm (_rms_scale)
+        yf = tl.where(ok, y.to(tl.float32), 0.0)
+        tl.store(sso_ptr + rm.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), tl.sum(yf * yf, axis=1), mask=rm < M)
 
 
-def matmul(x, w, bias=None, norm=None, residual=None, swiglu=False):
+def _sumsq_in(sumsq, M, device):
+    """(tensor, P, BLOCK_P) for a kernel's SS_IN: the writer's partial sums of squares [..., P], or a stand-in."""
+    if sumsq is None:
+        return torch.empty(1, dtype=torch.float32, device=device), 1, 1
+    parts = sumsq.reshape(M, -1)
+    _require(parts.dtype == torch.float32, f"sums of squares must be float32, not {parts.dtype}")
+    return parts.contiguous(), parts.shape[1], triton.next_power_of_2(parts.shape[1])
+
+
+def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False):
     """Batch-invariant x @ w.T (+ bias), as F.linear: x [..., K], w [N, K] -> [..., N] in x's dtype. Fused on
-    request (see matmul_ref): norm = (weight, eps): RMSNorm of x's rows first; swiglu: w holds gate and up
-    ([2H, K]) and the result is silu(gate) * up [..., H]; residual [..., N]: added to the result."""
+    request (see matmul_ref): rms_eps: RMSNorm of x's rows first, its weight folded into w's columns (fold_norm),
+    its scale from x's rows or from sumsq [..., P], the partial sums of squares that the matmul which wrote x left
+    (sumsq_out); swiglu: w holds gate and up ([2H, K]) and the result is silu(gate) * up [..., H]; residual
+    [..., N]: added to the result. sumsq_out: returns (y, the partial sums of squares of y's rows [..., P'])."""
     K = x.shape[-1]
     _require(w.dim() == 2 and w.shape[1] == K, f"matmul: weight {tuple(w.shape)} does not take inputs of width {K}")
     _require(not swiglu or w.shape[0] % 2 == 0, f"matmul: swiglu needs an even number of weight rows, not {w.shape[0]}")
@@ -772,44 +796,46 @@ def matmul(x, w, bias=None, norm=None, residual=None, swiglu=False):
         r2 = r2 if r2.stride(1) == 1 else r2.contiguous()
     else:
         r2 = y  # unused
-    nw, eps = norm if norm is not None else (w, 0.0)  # unused without a norm
     # One tile shape per (N, K): 64 rows (Hopper's wgmma; a decode step's one row pays for 64, which a
     # memory-bound step hides), narrow column blocks where N is small so that more programs share the read.
     BLOCK_M, BLOCK_N, BLOCK_K = (64, 16 if N <= 1024 else 32 if N < 4096 else 64, 128 if K % 128 == 0 else 64) \
         if x.is_cuda else (64, 64, 64)  # (the interpreter: few, large programs)
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
     b = bias.contiguous() if bias is not None else w  # unused without a bias
-    _matmul_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
-        x2, w, b, y, nw.contiguous(), r2, M, N, K, *x2.stride(), *w.stride(), r2.stride(0), eps,
-        HAS_BIAS=bias is not None, NORM=norm is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
+    ss_in, P, BLOCK_P = _sumsq_in(sumsq if rms_eps is not None else None, M, x.device)
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    ss_out = torch.empty(*x.shape[:-1], grid[1], dtype=torch.float32, device=x.device) if sumsq_out else ss_in
+    _matmul_kernel[grid](
+        x2, w, b, y, r2, ss_in, ss_out, M, N, K, P, *x2.stride(), *w.stride(), r2.stride(0),
+        0.0 if rms_eps is None else rms_eps, HAS_BIAS=bias is not None, NORM=rms_eps is not None, SWIGLU=swiglu,
+        RESIDUAL=residual is not None, SS_IN=rms_eps is not None and sumsq is not None, SS_OUT=sumsq_out,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3)
-    return y
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=3)
+    return (y, ss_out) if sumsq_out else y
 
 
-# qkv_rope: a decoder layer's first matmul with what follows it: RMSNorm(x) @ wqkv.T, then RoPE on q and k, k and
+# qkv_rope: a decoder layer's first matmul with what follows it: RMSNorm(x) @ wqkv.T (the norm's weight folded
+# into wqkv), then RoPE on q and k, k and
 # v written into the cache at slot lens[b] + t, rotated q returned. Columns go in pairs (j, j + D/2) of one head,
 # the two halves that rotate-half RoPE mixes: a program holds BLOCK_N pairs, as two accumulators.
 
 
 @triton.jit(do_not_specialize=["M", "T"])
-def _qkv_rope_kernel(x_ptr, w_ptr, nw_ptr, cos_ptr, sin_ptr, pos_ptr, lens_ptr, q_ptr, kc_ptr, vc_ptr,
-                     M, T, K, Hq, Hkv, HALF, S, sxm, sxk, swn, swk, eps, scos, spb, spt,
-                     sc_b, sc_s, sc_h, sc_d, sv_b, sv_s, sv_h, sv_d,
+def _qkv_rope_kernel(x_ptr, w_ptr, ss_ptr, cos_ptr, sin_ptr, pos_ptr, lens_ptr, q_ptr, kc_ptr, vc_ptr,
+                     M, T, K, P, Hq, Hkv, HALF, S, sxm, sxk, swn, swk, eps, scos, spb, spt,
+                     sc_b, sc_s, sc_h, sc_d, sv_b, sv_s, sv_h, sv_d, SS_IN: tl.constexpr,
                      UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (head, j): columns head*D + j and + HALF
     head, j = pair // HALF, pair % HALF
     n_ok = head < Hq + 2 * Hkv
     col = head * 2 * HALF + j
-    rstd = _row_rstd(x_ptr, rm, M, K, sxm, sxk, eps, BLOCK_M, BLOCK_K)
-    x1 = _rows_times_w(x_ptr, w_ptr, nw_ptr, rstd, rm, col, n_ok, M, K, sxm, sxk, swn, swk,
-                       True, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
-    x2 = _rows_times_w(x_ptr, w_ptr, nw_ptr, rstd, rm, col + HALF, n_ok, M, K, sxm, sxk, swn, swk,
-                       True, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+    x1, x2, ss = _rows_times_w(x_ptr, w_ptr, rm, col, col + HALF, n_ok, M, K, sxm, sxk, swn, swk,
+                               True, not SS_IN, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+    rstd = _rms_scale(ss, ss_ptr, rm, M, K, P, eps, SS_IN, BLOCK_M, BLOCK_P)[:, None]
     dt = q_ptr.dtype.element_ty
-    x1, x2 = x1.to(dt).to(tl.float32), x2.to(dt).to(tl.float32)  # the projection's outputs, as the unfused ops see them
+    x1, x2 = (x1 * rstd).to(dt).to(tl.float32), (x2 * rstd).to(dt).to(tl.float32)  # the projection's outputs, rounded
     b, t = (rm // T).to(tl.int64), rm % T
     m_ok = rm < M
     p = tl.load(pos_ptr + b * spb + t * spt, mask=m_ok, other=0)
@@ -834,10 +860,10 @@ def _qkv_rope_kernel(x_ptr, w_ptr, nw_ptr, cos_ptr, sin_ptr, pos_ptr, lens_ptr, 
     tl.store(dst_v + HALF * sv_d, r2.to(vc_ptr.dtype.element_ty), mask=ok_kv & is_v)
 
 
-def qkv_rope(x, w, norm, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads):
-    """RMSNorm(x) @ w.T split into q, k, v heads; q and k rotated by RoPE at positions pos [B, T]; k and v written
-    into the cache at slots lens[b] + t; returns q [B, T, n_heads, D]. As matmul(x, w, norm=norm) then
-    rope_cache_write, in one kernel (see qkv_rope_ref)."""
+def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq=None):
+    """RMSNorm(x) @ w.T (the norm's weight folded into w: fold_norm) split into q, k, v heads; q and k rotated by
+    RoPE at positions pos [B, T]; k and v written into the cache at slots lens[b] + t; returns q [B, T, n_heads,
+    D]. As matmul(x, w, rms_eps=rms_eps, sumsq=sumsq) then rope_cache_write, in one kernel (see qkv_rope_ref)."""
     B, T, K = x.shape
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     _require(D % 2 == 0, f"rotate-half RoPE needs an even head_dim, not {D}")
@@ -849,13 +875,13 @@ def qkv_rope(x, w, norm, cos_table, sin_table, pos, k_cache, v_cache, lens, n_he
     pairs = (n_heads + 2 * Hkv) * D // 2
     BLOCK_M, BLOCK_N, BLOCK_K = (64, 16, 128 if K % 128 == 0 else 64) if x.is_cuda else (64, 64, 64)
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
-    nw, eps = norm
+    ss_in, P, BLOCK_P = _sumsq_in(sumsq, B * T, x.device)
     _qkv_rope_kernel[(triton.cdiv(B * T, BLOCK_M), triton.cdiv(pairs, BLOCK_N))](
-        x2, w, nw.contiguous(), cos_table, sin_table, pos, lens.contiguous(), q, k_cache, v_cache,
-        B * T, T, K, n_heads, Hkv, D // 2, k_cache.shape[1], *x2.stride(), *w.stride(), eps, cos_table.stride(0),
-        *pos.stride(), *k_cache.stride(), *v_cache.stride(),
+        x2, w, ss_in, cos_table, sin_table, pos, lens.contiguous(), q, k_cache, v_cache,
+        B * T, T, K, P, n_heads, Hkv, D // 2, k_cache.shape[1], *x2.stride(), *w.stride(), rms_eps, cos_table.stride(0),
+        *pos.stride(), *k_cache.stride(), *v_cache.stride(), SS_IN=sumsq is not None,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=3)
     return q
 
 

@@ -36,15 +36,17 @@ def build(kernel, types, constexprs, num_warps=4, num_stages=3):
 def kernel_sets():
     """(name, kernel, argument types, constexprs): SmolLM2's shapes (GQA 9/3 heads, head_dim 64), bf16."""
     bf16 = lambda *names: {n: "*bf16" for n in names}
-    matmul = bf16("x_ptr", "w_ptr", "b_ptr", "y_ptr", "nw_ptr", "r_ptr") | dict(eps="fp32")
-    for norm, swiglu, residual in ((False, False, False), (True, False, False), (True, True, False), (False, False, True)):
-        yield (f"matmul norm={norm} swiglu={swiglu} residual={residual}", K._matmul_kernel, matmul,
-               dict(HAS_BIAS=False, NORM=norm, SWIGLU=swiglu, RESIDUAL=residual, UPCAST=False, PREC="tf32",
-                    BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64))
+    matmul = bf16("x_ptr", "w_ptr", "b_ptr", "y_ptr", "r_ptr") | dict(ssi_ptr="*fp32", sso_ptr="*fp32", eps="fp32")
+    for norm, swiglu, residual, ss_in in ((False, False, False, False), (True, False, False, False),
+                                          (True, False, False, True), (True, True, False, True), (False, False, True, False)):
+        yield (f"matmul norm={norm} swiglu={swiglu} residual={residual} sums of squares in={ss_in} out={residual}",
+               K._matmul_kernel, matmul, dict(HAS_BIAS=False, NORM=norm, SWIGLU=swiglu, RESIDUAL=residual, SS_IN=ss_in,
+                                              SS_OUT=residual, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64,
+                                              BLOCK_N=16, BLOCK_K=64, BLOCK_P=64))
     yield ("qkv_rope", K._qkv_rope_kernel,
-           bf16("x_ptr", "w_ptr", "nw_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(
-               cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", lens_ptr="*i32", eps="fp32"),
-           dict(UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64))
+           bf16("x_ptr", "w_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(
+               ss_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", lens_ptr="*i32", eps="fp32"),
+           dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64))
     path = bf16("q_ptr", "k_ptr", "v_ptr", "o_ptr") | dict(
         lens_ptr="*i32", path_ptr="*i64", depth_ptr="*i64", po_ptr="*fp32", plse_ptr="*fp32", cnt_ptr="*i32", scale="fp32")
     for merge in (False, True):

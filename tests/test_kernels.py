@@ -237,15 +237,16 @@ def test_rope_cache_write(dtype, B, T, Hq, Hkv, D):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,T,Hq,Hkv,D", [(3, 5, 4, 2, 16), (2, 1, 6, 2, 32)])
-def test_qkv_rope(dtype, B, T, Hq, Hkv, D):
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,given_sumsq", [(3, 5, 4, 2, 16, False), (2, 1, 6, 2, 32, False), (2, 3, 4, 2, 16, True)])
+def test_qkv_rope(dtype, B, T, Hq, Hkv, D, given_sumsq):
     """The layer's first matmul with RMSNorm before and RoPE + the cache write after, in one kernel: q and the
     written keys/values against the PyTorch ops one by one, nothing else in the cache touched, and a token's
     bits the same alone as in the batch."""
     K, L, S = 48, 2, 20
     x = torch.randn(B, T, K, dtype=dtype) * 2
     w = (torch.randn((Hq + 2 * Hkv) * D, K) / K ** 0.5).to(dtype)
-    norm = ((torch.rand(K) + 0.5).to(dtype), 1e-5)
+    w = hl.fold_norm(w, (torch.rand(K) + 0.5).to(dtype))  # (RMSNorm's weight: the matmul test checks the folding)
+    norm = 1e-5
     cos, sin = hl.rope_tables(hl.Config(dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv, hidden_dim=8,
                                         vocab_size=8, head_dim=D), 64, "cpu")
     lens = torch.randint(0, S - T + 1, (B,), dtype=torch.int32)
@@ -253,8 +254,9 @@ def test_qkv_rope(dtype, B, T, Hq, Hkv, D):
     pos = lens[:, None].long() + torch.randint(0, 3, (B, T))
     k_all, v_all = torch.randn(L, B, S, Hkv, D, dtype=dtype), torch.randn(L, B, S, Hkv, D, dtype=dtype)
     k_ref, v_ref = k_all.clone(), v_all.clone()
-    q = kernels.qkv_rope(x, w, norm, cos, sin, pos, k_all[1], v_all[1], lens, Hq)
-    q_ref = hl.qkv_rope_ref(x, w, norm, cos, sin, pos, k_ref[1], v_ref[1], lens, Hq)
+    sumsq = torch.rand(B, T, 3) * K if given_sumsq else None  # (parts that do not fit x: the rule is used)
+    q = kernels.qkv_rope(x, w, norm, cos, sin, pos, k_all[1], v_all[1], lens, Hq, sumsq)
+    q_ref = hl.qkv_rope_ref(x, w, norm, cos, sin, pos, k_ref[1], v_ref[1], lens, Hq, sumsq)
     assert q.shape == (B, T, Hq, D) and q.dtype == dtype
     tol = {} if dtype == torch.float32 else dict(rtol=0.05, atol=0.05 * q_ref.float().abs().max().item())
     torch.testing.assert_close(q.float(), q_ref.float(), **(tol or dict(rtol=1e-5, atol=1e-5)))
@@ -268,7 +270,7 @@ def test_qkv_rope(dtype, B, T, Hq, Hkv, D):
     k1, v1 = torch.zeros(1, S, Hkv, D, dtype=dtype), torch.zeros(1, S, Hkv, D, dtype=dtype)
     slot = int(lens[b]) + t
     q1 = kernels.qkv_rope(x[b:b + 1, t:t + 1], w, norm, cos, sin, pos[b:b + 1, t:t + 1], k1, v1,
-                          torch.tensor([slot], dtype=torch.int32), Hq)
+                          torch.tensor([slot], dtype=torch.int32), Hq, None if sumsq is None else sumsq[b:b + 1, t:t + 1])
     assert torch.equal(q1[0, 0], q[b, t]) and torch.equal(k1[0, slot], k_all[1, b, slot])
     assert torch.equal(v1[0, slot], v_all[1, b, slot])
 
@@ -511,14 +513,15 @@ def test_matmul_fused(dtype, norm, swiglu, residual):
     w = torch.randn(2 * H if swiglu else H, K, dtype=dtype) / K ** 0.5
     nw = (torch.rand(K) + 0.5).to(dtype)
     r = torch.randn(M, H, dtype=dtype)
-    kw = dict(norm=(nw, 1e-5) if norm else None, residual=r if residual else None, swiglu=swiglu)
-    y = kernels.matmul(x, w, **kw)
+    kw = dict(rms_eps=1e-5 if norm else None, residual=r if residual else None, swiglu=swiglu)
+    y = kernels.matmul(x, hl.fold_norm(w, nw) if norm else w, **kw)
     xn = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * nw if norm else x
-    want = F.linear(xn, w)
+    want = F.linear(xn, w)  # RMSNorm with its weight, then the matmul: what the folded weight must give
     if swiglu:
         want = F.silu(want[:, :H]) * want[:, H:]
     want = want + r if residual else want
     assert y.shape == (M, H) and y.dtype == dtype
+    w = hl.fold_norm(w, nw) if norm else w
     for ref in (want, hl.matmul_ref(x, w, **kw)):
         if dtype == torch.float32:  # the values: fp32 is where the math is checked
             close(y, ref, dtype)
@@ -530,6 +533,29 @@ def test_matmul_fused(dtype, norm, swiglu, residual):
     other_r = torch.cat([torch.randn(5, H, dtype=dtype), r[i:i + 1], torch.randn(70, H, dtype=dtype)])
     other = kernels.matmul(other_x, w, **(kw | dict(residual=other_r if residual else None)))
     assert torch.equal(one[0], y[i]) and torch.equal(other[5], y[i])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_hands_on_sums_of_squares(dtype):
+    """A matmul that writes the residual stream leaves each row's sum of squares in parts (sumsq_out); the next
+    fused norm takes its scale from them (sumsq) instead of summing x again. The parts add up to the squares of
+    what was written, a row's parts are the same bits alone as in the batch, and the next matmul uses the parts
+    it is given (against matmul_ref with the same parts), not its own sum."""
+    M, N, K, H = 37, 72, 96, 40
+    x, r = torch.randn(M, K, dtype=dtype), torch.randn(M, N, dtype=dtype) * 2
+    w = torch.randn(N, K, dtype=dtype) / K ** 0.5
+    y, parts = kernels.matmul(x, w, residual=r, sumsq_out=True)
+    assert torch.equal(y, kernels.matmul(x, w, residual=r)) and parts.dtype == torch.float32 and parts.shape[0] == M
+    torch.testing.assert_close(parts.sum(-1), y.float().pow(2).sum(-1), rtol=1e-5, atol=1e-5)
+    i = int(torch.randint(0, M, ()))
+    y1, parts1 = kernels.matmul(x[i:i + 1], w, residual=r[i:i + 1], sumsq_out=True)
+    assert torch.equal(y1[0], y[i]) and torch.equal(parts1[0], parts[i])
+    w2 = torch.randn(2 * H, N, dtype=dtype) / N ** 0.5
+    for given in (parts, torch.rand(M, 5) * N * 4):  # the real parts, and parts that do not fit y (the rule is used)
+        kw = dict(rms_eps=1e-5, swiglu=True, sumsq=given)
+        close(kernels.matmul(y, w2, **kw), hl.matmul_ref(y, w2, **kw), dtype)
+    own = hl.matmul_ref(y, w2, rms_eps=1e-5, swiglu=True)
+    assert not torch.allclose(kernels.matmul(y, w2, **kw).float(), own.float(), rtol=0.05, atol=0.05)
 
 
 def test_matmul_fused_mistakes():

@@ -1,5 +1,7 @@
 """Runtime invariants on tiny random models (CPU, float32): cached decoding equals a full forward, and greedy
 speculative decoding (Medusa, Hydra, Hydra++) equals greedy autoregressive decoding token for token."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,18 +79,31 @@ def test_greedy_speculative_equals_autoregressive(grounded, prefix, batch):
 
 
 def test_fused_layers_compute_the_same_model(monkeypatch):
-    """hl.FUSED (norms, SwiGLU and residual adds inside the matmuls): the same logits as the unfused layers
-    (float32; the Hydra++ prefix layer too), and greedy speculative decoding still equals AR with it."""
+    """hl.FUSED (norms, SwiGLU and residual adds inside the matmuls, the norms' weights folded into the next
+    projection): the same model as the unfused layers, in float32 as close to the float64 model as they are (the
+    Hydra++ prefix layer too), and greedy speculative decoding still equals AR with it."""
     model = tiny_model(21)
     heads = tiny_heads(model, True, True)
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 40))
     h = torch.randn(2, 40, model.cfg.dim)
+
+    def outputs(model, heads, h):
+        return model.forward_logits(tokens).double(), heads.run_prefix(h, model.new_cache(2, 40).rope).double()
     with torch.no_grad():
-        plain = model.forward_logits(tokens), heads.run_prefix(h, model.new_cache(2, 40).rope)
+        truth = outputs(copy.deepcopy(model).double(), copy.deepcopy(heads).double(), h.double())  # (unfused)
+        plain = outputs(model, heads, h)
         monkeypatch.setattr(hl, "FUSED", True)
-        fused = model.forward_logits(tokens), heads.run_prefix(h, model.new_cache(2, 40).rope)
-    for a, b in zip(plain, fused):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        fused = outputs(model, heads, h)
+    for want, a, b in zip(truth, plain, fused):
+        err_plain, err_fused = (a - want).abs().max().item(), (b - want).abs().max().item()
+        assert err_fused <= 2 * err_plain + 1e-6 * want.abs().max().item(), (err_plain, err_fused)
+    with torch.no_grad():  # the folded weights follow a weight that changes in place
+        model.layers[0].ffn_norm.weight.mul_(1.5)
+        changed = model.forward_logits(tokens)
+        monkeypatch.setattr(hl, "FUSED", False)
+        want = model.forward_logits(tokens)
+    assert (changed - fused[0]).abs().max() > 0.1
+    torch.testing.assert_close(changed, want, rtol=0, atol=1e-5 * want.abs().max().item())
     prompts = [torch.randint(0, 97, (n,)).tolist() for n in (4, 19)]
     ar, _ = hl.Generator(model).generate(prompts, 40, stop_at_eos=False)
     spec, stats = hl.Generator(model, heads=heads).generate(prompts, 40, stop_at_eos=False)
