@@ -696,20 +696,32 @@ def _mma(acc, x, w, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constex
 
 
 @triton.jit
+def _row_sumsq(x_ptr, rm, M, K, sxm, sxk, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Each row's sum of squares (RMSNorm's), BLOCK_K columns at a time, in order. A loop of its own: summed
+    inside the matmul's pipelined loop, the tile raced the next load into the same buffer (H200, num_stages 2-3:
+    wrong and varying sums)."""
+    rk = tl.arange(0, BLOCK_K)
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + (k0 + rk)[None, :] * sxk,
+                    mask=(rm < M)[:, None] & (rk < K - k0)[None, :], other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    return ss
+
+
+@triton.jit
 def _rows_times_w(x_ptr, w_ptr, rm, wa, wb, n_ok, M, K, sxm, sxk, swn, swk,
-                  TWO: tl.constexpr, SUMSQ: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                  TWO: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                   BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """x[rm] @ w[wa].T and (TWO) x[rm] @ w[wb].T in fp32 [BLOCK_M, BLOCK_N], reduced over K in BLOCK_K steps, in
-    order, from one read of x; SUMSQ: also each row's sum of squares (RMSNorm's), in the same steps. x goes into
-    the MMA as loaded: a prologue on its tile (64 rows, most of them padding in a decode step) costs more than
-    the weight read it would hide behind."""
+    order, from one read of x. x goes into the MMA as loaded: a prologue on its tile (64 rows, most of them
+    padding in a decode step) costs more than the weight read it would hide behind."""
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :] * sxk
     wa_ptrs = w_ptr + wa[None, :].to(tl.int64) * swn + rk[:, None] * swk
     wb_ptrs = w_ptr + wb[None, :].to(tl.int64) * swn + rk[:, None] * swk
     acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
         x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
@@ -717,21 +729,21 @@ def _rows_times_w(x_ptr, w_ptr, rm, wa, wb, n_ok, M, K, sxm, sxk, swn, swk,
         acc_a = _mma(acc_a, x, tl.load(wa_ptrs + k0 * swk, mask=w_ok, other=0.0), UPCAST, PREC, BY_SUM)
         if TWO:
             acc_b = _mma(acc_b, x, tl.load(wb_ptrs + k0 * swk, mask=w_ok, other=0.0), UPCAST, PREC, BY_SUM)
-        if SUMSQ:
-            xf = x.to(tl.float32)
-            ss += tl.sum(xf * xf, axis=1)
-    return acc_a, acc_b, ss
+    return acc_a, acc_b
 
 
 @triton.jit
-def _rms_scale(ss, ss_ptr, rm, M, K, P, eps, SS_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Each row's 1/RMS: from its sum of squares ss, or (SS_IN) from the P partial sums [M, P] that the kernel
-    which wrote x left, added in one fixed order."""
+def _rms_scale(x_ptr, ss_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Each row's 1/RMS: from the P partial sums of squares [M, P] that the kernel which wrote x left, added in
+    one fixed order (SS_IN), else summed over x."""
     if SS_IN:
         rp = tl.arange(0, BLOCK_P)
         parts = tl.load(ss_ptr + rm[:, None].to(tl.int64) * P + rp[None, :], mask=(rm < M)[:, None] & (rp < P)[None, :],
                         other=0.0)
         ss = tl.sum(parts, axis=1)
+    else:
+        ss = _row_sumsq(x_ptr, rm, M, K, sxm, sxk, BLOCK_M, BLOCK_K)
     return 1.0 / tl.sqrt(ss / K + eps)
 
 
@@ -744,11 +756,13 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K,
     # Row blocks on axis 0: the programs that read one slice of w run side by side (rereads hit L2).
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc, up, ss = _rows_times_w(x_ptr, w_ptr, rm, rn, N + rn, rn < N, M, K, sxm, sxk, swn, swk,
-                                SWIGLU, NORM and not SS_IN, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)  # (unused without NORM)
     if NORM:  # RMSNorm's 1/RMS, per row (its weight is in w's columns)
-        rstd = _rms_scale(ss, ssi_ptr, rm, M, K, P, eps, SS_IN, BLOCK_M, BLOCK_P)[:, None]
-        acc, up = acc * rstd, up * rstd
+        rstd = _rms_scale(x_ptr, ssi_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN, BLOCK_M, BLOCK_K, BLOCK_P)
+    acc, up = _rows_times_w(x_ptr, w_ptr, rm, rn, N + rn, rn < N, M, K, sxm, sxk, swn, swk,
+                            SWIGLU, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+    if NORM:
+        acc, up = acc * rstd[:, None], up * rstd[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     out_dt = y_ptr.dtype.element_ty
@@ -831,9 +845,9 @@ def _qkv_rope_kernel(x_ptr, w_ptr, ss_ptr, cos_ptr, sin_ptr, pos_ptr, lens_ptr, 
     head, j = pair // HALF, pair % HALF
     n_ok = head < Hq + 2 * Hkv
     col = head * 2 * HALF + j
-    x1, x2, ss = _rows_times_w(x_ptr, w_ptr, rm, col, col + HALF, n_ok, M, K, sxm, sxk, swn, swk,
-                               True, not SS_IN, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
-    rstd = _rms_scale(ss, ss_ptr, rm, M, K, P, eps, SS_IN, BLOCK_M, BLOCK_P)[:, None]
+    rstd = _rms_scale(x_ptr, ss_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN, BLOCK_M, BLOCK_K, BLOCK_P)[:, None]
+    x1, x2 = _rows_times_w(x_ptr, w_ptr, rm, col, col + HALF, n_ok, M, K, sxm, sxk, swn, swk,
+                           True, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
     dt = q_ptr.dtype.element_ty
     x1, x2 = (x1 * rstd).to(dt).to(tl.float32), (x2 * rstd).to(dt).to(tl.float32)  # the projection's outputs, rounded
     b, t = (rm // T).to(tl.int64), rm % T
