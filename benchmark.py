@@ -337,8 +337,8 @@ def steps(args):
     before, rows = kernel_settings(K), []
     try:
         with torch.inference_mode():
-            for tiles, merge in [(t, False) for t in args.path_tiles] + ([(args.path_tiles[0], True)] if args.fused else []):
-                use_kernel_settings(K, True, False, merge, tiles)  # each setting must keep a node == decoding
+            for tiles, merge in [(t, False) for t in args.path_tiles] + ([(args.path_tiles[0], True)] if args.unfused else []):
+                use_kernel_settings(K, True, hl.FUSED, merge, tiles)  # each setting must keep a node == decoding
                 log(f"path tiles {tiles[0]}x{tiles[1]}{', merge in kernel' if merge else ''}: tree node == decoding, "
                     f"bit for bit: {path_tiles_invariant(K, model.cfg, tree)}")
             for B in args.batch:
@@ -381,14 +381,14 @@ def use_kernel_settings(K, exact, fused, merge, tiles):
 
 
 def step_kernel_sets(args):
-    """(name suffix, kernel settings) to time: the invariant kernels with each --path-tiles, the previous ones,
-    and with --fused the fused layers without and with the merge in the kernel."""
+    """(name suffix, kernel settings) to time: the invariant kernels (the default: fused layers) with each
+    --path-tiles, the previous ones, and with --unfused the layers op by op and the merge in the kernel."""
     tiles = args.path_tiles
-    sets = [(f" (path tiles {t[0]}x{t[1]})" if len(tiles) > 1 else "", (True, False, False, t)) for t in tiles]
+    sets = [(f" (path tiles {t[0]}x{t[1]})" if len(tiles) > 1 else "", (True, True, False, t)) for t in tiles]
     sets.append((" (fast kernels)", (False, False, False, tiles[0])))
-    if args.fused:
-        sets += [(" (fused layers)", (True, True, False, tiles[0])),
-                 (" (fused layers, merge in kernel)", (True, True, True, tiles[0]))]
+    if args.unfused:
+        sets += [(" (unfused layers)", (True, False, False, tiles[0])),
+                 (" (merge in kernel)", (True, True, True, tiles[0]))]
     return sets
 
 
@@ -906,7 +906,7 @@ def tasks_bench(args):
     results, records, kernels_before = [], [], (hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL)
     for batch, kernels in itertools.product(args.batch, args.kernels):
         # (every method, AR included, with one set of kernels; read at capture)
-        hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = kernels != "fast", kernels == "fused", kernels == "fused"
+        hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = kernels != "fast", kernels == "exact", False
         order = sorted(range(len(rows)), key=lambda i: (rows[i]["task"], i)) if batch == 1 else \
             random.Random(0).sample(range(len(rows)), len(rows))  # larger batches mix the families, as traffic does
         b_rows, b_ids = [rows[i] for i in order], [ids[i] for i in order]
@@ -1162,11 +1162,10 @@ def add_tasks_args(sub):
     t.add_argument("--repeat", action="store_true", help="time every call twice: first, and repeated right after")
     t.add_argument("--warmup", action="store_true", help="Generator.warmup() before timing (no capture in a call)")
     t.add_argument("--dtype", default="bfloat16")
-    t.add_argument("--kernels", nargs="+", choices=["exact", "fused", "fast"], default=["exact"],
-                   help="kernel sets to run every method with (exact: the batch-invariant ones, the default; fused: "
-                        "those with the decoder layers fused and path_attention's merge in the kernel, HYDRA_LITE_FUSED=1 "
-                        "HYDRA_LITE_PATH_MERGE=1; fast: cuBLAS and the tiled "
-                        "attention, HYDRA_LITE_EXACT=0), each against AR with the same")
+    t.add_argument("--kernels", nargs="+", choices=["exact", "unfused", "fast"], default=["exact"],
+                   help="kernel sets to run every method with (exact: the batch-invariant ones with fused layers, the "
+                        "default; unfused: the same with the layers op by op, HYDRA_LITE_FUSED=0; fast: cuBLAS and the "
+                        "tiled attention, HYDRA_LITE_EXACT=0), each against AR with the same")
     return t
 
 
@@ -1178,8 +1177,8 @@ def add_steps_args(sub):
     s.add_argument("--context", type=int, default=512)
     s.add_argument("--path-tiles", type=parse_tiles, nargs="+", default=None,
                    help="path_attention tile rows x split length to time, e.g. 64x128 16x256 (default: the kernels' own)")
-    s.add_argument("--fused", action="store_true", help="also time the decoder layers fused into the matmuls (hl.FUSED), "
-                   "without and with path_attention's merge in the kernel (kernels.PATH_MERGE_IN_KERNEL)")
+    s.add_argument("--unfused", action="store_true", help="also time the decoder layers op by op (HYDRA_LITE_FUSED=0) "
+                   "and path_attention's merge in the kernel (kernels.PATH_MERGE_IN_KERNEL)")
     return s
 
 

@@ -4,8 +4,8 @@
 #          split the GGUF so each call's working tree stays under the device tool's 64 MiB, copy each to /root/smol)
 #   check  kernel check (benchmark.py check) and GPU tests
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights)
-#   fused  the fused decoder layers (HYDRA_LITE_FUSED): kernel check, their GPU tests, step times against the
-#          unfused invariant kernels and the previous ones (random weights: needs no model)
+#   fused  the fused decoder layers (the default; HYDRA_LITE_FUSED=0: op by op): kernel check, their GPU tests, step
+#          times against the unfused layers and the previous kernels (random weights: needs no model)
 #   data   self-distillation data: rows 0-79 of the prompts (SAMPLES answers each), SYNTH template prompts
 #          (SEED picks them) and IMITATE prompts the base model writes in the style of those rows, into DATA,
 #          BATCH rows at a time, MAX_NEW tokens each, fewer if it would take over DATA_TIME seconds
@@ -51,7 +51,7 @@ for stage in "$@"; do
       python3 benchmark.py check 2>&1 | tee "$RES/kernels_check.txt" | grep -E "FAIL|all PASS|fused|qkv_rope|worst" || true
       python3 -m pytest -q -x tests/test_gpu.py -k "bit_for_bit or fused" 2>&1 | tail -3 || true
       for shape in smollm2-135m 7b; do
-        python3 benchmark.py steps --shape $shape --fused --out "$RES/fused" 2>&1 | tee "$RES/steps_fused_$shape.txt" | grep "^|"
+        python3 benchmark.py steps --shape $shape --unfused --out "$RES/fused" 2>&1 | tee "$RES/steps_fused_$shape.txt" | grep "^|"
       done ;;
     steps)
       python3 benchmark.py steps --shape 7b --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"

@@ -79,7 +79,7 @@ def test_greedy_speculative_equals_autoregressive(grounded, prefix, batch):
 
 
 def test_fused_layers_compute_the_same_model(monkeypatch):
-    """hl.FUSED (norms, SwiGLU and residual adds inside the matmuls, the norms' weights folded into the next
+    """Fused layers (hl.FUSED: norms, SwiGLU and residual adds inside the matmuls, the norms' weights folded into the next
     projection): the same model as the unfused layers, in float32 as close to the float64 model as they are (the
     Hydra++ prefix layer too), and greedy speculative decoding still equals AR with it."""
     model = tiny_model(21)
@@ -89,10 +89,11 @@ def test_fused_layers_compute_the_same_model(monkeypatch):
 
     def outputs(model, heads, h):
         return model.forward_logits(tokens).double(), heads.run_prefix(h, model.new_cache(2, 40).rope).double()
-    with torch.no_grad():
-        truth = outputs(copy.deepcopy(model).double(), copy.deepcopy(heads).double(), h.double())  # (unfused)
+    with torch.no_grad():  # (_fused: on the CPU the fused layers' references, as the GPU runs their kernels)
+        monkeypatch.setattr(hl, "_fused", lambda x: False)
+        truth = outputs(copy.deepcopy(model).double(), copy.deepcopy(heads).double(), h.double())
         plain = outputs(model, heads, h)
-        monkeypatch.setattr(hl, "FUSED", True)
+        monkeypatch.setattr(hl, "_fused", lambda x: True)
         fused = outputs(model, heads, h)
     for want, a, b in zip(truth, plain, fused):
         err_plain, err_fused = (a - want).abs().max().item(), (b - want).abs().max().item()
@@ -100,10 +101,11 @@ def test_fused_layers_compute_the_same_model(monkeypatch):
     with torch.no_grad():  # the folded weights follow a weight that changes in place
         model.layers[0].ffn_norm.weight.mul_(1.5)
         changed = model.forward_logits(tokens)
-        monkeypatch.setattr(hl, "FUSED", False)
+        monkeypatch.setattr(hl, "_fused", lambda x: False)
         want = model.forward_logits(tokens)
     assert (changed - fused[0]).abs().max() > 0.1
     torch.testing.assert_close(changed, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    monkeypatch.setattr(hl, "_fused", lambda x: True)
     prompts = [torch.randint(0, 97, (n,)).tolist() for n in (4, 19)]
     ar, _ = hl.Generator(model).generate(prompts, 40, stop_at_eos=False)
     spec, stats = hl.Generator(model, heads=heads).generate(prompts, 40, stop_at_eos=False)
