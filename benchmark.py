@@ -338,7 +338,7 @@ def steps(args):
     try:
         with torch.inference_mode():
             for tiles, merge in [(t, False) for t in args.path_tiles] + ([(args.path_tiles[0], True)] if args.unfused else []):
-                use_kernel_settings(K, True, hl.FUSED, merge, tiles)  # each setting must keep a node == decoding
+                use_kernel_settings(K, True, hl.FUSED, merge, tiles, 0)  # each setting must keep a node == decoding
                 log(f"path tiles {tiles[0]}x{tiles[1]}{', merge in kernel' if merge else ''}: tree node == decoding, "
                     f"bit for bit: {path_tiles_invariant(K, model.cfg, tree)}")
             for B in args.batch:
@@ -371,24 +371,27 @@ def random_model(shape, device):
 
 
 def kernel_settings(K):
-    """(exact, fused, merge in kernel, path tiles): which kernels a forward runs (read when a graph is captured)."""
-    return hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, (K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN)
+    """(exact, fused, merge in kernel, path tiles, edge tokens): which kernels a forward runs (read when a graph
+    is captured)."""
+    return hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, (K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN), K.PATH_EDGE_TOKENS
 
 
-def use_kernel_settings(K, exact, fused, merge, tiles):
-    hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = exact, fused, merge
+def use_kernel_settings(K, exact, fused, merge, tiles, edge):
+    hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, K.PATH_EDGE_TOKENS = exact, fused, merge, edge
     K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
 
 
 def step_kernel_sets(args):
     """(name suffix, kernel settings) to time: the invariant kernels (the default: fused layers) with each
-    --path-tiles, the previous ones, and with --unfused the layers op by op and the merge in the kernel."""
-    tiles = args.path_tiles
-    sets = [(f" (path tiles {t[0]}x{t[1]})" if len(tiles) > 1 else "", (True, True, False, t)) for t in tiles]
-    sets.append((" (fast kernels)", (False, False, False, tiles[0])))
+    --path-tiles and each further --edge-tokens, the previous ones, and with --unfused the layers op by op and
+    the merge in the kernel."""
+    tiles, (edge, *more) = args.path_tiles, args.edge_tokens
+    sets = [(f" (path tiles {t[0]}x{t[1]})" if len(tiles) > 1 else "", (True, True, False, t, edge)) for t in tiles]
+    sets += [(f" (edge tokens {e})", (True, True, False, tiles[0], e)) for e in more]
+    sets.append((" (fast kernels)", (False, False, False, tiles[0], edge)))
     if args.unfused:
-        sets += [(" (unfused layers)", (True, False, False, tiles[0])),
-                 (" (merge in kernel)", (True, True, True, tiles[0]))]
+        sets += [(" (unfused layers)", (True, False, False, tiles[0], edge)),
+                 (" (merge in kernel)", (True, True, True, tiles[0], edge))]
     return sets
 
 
@@ -1179,6 +1182,8 @@ def add_steps_args(sub):
                    help="path_attention tile rows x split length to time, e.g. 64x128 16x256 (default: the kernels' own)")
     s.add_argument("--unfused", action="store_true", help="also time the decoder layers op by op (HYDRA_LITE_FUSED=0) "
                    "and path_attention's merge in the kernel (kernels.PATH_MERGE_IN_KERNEL)")
+    s.add_argument("--edge-tokens", type=int, nargs="+", default=[0], help="path_attention's tokens per program at the "
+                   "splits that reach past the cache (kernels.PATH_EDGE_TOKENS; 0: by batch), each timed")
     return s
 
 

@@ -460,16 +460,40 @@ def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
 # reduced in blocks of BLOCK_N from position 0 and in splits of SPLIT_LEN from 0, whatever lens is. A one-token
 # step (path [[0]], depth 0) reduces over the same virtual positions, block by block, as a tree node does once
 # its path is accepted, in a tile of the same shape; the combine merges the used splits in order, one at a time.
-# The tile's rows are GQA heads of tokens. A split that lies below lens (cached slots only) is one key tile for
-# TOK tokens at once; the (at most two) splits that reach lens are done per token, each token's program with
-# its own keys (its path) and only its rows in the tile. An MMA row depends only on its own row of q and on the
-# key tile, so each row gets the same bits either way: those of decoding. Grid axis 0: n_tiles x NUM_SPLITS
-# shared programs (those of splits past lens exit), then T x 2 per-token ones.
+# The tile's rows are GQA heads of TOK tokens. A block of BLOCK_N positions that lies below lens (cached slots
+# only) is one key tile for all of them; a block that reaches past lens is done token by token, each with its own
+# keys (its path), updating only that token's rows (the others keep their state bit for bit). An MMA row depends
+# only on its own row of q and on the key tile, so each row gets the same bits either way: those of decoding.
+# Grid axis 0: n_tiles x NUM_SPLITS programs for the splits below lens (those of splits past lens exit), then
+# 2 per EDGE_TOK tokens for the (at most two) splits that reach lens. EDGE_TOK changes how the work is shared out,
+# not a row's bits: one token per program keeps a small batch's edge in parallel, a tile of tokens per program
+# saves a large batch from reading the cached part of the edge split once per token.
+
+
+@triton.jit
+def _path_block(acc, m_i, l_i, q, k_base, v_base, slot, seen, rows, sks, svs, scale, ok_d,
+                UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
+    """One block of virtual positions (key slots `slot`, columns `seen`) into the online softmax of the tile's
+    rows where `rows`; the other rows keep their state, bit for bit."""
+    ld = seen[:, None] & ok_d[None, :]
+    k = tl.load(k_base + slot[:, None] * sks, mask=ld, other=0.0)
+    qk = tl.where(seen[None, :], _dot(q, tl.trans(k), UPCAST, PREC, BY_SUM) * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_new = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_base + slot[:, None] * svs, mask=ld, other=0.0)
+    if UPCAST:
+        p = p.to(q.dtype).to(tl.float32)  # rounded as the GPU path rounds it
+    else:
+        p = p.to(v.dtype)
+    acc_new = acc * alpha[:, None] + _dot(p, v, UPCAST, PREC, BY_SUM)
+    return tl.where(rows[:, None], acc_new, acc), tl.where(rows, m_new, m_i), tl.where(rows, l_new, l_i)
 
 
 @triton.jit(do_not_specialize=["T"])
 def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr, plse_ptr, o_ptr, cnt_ptr,
-                      T, Hq, Hkv, D, scale, NUM_SPLITS, N_SHARED,
+                      T, Hq, Hkv, D, scale, NUM_SPLITS, N_SHARED, EDGE_TOK,
                       sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, spb, spt, spj, sdb, sdt,
                       REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
@@ -479,18 +503,18 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
     b = (tl.program_id(1) // Hkv).to(tl.int64)
     kvh = tl.program_id(1) % Hkv
     lens = tl.load(lens_ptr + b)
-    own = pid >= N_SHARED  # a split that reaches past the cache: this token alone, its own keys
-    if own:
-        t0 = (pid - N_SHARED) // 2
+    edge = pid >= N_SHARED  # a split that reaches past the cache
+    if edge:
+        t0 = (pid - N_SHARED) // 2 * EDGE_TOK
         split = lens // SPLIT_LEN + (pid - N_SHARED) % 2
     else:
         t0 = pid // NUM_SPLITS * TOK
         split = pid % NUM_SPLITS
     lo = split * SPLIT_LEN
-    if tl.where(own, split < NUM_SPLITS, lo + SPLIT_LEN <= lens):
+    if tl.where(edge, split < NUM_SPLITS, lo + SPLIT_LEN <= lens):
         offs_m = tl.arange(0, BLOCK_M)
         tok = offs_m // REP  # each tile row's token (in the tile)
-        row_ok = (tok < tl.where(own, 1, TOK)) & (t0 + tok < T)
+        row_ok = (tok < tl.where(edge, EDGE_TOK, TOK)) & (t0 + tok < T)
         depth = tl.load(depth_ptr + b * sdb + (t0 + tok) * sdt, mask=row_ok, other=0)
         n = tl.minimum(tl.where(row_ok, lens + depth + 1, 0), lo + SPLIT_LEN)  # each row's positions in the split
         hi = tl.max(n, axis=0)
@@ -502,30 +526,24 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
                     mask=row_ok[:, None] & ok_d[None, :], other=0.0)
         k_base = k_ptr + b * skb + kvh * skh + offs_d[None, :] * skd
         v_base = v_ptr + b * svb + kvh * svh + offs_d[None, :] * svd
-        path_row = path_ptr + b * spb + t0 * spt
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        n_tok = tl.minimum(T - t0, tl.where(edge, EDGE_TOK, TOK))
         for start in range(lo, hi, BLOCK_N):
             vp = start + offs_n  # the block's virtual positions
-            seen = vp < hi  # (own: hi is the token's n; else every position of the split is a cached slot)
-            j = vp - lens  # >= 0: the j-th node of the token's path
-            node = tl.load(path_row + j * spj, mask=seen & (j >= 0), other=0)
-            slot = tl.where(j >= 0, lens + node, vp).to(tl.int64)
-            ld = seen[:, None] & ok_d[None, :]
-            k = tl.load(k_base + slot[:, None] * sks, mask=ld, other=0.0)
-            qk = tl.where(seen[None, :], _dot(q, tl.trans(k), UPCAST, PREC, BY_SUM) * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + slot[:, None] * svs, mask=ld, other=0.0)
-            if UPCAST:
-                p = p.to(q_ptr.dtype.element_ty).to(tl.float32)  # rounded as the GPU path rounds it
-            else:
-                p = p.to(v_ptr.dtype.element_ty)
-            acc = acc * alpha[:, None] + _dot(p, v, UPCAST, PREC, BY_SUM)
-            m_i = m_new
+            if start + BLOCK_N <= lens:  # cached slots only: one key tile for every token
+                acc, m_i, l_i = _path_block(acc, m_i, l_i, q, k_base, v_base, vp.to(tl.int64), vp < hi, row_ok, sks, svs,
+                                            scale, ok_d, UPCAST, PREC, BY_SUM)
+            else:  # past the cache: token by token, each with its path's slots
+                j = vp - lens  # >= 0: the j-th node of the token's path
+                for g in range(0, n_tok):
+                    n_g = tl.minimum(lens + tl.load(depth_ptr + b * sdb + (t0 + g) * sdt) + 1, lo + SPLIT_LEN)
+                    seen = vp < n_g
+                    node = tl.load(path_ptr + b * spb + (t0 + g) * spt + j * spj, mask=seen & (j >= 0), other=0)
+                    slot = tl.where(j >= 0, lens + node, vp).to(tl.int64)
+                    acc, m_i, l_i = _path_block(acc, m_i, l_i, q, k_base, v_base, slot, seen, row_ok & (tok == g), sks,
+                                                svs, scale, ok_d, UPCAST, PREC, BY_SUM)
         row = ((b * T + t0 + tok) * Hq + h) * NUM_SPLITS + split  # [BLOCK_M] into [B, T, Hq, NUM_SPLITS]
         used = row_ok & (lo < n)
         l_safe = tl.where(used, l_i, 1.0)
@@ -622,6 +640,9 @@ PATH_SPLIT_LEN = 256  # virtual positions per split
 PATH_TILE_ROWS = 16  # tile rows (tokens x GQA heads) on the GPU, for every call
 # The last program of a row's splits merges them (an atomic count per row) instead of a combine kernel: one launch
 # less a layer, the same bits. Off until checked and timed on a GPU (HYDRA_LITE_PATH_MERGE=1; issue 15).
+# Tokens per program for the splits that reach lens (see the note above): 0 = by batch (1 at batch 1, else a tile's
+# worth). Not yet timed on a GPU against the previous one-token programs (issue 15: batch 8 verification).
+PATH_EDGE_TOKENS = int(os.environ.get("HYDRA_LITE_PATH_EDGE_TOKENS", "0"))
 PATH_MERGE_IN_KERNEL = os.environ.get("HYDRA_LITE_PATH_MERGE", "0") == "1"
 _MERGE_COUNTS = {}  # device -> int32 counts, one per output row, all 0 between calls (each merge resets its rows)
 _DECODE_PATH = {}  # device -> the one-token path ([[[0]]], depth [[0]]): a decode step is a one-node tree
@@ -661,16 +682,18 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     _require(PATH_SPLIT_LEN % BLOCK_N == 0, f"PATH_SPLIT_LEN={PATH_SPLIT_LEN} is not a multiple of {BLOCK_N}")
     _require(path.shape[2] <= PATH_SPLIT_LEN, f"path_attention: paths of {path.shape[2]} nodes (at most {PATH_SPLIT_LEN})")
     num_splits = triton.cdiv(S, PATH_SPLIT_LEN)
-    n_shared = triton.cdiv(T, BLOCK_M // REP) * num_splits
+    n_tiles = triton.cdiv(T, BLOCK_M // REP)
+    n_shared = n_tiles * num_splits
+    edge_tok = min(PATH_EDGE_TOKENS or (1 if B == 1 else BLOCK_M // REP), BLOCK_M // REP)
     po = torch.empty(B * T * Hq * num_splits * D, dtype=torch.float32, device=q.device)
     plse = torch.empty(B * T * Hq * num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     upcast = (not q.is_cuda) or q.dtype == torch.float32 or q.dtype != k_cache.dtype
     lens = lens.contiguous()
     counts = _merge_counts(q.device, B * T * Hq) if PATH_MERGE_IN_KERNEL else lens  # (unused without the merge)
-    _path_attn_kernel[(n_shared + 2 * T, B * Hkv)](
+    _path_attn_kernel[(n_shared + 2 * triton.cdiv(T, edge_tok), B * Hkv)](
         q, k_cache, v_cache, lens, path, depth, po, plse, out, counts, T, Hq, Hkv, D,
-        1.0 / math.sqrt(D) * 1.4426950408889634, num_splits, n_shared,
+        1.0 / math.sqrt(D) * 1.4426950408889634, num_splits, n_shared, edge_tok,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,

@@ -446,7 +446,8 @@ def test_path_attention(dtype, B, T, Hq, Hkv, D, S, split, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
     """A tree node's output equals, bit for bit, one-token decoding over a cache that holds its path in order
-    (what the cache holds once the path is accepted), whatever the other nodes, the batch or the cache's size."""
+    (what the cache holds once the path is accepted), whatever the other nodes, the batch, the cache's size or
+    the tokens per program at the splits that reach past the cache."""
     monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 32)
     B, T, Hq, Hkv, D, S = 2, 8, 6, 2, 32, 200
     q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S - T, dtype)
@@ -455,6 +456,9 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
     lens[0], lens[1] = 29, 160 - 3
     path, depth = tree_paths([random_tree(T)[2] for _ in range(B)])
     out = kernels.path_attention(q, k_cache, v_cache, lens, path, depth)
+    for edge in (1, 2):  # tokens per program at the edge splits: how work is shared out, not a row's bits
+        monkeypatch.setattr(kernels, "PATH_EDGE_TOKENS", edge)
+        assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), edge
     for b in range(B):
         for t in {0, int(depth[b].argmax())}:  # the root, a deepest node
             n = int(lens[b])
