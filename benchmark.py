@@ -338,7 +338,7 @@ def steps(args):
     try:
         with torch.inference_mode():
             for tiles, merge in [(t, False) for t in args.path_tiles] + ([(args.path_tiles[0], True)] if args.unfused else []):
-                use_kernel_settings(K, True, hl.FUSED, merge, tiles, 0)  # each setting must keep a node == decoding
+                use_kernel_settings(K, True, hl.FUSED, merge, tiles, K.PATH_EDGE_TOKENS)  # each must keep node == decoding
                 log(f"path tiles {tiles[0]}x{tiles[1]}{', merge in kernel' if merge else ''}: tree node == decoding, "
                     f"bit for bit: {path_tiles_invariant(K, model.cfg, tree)}")
             for B in args.batch:
@@ -1182,7 +1182,7 @@ def add_steps_args(sub):
                    help="path_attention tile rows x split length to time, e.g. 64x128 16x256 (default: the kernels' own)")
     s.add_argument("--unfused", action="store_true", help="also time the decoder layers op by op (HYDRA_LITE_FUSED=0) "
                    "and path_attention's merge in the kernel (kernels.PATH_MERGE_IN_KERNEL)")
-    s.add_argument("--edge-tokens", type=int, nargs="+", default=[0], help="path_attention's tokens per program at the "
+    s.add_argument("--edge-tokens", type=int, nargs="+", default=[1], help="path_attention's tokens per program at the "
                    "splits that reach past the cache (kernels.PATH_EDGE_TOKENS; 0: by batch), each timed")
     return s
 

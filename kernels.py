@@ -640,9 +640,9 @@ PATH_SPLIT_LEN = 256  # virtual positions per split
 PATH_TILE_ROWS = 16  # tile rows (tokens x GQA heads) on the GPU, for every call
 # The last program of a row's splits merges them (an atomic count per row) instead of a combine kernel: one launch
 # less a layer, the same bits. Off until checked and timed on a GPU (HYDRA_LITE_PATH_MERGE=1; issue 15).
-# Tokens per program for the splits that reach lens (see the note above): 0 = by batch (1 at batch 1, else a tile's
-# worth). Not yet timed on a GPU against the previous one-token programs (issue 15: batch 8 verification).
-PATH_EDGE_TOKENS = int(os.environ.get("HYDRA_LITE_PATH_EDGE_TOKENS", "0"))
+# Tokens per program for the splits that reach lens (see the note above); 0: by batch (1 at batch 1, else a tile's
+# worth). 1 (one token per program, as before) until the others are timed on a GPU (issue 15: batch-8 verify).
+PATH_EDGE_TOKENS = int(os.environ.get("HYDRA_LITE_PATH_EDGE_TOKENS", "1"))
 PATH_MERGE_IN_KERNEL = os.environ.get("HYDRA_LITE_PATH_MERGE", "0") == "1"
 _MERGE_COUNTS = {}  # device -> int32 counts, one per output row, all 0 between calls (each merge resets its rows)
 _DECODE_PATH = {}  # device -> the one-token path ([[[0]]], depth [[0]]): a decode step is a one-node tree

@@ -84,12 +84,12 @@ def test_steps_times_every_kernel_set_and_restores_the_settings(tmp_path, monkey
     monkeypatch.setattr(benchmark, "path_tiles_invariant", lambda K, cfg, tree: True)
     before = benchmark.kernel_settings(kernels)
     assert benchmark.main(["steps", "--shape", "tiny", "--device", "cpu", "--batch", "1", "2", "--context", "20",
-                           "--path-tiles", "16x256", "64x128", "--unfused", "--edge-tokens", "0", "1",
+                           "--path-tiles", "16x256", "64x128", "--unfused", "--edge-tokens", "1", "0",
                            "--out", str(tmp_path)]) in (None, 0)
     rows = json.loads((tmp_path / "steps_tiny.json").read_text())["rows"]
     names = {r["step"] for r in rows}
     assert len(rows) == 2 * 2 * 6 and len(names) == 2 * 6
-    assert {"tree verify (merge in kernel)", "AR step (unfused layers)", "tree verify (edge tokens 1)"} <= names
-    assert sorted(set(seen)) == sorted({(True, True, False, 256, 0), (True, True, False, 128, 0), (True, True, False, 256, 1),
-                                        (False, False, False, 256, 0), (True, False, False, 256, 0), (True, True, True, 256, 0)})
+    assert {"tree verify (merge in kernel)", "AR step (unfused layers)", "tree verify (edge tokens 0)"} <= names
+    assert sorted(set(seen)) == sorted({(True, True, False, 256, 1), (True, True, False, 128, 1), (True, True, False, 256, 0),
+                                        (False, False, False, 256, 1), (True, False, False, 256, 1), (True, True, True, 256, 1)})
     assert benchmark.kernel_settings(kernels) == before
