@@ -338,7 +338,7 @@ def steps(args):
     try:
         with torch.inference_mode():
             for tiles, merge in [(t, False) for t in args.path_tiles] + ([(args.path_tiles[0], True)] if args.unfused else []):
-                use_kernel_settings(K, True, hl.FUSED, merge, tiles, K.PATH_EDGE_TOKENS)  # each must keep node == decoding
+                use_kernel_settings(K, **before | dict(exact=True, merge=merge, tiles=tiles))  # each: node == decoding
                 log(f"path tiles {tiles[0]}x{tiles[1]}{', merge in kernel' if merge else ''}: tree node == decoding, "
                     f"bit for bit: {path_tiles_invariant(K, model.cfg, tree)}")
             for B in args.batch:
@@ -347,13 +347,13 @@ def steps(args):
                 cache.lens.fill_(args.context)
                 for (suffix, settings), (name, T) in itertools.product(step_kernel_sets(args),
                                                                        (("AR step", 1), ("tree verify", tree.size))):
-                    use_kernel_settings(K, *settings)  # (read at capture)
+                    use_kernel_settings(K, **settings)  # (read at capture)
                     rows.append(time_step(model, cache, tree, B, T, bw, args) | dict(step=name + suffix))
                     r = rows[-1]
                     log(f"b{B} {r['step']} ({B * T} tokens): {r['ms']:.3f} ms, HBM floor {r['hbm_floor_ms']:.3f} ms, "
                         f"bf16 FLOP floor {r['flop_floor_ms']:.3f} ms")
     finally:
-        use_kernel_settings(K, *before)
+        use_kernel_settings(K, **before)
     write_steps_report(args, rows, dict(hbm_tb_s=bw / 1e12, params=n_params, context=args.context))
 
 
@@ -371,27 +371,28 @@ def random_model(shape, device):
 
 
 def kernel_settings(K):
-    """(exact, fused, merge in kernel, path tiles, edge tokens): which kernels a forward runs (read when a graph
-    is captured)."""
-    return hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, (K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN), K.PATH_EDGE_TOKENS
+    """Which kernels a forward runs (read when a graph is captured), as use_kernel_settings takes them."""
+    return dict(exact=hl.EXACT, fused=hl.FUSED, merge=K.PATH_MERGE_IN_KERNEL, tiles=(K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN),
+                edge=K.PATH_EDGE_TOKENS, pdl=K.PDL)
 
 
-def use_kernel_settings(K, exact, fused, merge, tiles, edge):
-    hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, K.PATH_EDGE_TOKENS = exact, fused, merge, edge
+def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl):
+    hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, K.PATH_EDGE_TOKENS, K.PDL = exact, fused, merge, edge, pdl
     K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
 
 
 def step_kernel_sets(args):
     """(name suffix, kernel settings) to time: the invariant kernels (the default: fused layers) with each
-    --path-tiles and each further --edge-tokens, the previous ones, and with --unfused the layers op by op and
-    the merge in the kernel."""
+    --path-tiles and each further --edge-tokens, the previous ones, with --pdl the default launched as dependents,
+    and with --unfused the layers op by op and the merge in the kernel."""
     tiles, (edge, *more) = args.path_tiles, args.edge_tokens
-    sets = [(f" (path tiles {t[0]}x{t[1]})" if len(tiles) > 1 else "", (True, True, False, t, edge)) for t in tiles]
-    sets += [(f" (edge tokens {e})", (True, True, False, tiles[0], e)) for e in more]
-    sets.append((" (fast kernels)", (False, False, False, tiles[0], edge)))
+    default = dict(exact=True, fused=True, merge=False, tiles=tiles[0], edge=edge, pdl=False)
+    sets = [(f" (path tiles {t[0]}x{t[1]})" if len(tiles) > 1 else "", default | dict(tiles=t)) for t in tiles]
+    sets += [(f" (edge tokens {e})", default | dict(edge=e)) for e in more]
+    sets += [(" (programmatic dependent launch)", default | dict(pdl=True))] if args.pdl else []
+    sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
     if args.unfused:
-        sets += [(" (unfused layers)", (True, False, False, tiles[0], edge)),
-                 (" (merge in kernel)", (True, True, True, tiles[0], edge))]
+        sets += [(" (unfused layers)", default | dict(fused=False)), (" (merge in kernel)", default | dict(merge=True))]
     return sets
 
 
@@ -1182,6 +1183,8 @@ def add_steps_args(sub):
                    help="path_attention tile rows x split length to time, e.g. 64x128 16x256 (default: the kernels' own)")
     s.add_argument("--unfused", action="store_true", help="also time the decoder layers op by op (HYDRA_LITE_FUSED=0) "
                    "and path_attention's merge in the kernel (kernels.PATH_MERGE_IN_KERNEL)")
+    s.add_argument("--pdl", action="store_true", help="also time the default kernels launched as programmatic "
+                   "dependents (kernels.PDL, HYDRA_LITE_PDL=1)")
     s.add_argument("--edge-tokens", type=int, nargs="+", default=[1], help="path_attention's tokens per program at the "
                    "splits that reach past the cache (kernels.PATH_EDGE_TOKENS; 0: by batch), each timed")
     return s

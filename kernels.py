@@ -39,13 +39,43 @@ def _rows(x, dim):
     return x2 if x2.stride(1) == 1 else x2.contiguous()
 
 
+# Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the kernel before it
+# in the stream finishes, and waits (griddepcontrol.wait) for that kernel's results before it touches memory; each
+# kernel lets the next one launch once all its programs have started. It hides the launch gap between the ~180
+# kernels of a SmolLM2 step. HYDRA_LITE_PDL=1; off until timed on a GPU. Kernels that take part call _pdl_start
+# first, before any load or store, and are launched with **_pdl(x).
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # (a Triton without grid dependency control)
+    gdc_launch_dependents = gdc_wait = None
+PDL = os.environ.get("HYDRA_LITE_PDL", "0") == "1"
+_PDL_DEVICES = {}  # device -> whether it can launch dependents early (compute capability 9+)
+
+
+def _pdl(x):
+    """The launch options for a kernel over x: dict(PDL=...) and, where it is on, launch_pdl=True."""
+    if not (PDL and x.is_cuda and gdc_wait is not None):
+        return dict(PDL=False)
+    if x.device not in _PDL_DEVICES:
+        _PDL_DEVICES[x.device] = torch.cuda.get_device_capability(x.device)[0] >= 9
+    return dict(PDL=True, launch_pdl=True) if _PDL_DEVICES[x.device] else dict(PDL=False)
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()  # the previous kernel's writes are visible, and it no longer reads what this one may overwrite
+        gdc_launch_dependents()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # RMSNorm (+ residual add)
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, dim, eps, stride_x, stride_r,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < dim
@@ -73,7 +103,7 @@ def rms_norm(x, w, eps, residual=None):
     BLOCK = _pow2(dim, 16)
     _rms_norm_kernel[(x2.shape[0],)](x2, r2, w.contiguous(), y, s, dim, eps, x2.stride(0), r2.stride(0),
                                      HAS_RES=residual is not None, BLOCK=BLOCK,
-                                     num_warps=min(max(BLOCK // 512, 1), 16))
+                                     num_warps=min(max(BLOCK // 512, 1), 16), **_pdl(x))
     return y if residual is None else (y, s)
 
 
@@ -497,7 +527,8 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
                       sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, spb, spt, spj, sdb, sdt,
                       REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
-                      MERGE: tl.constexpr):
+                      MERGE: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
     pid = tl.program_id(0)
     b = (tl.program_id(1) // Hkv).to(tl.int64)
@@ -586,7 +617,9 @@ def _merge_if_last(po_ptr, plse_ptr, o_ptr, cnt_ptr, orow, used, need, offs_d, o
 
 @triton.jit(do_not_specialize=["T"])
 def _path_combine_kernel(po_ptr, plse_ptr, lens_ptr, depth_ptr, o_ptr, T, Hq, D, NUM_SPLITS, sdb, sdt,
-                         SPLIT_LEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                         SPLIT_LEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                         PDL: tl.constexpr):
+    _pdl_start(PDL)
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n = tl.load(lens_ptr + b) + tl.load(depth_ptr + b * sdb + t * sdt) + 1
@@ -697,12 +730,12 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,
-        MERGE=PATH_MERGE_IN_KERNEL, num_warps=4, num_stages=2)
+        MERGE=PATH_MERGE_IN_KERNEL, num_warps=4, num_stages=2, **_pdl(q))
     if PATH_MERGE_IN_KERNEL:
         return out
     _path_combine_kernel[(T, B)](po, plse, lens, depth, out, T, Hq, D, num_splits, *depth.stride(),
                                  SPLIT_LEN=PATH_SPLIT_LEN, BLOCK_H=_pow2(Hq, 2), BLOCK_D=BLOCK_D,
-                                 BLOCK_S=_pow2(num_splits, 2), num_warps=4)
+                                 BLOCK_S=_pow2(num_splits, 2), num_warps=4, **_pdl(q))
     return out
 
 
@@ -775,7 +808,8 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K,
                    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                    SS_IN: tl.constexpr, SS_OUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_P: tl.constexpr):
+                   BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     # Row blocks on axis 0: the programs that read one slice of w run side by side (rereads hit L2).
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -847,7 +881,7 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
         0.0 if rms_eps is None else rms_eps, HAS_BIAS=bias is not None, NORM=rms_eps is not None, SWIGLU=swiglu,
         RESIDUAL=residual is not None, SS_IN=rms_eps is not None and sumsq is not None, SS_OUT=sumsq_out,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=3)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=3, **_pdl(x))
     return (y, ss_out) if sumsq_out else y
 
 
@@ -862,7 +896,9 @@ def _qkv_rope_kernel(x_ptr, w_ptr, ss_ptr, cos_ptr, sin_ptr, pos_ptr, lens_ptr, 
                      M, T, K, P, Hq, Hkv, HALF, S, sxm, sxk, swn, swk, eps, scos, spb, spt,
                      sc_b, sc_s, sc_h, sc_d, sv_b, sv_s, sv_h, sv_d, SS_IN: tl.constexpr,
                      UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                     PDL: tl.constexpr):
+    _pdl_start(PDL)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (head, j): columns head*D + j and + HALF
     head, j = pair // HALF, pair % HALF
@@ -918,7 +954,7 @@ def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n
         B * T, T, K, P, n_heads, Hkv, D // 2, k_cache.shape[1], *x2.stride(), *w.stride(), rms_eps, cos_table.stride(0),
         *pos.stride(), *k_cache.stride(), *v_cache.stride(), SS_IN=sumsq is not None,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=3)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=3, **_pdl(x))
     return q
 
 
@@ -1032,7 +1068,9 @@ def accept_greedy(tree_tokens, base_pred, retrieve):
 @triton.jit
 def _lm_topk_chunk_kernel(x_ptr, w_ptr, b_ptr, cv_ptr, ci_ptr, cl_ptr, N, V, D, stride_x, stride_w, n_chunks,
                           K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LSE: tl.constexpr, UPCAST: tl.constexpr,
-                          PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                          PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PDL: tl.constexpr):
+    _pdl_start(PDL)
     # Row blocks on axis 0: the programs that share a chunk of w run side by side (its rereads hit L2).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     chunk = tl.program_id(1)
@@ -1073,7 +1111,8 @@ def _lm_topk_chunk_kernel(x_ptr, w_ptr, b_ptr, cv_ptr, ci_ptr, cl_ptr, N, V, D, 
 @triton.jit
 def _lm_topk_merge_kernel(cv_ptr, ci_ptr, vocab_ptr, v_ptr, i_ptr, cl_ptr, lse_ptr, C, n_chunks,
                           K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HAS_VOCAB: tl.constexpr,
-                          HAS_LSE: tl.constexpr, BLOCK_CH: tl.constexpr):
+                          HAS_LSE: tl.constexpr, BLOCK_CH: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     if HAS_LSE:  # log-sum-exp of the chunks' log-sum-exps
         ch = tl.arange(0, BLOCK_CH)
@@ -1129,10 +1168,10 @@ def lm_topk(x, w, k, bias=None, vocab=None, lse=False):
         x2, w, b, cand_v, cand_i, cand_l, N, V, D, x2.stride(0), w.stride(0), n_chunks,
         K=k, HAS_BIAS=bias is not None, HAS_LSE=lse, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=4, num_stages=4)
+        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=4, num_stages=4, **_pdl(x))
     BLOCK_C = _pow2(n_chunks * k, 16)
     _lm_topk_merge_kernel[(N,)](cand_v, cand_i, vocab if vocab is not None else cand_i, values, indices, cand_l, out_l,
                                 n_chunks * k, n_chunks, K=k, BLOCK_C=BLOCK_C, BLOCK_K=_pow2(k, 2),
                                 HAS_VOCAB=vocab is not None, HAS_LSE=lse, BLOCK_CH=_pow2(n_chunks, 2),
-                                num_warps=4 if BLOCK_C <= 8192 else 16)
+                                num_warps=4 if BLOCK_C <= 8192 else 16, **_pdl(x))
     return (values, indices, out_l) if lse else (values, indices)

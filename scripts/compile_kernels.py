@@ -39,23 +39,23 @@ def kernel_sets():
     matmul = bf16("x_ptr", "w_ptr", "b_ptr", "y_ptr", "r_ptr") | dict(ssi_ptr="*fp32", sso_ptr="*fp32", eps="fp32")
     for norm, swiglu, residual, ss_in in ((False, False, False, False), (True, False, False, False),
                                           (True, False, False, True), (True, True, False, True), (False, False, True, False)):
-        yield (f"matmul norm={norm} swiglu={swiglu} residual={residual} sums of squares in={ss_in} out={residual}",
-               K._matmul_kernel, matmul, dict(HAS_BIAS=False, NORM=norm, SWIGLU=swiglu, RESIDUAL=residual, SS_IN=ss_in,
-                                              SS_OUT=residual, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64,
-                                              BLOCK_N=16, BLOCK_K=64, BLOCK_P=64))
-    yield ("qkv_rope", K._qkv_rope_kernel,
+        yield (f"matmul norm={norm} swiglu={swiglu} residual={residual} sums of squares in={ss_in} out={residual} "
+               f"dependent launch={ss_in}", K._matmul_kernel, matmul,
+               dict(HAS_BIAS=False, NORM=norm, SWIGLU=swiglu, RESIDUAL=residual, SS_IN=ss_in, SS_OUT=residual, UPCAST=False,
+                    PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=ss_in))
+    yield ("qkv_rope dependent launch=True", K._qkv_rope_kernel,
            bf16("x_ptr", "w_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(
                ss_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", lens_ptr="*i32", eps="fp32"),
-           dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64))
+           dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True))
     path = bf16("q_ptr", "k_ptr", "v_ptr", "o_ptr") | dict(
         lens_ptr="*i32", path_ptr="*i64", depth_ptr="*i64", po_ptr="*fp32", plse_ptr="*fp32", cnt_ptr="*i32", scale="fp32")
     for merge in (False, True):
-        yield (f"path_attention merge={merge}", K._path_attn_kernel, path,
+        yield (f"path_attention merge={merge} dependent launch={merge}", K._path_attn_kernel, path,
                dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=K.PATH_SPLIT_LEN, UPCAST=False,
-                    PREC="tf32", BY_SUM=False, MERGE=merge))
-    yield ("path_attention combine", K._path_combine_kernel,
+                    PREC="tf32", BY_SUM=False, MERGE=merge, PDL=merge))
+    yield ("path_attention combine dependent launch=True", K._path_combine_kernel,
            {"po_ptr": "*fp32", "plse_ptr": "*fp32", "lens_ptr": "*i32", "depth_ptr": "*i64", "o_ptr": "*bf16"},
-           dict(SPLIT_LEN=K.PATH_SPLIT_LEN, BLOCK_H=16, BLOCK_D=64, BLOCK_S=16))
+           dict(SPLIT_LEN=K.PATH_SPLIT_LEN, BLOCK_H=16, BLOCK_D=64, BLOCK_S=16, PDL=True))
 
 
 def main():

@@ -68,8 +68,9 @@ def test_bad_arguments_are_one_line(capsys, argv, match):
 
 def test_steps_times_every_kernel_set_and_restores_the_settings(tmp_path, monkeypatch):
     """benchmark.py steps (a GPU command) on the CPU with a tiny shape, graphs and bandwidth stubbed: a row per
-    batch, step and kernel set (two tile settings, another edge-token setting, the previous kernels, the unfused
-    layers, the merge in the kernel), each set in force while its step ran, and the caller's settings back afterwards."""
+    batch, step and kernel set (two tile settings, another edge-token setting, dependent launch, the previous
+    kernels, the unfused layers, the merge in the kernel), each set in force while its step ran, and the
+    caller's settings back afterwards."""
     import json
 
     import hydra_lite as hl
@@ -79,17 +80,21 @@ def test_steps_times_every_kernel_set_and_restores_the_settings(tmp_path, monkey
                                                        vocab_size=97))
     seen = []
     monkeypatch.setattr(benchmark, "time_graph", lambda fn: fn() is None or seen.append(
-        (hl.EXACT, hl.FUSED, kernels.PATH_MERGE_IN_KERNEL, kernels.PATH_SPLIT_LEN, kernels.PATH_EDGE_TOKENS)) or 1.0)
+        (hl.EXACT, hl.FUSED, kernels.PATH_MERGE_IN_KERNEL, kernels.PATH_SPLIT_LEN, kernels.PATH_EDGE_TOKENS, kernels.PDL))
+        or 1.0)
     monkeypatch.setattr(benchmark, "hbm_bandwidth", lambda device: 4e12)
     monkeypatch.setattr(benchmark, "path_tiles_invariant", lambda K, cfg, tree: True)
     before = benchmark.kernel_settings(kernels)
     assert benchmark.main(["steps", "--shape", "tiny", "--device", "cpu", "--batch", "1", "2", "--context", "20",
-                           "--path-tiles", "16x256", "64x128", "--unfused", "--edge-tokens", "1", "0",
+                           "--path-tiles", "16x256", "64x128", "--unfused", "--edge-tokens", "1", "0", "--pdl",
                            "--out", str(tmp_path)]) in (None, 0)
     rows = json.loads((tmp_path / "steps_tiny.json").read_text())["rows"]
     names = {r["step"] for r in rows}
-    assert len(rows) == 2 * 2 * 6 and len(names) == 2 * 6
-    assert {"tree verify (merge in kernel)", "AR step (unfused layers)", "tree verify (edge tokens 0)"} <= names
-    assert sorted(set(seen)) == sorted({(True, True, False, 256, 1), (True, True, False, 128, 1), (True, True, False, 256, 0),
-                                        (False, False, False, 256, 1), (True, False, False, 256, 1), (True, True, True, 256, 1)})
+    assert len(rows) == 2 * 2 * 7 and len(names) == 2 * 7
+    assert {"tree verify (merge in kernel)", "AR step (unfused layers)", "tree verify (edge tokens 0)",
+            "AR step (programmatic dependent launch)"} <= names
+    assert sorted(set(seen)) == sorted({(True, True, False, 256, 1, False), (True, True, False, 128, 1, False),
+                                        (True, True, False, 256, 0, False), (True, True, False, 256, 1, True),
+                                        (False, False, False, 256, 1, False), (True, False, False, 256, 1, False),
+                                        (True, True, True, 256, 1, False)})
     assert benchmark.kernel_settings(kernels) == before

@@ -202,6 +202,29 @@ def test_gpu_fused_layers_speculative_equals_autoregressive(monkeypatch):
     check_half_speculative(torch.bfloat16, False)
 
 
+def test_gpu_dependent_launch_changes_no_bits(monkeypatch):
+    """kernels.PDL (each kernel launched as a programmatic dependent of the one before, on Hopper): the same
+    logits, bit for bit, as launched one after another, through captured steps; and speculative == AR with it."""
+    import kernels
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9+")
+    model = near_tie_model(torch.bfloat16)
+    torch.manual_seed(7)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),)).tolist() for n in (5, 40, 77)]
+    outputs = []
+    for pdl in (False, True):
+        monkeypatch.setattr(kernels, "PDL", pdl)
+        gen = hl.Generator(model)  # (a fresh one: the graphs capture the launches)
+        assert gen.use_graphs
+        outputs.append(gen.generate(prompts, 64, stop_at_eos=False)[0])
+        with torch.no_grad():
+            tokens = torch.tensor([prompts[1]], device="cuda")
+            outputs.append(model.forward_logits(tokens))
+    assert outputs[0] == outputs[2] and torch.equal(outputs[1], outputs[3])
+    check_half_speculative(torch.bfloat16, False)
+
+
 def check_half_speculative(dtype, dynamic):
     cases = [("near-tie", near_tie_model(dtype), None, None)]
     ckpt = os.environ.get("HYDRA_LITE_CKPT")

@@ -562,6 +562,16 @@ def test_matmul_hands_on_sums_of_squares(dtype):
     assert not torch.allclose(kernels.matmul(y, w2, **kw).float(), own.float(), rtol=0.05, atol=0.05)
 
 
+def test_dependent_launch_stays_off_where_it_cannot_run(monkeypatch):
+    """kernels.PDL asks for programmatic dependent launch; CPU tensors (the interpreter) never get it, and the
+    kernels compute the same there."""
+    x, w = torch.randn(5, 32), torch.randn(24, 32)
+    want = kernels.matmul(x, w)
+    monkeypatch.setattr(kernels, "PDL", True)
+    assert kernels._pdl(x) == dict(PDL=False)
+    assert torch.equal(kernels.matmul(x, w), want)
+
+
 def test_matmul_fused_mistakes():
     x, w = torch.randn(3, 16), torch.randn(5, 16)
     with pytest.raises(ValueError, match="even"):
