@@ -281,6 +281,29 @@ def deeper_heads(heads, n_layers, base_cfg):
     return new.train().requires_grad_(True)
 
 
+def more_heads(heads, n_heads, base_cfg):
+    """The same heads and more after them, up to n_heads: one more tree level each. A new head starts as a copy
+    of the last trained one, moved on by the tokens it gains: a grounded head reads h and the embeddings of the
+    path so far, and the copy reads h, the same first embeddings, and the path's last token where the last head
+    read its own last one (the token just before the one predicted), the slots in between at zero. So it
+    proposes from the start what the last head would after a path with tokens skipped, and training goes on
+    from there instead of from scratch."""
+    old = len(heads.heads)
+    hc = dataclasses.replace(heads.hc, n_heads=n_heads)
+    param = next(heads.parameters())
+    new = hl.DraftHeads(hc, base_cfg).to(param.device, param.dtype)
+    state, last, dim = heads.state_dict(), f"heads.{old - 1}.", hc.dim
+    for k in range(old, n_heads):
+        for name, t in list(state.items()):
+            if not name.startswith(last):
+                continue
+            if hc.grounded and name.endswith(("blocks.0.w.weight", "blocks.0.res.weight")):  # [dim, (old + 1) * dim]
+                t = torch.cat([t[:, :old * dim], t.new_zeros(t.shape[0], (k - old + 1) * dim), t[:, old * dim:]], 1)
+            state[f"heads.{k}." + name[len(last):]] = t.clone()
+    new.load_state_dict(state)
+    return new.train().requires_grad_(True)
+
+
 def new_heads(model, kind, n_heads, n_layers, vocab=None, source="train_heads.py"):
     c = model.cfg
     grounded, prefix = kind in ("hydra", "hydra++"), kind == "hydra++"
@@ -567,7 +590,9 @@ def build_parser():
     t = sub.add_parser("train", help="train heads on generated data", formatter_class=hl.HelpWithDefaults)
     t.add_argument("--data", required=True, help="data file(s), comma-separated")
     t.add_argument("--kind", choices=["medusa", "hydra", "hydra++"], default="hydra++")
-    t.add_argument("--n-heads", type=int, default=4)
+    t.add_argument("--n-heads", type=int, default=None,
+                   help="heads, one per tree level (default 4; with --init the heads' own, or more: each new one starts "
+                        "as a copy of the last)")
     t.add_argument("--n-layers", type=int, default=None,
                    help="blocks per head (default 1; with --init the heads' own, or more: new blocks start as the identity)")
     t.add_argument("--steps", type=int, default=1000)
@@ -677,7 +702,7 @@ def heads_to_train(args, model, counts, size):
     otherwise (--n-layers may grow them; --draft-vocab moves them to another vocabulary). Sets args' kind,
     n_heads and n_layers to what is trained, for train.json."""
     if not args.init:
-        args.n_layers = args.n_layers or 1
+        args.n_layers, args.n_heads = args.n_layers or 1, args.n_heads or 4
         vocab = top_tokens(counts[0], 16384 if size is None else size)
         return new_heads(model, args.kind, args.n_heads, args.n_layers, vocab,
                          f"train_heads.py on {args.checkpoint}").to(args.device)
@@ -686,10 +711,15 @@ def heads_to_train(args, model, counts, size):
     if args.n_layers is not None and args.n_layers < hc.n_layers:
         raise hl.HydraLiteError(f"--n-layers {args.n_layers}: {args.init} has {hc.n_layers} blocks per head "
                                 "(heads can grow, not shrink)")
+    if args.n_heads is not None and args.n_heads < hc.n_heads:
+        raise hl.HydraLiteError(f"--n-heads {args.n_heads}: {args.init} has {hc.n_heads} heads (they can grow, not shrink)")
     if args.n_layers is not None and args.n_layers > hc.n_layers:
         heads = deeper_heads(heads, args.n_layers, model.cfg)
         log(f"{hc.n_layers} -> {args.n_layers} blocks per head (the new ones start as the identity)")
-    args.kind, args.n_heads, args.n_layers = hc.kind, hc.n_heads, heads.hc.n_layers
+    if args.n_heads is not None and args.n_heads > hc.n_heads:
+        heads = more_heads(heads, args.n_heads, model.cfg)
+        log(f"{hc.n_heads} -> {args.n_heads} heads (the new ones start as copies of the last)")
+    args.kind, args.n_heads, args.n_layers = hc.kind, heads.hc.n_heads, heads.hc.n_layers
     if size is not None:
         heads = with_draft_vocab(heads, top_tokens(counts[0], size), model.cfg)
     heads.hc.source = f"train_heads.py on {args.checkpoint}: {args.init} fine-tuned on {args.data}"
@@ -729,7 +759,8 @@ def check_args(args):
                 raise hl.HydraLiteError(f"data file {path} not found (make one with: train_heads.py data)")
     if args.cmd == "train":
         hl.check_int("--steps", args.steps, 1)
-        hl.check_int("--n-heads", args.n_heads, 1, 16)
+        if args.n_heads is not None:
+            hl.check_int("--n-heads", args.n_heads, 1, 16)
         if args.n_layers is not None:
             hl.check_int("--n-layers", args.n_layers, 1, 16)
         hl.check_int("--max-tokens", args.max_tokens, 16)

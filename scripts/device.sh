@@ -18,6 +18,7 @@
 #          in the style of ShareGPT rows 0-79, into $WORK/data_tasks.npz and $WORK/data_chat.npz
 #   train-mix  Hydra++ heads fine-tuned from INIT on both (draft vocabulary sized by coverage: auto), TIME_LIMIT s;
 #          N_LAYERS: blocks per head, more than INIT's to grow them (new blocks start as the identity)
+#          N_HEADS: heads, more than INIT's to grow them (new ones start as copies of the last)
 #   tasks  the multi-task benchmark (tasks/heldout.jsonl + ShareGPT rows 80-99): AR vs TASK_HEADS (NAME=DIR ...)
 #          with and without context drafts, and context drafts alone, batches TASK_BATCH; TASK_FLAGS adds flags
 #   sweep  tree size at batches 8 and 32 (SWEEP_NODES head nodes, static and dynamic trees, context drafts), 45 prompts
@@ -77,7 +78,7 @@ for stage in "$@"; do
       python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples 4 --temperatures 0,0.3,0.7 --imitate ${IMITATE:-8000} \
         --seed 4 --max-new-tokens ${MAX_NEW:-256} --batch ${BATCH:-256} --time-limit ${DATA_TIME2:-130} --out "$WORK/data_chat.npz" 2>&1 | tee "$RES/data_chat.txt" | awk 'NR % 10 == 1 || /wrote|rror/' ;;
     train-mix)
-      python3 train_heads.py train --checkpoint "$CKPT" --data "$WORK/data_tasks.npz,$WORK/data_chat.npz" --init "${INIT:-heads/smollm2-135m-hydra++}" ${N_LAYERS:+--n-layers $N_LAYERS} \
+      python3 train_heads.py train --checkpoint "$CKPT" --data "$WORK/data_tasks.npz,$WORK/data_chat.npz" --init "${INIT:-heads/smollm2-135m-hydra++}" ${N_LAYERS:+--n-layers $N_LAYERS} ${N_HEADS:+--n-heads $N_HEADS} \
         --draft-vocab ${VOCAB:-auto} --lr ${LR:-5e-4} --steps 100000 --time-limit ${TIME_LIMIT:-300} --out "$WORK/heads-hydra++" 2>&1 \
         | tee "$RES/train-mix.txt" | grep -v "^step [0-9]*[1-9]/" | tail -14 ;;
     tasks)

@@ -246,6 +246,38 @@ def test_deeper_heads_propose_what_they_did_and_train_on():
     assert deeper.heads[1].blocks[3].w.weight.grad.abs().sum() > 0
 
 
+def test_more_heads_keep_the_old_ones_and_start_from_the_last():
+    """--init with more --n-heads: the old heads propose exactly what they did; a new grounded head starts as
+    the last one reading the path's last token where that one read its own last (the slots between at zero),
+    and trains on."""
+    model = tiny_model(9)
+    dim = model.cfg.dim
+    for kind in ("hydra++", "medusa"):
+        heads = th.new_heads(model, kind, 2, 2, torch.randperm(model.cfg.vocab_size)[:60])
+        for p in heads.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        more = th.more_heads(heads, 4, model.cfg)
+        assert more.hc.n_heads == 4 and len(more.heads) == 4 and torch.equal(more.vocab, heads.vocab)
+        grounded = kind != "medusa"
+        with torch.no_grad():
+            for k in range(2):  # the old heads, unchanged
+                x = torch.randn(5, ((k + 2) if grounded else 1) * dim)
+                assert torch.equal(heads.heads[k](x, model.output_weight), more.heads[k](x, model.output_weight))
+            for k in (2, 3):  # head k reads h, e_0..e_k; the last old head (1) reads h, e_0, e_1
+                x = torch.randn(5, ((k + 2) if grounded else 1) * dim)
+                seen = torch.cat([x[:, :2 * dim], x[:, -dim:]], 1) if grounded else x
+                want = heads.heads[1](seen, model.output_weight)
+                assert torch.allclose(more.heads[k](x, model.output_weight), want, rtol=1e-5, atol=1e-4)
+                if grounded:  # the slots in between really are read as zeros
+                    y = x.clone()
+                    y[:, 2 * dim:-dim] = torch.randn_like(y[:, 2 * dim:-dim])
+                    assert torch.allclose(more.heads[k](y, model.output_weight), want, rtol=1e-5, atol=1e-4)
+        x = torch.randn(5, (5 if grounded else 1) * dim)
+        more.heads[3](x, model.output_weight).logsumexp(-1).sum().backward()
+        assert more.heads[3].blocks[0].w.weight.grad.abs().sum() > 0
+        assert heads.heads[1].blocks[0].w.weight.grad is None  # a copy, not shared
+
+
 @pytest.mark.parametrize("argv,match", [
     (["data", "--prompts", "q.jsonl", "--out", "x.txt"], "data files are .npz"),
     (["data", "--prompts", "/nonexistent.jsonl", "--out", "x.npz"], "not found"),
@@ -261,6 +293,7 @@ def test_deeper_heads_propose_what_they_did_and_train_on():
     (["train", "--data", "{data}", "--device", "tpu9", "--out", "h"], "not a device"),
     (["train", "--steps", "x"], "invalid int value"),
     (["train", "--data", "{data}", "--n-layers", "0", "--out", "h"], "--n-layers must be"),
+    (["train", "--data", "{data}", "--n-heads", "0", "--out", "h"], "--n-heads must be"),
 ])
 def test_train_heads_mistakes_are_one_line(tmp_path, capsys, argv, match):
     """Refused before the model loads (the checkpoint named does not even exist): one line, exit 2."""
