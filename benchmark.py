@@ -373,23 +373,26 @@ def random_model(shape, device):
 def kernel_settings(K):
     """Which kernels a forward runs (read when a graph is captured), as use_kernel_settings takes them."""
     return dict(exact=hl.EXACT, fused=hl.FUSED, merge=K.PATH_MERGE_IN_KERNEL, tiles=(K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN),
-                edge=K.PATH_EDGE_TOKENS, pdl=K.PDL)
+                edge=K.PATH_EDGE_TOKENS, pdl=K.PDL, pdl_tokens=K.PDL_MAX_TOKENS)
 
 
-def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl):
+def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens):
     hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, K.PATH_EDGE_TOKENS, K.PDL = exact, fused, merge, edge, pdl
+    K.PDL_MAX_TOKENS = pdl_tokens
     K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
 
 
 def step_kernel_sets(args):
     """(name suffix, kernel settings) to time: the invariant kernels (the default: fused layers) with each
-    --path-tiles and each further --edge-tokens, the previous ones, with --pdl the default launched as dependents,
-    and with --unfused the layers op by op and the merge in the kernel."""
+    --path-tiles and each further --edge-tokens, the previous ones, with --pdl the default without dependent launch
+    and with it at every size, and with --unfused the layers op by op and the merge in the kernel."""
     tiles, (edge, *more) = args.path_tiles, args.edge_tokens
-    default = dict(exact=True, fused=True, merge=False, tiles=tiles[0], edge=edge, pdl=False)
+    default = dict(exact=True, fused=True, merge=False, tiles=tiles[0], edge=edge, pdl=True, pdl_tokens=64)
     sets = [(f" (path tiles {t[0]}x{t[1]})" if len(tiles) > 1 else "", default | dict(tiles=t)) for t in tiles]
     sets += [(f" (edge tokens {e})", default | dict(edge=e)) for e in more]
-    sets += [(" (programmatic dependent launch)", default | dict(pdl=True))] if args.pdl else []
+    if args.pdl:
+        sets += [(" (no dependent launch)", default | dict(pdl=False)),
+                 (" (dependent launch at every size)", default | dict(pdl_tokens=0))]
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
     if args.unfused:
         sets += [(" (unfused layers)", default | dict(fused=False)), (" (merge in kernel)", default | dict(merge=True))]
@@ -1183,9 +1186,9 @@ def add_steps_args(sub):
                    help="path_attention tile rows x split length to time, e.g. 64x128 16x256 (default: the kernels' own)")
     s.add_argument("--unfused", action="store_true", help="also time the decoder layers op by op (HYDRA_LITE_FUSED=0) "
                    "and path_attention's merge in the kernel (kernels.PATH_MERGE_IN_KERNEL)")
-    s.add_argument("--pdl", action="store_true", help="also time the default kernels launched as programmatic "
-                   "dependents (kernels.PDL, HYDRA_LITE_PDL=1)")
-    s.add_argument("--edge-tokens", type=int, nargs="+", default=[1], help="path_attention's tokens per program at the "
+    s.add_argument("--pdl", action="store_true", help="also time the default kernels without programmatic dependent "
+                   "launch (kernels.PDL, HYDRA_LITE_PDL=0) and with it for calls of every size (kernels.PDL_MAX_TOKENS)")
+    s.add_argument("--edge-tokens", type=int, nargs="+", default=[0], help="path_attention's tokens per program at the "
                    "splits that reach past the cache (kernels.PATH_EDGE_TOKENS; 0: by batch), each timed")
     return s
 

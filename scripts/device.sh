@@ -52,7 +52,7 @@ for stage in "$@"; do
       python3 benchmark.py check 2>&1 | tee "$RES/kernels_check.txt" | grep -E "FAIL|all PASS|fused|qkv_rope|worst" || true
       python3 -m pytest -q -x tests/test_gpu.py -k "bit_for_bit or fused or dependent" 2>&1 | tail -3 || true
       for shape in smollm2-135m 7b; do
-        python3 benchmark.py steps --shape $shape --unfused --pdl --edge-tokens 1 0 16 --out "$RES/fused" 2>&1 | tee "$RES/steps_fused_$shape.txt" | grep "^|"
+        python3 benchmark.py steps --shape $shape --unfused --pdl --edge-tokens 0 1 --out "$RES/fused" 2>&1 | tee "$RES/steps_fused_$shape.txt" | grep "^|"
       done ;;
     steps)
       python3 benchmark.py steps --shape 7b --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"

@@ -204,7 +204,8 @@ def test_gpu_fused_layers_speculative_equals_autoregressive(monkeypatch):
 
 def test_gpu_dependent_launch_changes_no_bits(monkeypatch):
     """kernels.PDL (each kernel launched as a programmatic dependent of the one before, on Hopper): the same
-    logits, bit for bit, as launched one after another, through captured steps; and speculative == AR with it."""
+    logits, bit for bit, as launched one after another, through captured steps, also where only the small calls
+    take part (PDL_MAX_TOKENS: a step mixes both launches); and speculative == AR with it."""
     import kernels
 
     if torch.cuda.get_device_capability()[0] < 9:
@@ -213,15 +214,17 @@ def test_gpu_dependent_launch_changes_no_bits(monkeypatch):
     torch.manual_seed(7)
     prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),)).tolist() for n in (5, 40, 77)]
     outputs = []
-    for pdl in (False, True):
+    for pdl, max_tokens in ((False, 0), (True, 0), (True, 16)):
         monkeypatch.setattr(kernels, "PDL", pdl)
+        monkeypatch.setattr(kernels, "PDL_MAX_TOKENS", max_tokens)
         gen = hl.Generator(model)  # (a fresh one: the graphs capture the launches)
         assert gen.use_graphs
         outputs.append(gen.generate(prompts, 64, stop_at_eos=False)[0])
         with torch.no_grad():
             tokens = torch.tensor([prompts[1]], device="cuda")
             outputs.append(model.forward_logits(tokens))
-    assert outputs[0] == outputs[2] and torch.equal(outputs[1], outputs[3])
+    assert outputs[0] == outputs[2] == outputs[4] and torch.equal(outputs[1], outputs[3])
+    assert torch.equal(outputs[1], outputs[5])
     check_half_speculative(torch.bfloat16, False)
 
 

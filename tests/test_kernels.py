@@ -456,7 +456,7 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
     lens[0], lens[1] = 29, 160 - 3
     path, depth = tree_paths([random_tree(T)[2] for _ in range(B)])
     out = kernels.path_attention(q, k_cache, v_cache, lens, path, depth)
-    for edge in (0, 2, 16):  # tokens per program at the edge splits: how work is shared out, not a row's bits
+    for edge in (1, 2, 16):  # tokens per program at the edge splits: how work is shared out, not a row's bits
         monkeypatch.setattr(kernels, "PATH_EDGE_TOKENS", edge)
         assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), edge
     for b in range(B):
