@@ -384,11 +384,13 @@ def head_losses(model, heads, tokens, valid, noise_alpha):
     return results
 
 
-def draft_ranks(model, heads, rows, max_tokens):
+def draft_ranks(model, heads, rows, max_tokens, per_answer=False):
     """Where the base model's greedy path would rank among the heads' proposals, teacher-forced on answers.
     Returns ranks [positions, n_heads] (int64): ranks[t, k] = the rank (0-9, 10: not proposed) of the base
     model's greedy token among head k's top 10, given that the answer up to there is the base model's greedy
-    path (as in a drafted tree); -1 where it is not (sampled answers leave greedy paths), or past the end."""
+    path (as in a drafted tree); -1 where it is not (sampled answers leave greedy paths), or past the end.
+    per_answer: a list of each answer's ranks in order instead ([n_i, n_heads], from its last prompt token on),
+    for replay_decoding."""
     dev, K = model.embed.weight.device, len(heads.heads)
     lm_w, out = model.output_weight, []
     with torch.no_grad():
@@ -416,8 +418,34 @@ def draft_ranks(model, heads, rows, max_tokens):
                     hit = top == greedy[:, k + 1:k + 1 + n][ok][:, None]
                     r = torch.where(hit.any(-1), hit.float().argmax(-1), 10)
                     ranks[:, :n, k][ok] = r
-            out.append(ranks[valid].cpu())
-    return torch.cat(out)
+            out += [r[v] for r, v in zip(ranks.cpu(), valid.cpu())] if per_answer else [ranks[valid].cpu()]
+    return out if per_answer else torch.cat(out)
+
+
+def replay_decoding(answers, tree):
+    """Greedy speculative decoding replayed on draft ranks (draft_ranks(..., per_answer=True)): the first step
+    starts at an answer's first position, a step at position i accepts the root and the deepest tree path that
+    ranks[i] follows, and the next step starts where it ended. An answer is replayed up to where it leaves the
+    base model's greedy path (a sampled token). Unlike tree_accept, which averages over every position, this
+    counts only the positions where steps start, as decoding does: those after a long accepted run are
+    often where the heads were wrong, so they are harder than the average position.
+    Returns (tokens, steps, starts): starts, a bool mask per answer of the positions where steps started."""
+    paths = {tuple(p) for p in tree}
+    tokens = steps = 0
+    starts = []
+    for r in answers:
+        rows = r.tolist()
+        n = next((i for i, row in enumerate(rows[:-2]) if row[0] < 0), len(rows) - 1)  # greedy up to n
+        mask = torch.zeros(len(rows), dtype=torch.bool)
+        i = 0
+        while i < n:
+            d = 0
+            while d < len(rows[i]) and tuple(rows[i][:d + 1]) in paths:
+                d += 1
+            mask[i] = True
+            tokens, steps, i = tokens + min(1 + d, n - i), steps + 1, i + 1 + d
+        starts.append(mask)
+    return tokens, steps, starts
 
 
 def fit_tree(ranks, size=63):
@@ -509,7 +537,8 @@ def train(model, heads, rows, steps, lr, max_tokens, noise_alpha, seed=0, time_l
 def fit_heads_tree(model, heads, rows, size, info, max_tokens=4096):
     """Fit the tree to the heads' draft ranks on rows. Returns the contents of tree.json and train.json."""
     t0 = time.time()
-    ranks = draft_ranks(model, heads, rows, max_tokens)
+    answers = draft_ranks(model, heads, rows, max_tokens, per_answer=True)
+    ranks = torch.cat(answers)
     rank_acc = rank_accuracies(ranks)
     log("held-out top-1 per head (on the greedy path): " + " ".join(f"{a[0]:.3f}" for a in rank_acc)
         + f" ({len(ranks)} positions, {time.time() - t0:.0f}s)")
@@ -517,7 +546,11 @@ def fit_heads_tree(model, heads, rows, size, info, max_tokens=4096):
     independent = hl.build_tree(rank_acc, size)
     log(f"tree of {len(tree) + 1} nodes: expected acceptance length {expected:.3f} "
         f"(the tree fitted as if heads were independent: {tree_accept(ranks, independent):.3f})")
-    return {"tree.json": tree, "train.json": info | {"held_out_rank_acc": rank_acc, "expected_accept": expected}}
+    tokens, steps, _ = replay_decoding(answers, tree)
+    log(f"decoding replayed on the greedy parts of those answers: {tokens / max(steps, 1):.3f} tokens per step "
+        f"({steps} steps)")
+    return {"tree.json": tree, "train.json": info | {"held_out_rank_acc": rank_acc, "expected_accept": expected,
+                                                     "replayed_accept": tokens / max(steps, 1)}}
 
 
 def read_json_or_empty(path):

@@ -112,6 +112,46 @@ def test_fit_tree_counts_paths_jointly():
     assert th.rank_accuracies(ranks)[1][:2] == [1.0, 0.0]
 
 
+def test_replay_decoding_counts_steps_where_they_start():
+    """Steps start where the last one ended: the average over step starts, not over every position."""
+    tree = [[0], [1], [0, 0]]
+    # Answer 1: at position 0 the tree's [0, 0] matches (3 tokens), so position 1 and 2 are skipped; position 3
+    # matches [1] (2 tokens); position 5 nothing (1); position 6 is the last (n = 7 rows: 6 tokens).
+    a = torch.tensor([[0, 0], [5, 5], [5, 5], [1, 2], [0, 0], [4, 4], [-1, -1]])
+    tokens, steps, starts = th.replay_decoding([a], tree)
+    assert (tokens, steps) == (6, 3) and starts[0].tolist() == [1, 0, 0, 1, 0, 1, 0]
+    # Easy positions inside accepted runs are skipped, so the average over every position is kinder: positions
+    # 0-5 accept 3, 3, 3, 1, 3, 1 (2.33 on average); steps start at 0, 3 and 4 (3, 1, then 2: the answer ends).
+    c = torch.tensor([[0, 0], [0, 0], [0, 0], [5, 5], [0, 0], [4, 4], [-1, -1]])
+    tokens, steps, starts = th.replay_decoding([c], tree)
+    assert (tokens, steps) == (6, 3) and starts[0].tolist() == [1, 0, 0, 1, 1, 0, 0]
+    assert abs(th.tree_accept(c[:6], tree) - 14 / 6) < 1e-9
+    # Answer 2 leaves the greedy path at position 2 (a sampled token): replayed up to there only, and a step's
+    # tokens do not run past it.
+    b = torch.tensor([[0, 0], [0, 0], [-1, -1], [0, 0], [0, 0], [-1, -1], [-1, -1]])
+    assert th.replay_decoding([b], tree)[:2] == (2, 1)
+    assert th.replay_decoding([a, b], tree)[:2] == (8, 4)
+
+
+def test_replay_decoding_matches_the_runtime():
+    """Replayed on the ranks of the base model's own greedy answers, decoding takes, answer by answer, exactly as
+    many steps as the runtime's speculative decoding of the same prompts with the same heads and tree (float32).
+    (The runtime's prefill gives the first token, so its steps cover an answer less that one: replayed trimmed.)"""
+    model = tiny_model(11)
+    rows = greedy_rows(model, 6, 40, seed=5)
+    torch.manual_seed(0)
+    heads = th.new_heads(model, "hydra++", 3, 1)
+    th.train(model, heads, rows, 30, 1e-2, 4096, 1.0)  # (half-trained: the heads are right often, not always)
+    answers = th.draft_ranks(model, heads, [(ids[:-1], start) for ids, start in rows], 4096, per_answer=True)
+    tree = th.fit_tree(torch.cat(answers), 12)[0]
+    gen = hl.Generator(model, heads=heads.eval(), tree_choices=tree, context_drafts=0)
+    outs, stats = gen.generate([ids[:start] for ids, start in rows], 40, stop_at_eos=False)
+    assert [ids[start:] for ids, start in rows] == outs  # the same answers
+    replayed = [th.replay_decoding([a], tree) for a in answers]  # (one batch, in the rows' order)
+    assert [r[1] for r in replayed] == stats.row_active
+    assert 1.3 < sum(r[0] for r in replayed) / sum(r[1] for r in replayed) < 3.5  # steps skip, and miss
+
+
 def test_read_prompts_and_batches(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text('{"turns": ["a", "b"]}\n{"prompt": "c"}\n\n{"text": "d"}\n')
