@@ -271,11 +271,14 @@ def step_output(tree_tokens, n_accept, path, next_token):
     return torch.cat([tree_tokens.gather(1, path), n_accept[:, None], next_token[:, None]], dim=1)
 
 
-def lm_topk_ref(x, w, k, bias=None, vocab=None, lse=False):
+def lm_topk_ref(x, w, k, bias=None, vocab=None, lse=False, into=None):
     """Draft proposals: the k largest of x @ w.T (+ bias) per row, largest first. x [..., D], w [V, D].
     Returns values (float32) and indices (int64), each [..., k]; with vocab [V] (the token id of each row of
     w), the indices are token ids. With lse=True also the log-sum-exp [...] (float32, natural log) of all V
-    logits of each row (those values are of), so values - lse are the top k's log-probabilities."""
+    logits of each row (those values are of), so values - lse are the top k's log-probabilities.
+    into=(tokens [B, T], node_of [P, k]): x is [B, P, D] (or [B, D] with P = 1), and the ids are also written
+    into the tree: tokens[b, node_of[p, r]] = indices[b, p, r] where node_of[p, r] >= 0 (the tree's node that
+    parent p's rank r fills)."""
     logits = F.linear(x, w, bias).float()
     if k == 1:  # greedy verification: the first of equal maxima, as argmax (and greedy decoding) picks
         indices = logits.argmax(-1, keepdim=True)
@@ -283,6 +286,12 @@ def lm_topk_ref(x, w, k, bias=None, vocab=None, lse=False):
     else:
         values, indices = logits.topk(k, dim=-1)
     indices = indices if vocab is None else vocab[indices]
+    if into is not None:
+        tokens, node_of = into
+        fills = node_of.flatten() >= 0
+        # (where no node is filled, node 0 gets its own token again: static shapes, no host read)
+        ids = torch.where(fills, indices.reshape(tokens.shape[0], -1), tokens[:, :1])
+        tokens.scatter_(1, node_of.flatten().clamp(min=0).expand(tokens.shape[0], -1), ids)
     return (values, indices, torch.logsumexp(logits, -1)) if lse else (values, indices)
 
 
@@ -402,8 +411,8 @@ def kv_compact(k_all, v_all, lens, path):
     (_kernels.kv_compact if _triton(k_all) else kv_compact_ref)(k_all, v_all, lens, path)
 
 
-def lm_topk(x, w, k, bias=None, vocab=None, lse=False):
-    return (_kernels.lm_topk if _triton(x) else lm_topk_ref)(x, w, k, bias, vocab, lse)
+def lm_topk(x, w, k, bias=None, vocab=None, lse=False, into=None):
+    return (_kernels.lm_topk if _triton(x) else lm_topk_ref)(x, w, k, bias, vocab, lse, into)
 
 
 def silu_add(res, z):
@@ -975,10 +984,11 @@ class DraftHeads(nn.Module):
             self._cut[slot] = (key, (w[self.vocab].contiguous(), None if b is None else b[self.vocab].contiguous()))
         return self._cut[slot][1]
 
-    def propose(self, d, x, base_lm_w, k):
-        """Head d's k best tokens (ids in the full vocabulary) after inputs x [..., in_dim] -> [..., k]."""
+    def propose(self, d, x, base_lm_w, k, into=None):
+        """Head d's k best tokens (ids in the full vocabulary) after inputs x [..., in_dim] -> [..., k]; into: also
+        written into the tree's tokens (see lm_topk_ref)."""
         w, b = self.proposal_weights(d, base_lm_w)
-        return lm_topk(self.heads[d].features(x), w, k, b, self.vocab)[1]
+        return lm_topk(self.heads[d].features(x), w, k, b, self.vocab, into=into)[1]
 
     def propose_scored(self, d, x, base_lm_w, k):
         """Head d's k best tokens after x, with their log-probabilities (over the draft vocabulary): ([..., k],
@@ -1252,18 +1262,21 @@ def ancestry(parent, i):
 
 
 def head_levels(choices, parent, node_path, device):
-    """Per depth d >= 1 of the heads' choices (node i is choice i-1): the nodes there, which parent (among the
-    depth d-1 nodes that have children) and which rank each takes, and each parent's path from the root (the
-    tokens grounded heads read)."""
+    """Per depth d >= 1 of the heads' choices (node i is choice i-1): the nodes there and the rank each takes,
+    node_of [parent slot, rank] (the node that a parent's rank fills, -1: none; parents: the depth d-1 nodes
+    that have children), and each parent's path from the root (the tokens grounded heads read)."""
     levels = []
     for d in range(1, max((len(c) for c in choices), default=0) + 1):
         nodes = [i + 1 for i, c in enumerate(choices) if len(c) == d]
         parents = sorted({parent[i] for i in nodes})
         ranks = [choices[i - 1][-1] for i in nodes]
+        node_of = torch.full((len(parents), max(ranks) + 1), -1, dtype=torch.long)  # [parent slot, rank] -> node
+        for i, r in zip(nodes, ranks):
+            node_of[parents.index(parent[i]), r] = i
         levels.append(dict(
             nodes=torch.tensor(nodes, device=device), parents=torch.tensor(parents, device=device),
-            parent_slot=torch.tensor([parents.index(parent[i]) for i in nodes], device=device),
-            rank=torch.tensor(ranks, device=device), k=max(ranks) + 1, path=node_path[parents, :d].to(device)))
+            rank=torch.tensor(ranks, device=device), node_of=node_of.to(device), k=max(ranks) + 1,
+            path=node_path[parents, :d].to(device)))
     return levels
 
 
@@ -1347,14 +1360,12 @@ class HeadDrafts:
         if isinstance(tree, DynamicTree):
             return self.grow(tokens, rows, tree, inp)
         lm_w = self.base.output_weight
-        for d, lv in enumerate(tree.levels):
-            if not self.heads.hc.grounded:
-                top = self.heads.propose(d, inp.h, lm_w, lv["k"])  # [B, k]
-                tokens[:, lv["nodes"]] = top[:, lv["rank"]]
+        for d, lv in enumerate(tree.levels):  # each depth's proposals go straight into its nodes
+            if not self.heads.hc.grounded:  # Medusa: one set of proposals, from h alone, for every parent
+                tokens[:, lv["nodes"]] = self.heads.propose(d, inp.h, lm_w, lv["k"])[:, lv["rank"]]
                 continue
             x = head_input(inp.h, tokens, lv["path"], self.base.embed.weight)  # [B, n_par, (d+2)*dim]: h, root .. parent
-            top = self.heads.propose(d, x, lm_w, lv["k"])  # [B, n_par, k]
-            tokens[:, lv["nodes"]] = top[:, lv["parent_slot"], lv["rank"]]
+            self.heads.propose(d, x, lm_w, lv["k"], into=(tokens, lv["node_of"]))
 
     def grow(self, tokens, rows, tree, inp: DraftInput):
         """A DynamicTree's head nodes, per row: candidates depth by depth (a table per row: index 0 the root, then

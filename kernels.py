@@ -1115,9 +1115,10 @@ def _lm_topk_chunk_kernel(x_ptr, w_ptr, b_ptr, cv_ptr, ci_ptr, cl_ptr, N, V, D, 
 
 
 @triton.jit
-def _lm_topk_merge_kernel(cv_ptr, ci_ptr, vocab_ptr, v_ptr, i_ptr, cl_ptr, lse_ptr, C, n_chunks,
-                          K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HAS_VOCAB: tl.constexpr,
-                          HAS_LSE: tl.constexpr, BLOCK_CH: tl.constexpr, PDL: tl.constexpr):
+def _lm_topk_merge_kernel(cv_ptr, ci_ptr, vocab_ptr, v_ptr, i_ptr, cl_ptr, lse_ptr, tok_ptr, node_ptr, C, n_chunks, P,
+                          stride_tok, K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                          HAS_VOCAB: tl.constexpr, HAS_LSE: tl.constexpr, INTO: tl.constexpr, BLOCK_CH: tl.constexpr,
+                          PDL: tl.constexpr):
     _pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     if HAS_LSE:  # log-sum-exp of the chunks' log-sum-exps
@@ -1143,10 +1144,14 @@ def _lm_topk_merge_kernel(cv_ptr, ci_ptr, vocab_ptr, v_ptr, i_ptr, cl_ptr, lse_p
         idx = tl.load(vocab_ptr + idx, mask=kk < K, other=0)
     tl.store(v_ptr + row * K + kk, top_v, mask=kk < K)
     tl.store(i_ptr + row * K + kk, idx.to(tl.int64), mask=kk < K)
+    if INTO:  # row = (b, parent p): its ranks' tree nodes get the ids (a drafting depth's scatter, in here)
+        node = tl.load(node_ptr + (row % P) * K + kk, mask=kk < K, other=-1)
+        tl.store(tok_ptr + (row // P) * stride_tok + node, idx.to(tl.int64), mask=(kk < K) & (node >= 0))
 
 
-def lm_topk(x, w, k, bias=None, vocab=None, lse=False):
-    """See lm_topk_ref: (values, indices), and with lse=True the log-sum-exp over all V logits [...] as well."""
+def lm_topk(x, w, k, bias=None, vocab=None, lse=False, into=None):
+    """See lm_topk_ref: (values, indices), and with lse=True the log-sum-exp over all V logits [...] as well;
+    into=(tokens, node_of): the ids written into the tree's nodes too, by the merge kernel."""
     D, V = x.shape[-1], w.shape[0]
     _require(w.shape[1] == D and w.stride(1) == 1, f"lm_topk: weight {tuple(w.shape)} does not take inputs of width {D}")
     _require(1 <= k <= V, f"lm_topk: k={k} is not between 1 and the {V} rows of the weight")
@@ -1170,6 +1175,13 @@ def lm_topk(x, w, k, bias=None, vocab=None, lse=False):
         cand_l = out_l = cand_v  # unused
     upcast = (not x.is_cuda) or x.dtype == torch.float32 or x.dtype != w.dtype
     b = bias.contiguous() if bias is not None else w  # unused without a bias
+    tokens, node_of = into if into is not None else (cand_i, cand_i)  # (unused without into)
+    if into is not None:
+        _require(tokens.dtype == torch.int64 and tokens.dim() == 2 and tokens.stride(1) == 1
+                 and node_of.shape == (N // max(tokens.shape[0], 1), k) and N == tokens.shape[0] * node_of.shape[0]
+                 and node_of.dtype == torch.int64 and node_of.is_contiguous(),
+                 f"lm_topk: into= tokens {tuple(tokens.shape)} and node_of {tuple(node_of.shape)} do not fit "
+                 f"{N} rows and k={k}")
     _lm_topk_chunk_kernel[(triton.cdiv(N, BLOCK_N), n_chunks)](
         x2, w, b, cand_v, cand_i, cand_l, N, V, D, x2.stride(0), w.stride(0), n_chunks,
         K=k, HAS_BIAS=bias is not None, HAS_LSE=lse, UPCAST=upcast,
@@ -1177,7 +1189,8 @@ def lm_topk(x, w, k, bias=None, vocab=None, lse=False):
         BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=4, num_stages=4, **_pdl(x))
     BLOCK_C = _pow2(n_chunks * k, 16)
     _lm_topk_merge_kernel[(N,)](cand_v, cand_i, vocab if vocab is not None else cand_i, values, indices, cand_l, out_l,
-                                n_chunks * k, n_chunks, K=k, BLOCK_C=BLOCK_C, BLOCK_K=_pow2(k, 2),
-                                HAS_VOCAB=vocab is not None, HAS_LSE=lse, BLOCK_CH=_pow2(n_chunks, 2),
+                                tokens, node_of, n_chunks * k, n_chunks, node_of.shape[0] if into is not None else 1,
+                                tokens.stride(0), K=k, BLOCK_C=BLOCK_C, BLOCK_K=_pow2(k, 2),
+                                HAS_VOCAB=vocab is not None, HAS_LSE=lse, INTO=into is not None, BLOCK_CH=_pow2(n_chunks, 2),
                                 num_warps=4 if BLOCK_C <= 8192 else 16, **_pdl(x))
     return (values, indices, out_l) if lse else (values, indices)

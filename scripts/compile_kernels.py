@@ -7,7 +7,7 @@ between branches, a bad layout, a constexpr the interpreter lets through) fails 
 
 The interpreter (TRITON_INTERPRET=1, the CPU tests) checks what the kernels compute; this checks that they build.
 Kernel sets: the batch-invariant matmul in each fused form, qkv_rope, path_attention with and without the merge
-in the kernel, and its combine."""
+in the kernel, and its combine, and the draft top-k's merge writing into the tree."""
 import os
 import sys
 
@@ -56,6 +56,10 @@ def kernel_sets():
     yield ("path_attention combine dependent launch=True", K._path_combine_kernel,
            {"po_ptr": "*fp32", "plse_ptr": "*fp32", "lens_ptr": "*i32", "depth_ptr": "*i64", "o_ptr": "*bf16"},
            dict(SPLIT_LEN=K.PATH_SPLIT_LEN, BLOCK_H=16, BLOCK_D=64, BLOCK_S=16, PDL=True))
+    yield ("lm_topk merge into the tree, draft vocabulary, dependent launch=True", K._lm_topk_merge_kernel,
+           {"cv_ptr": "*fp32", "ci_ptr": "*i32", "vocab_ptr": "*i64", "v_ptr": "*fp32", "i_ptr": "*i64", "cl_ptr": "*fp32",
+            "lse_ptr": "*fp32", "tok_ptr": "*i64", "node_ptr": "*i64"},
+           dict(K=10, BLOCK_C=4096, BLOCK_K=16, HAS_VOCAB=True, HAS_LSE=False, INTO=True, BLOCK_CH=256, PDL=True))
 
 
 def main():

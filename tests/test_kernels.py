@@ -725,6 +725,30 @@ def test_lm_topk_draft_vocab(dtype):
         assert torch.equal(ids, ref_ids)
 
 
+@pytest.mark.parametrize("vocab", [False, True])
+def test_lm_topk_into_the_tree(vocab):
+    """into=(tokens, node_of): the merge kernel also writes each (row, parent, rank)'s id into its tree node,
+    as the reference's scatter does; the other nodes keep their tokens (a tree level of a Tree)."""
+    B, V, D = 3, 90, 24
+    tree = hl.Tree([[0], [1], [2], [0, 0], [0, 1], [2, 0], [0, 0, 0], [0, 1, 0], [0, 1, 1]])
+    for lv in tree.levels:
+        P, k = lv["node_of"].shape
+        x, w = torch.randn(B, P, D), torch.randn(V, D)
+        ids = torch.randperm(5000)[:V] if vocab else None
+        tokens = torch.randint(5000, 6000, (B, tree.size))
+        want = tokens.clone()
+        v_ref, i_ref = hl.lm_topk_ref(x, w, k, None, ids, into=(want, lv["node_of"]))
+        got = tokens.clone()
+        values, indices = kernels.lm_topk(x, w, k, None, ids, into=(got, lv["node_of"]))
+        assert torch.equal(indices, i_ref) and torch.equal(got, want)
+        assert torch.equal(want[:, lv["nodes"]], i_ref[:, :, :].reshape(B, -1)[:, (lv["node_of"] >= 0).flatten()])
+        others = torch.ones(tree.size, dtype=torch.bool)
+        others[lv["nodes"]] = False
+        assert torch.equal(got[:, others], tokens[:, others])  # nothing else written
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.lm_topk(torch.randn(B, 2, D), torch.randn(V, D), 2, into=(tokens, torch.zeros(3, 2, dtype=torch.long)))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["negative", "bias-vocab"])
 def test_lm_topk_lse(dtype, case):

@@ -152,6 +152,7 @@ def test_tree_buffers():
     assert tree.mask[5].nonzero().flatten().tolist() == [0, 2, 5]
     assert sorted(map(tuple, tree.retrieve.tolist())) == [(0, 1, 3, 6), (0, 1, 4, -1), (0, 2, 5, -1)]
     assert tree.levels[1]["parents"].tolist() == [1, 2] and tree.levels[1]["rank"].tolist() == [0, 1, 0]
+    assert tree.levels[1]["node_of"].tolist() == [[3, 4], [5, -1]] and tree.levels[2]["node_of"].tolist() == [[6]]
     assert tree.levels[0]["path"].tolist() == [[0]] and tree.levels[1]["path"].tolist() == [[0, 1], [0, 2]]
     assert tree.levels[2]["path"].tolist() == [[0, 1, 3]]
     with pytest.raises(hl.HydraLiteError, match="no parent"):
@@ -293,7 +294,8 @@ def markov_decode(tree, table, draft_table, root, n_tokens, sp, acceptance, rows
             t = tokens[group == g]
             for lv in tree.levels:
                 top = draft_table[t[:, lv["parents"]]].topk(lv["k"], dim=-1).indices  # [rows, n_par, k]
-                t[:, lv["nodes"]] = top[:, lv["parent_slot"], lv["rank"]]
+                fill = lv["node_of"] >= 0  # [n_par, k]: the (parent, rank) pairs that are nodes
+                t[:, lv["node_of"][fill]] = top[:, fill]
             if tree.context:
                 deepest = tree.choices.index([0] * tree.context) + 1  # the node at the end of the rank-0 path
                 t[:, tree.context_nodes] = t[:, tree.node_path[deepest, 1:tree.context + 1]]
