@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -1363,7 +1364,91 @@ def block_indices(sd, head):
     return sorted(int(m.group(1)) for m in map(pat.match, sd) if m)
 
 
+@dataclass
+class HeadLayout:
+    """What a reference head checkpoint holds, as convert_heads writes it: the runtime's names and where each
+    comes from (specs: [(out name, [(source name, expected shape)])]), and heads.json's description."""
+    heads: list
+    n_layers: int
+    specs: list
+    kind: str
+    grounded: bool
+    prefix: bool
+    lm_bias: bool
+    origin: str
+
+
+def hydra_layout(sd, cfg, path, base):
+    """The Hydra repo's heads (hydra_mlp.{k}.{j}, hydra_lm_head.{k}, optional prefix layer) -> HeadLayout."""
+    dim, vocab = base["dim"], base["vocab_size"]
+    arch = cfg.get("hydra_head_arch", "prefix-mlp" if any(k.startswith("prefix_embeding_layer.") for k in sd) else "mlp")
+    if arch not in ("mlp", "prefix-mlp"):
+        raise ConvertError(f"unsupported hydra_head_arch {arch!r} (supported: mlp, prefix-mlp)")
+    if cfg.get("hidden_state_offset", 0) != 0:
+        raise ConvertError(f"hidden_state_offset {cfg['hidden_state_offset']} is not supported "
+                           "(heads must read the base model's last hidden state)")
+    heads = sorted({int(m.group(1)) for m in map(re.compile(r"hydra_lm_head\.(\d+)\.").match, sd) if m})
+    if not heads:
+        raise ConvertError(f"missing tensor hydra_lm_head.0.weight in {path}")
+    blocks = block_indices(sd, "hydra_mlp.0.")
+    grounded = f"hydra_mlp.0.{blocks[0]}.res_connection.weight" in sd if blocks else False
+    if "grounded_heads" in cfg and bool(cfg["grounded_heads"]) != grounded:
+        raise ConvertError(f"config.json says grounded_heads={cfg['grounded_heads']} but the weights "
+                           f"{'have' if grounded else 'lack'} res_connection tensors")
+    n_layers = len(blocks)
+    if cfg.get("hydra_num_layers", n_layers) != n_layers:
+        raise ConvertError(f"config.json says hydra_num_layers={cfg['hydra_num_layers']}, weights have {n_layers}")
+    lm = "hydra_lm_head.{k}.1." if arch == "prefix-mlp" else "hydra_lm_head.{k}."
+    specs = []
+    for k in heads:
+        idx = block_indices(sd, f"hydra_mlp.{k}.")
+        if len(idx) != n_layers:
+            raise ConvertError(f"head {k} has {len(idx)} blocks, head 0 has {n_layers}")
+        width = (k + 2) * dim if grounded else dim
+        for j, b in enumerate(idx):
+            p, q = f"hydra_mlp.{k}.{b}.", f"heads.{k}.blocks.{j}."
+            specs += [(q + "w", [(p + "linear.weight", (dim, width if j == 0 else dim))]),
+                      (q + "b", [(p + "linear.bias", (dim,))])]
+            if grounded and j == 0:
+                specs += [(q + "res_w", [(p + "res_connection.weight", (dim, width))]),
+                          (q + "res_b", [(p + "res_connection.bias", (dim,))])]
+        specs += [(f"heads.{k}.lm_w", [(lm.format(k=k) + "weight", (vocab, dim))]),
+                  (f"heads.{k}.lm_b", [(lm.format(k=k) + "bias", (vocab,))])]
+    prefix = arch == "prefix-mlp"
+    if prefix:
+        specs += layer_specs("prefix.", lambda p: f"prefix_embeding_layer.layers.0.{HF_LAYER[p]}", base)
+        specs.append(("prefix.norm", [("prefix_embeding_layer.norm.weight", (dim,))]))
+    kind = "hydra++" if prefix else ("hydra" if grounded else "medusa")  # ungrounded Hydra mlp == Medusa + bias
+    return HeadLayout(heads, n_layers, specs, kind, grounded, prefix, True, f"Hydra {arch}{' grounded' if grounded else ''}")
+
+
+def medusa_layout(sd, cfg, path, base):
+    """The Medusa repo's heads ({k}.{j}.linear blocks, then {k}.{n} the output Linear) -> HeadLayout."""
+    dim, vocab = base["dim"], base["vocab_size"]
+    pat = re.compile(r"^(\d+)\.(\d+)\.(linear\.)?(weight|bias)$")
+    keys = [m.groups() for m in map(pat.match, sd) if m]
+    if not keys:
+        raise ConvertError(f"{path} holds neither Hydra (hydra_mlp.*) nor Medusa ({{k}}.{{j}}.linear.*) head weights")
+    heads = sorted({int(k) for k, *_ in keys})
+    finals = [int(j) for _, j, lin, _ in keys if lin is None]
+    if not finals:
+        raise ConvertError(f"{path} lacks the Medusa heads' final Linear ({{k}}.{{n}}.weight)")
+    n_layers = max(finals)  # the final Linear comes after the blocks
+    for name, value in (("medusa_num_heads", len(heads)), ("medusa_num_layers", n_layers)):
+        if name in cfg and cfg[name] != value:  # upstream configs are known to disagree with their weights
+            log(f"note: config.json says {name}={cfg[name]}, the weights have {value}; using the weights")
+    specs = []
+    for k in heads:
+        for j in range(n_layers):
+            specs += [(f"heads.{k}.blocks.{j}.w", [(f"{k}.{j}.linear.weight", (dim, dim))]),
+                      (f"heads.{k}.blocks.{j}.b", [(f"{k}.{j}.linear.bias", (dim,))])]
+        specs.append((f"heads.{k}.lm_w", [(f"{k}.{n_layers}.weight", (vocab, dim))]))
+    return HeadLayout(heads, n_layers, specs, "medusa", False, False, False, "Medusa")
+
+
 def convert_heads(src, base_dir, out):
+    """Reference Hydra or Medusa heads (src: their checkpoint) for the hydra-lite base model in base_dir -> the
+    runtime's heads format in out."""
     where = os.path.join(base_dir, "config.json")
     base = read_json(where)
     if base.get("format") != "hydra-lite/1":
@@ -1374,68 +1459,9 @@ def convert_heads(src, base_dir, out):
     path, cfg, sd = load_head_weights(src)
     sd = strip_prefix(strip_prefix(sd, "medusa_head."), "hydra_head.")
     is_hydra = any(k.startswith(("hydra_mlp.", "hydra_lm_head.")) for k in sd) or "hydra_num_heads" in cfg
-    specs = []  # [(out name, [(source name, expected shape)])]
-
-    if is_hydra:
-        arch = cfg.get("hydra_head_arch", "prefix-mlp" if any(k.startswith("prefix_embeding_layer.") for k in sd) else "mlp")
-        if arch not in ("mlp", "prefix-mlp"):
-            raise ConvertError(f"unsupported hydra_head_arch {arch!r} (supported: mlp, prefix-mlp)")
-        if cfg.get("hidden_state_offset", 0) != 0:
-            raise ConvertError(f"hidden_state_offset {cfg['hidden_state_offset']} is not supported "
-                               "(heads must read the base model's last hidden state)")
-        heads = sorted({int(m.group(1)) for m in map(re.compile(r"hydra_lm_head\.(\d+)\.").match, sd) if m})
-        if not heads:
-            raise ConvertError(f"missing tensor hydra_lm_head.0.weight in {path}")
-        blocks = block_indices(sd, "hydra_mlp.0.")
-        grounded = f"hydra_mlp.0.{blocks[0]}.res_connection.weight" in sd if blocks else False
-        if "grounded_heads" in cfg and bool(cfg["grounded_heads"]) != grounded:
-            raise ConvertError(f"config.json says grounded_heads={cfg['grounded_heads']} but the weights "
-                               f"{'have' if grounded else 'lack'} res_connection tensors")
-        n_layers = len(blocks)
-        if cfg.get("hydra_num_layers", n_layers) != n_layers:
-            raise ConvertError(f"config.json says hydra_num_layers={cfg['hydra_num_layers']}, weights have {n_layers}")
-        lm = "hydra_lm_head.{k}.1." if arch == "prefix-mlp" else "hydra_lm_head.{k}."
-        for k in heads:
-            idx = block_indices(sd, f"hydra_mlp.{k}.")
-            if len(idx) != n_layers:
-                raise ConvertError(f"head {k} has {len(idx)} blocks, head 0 has {n_layers}")
-            width = (k + 2) * dim if grounded else dim
-            for j, b in enumerate(idx):
-                p, q = f"hydra_mlp.{k}.{b}.", f"heads.{k}.blocks.{j}."
-                specs += [(q + "w", [(p + "linear.weight", (dim, width if j == 0 else dim))]),
-                          (q + "b", [(p + "linear.bias", (dim,))])]
-                if grounded and j == 0:
-                    specs += [(q + "res_w", [(p + "res_connection.weight", (dim, width))]),
-                              (q + "res_b", [(p + "res_connection.bias", (dim,))])]
-            specs += [(f"heads.{k}.lm_w", [(lm.format(k=k) + "weight", (vocab, dim))]),
-                      (f"heads.{k}.lm_b", [(lm.format(k=k) + "bias", (vocab,))])]
-        prefix = arch == "prefix-mlp"
-        if prefix:
-            specs += layer_specs("prefix.", lambda p: f"prefix_embeding_layer.layers.0.{HF_LAYER[p]}", base)
-            specs.append(("prefix.norm", [("prefix_embeding_layer.norm.weight", (dim,))]))
-        kind = "hydra++" if prefix else ("hydra" if grounded else "medusa")  # ungrounded Hydra mlp == Medusa + bias
-        lm_bias, origin = True, f"Hydra {arch}{' grounded' if grounded else ''}"
-    else:
-        pat = re.compile(r"^(\d+)\.(\d+)\.(linear\.)?(weight|bias)$")
-        keys = [m.groups() for m in map(pat.match, sd) if m]
-        if not keys:
-            raise ConvertError(f"{path} holds neither Hydra (hydra_mlp.*) nor Medusa ({{k}}.{{j}}.linear.*) head weights")
-        heads = sorted({int(k) for k, *_ in keys})
-        finals = [int(j) for _, j, lin, _ in keys if lin is None]
-        if not finals:
-            raise ConvertError(f"{path} lacks the Medusa heads' final Linear ({{k}}.{{n}}.weight)")
-        n_layers = max(finals)  # the final Linear comes after the blocks
-        for name, value in (("medusa_num_heads", len(heads)), ("medusa_num_layers", n_layers)):
-            if name in cfg and cfg[name] != value:  # upstream configs are known to disagree with their weights
-                log(f"note: config.json says {name}={cfg[name]}, the weights have {value}; using the weights")
-        grounded = prefix = lm_bias = False
-        for k in heads:
-            for j in range(n_layers):
-                specs += [(f"heads.{k}.blocks.{j}.w", [(f"{k}.{j}.linear.weight", (dim, dim))]),
-                          (f"heads.{k}.blocks.{j}.b", [(f"{k}.{j}.linear.bias", (dim,))])]
-            specs.append((f"heads.{k}.lm_w", [(f"{k}.{n_layers}.weight", (vocab, dim))]))
-        kind, origin = "medusa", "Medusa"
-
+    layout = (hydra_layout if is_hydra else medusa_layout)(sd, cfg, path, base)
+    heads, n_layers, specs, kind = layout.heads, layout.n_layers, layout.specs, layout.kind
+    grounded, prefix, lm_bias, origin = layout.grounded, layout.prefix, layout.lm_bias, layout.origin
     if heads != list(range(len(heads))):
         raise ConvertError(f"head indices in {path} are not 0..{len(heads) - 1}: {heads}")
     lm0 = dict(specs).get("heads.0.lm_w", [("", None)])[0][0]  # say plainly when heads and base don't belong together
