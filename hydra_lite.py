@@ -216,12 +216,16 @@ def fold_norm(w, norm_w):
     return (w.float() * norm_w.float()).to(w.dtype)
 
 
-def matmul_ref(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False):
+def matmul_ref(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False, silu_add=False):
     """x @ w.T (+ bias): every projection and the output layer (kernels.matmul: the batch-invariant kernel).
     Optionally fused with its neighbours in a decoder layer: rms_eps: RMSNorm of x first, its weight folded into
     w (fold_norm), its 1/RMS applied to the product in float32 (from sumsq [..., P] when given: the sum of
     squares of each row of x in P parts); swiglu: w stacks gate and up and the result is silu(gate) * up;
-    residual: added to the result. sumsq_out: returns (y, y's rows' sums of squares [..., P'] (here P' = 1))."""
+    residual: added to the result. sumsq_out: returns (y, y's rows' sums of squares [..., P'] (here P' = 1)).
+    silu_add: w (and bias) stack r and z, and the result is r + silu(z) (a draft head's residual block)."""
+    if silu_add:
+        y = F.linear(x, w, bias)
+        return silu_add_ref(*y.split(w.shape[0] // 2, -1))
     if rms_eps is None:
         y = F.linear(x, w, bias)
     else:
@@ -353,6 +357,10 @@ EXACT = os.environ.get("HYDRA_LITE_EXACT", "1") != "0"
 # Their rounding differs from the unfused layers' (the norm's weight is folded into the projection), so their
 # greedy text may part from the unfused layers' at near-ties; speculative == AR holds within each.
 FUSED = os.environ.get("HYDRA_LITE_FUSED", "1") != "0"
+# Draft heads' residual blocks as one matmul each, the silu and the residual add in its epilogue (linear(...,
+# silu_add=True)), instead of a cuBLAS GEMM and a silu_add kernel: two launches fewer per drafting depth.
+# HYDRA_LITE_FUSED_HEADS=1; off until timed on a GPU. Drafts only: the output stays the base model's either way.
+FUSED_HEADS = os.environ.get("HYDRA_LITE_FUSED_HEADS", "0") == "1"
 
 
 def _kernels_for(x):
@@ -395,11 +403,11 @@ def attention(q, k_cache, v_cache, lens, tree=None):
     return _kernels.tree_attention(q, k_cache, v_cache, lens, None if tree is None else tree.mask)
 
 
-def linear(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False):
+def linear(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False, silu_add=False):
     """x @ w.T (+ bias), optionally with a decoder layer's neighbours folded in (see matmul_ref): one kernel where
     it runs the batch-invariant matmul, else the ops one after another."""
     fn = _kernels.matmul if EXACT and _triton(x) else matmul_ref
-    return fn(x, w, bias, rms_eps, residual, swiglu, sumsq, sumsq_out)
+    return fn(x, w, bias, rms_eps, residual, swiglu, sumsq, sumsq_out, silu_add)
 
 
 def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq=None):
@@ -882,17 +890,31 @@ class ResBlock(nn.Module):
         self._fused = (None, None)  # (key, (weight, bias)): both projections stacked, for inference
 
     def forward(self, x):
+        if torch.is_grad_enabled():  # training: the parameters as they are
+            return silu_add(x if self.res is None else self.res(x), self.w(x))
+        if FUSED_HEADS:  # one kernel: r + silu(z) in the matmul's epilogue
+            return linear(x, *self.stacked(), silu_add=True)
         if self.res is None:
             return silu_add(x, self.w(x))
-        if torch.is_grad_enabled():  # training: the parameters as they are
-            return silu_add(self.res(x), self.w(x))
-        params = (self.res.weight, self.w.weight, self.res.bias, self.w.bias)  # one GEMM instead of two
-        key = tuple(_tensor_key(p) for p in params)  # rebuilt if any changed
-        if self._fused[0] != key:
-            self._fused = (key, (torch.cat(params[:2]), torch.cat(params[2:])))
-        y = F.linear(x, *self._fused[1])
+        y = F.linear(x, *self.stacked())  # one GEMM instead of two
         dim = self.w.weight.shape[0]
         return silu_add(y[..., :dim], y[..., dim:])
+
+    def stacked(self):
+        """(weight, bias) of res and w stacked ([2 dim, in], [2 dim]), for inference, cached until they change. With
+        no res projection (x already dim wide) its part is the identity: x @ I.T gives x exactly (one product of
+        1.0 per output, the rest zeros), so r + silu(z) stays x + silu(z)."""
+        res_w = self.res.weight if self.res is not None else None
+        params = (res_w, self.w.weight, None if res_w is None else self.res.bias, self.w.bias)
+        key = tuple(None if p is None else _tensor_key(p) for p in params)  # rebuilt if any changed
+        if self._fused[0] != key:
+            w, b = self.w.weight, self.w.bias
+            if res_w is None:
+                res_w, res_b = torch.eye(w.shape[0], dtype=w.dtype, device=w.device), torch.zeros_like(b)
+            else:
+                res_w, res_b = params[0], params[2]
+            self._fused = (key, (torch.cat([res_w, w]), torch.cat([res_b, b])))
+        return self._fused[1]
 
 
 class Head(nn.Module):

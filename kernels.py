@@ -811,7 +811,8 @@ def _rms_scale(x_ptr, ss_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN: tl.constexpr, B
 
 @triton.jit(do_not_specialize=["M"])
 def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K, P, sxm, sxk, swn, swk, srm, eps,
-                   HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, SILU_ADD: tl.constexpr,
+                   RESIDUAL: tl.constexpr,
                    SS_IN: tl.constexpr, SS_OUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_P: tl.constexpr, PDL: tl.constexpr):
@@ -823,12 +824,17 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K,
     if NORM:  # RMSNorm's 1/RMS, per row (its weight is in w's columns)
         rstd = _rms_scale(x_ptr, ssi_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN, BLOCK_M, BLOCK_K, BLOCK_P)
     acc, up = _rows_times_w(x_ptr, w_ptr, rm, rn, N + rn, rn < N, M, K, sxm, sxk, swn, swk,
-                            SWIGLU, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+                            SWIGLU or SILU_ADD, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
     if NORM:
         acc, up = acc * rstd[:, None], up * rstd[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if SILU_ADD:
+            up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     out_dt = y_ptr.dtype.element_ty
+    if SILU_ADD:  # r + silu(z) (rows N + rn of w), each rounded as the unfused Linear and silu_add round them
+        z = up.to(out_dt).to(tl.float32)
+        acc = acc.to(out_dt).to(tl.float32) + (z / (1.0 + tl.exp(-z))).to(out_dt).to(tl.float32)
     if SWIGLU:  # silu(gate) * up (rows N + rn of w), each rounded as the unfused ops round them
         g = acc.to(out_dt).to(tl.float32)
         a = (g / (1.0 + tl.exp(-g))).to(out_dt).to(tl.float32)
@@ -853,17 +859,22 @@ def _sumsq_in(sumsq, M, device):
     return parts.contiguous(), parts.shape[1], triton.next_power_of_2(parts.shape[1])
 
 
-def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False):
+def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False, silu_add=False):
     """Batch-invariant x @ w.T (+ bias), as F.linear: x [..., K], w [N, K] -> [..., N] in x's dtype. Fused on
     request (see matmul_ref): rms_eps: RMSNorm of x's rows first, its weight folded into w's columns (fold_norm),
     its scale from x's rows or from sumsq [..., P], the partial sums of squares that the matmul which wrote x left
     (sumsq_out); swiglu: w holds gate and up ([2H, K]) and the result is silu(gate) * up [..., H]; residual
-    [..., N]: added to the result. sumsq_out: returns (y, the partial sums of squares of y's rows [..., P'])."""
+    [..., N]: added to the result. sumsq_out: returns (y, the partial sums of squares of y's rows [..., P']).
+    silu_add: w and bias stack r and z ([2N, K], [2N]) and the result is r + silu(z) [..., N]."""
     K = x.shape[-1]
     _require(w.dim() == 2 and w.shape[1] == K, f"matmul: weight {tuple(w.shape)} does not take inputs of width {K}")
     _require(not swiglu or w.shape[0] % 2 == 0, f"matmul: swiglu needs an even number of weight rows, not {w.shape[0]}")
     _require(not (swiglu and bias is not None), "matmul: swiglu with a bias is not supported")
-    N = w.shape[0] // 2 if swiglu else w.shape[0]
+    _require(not (silu_add and (swiglu or rms_eps is not None or residual is not None or sumsq_out)),
+             "matmul: silu_add goes with no other fusion")
+    _require(not silu_add or (w.shape[0] % 2 == 0 and (bias is None or bias.shape == (w.shape[0],))),
+             f"matmul: silu_add needs an even number of weight rows and a bias for each, not {tuple(w.shape)}")
+    N = w.shape[0] // 2 if swiglu or silu_add else w.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
@@ -885,6 +896,7 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
     _matmul_kernel[grid](
         x2, w, b, y, r2, ss_in, ss_out, M, N, K, P, *x2.stride(), *w.stride(), r2.stride(0),
         0.0 if rms_eps is None else rms_eps, HAS_BIAS=bias is not None, NORM=rms_eps is not None, SWIGLU=swiglu,
+        SILU_ADD=silu_add,
         RESIDUAL=residual is not None, SS_IN=rms_eps is not None and sumsq is not None, SS_OUT=sumsq_out,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=3, **_pdl(x))

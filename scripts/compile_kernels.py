@@ -41,8 +41,12 @@ def kernel_sets():
                                           (True, False, False, True), (True, True, False, True), (False, False, True, False)):
         yield (f"matmul norm={norm} swiglu={swiglu} residual={residual} sums of squares in={ss_in} out={residual} "
                f"dependent launch={ss_in}", K._matmul_kernel, matmul,
-               dict(HAS_BIAS=False, NORM=norm, SWIGLU=swiglu, RESIDUAL=residual, SS_IN=ss_in, SS_OUT=residual, UPCAST=False,
-                    PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=ss_in))
+               dict(HAS_BIAS=False, NORM=norm, SWIGLU=swiglu, SILU_ADD=False, RESIDUAL=residual, SS_IN=ss_in,
+                    SS_OUT=residual, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64,
+                    BLOCK_P=64, PDL=ss_in))
+    yield ("matmul silu_add (a draft head's residual block) with bias, dependent launch=True", K._matmul_kernel, matmul,
+           dict(HAS_BIAS=True, NORM=False, SWIGLU=False, SILU_ADD=True, RESIDUAL=False, SS_IN=False, SS_OUT=False,
+                UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True))
     yield ("qkv_rope dependent launch=True", K._qkv_rope_kernel,
            bf16("x_ptr", "w_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(
                ss_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", lens_ptr="*i32", eps="fp32"),

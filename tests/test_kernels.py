@@ -562,6 +562,36 @@ def test_matmul_hands_on_sums_of_squares(dtype):
     assert not torch.allclose(kernels.matmul(y, w2, **kw).float(), own.float(), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_silu_add(dtype):
+    """A draft head's residual block in one kernel (silu_add): r + silu(z) for w stacking r's and z's weights,
+    each with its bias; against independent PyTorch (F.linear, F.silu), and the block with no res projection
+    (ResBlock.stacked: the identity for r) gives x + silu(z) exactly where z matches."""
+    M, N, K = 21, 40, 96
+    x = torch.randn(M, K, dtype=dtype)
+    w, b = torch.randn(2 * N, K, dtype=dtype) / K ** 0.5, torch.randn(2 * N, dtype=dtype)
+    y = kernels.matmul(x, w, b, silu_add=True)
+    lin = F.linear(x, w, b)
+    want = lin[:, :N] + F.silu(lin[:, N:])
+    assert y.shape == (M, N) and y.dtype == dtype
+    for ref in (want, hl.matmul_ref(x, w, b, silu_add=True)):
+        if dtype == torch.float32:
+            close(y, ref, dtype)
+        else:
+            torch.testing.assert_close(y.float(), ref.float(), rtol=0.05, atol=0.05 * ref.float().abs().max().item())
+    block = hl.ResBlock(N, N).to(dtype)
+    torch.nn.init.normal_(block.w.weight, std=0.2), torch.nn.init.normal_(block.w.bias)
+    h = torch.randn(M, N, dtype=dtype)
+    with torch.no_grad():
+        sw, sb = block.stacked()
+        assert sw.shape == (2 * N, N) and torch.equal(sw[:N], torch.eye(N, dtype=dtype)) and not sb[:N].any()
+        got = kernels.matmul(h, sw, sb, silu_add=True)
+        z = kernels.matmul(h, block.w.weight, block.w.bias)
+        torch.testing.assert_close(got.float(), hl.silu_add_ref(h, z).float(), rtol=0.02, atol=0.02)
+    with pytest.raises(ValueError, match="no other fusion"):
+        kernels.matmul(x, w, b, silu_add=True, residual=y)
+
+
 def test_dependent_launch_stays_off_where_it_cannot_run(monkeypatch):
     """kernels.PDL asks for programmatic dependent launch; CPU tensors (the interpreter) never get it, and the
     kernels compute the same there."""
@@ -894,10 +924,14 @@ def test_model_tree_pass_is_decoding_bit_for_bit(monkeypatch, fused):
             assert torch.equal(h[:, 0], hidden[:, node]), d
 
 
+@pytest.mark.parametrize("fused_heads", [False, True], ids=["blocks", "fused-blocks"])
 @pytest.mark.parametrize("grounded", [False, True], ids=["medusa", "hydra"])
-def test_draft_with_kernels(monkeypatch, grounded):
-    """Drafting a tree (heads' blocks through silu_add, proposals through lm_topk over a draft vocabulary):
-    kernels give the same tokens as the references."""
+def test_draft_with_kernels(monkeypatch, grounded, fused_heads):
+    """Drafting a tree (heads' blocks through silu_add, or each through one matmul with hl.FUSED_HEADS;
+    proposals through lm_topk over a draft vocabulary, written into the tree by its merge): kernels give the
+    same tokens as the references."""
+    monkeypatch.setattr(hl, "EXACT", True)
+    monkeypatch.setattr(hl, "FUSED_HEADS", fused_heads)
     model = tiny_model()
     c = model.cfg
     hc = hl.HeadsConfig(n_heads=3, n_layers=2, dim=c.dim, vocab_size=c.vocab_size, grounded=grounded, prefix=False,
@@ -913,7 +947,11 @@ def test_draft_with_kernels(monkeypatch, grounded):
             for use_kernels in (False, True):
                 monkeypatch.setattr(hl, "_triton", lambda x: use_kernels)
                 out.append(hl.draft([hl.HeadDrafts(heads, model)], tree, hl.DraftInput(root, h)))
-        assert torch.equal(out[0][0], out[1][0]), type(tree)  # the tokens
+            monkeypatch.setattr(hl, "FUSED_HEADS", False)  # the oracle: blocks as two ops, references
+            monkeypatch.setattr(hl, "_triton", lambda x: False)
+            plain = hl.draft([hl.HeadDrafts(heads, model)], tree, hl.DraftInput(root, h))[0]
+            monkeypatch.setattr(hl, "FUSED_HEADS", fused_heads)
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][0], plain), type(tree)  # the tokens
         assert all(torch.equal(a, b) for a, b in zip(vars(out[0][1]).values(), vars(out[1][1]).values()) if a is not None)
         assert torch.isin(out[1][0][:, 1:], heads.vocab).all()  # drafted tokens come from the draft vocabulary
 
