@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Everything the GPU runs, in stages, from the repo root:  bash scripts/device.sh STAGE [STAGE...]
 #   model  assemble the SmolLM2 GGUF from /root/smol/part_* and convert it (the parts travel in earlier calls:
-#          split the GGUF so each call's working tree stays under the device tool's 64 MiB, copy each to /root/smol)
+#          split the GGUF so each call's working tree stays under the device tool's 64 MiB, copy each to /root/smol).
+#          With the heads in the tree (37 MB) too, three calls (run 16): the GGUF from ../shared/tools/smollm2_gguf.sh
+#          cut into .models/p1/part_aa (26,000,000 bytes: with the main branch and its heads), p2/part_ab (50,000,000)
+#          and p3/part_ac (the rest), each of the last two with a branch that has heads/ removed; every command
+#          starts `cp .models/pN/* /root/smol/`, the first also copies heads/ out to $WORK (the next two lack it)
 #   check  kernel check (benchmark.py check) and GPU tests
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights)
 #   fused  the fused decoder layers (the default; HYDRA_LITE_FUSED=0: op by op): kernel check, their GPU tests, step
@@ -21,6 +25,7 @@
 #          N_HEADS: heads, more than INIT's to grow them (new ones start as copies of the last)
 #   tasks  the multi-task benchmark (tasks/heldout.jsonl + ShareGPT rows 80-99): AR vs TASK_HEADS (NAME=DIR ...)
 #          with and without context drafts, and context drafts alone, batches TASK_BATCH; TASK_FLAGS adds flags
+#   kernels  real-model tokens/s with each kernel set (exact, fused-heads, fast), heads with and without context drafts
 #   sweep  tree size at batches 8 and 32 (SWEEP_NODES head nodes, static and dynamic trees, context drafts), 45 prompts
 #   latency  time to first token, per-token latency and per-call overhead by prompt length and batch, first vs
 #          repeated call, without and with Generator.warmup()
@@ -84,6 +89,10 @@ for stage in "$@"; do
     tasks)
       python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
         --batch ${TASK_BATCH:-1 8 32} --context 0 10 --context-only 10 --warmup ${TASK_FLAGS:-} --out "$RES/tasks${TAG:-}" 2>&1 | tee "$RES/tasks${TAG:-}.txt" | grep -v "warm-up" ;;
+    kernels)  # the real model's tokens/s by kernel set (issue 15's cost; the draft heads' fused blocks), every
+              # method against AR with the same kernels, in one run: 45 prompts (5 per family), batches 1 and 8
+      python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --limit ${KERNELS_LIMIT:-5} --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
+        --batch 1 8 --context 0 10 --context-only 0 --warmup --kernels exact fused-heads fast --out "$RES/kernels" 2>&1 | tee "$RES/kernels.txt" | grep -v "warm-up" ;;
     sweep)  # head-tree nodes at larger batches: 45 prompts (5 per family), each size against AR in the same run
       for n in ${SWEEP_NODES:-8 16 32}; do
         python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --limit 5 --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
