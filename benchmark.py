@@ -345,7 +345,7 @@ def steps(args):
                 cache = model.new_cache(B, 4096)
                 cache.k.normal_(), cache.v.normal_()
                 cache.lens.fill_(args.context)
-                for (suffix, settings), (name, T) in itertools.product(step_kernel_sets(args),
+                for (suffix, settings), (name, T) in itertools.product(step_kernel_sets(args, K),
                                                                        (("AR step", 1), ("tree verify", tree.size))):
                     use_kernel_settings(K, **settings)  # (read at capture)
                     rows.append(time_step(model, cache, tree, B, T, bw, args) | dict(step=name + suffix))
@@ -373,26 +373,29 @@ def random_model(shape, device):
 def kernel_settings(K):
     """Which kernels a forward runs (read when a graph is captured), as use_kernel_settings takes them."""
     return dict(exact=hl.EXACT, fused=hl.FUSED, merge=K.PATH_MERGE_IN_KERNEL, tiles=(K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN),
-                edge=K.PATH_EDGE_TOKENS, pdl=K.PDL, pdl_tokens=K.PDL_MAX_TOKENS)
+                edge=K.PATH_EDGE_TOKENS, pdl=K.PDL, pdl_tokens=K.PDL_MAX_TOKENS, wide_n=K.MATMUL_WIDE_N)
 
 
-def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens):
+def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens, wide_n):
     hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, K.PATH_EDGE_TOKENS, K.PDL = exact, fused, merge, edge, pdl
-    K.PDL_MAX_TOKENS = pdl_tokens
+    K.PDL_MAX_TOKENS, K.MATMUL_WIDE_N = pdl_tokens, wide_n
     K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
 
 
-def step_kernel_sets(args):
+def step_kernel_sets(args, K):
     """(name suffix, kernel settings) to time: the invariant kernels (the default: fused layers) with each
     --path-tiles and each further --edge-tokens, the previous ones, with --pdl the default without dependent launch
-    and with it at every size, and with --unfused the layers op by op and the merge in the kernel."""
+    and with it at every size, each --matmul-wide-n, and with --unfused the layers op by op and the merge in the
+    kernel."""
     tiles, (edge, *more) = args.path_tiles, args.edge_tokens
-    default = dict(exact=True, fused=True, merge=False, tiles=tiles[0], edge=edge, pdl=True, pdl_tokens=64)
+    default = dict(exact=True, fused=True, merge=False, tiles=tiles[0], edge=edge, pdl=True, pdl_tokens=64,
+                   wide_n=K.MATMUL_WIDE_N)
     sets = [(f" (path tiles {t[0]}x{t[1]})" if len(tiles) > 1 else "", default | dict(tiles=t)) for t in tiles]
     sets += [(f" (edge tokens {e})", default | dict(edge=e)) for e in more]
     if args.pdl:
         sets += [(" (no dependent launch)", default | dict(pdl=False)),
                  (" (dependent launch at every size)", default | dict(pdl_tokens=0))]
+    sets += [(f" (matmul 64 columns from N={n})", default | dict(wide_n=n)) for n in args.matmul_wide_n]
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
     if args.unfused:
         sets += [(" (unfused layers)", default | dict(fused=False)), (" (merge in kernel)", default | dict(merge=True))]
@@ -1190,6 +1193,8 @@ def add_steps_args(sub):
                    "and path_attention's merge in the kernel (kernels.PATH_MERGE_IN_KERNEL)")
     s.add_argument("--pdl", action="store_true", help="also time the default kernels without programmatic dependent "
                    "launch (kernels.PDL, HYDRA_LITE_PDL=0) and with it for calls of every size (kernels.PDL_MAX_TOKENS)")
+    s.add_argument("--matmul-wide-n", type=int, nargs="*", default=[], help="also time the matmul taking 64 columns "
+                   "a program from outputs this wide (kernels.MATMUL_WIDE_N; below: 32), e.g. 4097")
     s.add_argument("--edge-tokens", type=int, nargs="+", default=[0], help="path_attention's tokens per program at the "
                    "splits that reach past the cache (kernels.PATH_EDGE_TOKENS; 0: by batch), each timed")
     return s

@@ -850,6 +850,12 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K,
         tl.store(sso_ptr + rm.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), tl.sum(yf * yf, axis=1), mask=rm < M)
 
 
+# Outputs this wide or wider take 64 columns a program (below: 32). A decode step's matmul is a read of w spread
+# over N / BLOCK_N programs: at N = 4096 (a 7B model's attention output and down projection) 64 of them leave
+# half of an H100's SMs idle; 4097 gives those 128. Per (N, K), so a row's bits still do not depend on M.
+MATMUL_WIDE_N = int(os.environ.get("HYDRA_LITE_MATMUL_WIDE_N", "4096"))
+
+
 def _sumsq_in(sumsq, M, device):
     """(tensor, P, BLOCK_P) for a kernel's SS_IN: the writer's partial sums of squares [..., P], or a stand-in."""
     if sumsq is None:
@@ -886,7 +892,7 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
         r2 = y  # unused
     # One tile shape per (N, K): 64 rows (Hopper's wgmma; a decode step's one row pays for 64, which a
     # memory-bound step hides), narrow column blocks where N is small so that more programs share the read.
-    BLOCK_M, BLOCK_N, BLOCK_K = (64, 16 if N <= 1024 else 32 if N < 4096 else 64, 128 if K % 128 == 0 else 64) \
+    BLOCK_M, BLOCK_N, BLOCK_K = (64, 16 if N <= 1024 else 32 if N < MATMUL_WIDE_N else 64, 128 if K % 128 == 0 else 64) \
         if x.is_cuda else (64, 64, 64)  # (the interpreter: few, large programs)
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
     b = bias.contiguous() if bias is not None else w  # unused without a bias

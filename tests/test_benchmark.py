@@ -81,20 +81,22 @@ def test_steps_times_every_kernel_set_and_restores_the_settings(tmp_path, monkey
     seen = []
     monkeypatch.setattr(benchmark, "time_graph", lambda fn: fn() is None or seen.append(
         (hl.EXACT, hl.FUSED, kernels.PATH_MERGE_IN_KERNEL, kernels.PATH_SPLIT_LEN, kernels.PATH_EDGE_TOKENS, kernels.PDL,
-         kernels.PDL_MAX_TOKENS)) or 1.0)
+         kernels.PDL_MAX_TOKENS, kernels.MATMUL_WIDE_N)) or 1.0)
     monkeypatch.setattr(benchmark, "hbm_bandwidth", lambda device: 4e12)
     monkeypatch.setattr(benchmark, "path_tiles_invariant", lambda K, cfg, tree: True)
     before = benchmark.kernel_settings(kernels)
     assert benchmark.main(["steps", "--shape", "tiny", "--device", "cpu", "--batch", "1", "2", "--context", "20",
                            "--path-tiles", "16x256", "64x128", "--unfused", "--edge-tokens", "1", "0", "--pdl",
-                           "--out", str(tmp_path)]) in (None, 0)
+                           "--matmul-wide-n", "4097", "--out", str(tmp_path)]) in (None, 0)
     rows = json.loads((tmp_path / "steps_tiny.json").read_text())["rows"]
     names = {r["step"] for r in rows}
-    assert len(rows) == 2 * 2 * 8 and len(names) == 2 * 8
+    assert len(rows) == 2 * 2 * 9 and len(names) == 2 * 9
     assert {"tree verify (merge in kernel)", "AR step (unfused layers)", "tree verify (edge tokens 0)",
             "AR step (no dependent launch)"} <= names
-    assert sorted(set(seen)) == sorted({(True, True, False, 256, 1, True, 64), (True, True, False, 128, 1, True, 64),
-                                        (True, True, False, 256, 0, True, 64), (True, True, False, 256, 1, False, 64),
-                                        (True, True, False, 256, 1, True, 0), (False, False, False, 256, 1, True, 64),
-                                        (True, False, False, 256, 1, True, 64), (True, True, True, 256, 1, True, 64)})
+    d = kernels.MATMUL_WIDE_N
+    assert sorted(set(seen)) == sorted({(True, True, False, 256, 1, True, 64, d), (True, True, False, 128, 1, True, 64, d),
+                                        (True, True, False, 256, 0, True, 64, d), (True, True, False, 256, 1, False, 64, d),
+                                        (True, True, False, 256, 1, True, 0, d), (False, False, False, 256, 1, True, 64, d),
+                                        (True, False, False, 256, 1, True, 64, d), (True, True, True, 256, 1, True, 64, d),
+                                        (True, True, False, 256, 1, True, 64, 4097)})
     assert benchmark.kernel_settings(kernels) == before
