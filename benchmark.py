@@ -609,6 +609,19 @@ def check_proposals(c, K):
         c.verdict(f"lm_topk lse=True: same top-k {tag}", torch.equal(values_l, values) and torch.equal(indices_l, indices))
         c.time(f"lm_topk +lse {tag}", lambda: K.lm_topk(x, w, 10, bias, lse=True),
                lambda: hl.lm_topk_ref(x, w, 10, bias, lse=True))
+    tree = hl.Tree(hl.default_tree(63))  # each depth's proposals written into the tree by the merge, as drafting does
+    w = torch.randn(16384, 576, device=dev, dtype=bf16) / math.sqrt(576)
+    vocab = torch.randperm(49152, device=dev)[:16384]
+    for lv in tree.levels:
+        P, k = lv["node_of"].shape
+        x = torch.randn(4, P, 576, device=dev, dtype=bf16)
+        tokens = torch.randint(0, 49152, (4, tree.size), device=dev)
+        ids = K.lm_topk(x, w, k, None, vocab)[1]  # (the kernel's own ids: this checks where they are written)
+        fill = (lv["node_of"] >= 0).flatten()
+        want, got = tokens.clone(), tokens.clone()
+        want[:, lv["node_of"].flatten()[fill]] = ids.reshape(4, -1)[:, fill]
+        K.lm_topk(x, w, k, None, vocab, into=(got, lv["node_of"]))
+        c.verdict(f"lm_topk into the tree: depth {lv['node_of'].shape} == the ids scattered by hand", torch.equal(got, want))
     for N in (64, 512):
         x = torch.randn(N, 576, device=dev, dtype=bf16)
         w = torch.randn(49152, 576, device=dev, dtype=bf16) / math.sqrt(576)
