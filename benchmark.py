@@ -388,13 +388,12 @@ def step_kernel_sets(args, K):
     and with it at every size, each --matmul-wide-n, and with --unfused the layers op by op and the merge in the
     kernel."""
     tiles, (edge, *more) = args.path_tiles, args.edge_tokens
-    default = dict(exact=True, fused=True, merge=False, tiles=tiles[0], edge=edge, pdl=True, pdl_tokens=64,
-                   wide_n=K.MATMUL_WIDE_N)
+    default = kernel_settings(K) | dict(exact=True, fused=True, merge=False, tiles=tiles[0], edge=edge)  # (launch: K's)
     sets = [(f" (path tiles {t[0]}x{t[1]})" if len(tiles) > 1 else "", default | dict(tiles=t)) for t in tiles]
     sets += [(f" (edge tokens {e})", default | dict(edge=e)) for e in more]
     if args.pdl:
         sets += [(" (no dependent launch)", default | dict(pdl=False)),
-                 (" (dependent launch at every size)", default | dict(pdl_tokens=0))]
+                 (" (dependent launch at every size)", default | dict(pdl=True, pdl_tokens=0))]
     sets += [(f" (matmul 64 columns from N={n})", default | dict(wide_n=n)) for n in args.matmul_wide_n]
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
     if args.unfused:

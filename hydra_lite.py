@@ -904,15 +904,11 @@ class ResBlock(nn.Module):
         """(weight, bias) of res and w stacked ([2 dim, in], [2 dim]), for inference, cached until they change. With
         no res projection (x already dim wide) its part is the identity: x @ I.T gives x exactly (one product of
         1.0 per output, the rest zeros), so r + silu(z) stays x + silu(z)."""
-        res_w = self.res.weight if self.res is not None else None
-        params = (res_w, self.w.weight, None if res_w is None else self.res.bias, self.w.bias)
-        key = tuple(None if p is None else _tensor_key(p) for p in params)  # rebuilt if any changed
+        w, b, res = self.w.weight, self.w.bias, self.res
+        key = tuple(_tensor_key(p) for p in (w, b) + (() if res is None else (res.weight, res.bias)))  # rebuilt if changed
         if self._fused[0] != key:
-            w, b = self.w.weight, self.w.bias
-            if res_w is None:
-                res_w, res_b = torch.eye(w.shape[0], dtype=w.dtype, device=w.device), torch.zeros_like(b)
-            else:
-                res_w, res_b = params[0], params[2]
+            res_w, res_b = (torch.eye(w.shape[0], dtype=w.dtype, device=w.device), torch.zeros_like(b)) if res is None \
+                else (res.weight, res.bias)
             self._fused = (key, (torch.cat([res_w, w]), torch.cat([res_b, b])))
         return self._fused[1]
 

@@ -118,6 +118,12 @@ def rms_norm(x, w, eps, residual=None):
 
 
 @triton.jit
+def _silu_rounded(x, DT: tl.constexpr):
+    """silu(x) in float32, rounded to DT as torch rounds F.silu's result in that dtype (the next op sees that)."""
+    return (x / (1.0 + tl.exp(-x))).to(DT).to(tl.float32)
+
+
+@triton.jit
 def _swiglu_kernel(gu_ptr, out_ptr, H, stride_row, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -125,7 +131,7 @@ def _swiglu_kernel(gu_ptr, out_ptr, H, stride_row, BLOCK: tl.constexpr):
     g = tl.load(gu_ptr + row * stride_row + cols, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * stride_row + H + cols, mask=ok, other=0.0).to(tl.float32)
     # torch rounds silu(gate) to the dtype before the product; do the same.
-    a = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    a = _silu_rounded(g, out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * H + cols, (a * u).to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -149,7 +155,7 @@ def _silu_add_kernel(r_ptr, z_ptr, o_ptr, dim, stride_r, stride_z, BLOCK: tl.con
     ok = cols < dim
     z = tl.load(z_ptr + row * stride_z + cols, mask=ok, other=0.0).to(tl.float32)
     # Round as the reference does: silu in z's dtype, then the sum in the output's.
-    act = (z / (1.0 + tl.exp(-z))).to(z_ptr.dtype.element_ty).to(tl.float32)
+    act = _silu_rounded(z, z_ptr.dtype.element_ty)
     r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(o_ptr + row * dim + cols, (r + act).to(o_ptr.dtype.element_ty), mask=ok)
 
@@ -834,10 +840,10 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K,
     out_dt = y_ptr.dtype.element_ty
     if SILU_ADD:  # r + silu(z) (rows N + rn of w), each rounded as the unfused Linear and silu_add round them
         z = up.to(out_dt).to(tl.float32)
-        acc = acc.to(out_dt).to(tl.float32) + (z / (1.0 + tl.exp(-z))).to(out_dt).to(tl.float32)
+        acc = acc.to(out_dt).to(tl.float32) + _silu_rounded(z, out_dt)
     if SWIGLU:  # silu(gate) * up (rows N + rn of w), each rounded as the unfused ops round them
         g = acc.to(out_dt).to(tl.float32)
-        a = (g / (1.0 + tl.exp(-g))).to(out_dt).to(tl.float32)
+        a = _silu_rounded(g, out_dt)
         acc = a * up.to(out_dt).to(tl.float32)
     ok = (rm < M)[:, None] & (rn < N)[None, :]
     if RESIDUAL:  # residual + the product, which is rounded first (as a separate add would see it)
@@ -1196,7 +1202,7 @@ def lm_topk(x, w, k, bias=None, vocab=None, lse=False, into=None):
     tokens, node_of = into if into is not None else (cand_i, cand_i)  # (unused without into)
     if into is not None:
         _require(tokens.dtype == torch.int64 and tokens.dim() == 2 and tokens.stride(1) == 1
-                 and node_of.shape == (N // max(tokens.shape[0], 1), k) and N == tokens.shape[0] * node_of.shape[0]
+                 and node_of.dim() == 2 and node_of.shape[1] == k and N == tokens.shape[0] * node_of.shape[0]
                  and node_of.dtype == torch.int64 and node_of.is_contiguous(),
                  f"lm_topk: into= tokens {tuple(tokens.shape)} and node_of {tuple(node_of.shape)} do not fit "
                  f"{N} rows and k={k}")

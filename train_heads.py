@@ -547,10 +547,10 @@ def fit_heads_tree(model, heads, rows, size, info, max_tokens=4096):
     log(f"tree of {len(tree) + 1} nodes: expected acceptance length {expected:.3f} "
         f"(the tree fitted as if heads were independent: {tree_accept(ranks, independent):.3f})")
     tokens, steps, _ = replay_decoding(answers, tree)
-    log(f"decoding replayed on the greedy parts of those answers: {tokens / max(steps, 1):.3f} tokens per step "
-        f"({steps} steps)")
+    replayed = tokens / max(steps, 1)
+    log(f"decoding replayed on the greedy parts of those answers: {replayed:.3f} tokens per step ({steps} steps)")
     return {"tree.json": tree, "train.json": info | {"held_out_rank_acc": rank_acc, "expected_accept": expected,
-                                                     "replayed_accept": tokens / max(steps, 1)}}
+                                                     "replayed_accept": replayed}}
 
 
 def read_json_or_empty(path):
