@@ -345,11 +345,14 @@ def steps(args):
                 cache = model.new_cache(B, 4096)
                 cache.k.normal_(), cache.v.normal_()
                 cache.lens.fill_(args.context)
-                for (suffix, settings), (name, T) in itertools.product(step_kernel_sets(args, K),
-                                                                       (("AR step", 1), ("tree verify", tree.size))):
+                sets = step_kernel_sets(args, K)
+                for (suffix, settings), (name, T) in itertools.product(sets, (("AR step", 1), ("tree verify", tree.size))):
                     use_kernel_settings(K, **settings)  # (read at capture)
                     rows.append(time_step(model, cache, tree, B, T, bw, args) | dict(step=name + suffix))
                     r = rows[-1]
+                    if args.profile and suffix in (sets[0][0], " (fast kernels)"):  # (the default set and the fast)
+                        profile_kernels(model, cache, tree, B, T, os.path.join(args.out, f"profile_{args.shape}_b{B}_"
+                                        f"{'ar' if T == 1 else 'verify'}{'_fast' if 'fast' in suffix else ''}.txt"))
                     log(f"b{B} {r['step']} ({B * T} tokens): {r['ms']:.3f} ms, HBM floor {r['hbm_floor_ms']:.3f} ms, "
                         f"bf16 FLOP floor {r['flop_floor_ms']:.3f} ms")
     finally:
@@ -373,12 +376,12 @@ def random_model(shape, device):
 def kernel_settings(K):
     """Which kernels a forward runs (read when a graph is captured), as use_kernel_settings takes them."""
     return dict(exact=hl.EXACT, fused=hl.FUSED, merge=K.PATH_MERGE_IN_KERNEL, tiles=(K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN),
-                edge=K.PATH_EDGE_TOKENS, pdl=K.PDL, pdl_tokens=K.PDL_MAX_TOKENS, wide_n=K.MATMUL_WIDE_N)
+                edge=K.PATH_EDGE_TOKENS, pdl=K.PDL, pdl_tokens=K.PDL_MAX_TOKENS, wide_n=K.MATMUL_WIDE_N, big_m=K.MATMUL_BIG_M)
 
 
-def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens, wide_n):
+def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens, wide_n, big_m):
     hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, K.PATH_EDGE_TOKENS, K.PDL = exact, fused, merge, edge, pdl
-    K.PDL_MAX_TOKENS, K.MATMUL_WIDE_N = pdl_tokens, wide_n
+    K.PDL_MAX_TOKENS, K.MATMUL_WIDE_N, K.MATMUL_BIG_M = pdl_tokens, wide_n, big_m
     K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
 
 
@@ -395,6 +398,7 @@ def step_kernel_sets(args, K):
         sets += [(" (no dependent launch)", default | dict(pdl=False)),
                  (" (dependent launch at every size)", default | dict(pdl=True, pdl_tokens=0))]
     sets += [(f" (matmul 64 columns from N={n})", default | dict(wide_n=n)) for n in args.matmul_wide_n]
+    sets += [(f" (matmul 128x64 tiles from M={m})", default | dict(big_m=m)) for m in args.matmul_big_m]
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
     if args.unfused:
         sets += [(" (unfused layers)", default | dict(fused=False)), (" (merge in kernel)", default | dict(merge=True))]
@@ -412,6 +416,29 @@ def time_step(model, cache, tree, B, T, bw, args):
     flop_ms = 2 * n_params * B * T / 790e12 * 1000
     return dict(shape=args.shape, batch=B, tokens=B * T, ms=ms, roofline_ms=max(floor_ms, flop_ms), hbm_floor_ms=floor_ms,
                 flop_floor_ms=flop_ms, fraction=max(floor_ms, flop_ms) / ms)
+
+
+def profile_kernels(model, cache, tree, B, T, path):
+    """GPU time by kernel of one step of T tokens a row, run eagerly (5 steps; a kernel's time on the GPU does
+    not depend on how it was launched): where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = cache.k.device
+    tokens = torch.randint(0, model.cfg.vocab_size, (B, T), device=dev)
+    pos = cache.lens[:, None].long() + (tree.node_depth[None] if T > 1 else 0)
+    step = lambda: model.logits(model(tokens, cache, pos, tree.rows(B) if T > 1 else None))  # noqa: E731
+    step()
+    hl.sync(dev)
+    cuda = dev.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(5 if cuda else 1):
+            step()
+        hl.sync(dev)
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(table)
+    log(f"{os.path.basename(path)}:\n" + "\n".join(table.splitlines()[:14]))
 
 
 def write_steps_report(args, rows, meta):
@@ -1197,6 +1224,7 @@ def add_steps_args(sub):
     """benchmark.py steps: step times of a random-weight model against the roofline."""
     s = sub.add_parser("steps", formatter_class=hl.HelpWithDefaults)
     s.add_argument("--shape", choices=list(SHAPES), default="7b")
+    s.add_argument("--profile", action="store_true", help="also write GPU time by kernel of each step (default and fast kernels)")
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     s.add_argument("--context", type=int, default=512)
     s.add_argument("--path-tiles", type=parse_tiles, nargs="+", default=None,
@@ -1207,6 +1235,8 @@ def add_steps_args(sub):
                    "launch (kernels.PDL, HYDRA_LITE_PDL=0) and with it for calls of every size (kernels.PDL_MAX_TOKENS)")
     s.add_argument("--matmul-wide-n", type=int, nargs="*", default=[], help="also time the matmul taking 64 columns "
                    "a program from outputs this wide (kernels.MATMUL_WIDE_N; below: 32), e.g. 4097")
+    s.add_argument("--matmul-big-m", type=int, nargs="*", default=[], help="also time the matmuls in 128x64 tiles from "
+                   "calls of this many rows (kernels.MATMUL_BIG_M), e.g. 256")
     s.add_argument("--edge-tokens", type=int, nargs="+", default=[0], help="path_attention's tokens per program at the "
                    "splits that reach past the cache (kernels.PATH_EDGE_TOKENS; 0: by batch), each timed")
     return s

@@ -7,7 +7,7 @@
 #          and p3/part_ac (the rest), each of the last two with a branch that has heads/ removed; every command
 #          starts `cp .models/pN/* /root/smol/`, the first also copies heads/ out to $WORK (the next two lack it)
 #   check  kernel check (benchmark.py check) and GPU tests
-#   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights)
+#   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights); STEPS_FLAGS adds flags (e.g. --profile)
 #   fused  the fused decoder layers (the default; HYDRA_LITE_FUSED=0: op by op): kernel check, their GPU tests, step
 #          times against the unfused layers and the previous kernels (random weights: needs no model)
 #   data   self-distillation data: rows 0-79 of the prompts (SAMPLES answers each), SYNTH template prompts
@@ -19,7 +19,8 @@
 #   e2e    end-to-end benchmark on the held-out rows 80-99 (bf16), and a float32 exact-match run
 #   data-mix  data for heads that generalize: answers to the multi-task training prompts (TASKS_TRAIN, made by
 #          tasks/build_tasks.py --split train) at temperatures 0 and 0.7, and to IMITATE prompts the model writes
-#          in the style of ShareGPT rows 0-79, into $WORK/data_tasks.npz and $WORK/data_chat.npz
+#          in the style of ShareGPT rows 0-79, into $WORK/data_tasks.npz and $WORK/data_chat.npz (TASK_SAMPLES answers
+#          a training prompt at TASK_TEMPS)
 #   train-mix  Hydra++ heads fine-tuned from INIT on both (draft vocabulary sized by coverage: auto), TIME_LIMIT s;
 #          N_LAYERS: blocks per head, more than INIT's to grow them (new blocks start as the identity)
 #          N_HEADS: heads, more than INIT's to grow them (new ones start as copies of the last)
@@ -61,8 +62,8 @@ for stage in "$@"; do
         python3 benchmark.py steps --shape $shape --unfused --pdl --edge-tokens 0 1 $wide --out "$RES/fused" 2>&1 | tee "$RES/steps_fused_$shape.txt" | grep "^|"
       done ;;
     steps)
-      python3 benchmark.py steps --shape 7b --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
-      python3 benchmark.py steps --shape smollm2-135m --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;
+      python3 benchmark.py steps --shape 7b ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
+      python3 benchmark.py steps --shape smollm2-135m ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;
     data)
       python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples ${SAMPLES:-24} --temperatures ${TEMPS:-0,0.3,0.7,1.0} \
         --synthetic ${SYNTH:-12000} --imitate ${IMITATE:-0} --seed ${SEED:-0} --max-new-tokens ${MAX_NEW:-384} --batch ${BATCH:-192} --time-limit ${DATA_TIME:-0} --out "$DATA" 2>&1 | tee "$RES/data.txt" | awk 'NR % 10 == 1 || /wrote|rror/' ;;
@@ -79,7 +80,7 @@ for stage in "$@"; do
         --no-hf --heads hydra++=$H/heads-hydra++ --out "$RES/fp32" 2>&1 | tee "$RES/e2e_fp32.txt" ;;
     data-mix)
       if [ -f "${TASKS_TRAIN:-runs/tasks_train.jsonl}.gz" ]; then gunzip -kf "${TASKS_TRAIN:-runs/tasks_train.jsonl}.gz"; fi
-      python3 train_heads.py data --checkpoint "$CKPT" --prompts "${TASKS_TRAIN:-runs/tasks_train.jsonl}" --samples 2 --temperatures 0,0.7 \
+      python3 train_heads.py data --checkpoint "$CKPT" --prompts "${TASKS_TRAIN:-runs/tasks_train.jsonl}" --samples ${TASK_SAMPLES:-2} --temperatures ${TASK_TEMPS:-0,0.7} \
         --max-new-tokens ${MAX_NEW:-256} --batch ${BATCH:-256} --time-limit ${DATA_TIME:-170} --out "$WORK/data_tasks.npz" 2>&1 | tee "$RES/data_tasks.txt" | awk 'NR % 10 == 1 || /wrote|rror/'
       python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples 4 --temperatures 0,0.3,0.7 --imitate ${IMITATE:-8000} \
         --seed 4 --max-new-tokens ${MAX_NEW:-256} --batch ${BATCH:-256} --time-limit ${DATA_TIME2:-130} --out "$WORK/data_chat.npz" 2>&1 | tee "$RES/data_chat.txt" | awk 'NR % 10 == 1 || /wrote|rror/' ;;
