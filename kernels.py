@@ -689,6 +689,9 @@ PATH_TILE_ROWS = 16  # tile rows (tokens x GQA heads) on the GPU, for every call
 # worth). 1 (one token per program, as before) until the others are timed on a GPU (issue 15: batch-8 verify).
 PATH_EDGE_TOKENS = int(os.environ.get("HYDRA_LITE_PATH_EDGE_TOKENS", "0"))
 PATH_MERGE_IN_KERNEL = os.environ.get("HYDRA_LITE_PATH_MERGE", "0") == "1"
+# Warps per path_attention program. Constant for every call, like the tiles: the row reductions of the online
+# softmax are laid out by warps, so decoding and verification must share it. 4 until others are timed (issue 15).
+PATH_WARPS = int(os.environ.get("HYDRA_LITE_PATH_WARPS", "4"))
 _MERGE_COUNTS = {}  # device -> int32 counts, one per output row, all 0 between calls (each merge resets its rows)
 _DECODE_PATH = {}  # device -> the one-token path ([[[0]]], depth [[0]]): a decode step is a one-node tree
 
@@ -742,7 +745,7 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,
-        MERGE=PATH_MERGE_IN_KERNEL, num_warps=4, num_stages=2, **_pdl(q, B * T))
+        MERGE=PATH_MERGE_IN_KERNEL, num_warps=PATH_WARPS, num_stages=2, **_pdl(q, B * T))
     if PATH_MERGE_IN_KERNEL:
         return out
     _path_combine_kernel[(T, B)](po, plse, lens, depth, out, T, Hq, D, num_splits, *depth.stride(),

@@ -304,6 +304,18 @@ def more_heads(heads, n_heads, base_cfg):
     return new.train().requires_grad_(True)
 
 
+def fewer_heads(heads, n_heads, base_cfg):
+    """The first n_heads of heads, unchanged (a head reads only the levels above it): trained as six, their first
+    four draft as the six do to depth four, at the step cost of four."""
+    hc = dataclasses.replace(heads.hc, n_heads=n_heads)
+    param = next(heads.parameters())
+    new = hl.DraftHeads(hc, base_cfg).to(param.device, param.dtype)
+    state = {k: v for k, v in heads.state_dict().items()
+             if not k.startswith("heads.") or int(k.split(".")[1]) < n_heads}
+    new.load_state_dict(state)
+    return new.eval().requires_grad_(False)
+
+
 def new_heads(model, kind, n_heads, n_layers, vocab=None, source="train_heads.py"):
     c = model.cfg
     grounded, prefix = kind in ("hydra", "hydra++"), kind == "hydra++"
@@ -645,7 +657,13 @@ def build_parser():
     f.add_argument("--held-out", action="store_true", help="use the answers train held out (same --seed)")
     f.add_argument("--tree-size", type=int, default=63)
     f.add_argument("--max-tokens", type=int, default=4096)
-    for p in (d, t, f):
+    k = sub.add_parser("keep", help="the first --n-heads of --init's heads, with a tree of that depth",
+                       formatter_class=hl.HelpWithDefaults)
+    k.add_argument("--init", required=True, help="heads to take from")
+    k.add_argument("--n-heads", type=int, required=True)
+    k.add_argument("--tree-from", default=None,
+                   help="heads whose tree.json to use (default: --init's tree cut to --n-heads levels; refit with: tree)")
+    for p in (d, t, f, k):
         p.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
         p.add_argument("--out", required=True)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -666,7 +684,7 @@ def main(argv=None):
         # (data: ~20% more tokens/s on the GPU than the batch-invariant kernels, BENCHMARKS.md run 13; training's
         # base-model forward over 8,192-token batches wants cuBLAS's large tiles, not one tile shape for all).
         hl.EXACT = False
-        {"data": run_data, "tree": run_tree, "train": run_train}[args.cmd](args, model, dtype)
+        {"data": run_data, "tree": run_tree, "train": run_train, "keep": run_keep}[args.cmd](args, model, dtype)
     except hl.HydraLiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -728,6 +746,27 @@ def run_train(args, model, dtype):
     heads = heads.to(dtype)
     hl.save_heads(heads, args.out, model.cfg, fit_heads_tree(model, heads, held_out, args.tree_size, info))
     log(f"saved heads to {args.out}")
+
+
+def run_keep(args, model, dtype):
+    """train_heads.py keep: the first --n-heads of --init's heads into --out, with --tree-from's tree (or --init's
+    cut to that depth); train.json keeps --init's history and its held-out accuracies of the heads kept."""
+    heads = hl.load_heads(args.init, model)
+    if not 1 <= args.n_heads <= heads.hc.n_heads:
+        raise hl.HydraLiteError(f"--n-heads {args.n_heads}: {args.init} has {heads.hc.n_heads} heads")
+    source = args.tree_from or args.init
+    tree = hl.read_json(os.path.join(source, "tree.json"))
+    if args.tree_from and max(map(len, tree)) > args.n_heads:
+        raise hl.HydraLiteError(f"the tree of {source} is {max(map(len, tree))} levels deep: more than {args.n_heads} heads")
+    tree = list(dict.fromkeys(tuple(p) for p in tree if len(p) <= args.n_heads))  # (a cut tree stays a tree)
+    info = read_json_or_empty(os.path.join(args.init, "train.json"))
+    info = {"cmd": "keep", "init": args.init, "kept_heads": args.n_heads, "tree_from": source,
+            "held_out_rank_acc": (info.get("held_out_rank_acc") or [])[:args.n_heads], "init_train": info}
+    stored = next(t.dtype for t in hl.load_safetensors(hl.shard_files(args.init, "heads")).values()
+                  if t.is_floating_point())  # (written as stored)
+    hl.save_heads(fewer_heads(heads, args.n_heads, model.cfg).to(stored), args.out, model.cfg,
+                  {"tree.json": [list(p) for p in tree], "train.json": info})
+    log(f"wrote the first {args.n_heads} of {heads.hc.n_heads} heads, with a tree of {len(tree) + 1} nodes, to {args.out}")
 
 
 def heads_to_train(args, model, counts, size):
@@ -806,6 +845,11 @@ def check_args(args):
         shipped = os.path.join(hl.HERE, "heads")
         if os.path.isdir(args.out) and os.path.commonpath([shipped, os.path.abspath(args.out)]) == shipped and not args.force:
             raise hl.HydraLiteError(f"{args.out} holds heads shipped with hydra-lite; write elsewhere, or add --force")
+    if args.cmd == "keep":
+        for path in filter(None, (args.init, args.tree_from)):
+            if not os.path.isfile(os.path.join(path, "heads.json")):
+                raise hl.HydraLiteError(f"no heads in {path}")
+        hl.check_int("--n-heads", args.n_heads, 1, 16)
     if args.cmd == "tree" and not os.path.isfile(os.path.join(args.out, "heads.json")):
         raise hl.HydraLiteError(f"no heads in {args.out} to fit a tree for")
 

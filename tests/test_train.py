@@ -318,6 +318,40 @@ def test_more_heads_keep_the_old_ones_and_start_from_the_last():
         assert heads.heads[1].blocks[0].w.weight.grad is None  # a copy, not shared
 
 
+def test_keep_writes_the_first_heads_and_their_tree(tmp_path):
+    """train_heads.py keep: the first N heads, as stored (bf16 stays bf16), proposing exactly what they did among
+    all of them; the tree cut to N levels (a tree still: every parent kept), or another heads' tree of that depth."""
+    model = tiny_model(9)
+    heads = th.new_heads(model, "hydra++", 3, 2, torch.randperm(model.cfg.vocab_size)[:60])
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    tree = [[0], [1], [0, 0], [0, 1], [0, 0, 0], [1, 0], [0, 1, 0]]
+    src, out, other = (str(tmp_path / n) for n in ("src", "out", "other"))
+    hl.save_heads(heads.to(torch.bfloat16), src, model.cfg,
+                  {"tree.json": tree, "train.json": {"held_out_rank_acc": [[0.5], [0.4], [0.3]]}})
+    args = th.build_parser().parse_args(["keep", "--init", src, "--n-heads", "2", "--out", out])
+    th.run_keep(args, model, torch.float32)
+    kept, full = hl.load_heads(out, model), hl.load_heads(src, model)
+    assert kept.hc.n_heads == 2 and len(kept.heads) == 2 and torch.equal(kept.vocab, full.vocab)
+    assert kept.tree_choices == [[0], [1], [0, 0], [0, 1], [1, 0]]
+    assert hl.read_json(os.path.join(out, "train.json"))["held_out_rank_acc"] == [[0.5], [0.4]]
+    stored = hl.load_safetensors(hl.shard_files(out, "heads"))
+    assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert all(torch.equal(t, hl.load_safetensors(hl.shard_files(src, "heads"))[k]) for k, t in stored.items())
+    with torch.no_grad():
+        for k in range(2):
+            x = torch.randn(5, (k + 2) * model.cfg.dim)
+            assert torch.equal(kept.heads[k](x, model.output_weight), full.heads[k](x, model.output_weight))
+        h = torch.randn(1, 7, model.cfg.dim)
+        assert torch.equal(kept.run_prefix(h, model.new_cache(1, 8).rope), full.run_prefix(h, model.new_cache(1, 8).rope))
+    th.run_keep(th.build_parser().parse_args(["keep", "--init", src, "--n-heads", "3", "--tree-from", out,
+                                              "--out", other]), model, torch.float32)
+    assert hl.load_heads(other, model).tree_choices == kept.tree_choices
+    with pytest.raises(hl.HydraLiteError, match="3 levels deep"):
+        th.run_keep(th.build_parser().parse_args(["keep", "--init", src, "--n-heads", "2", "--tree-from", src,
+                                                  "--out", other]), model, torch.float32)
+
+
 @pytest.mark.parametrize("argv,match", [
     (["data", "--prompts", "q.jsonl", "--out", "x.txt"], "data files are .npz"),
     (["data", "--prompts", "/nonexistent.jsonl", "--out", "x.npz"], "not found"),
@@ -334,6 +368,7 @@ def test_more_heads_keep_the_old_ones_and_start_from_the_last():
     (["train", "--steps", "x"], "invalid int value"),
     (["train", "--data", "{data}", "--n-layers", "0", "--out", "h"], "--n-layers must be"),
     (["train", "--data", "{data}", "--n-heads", "0", "--out", "h"], "--n-heads must be"),
+    (["keep", "--init", "/nonexistent", "--n-heads", "2", "--out", "h"], "no heads in"),
 ])
 def test_train_heads_mistakes_are_one_line(tmp_path, capsys, argv, match):
     """Refused before the model loads (the checkpoint named does not even exist): one line, exit 2."""
