@@ -376,12 +376,12 @@ def random_model(shape, device):
 def kernel_settings(K):
     """Which kernels a forward runs (read when a graph is captured), as use_kernel_settings takes them."""
     return dict(exact=hl.EXACT, fused=hl.FUSED, merge=K.PATH_MERGE_IN_KERNEL, tiles=(K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN),
-                edge=K.PATH_EDGE_TOKENS, pdl=K.PDL, pdl_tokens=K.PDL_MAX_TOKENS, wide_n=K.MATMUL_WIDE_N, big_m=K.MATMUL_BIG_M)
+                edge=K.PATH_EDGE_TOKENS, pdl=K.PDL, pdl_tokens=K.PDL_MAX_TOKENS, wide_n=K.MATMUL_WIDE_N)
 
 
-def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens, wide_n, big_m):
+def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens, wide_n):
     hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, K.PATH_EDGE_TOKENS, K.PDL = exact, fused, merge, edge, pdl
-    K.PDL_MAX_TOKENS, K.MATMUL_WIDE_N, K.MATMUL_BIG_M = pdl_tokens, wide_n, big_m
+    K.PDL_MAX_TOKENS, K.MATMUL_WIDE_N = pdl_tokens, wide_n
     K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
 
 
@@ -398,7 +398,6 @@ def step_kernel_sets(args, K):
         sets += [(" (no dependent launch)", default | dict(pdl=False)),
                  (" (dependent launch at every size)", default | dict(pdl=True, pdl_tokens=0))]
     sets += [(f" (matmul 64 columns from N={n})", default | dict(wide_n=n)) for n in args.matmul_wide_n]
-    sets += [(f" (matmul 128x64 tiles from M={m})", default | dict(big_m=m)) for m in args.matmul_big_m]
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
     if args.unfused:
         sets += [(" (unfused layers)", default | dict(fused=False)), (" (merge in kernel)", default | dict(merge=True))]
@@ -635,7 +634,7 @@ def check_proposals(c, K):
         c.verdict(f"lm_topk lse=True: same top-k {tag}", torch.equal(values_l, values) and torch.equal(indices_l, indices))
         c.time(f"lm_topk +lse {tag}", lambda: K.lm_topk(x, w, 10, bias, lse=True),
                lambda: hl.lm_topk_ref(x, w, 10, bias, lse=True))
-    tree = hl.Tree(hl.default_tree(63))  # each depth's proposals written into the tree by the merge, as drafting does
+    tree = hl.Tree(hl.default_tree(63), dev)  # each depth's proposals written into the tree by the merge, as drafting does
     w = torch.randn(16384, 576, device=dev, dtype=bf16) / math.sqrt(576)
     vocab = torch.randperm(49152, device=dev)[:16384]
     for lv in tree.levels:
@@ -1235,8 +1234,6 @@ def add_steps_args(sub):
                    "launch (kernels.PDL, HYDRA_LITE_PDL=0) and with it for calls of every size (kernels.PDL_MAX_TOKENS)")
     s.add_argument("--matmul-wide-n", type=int, nargs="*", default=[], help="also time the matmul taking 64 columns "
                    "a program from outputs this wide (kernels.MATMUL_WIDE_N; below: 32), e.g. 4097")
-    s.add_argument("--matmul-big-m", type=int, nargs="*", default=[], help="also time the matmuls in 128x64 tiles from "
-                   "calls of this many rows (kernels.MATMUL_BIG_M), e.g. 256")
     s.add_argument("--edge-tokens", type=int, nargs="+", default=[0], help="path_attention's tokens per program at the "
                    "splits that reach past the cache (kernels.PATH_EDGE_TOKENS; 0: by batch), each timed")
     return s

@@ -863,21 +863,16 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K,
 # over N / BLOCK_N programs: at N = 4096 (a 7B model's attention output and down projection) 64 of them leave
 # half of an H100's SMs idle; 4097 gives those 128. Per (N, K), so a row's bits still do not depend on M.
 MATMUL_WIDE_N = int(os.environ.get("HYDRA_LITE_MATMUL_WIDE_N", "4096"))
-# Calls of this many rows or more take 128 x 64 tiles (0: never). A batch of trees (8 x 64 rows) in 64 x 16 tiles
-# rereads each x tile once per 16 columns. Only the tile's extent changes, not the reduction over K (the same
-# BLOCK_K steps in the same order, the same MMA): whether a row's bits stay the same is for the GPU check to show.
-MATMUL_BIG_M = int(os.environ.get("HYDRA_LITE_MATMUL_BIG_M", "0"))
 
 
-def _matmul_tiles(M, N, K, cuda):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of a matmul: one BLOCK_K per K. 64 rows (Hopper's wgmma; a decode
-    step's one row pays for 64, which a memory-bound step hides), narrow column blocks where N is small so that more
-    programs share the read of w; with MATMUL_BIG_M, large calls in large tiles."""
+def _matmul_tiles(N, K, cuda):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of a matmul, one per (N, K) whatever M: 64 rows (Hopper's wgmma; a
+    decode step's one row pays for 64, which a memory-bound step hides), narrow column blocks where N is small so
+    that more programs share the read of w. (128 x 64 tiles from 256 rows made batch-8 verification slower, 2.35
+    vs 2.25 ms: BENCHMARKS.md run 17.)"""
     if not cuda:
         return 64, 64, 64, 4  # (the interpreter: few, large programs)
     BLOCK_K = 128 if K % 128 == 0 else 64
-    if MATMUL_BIG_M and M >= MATMUL_BIG_M:
-        return 128, 64, BLOCK_K, 8
     return 64, 16 if N <= 1024 else 32 if N < MATMUL_WIDE_N else 64, BLOCK_K, 4
 
 
@@ -915,7 +910,7 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
         r2 = r2 if r2.stride(1) == 1 else r2.contiguous()
     else:
         r2 = y  # unused
-    BLOCK_M, BLOCK_N, BLOCK_K, warps = _matmul_tiles(M, N, K, x.is_cuda)
+    BLOCK_M, BLOCK_N, BLOCK_K, warps = _matmul_tiles(N, K, x.is_cuda)
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
     b = bias.contiguous() if bias is not None else w  # unused without a bias
     ss_in, P, BLOCK_P = _sumsq_in(sumsq if rms_eps is not None else None, M, x.device)
@@ -992,8 +987,7 @@ def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n
     x2 = x.reshape(B * T, K)
     q = torch.empty(B, T, n_heads, D, dtype=x.dtype, device=x.device)
     pairs = (n_heads + 2 * Hkv) * D // 2
-    BLOCK_M, BLOCK_N, BLOCK_K, warps = _matmul_tiles(B * T, 0, K, x.is_cuda)  # (BLOCK_N pairs: 2 x BLOCK_N columns)
-    BLOCK_N = min(BLOCK_N, 32)
+    BLOCK_M, BLOCK_N, BLOCK_K, warps = _matmul_tiles(0, K, x.is_cuda)  # (BLOCK_N pairs: 2 x BLOCK_N columns)
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
     ss_in, P, BLOCK_P = _sumsq_in(sumsq, B * T, x.device)
     _qkv_rope_kernel[(triton.cdiv(B * T, BLOCK_M), triton.cdiv(pairs, BLOCK_N))](
