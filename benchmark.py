@@ -376,12 +376,13 @@ def random_model(shape, device):
 def kernel_settings(K):
     """Which kernels a forward runs (read when a graph is captured), as use_kernel_settings takes them."""
     return dict(exact=hl.EXACT, fused=hl.FUSED, merge=K.PATH_MERGE_IN_KERNEL, tiles=(K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN),
-                edge=K.PATH_EDGE_TOKENS, pdl=K.PDL, pdl_tokens=K.PDL_MAX_TOKENS, wide_n=K.MATMUL_WIDE_N)
+                edge=K.PATH_EDGE_TOKENS, pdl=K.PDL, pdl_tokens=K.PDL_MAX_TOKENS, wide_n=K.MATMUL_WIDE_N, programs=K.PATH_PROGRAMS,
+                warps=K.PATH_WARPS)
 
 
-def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens, wide_n):
+def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens, wide_n, programs, warps):
     hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, K.PATH_EDGE_TOKENS, K.PDL = exact, fused, merge, edge, pdl
-    K.PDL_MAX_TOKENS, K.MATMUL_WIDE_N = pdl_tokens, wide_n
+    K.PDL_MAX_TOKENS, K.MATMUL_WIDE_N, K.PATH_PROGRAMS, K.PATH_WARPS = pdl_tokens, wide_n, programs, warps
     K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
 
 
@@ -398,6 +399,8 @@ def step_kernel_sets(args, K):
         sets += [(" (no dependent launch)", default | dict(pdl=False)),
                  (" (dependent launch at every size)", default | dict(pdl=True, pdl_tokens=0))]
     sets += [(f" (matmul 64 columns from N={n})", default | dict(wide_n=n)) for n in args.matmul_wide_n]
+    sets += [(f" (path_attention ~{n} programs)", default | dict(programs=n)) for n in args.path_programs]
+    sets += [(f" (path_attention {w} warps)", default | dict(warps=w)) for w in args.path_warps]
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
     if args.unfused:
         sets += [(" (unfused layers)", default | dict(fused=False)), (" (merge in kernel)", default | dict(merge=True))]
@@ -1234,6 +1237,10 @@ def add_steps_args(sub):
                    "launch (kernels.PDL, HYDRA_LITE_PDL=0) and with it for calls of every size (kernels.PDL_MAX_TOKENS)")
     s.add_argument("--matmul-wide-n", type=int, nargs="*", default=[], help="also time the matmul taking 64 columns "
                    "a program from outputs this wide (kernels.MATMUL_WIDE_N; below: 32), e.g. 4097")
+    s.add_argument("--path-programs", type=int, nargs="*", default=[], help="also time path_attention with about this "
+                   "many programs for the splits below the cache length (kernels.PATH_PROGRAMS), e.g. 264 528")
+    s.add_argument("--path-warps", type=int, nargs="*", default=[], help="also time path_attention with this many "
+                   "warps a program (kernels.PATH_WARPS), e.g. 1 2")
     s.add_argument("--edge-tokens", type=int, nargs="+", default=[0], help="path_attention's tokens per program at the "
                    "splits that reach past the cache (kernels.PATH_EDGE_TOKENS; 0: by batch), each timed")
     return s

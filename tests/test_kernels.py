@@ -459,6 +459,12 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
     for edge in (1, 2, 16):  # tokens per program at the edge splits: how work is shared out, not a row's bits
         monkeypatch.setattr(kernels, "PATH_EDGE_TOKENS", edge)
         assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), edge
+    for programs in (1, 20):  # splits below lens looped by fewer programs: all by one per tile, or every 3rd
+        monkeypatch.setattr(kernels, "PATH_PROGRAMS", programs)
+        assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), programs
+        assert torch.equal(kernels.path_attention(q[:, :1], k_cache, v_cache, lens),
+                           kernels.path_attention(q[:, :1], k_cache, v_cache, lens, path[:, :1, :1], depth[:, :1]))
+    monkeypatch.setattr(kernels, "PATH_PROGRAMS", 0)
     for b in range(B):
         for t in {0, int(depth[b].argmax())}:  # the root, a deepest node
             n = int(lens[b])
@@ -482,9 +488,11 @@ def test_path_attention_merge_in_kernel_equals_combine(dtype, monkeypatch):
     for args in ((q, k_cache, v_cache, lens, path, depth), (q[:, :1], k_cache, v_cache, lens)):
         monkeypatch.setattr(kernels, "PATH_MERGE_IN_KERNEL", False)
         want = kernels.path_attention(*args)
-        monkeypatch.setattr(kernels, "PATH_MERGE_IN_KERNEL", True)
-        assert torch.equal(kernels.path_attention(*args), want)
-        assert not kernels._MERGE_COUNTS[q.device].any()
+        for programs in (0, 1):  # (1: a program merges after its last split)
+            monkeypatch.setattr(kernels, "PATH_MERGE_IN_KERNEL", True)
+            monkeypatch.setattr(kernels, "PATH_PROGRAMS", programs)
+            assert torch.equal(kernels.path_attention(*args), want)
+            assert not kernels._MERGE_COUNTS[q.device].any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
