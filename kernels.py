@@ -507,10 +507,10 @@ def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
 # keys (its path), updating only that token's rows (the others keep their state bit for bit). An MMA row depends
 # only on its own row of q and on the key tile, so each row gets the same bits either way: those of decoding.
 # Grid axis 0: n_tiles x GROUPS programs for the splits below lens (GROUPS = NUM_SPLITS unless PATH_PROGRAMS:
-# one split each, those past lens idle), then 2 per EDGE_TOK tokens for the (at most two) splits that reach lens.
-# GROUPS and EDGE_TOK change how the work is shared out, not a row's bits: one token per program keeps a small
-# batch's edge in parallel, a tile of tokens per program saves a large batch from reading the cached part of the
-# edge split once per token.
+# one split each, those past lens idle), then 2 per EDGE_TOK tokens (1 with PATH_PROGRAMS) for the (at most two)
+# splits that reach lens. GROUPS, EDGE_TOK and the edge programs change how the work is shared out, not a row's
+# bits: one token per program keeps a small batch's edge in parallel, a tile of tokens per program saves a large
+# batch from reading the cached part of the edge split once per token.
 
 
 @triton.jit
@@ -536,7 +536,7 @@ def _path_block(acc, m_i, l_i, q, k_base, v_base, slot, seen, rows, sks, svs, sc
 
 @triton.jit(do_not_specialize=["T"])
 def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr, plse_ptr, o_ptr, cnt_ptr,
-                      T, Hq, Hkv, D, scale, NUM_SPLITS, N_SHARED, EDGE_TOK, GROUPS,
+                      T, Hq, Hkv, D, scale, NUM_SPLITS, N_SHARED, EDGE_TOK, GROUPS, EDGE_PROGS,
                       sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, spb, spt, spj, sdb, sdt,
                       REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
@@ -547,13 +547,13 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
     b = (tl.program_id(1) // Hkv).to(tl.int64)
     kvh = tl.program_id(1) % Hkv
     lens = tl.load(lens_ptr + b)
-    # A program past N_SHARED takes one split that reaches past the cache: lens' own, or the next (a path may
-    # cross into it). One below takes the splits wholly below lens of its group, every GROUPS-th of them (which
-    # program reduces a split is not in the split's bits).
+    # Programs past N_SHARED take the (at most two) splits that reach past the cache, lens' own and the next (a
+    # path may cross into it): EDGE_PROGS 2, one each; 1, both. One below takes the splits wholly below lens of
+    # its group, every GROUPS-th of them. (Which program reduces a split is not in the split's bits.)
     edge = pid >= N_SHARED
-    t0 = tl.where(edge, (pid - N_SHARED) // 2 * EDGE_TOK, pid // GROUPS * TOK)
-    first = tl.where(edge, lens // SPLIT_LEN + (pid - N_SHARED) % 2, pid % GROUPS)
-    last = tl.where(edge, tl.minimum(first + 1, NUM_SPLITS), lens // SPLIT_LEN)
+    t0 = tl.where(edge, (pid - N_SHARED) // EDGE_PROGS * EDGE_TOK, pid // GROUPS * TOK)
+    first = tl.where(edge, lens // SPLIT_LEN + (pid - N_SHARED) % EDGE_PROGS, pid % GROUPS)
+    last = tl.where(edge, tl.minimum(first + 3 - EDGE_PROGS, NUM_SPLITS), lens // SPLIT_LEN)
     stride = tl.where(edge, 1, GROUPS)
     offs_m = tl.arange(0, BLOCK_M)
     tok = offs_m // REP  # each tile row's token (in the tile)
@@ -693,8 +693,9 @@ PATH_EDGE_TOKENS = int(os.environ.get("HYDRA_LITE_PATH_EDGE_TOKENS", "0"))
 PATH_MERGE_IN_KERNEL = os.environ.get("HYDRA_LITE_PATH_MERGE", "0") == "1"
 # Programs for the splits wholly below the cache length, about (0: one per split and tile, as many as the cache
 # has splits, most of them past lens and idle: 4,700 of a batch-8 verification's 5,600 with 16 splits). With N,
-# each program takes every G-th split of its tile, G = splits x tiles / N at most: the same partials, bit for bit
-# (a split is reduced alike whichever program does it), from fewer launches. Off until timed (issue 15).
+# each program takes every G-th split of its tile, G = splits x tiles / N at most, and one program per edge
+# group takes both edge splits (the second is idle unless a path crosses into it): the same partials, bit for
+# bit (a split is reduced alike whichever program does it), from fewer launches. Off until timed (issue 15).
 PATH_PROGRAMS = int(os.environ.get("HYDRA_LITE_PATH_PROGRAMS", "0"))
 # Warps per path_attention program. Constant for every call, like the tiles: the row reductions of the online
 # softmax are laid out by warps, so decoding and verification must share it. 4 until others are timed (issue 15).
@@ -739,6 +740,7 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     num_splits = triton.cdiv(S, PATH_SPLIT_LEN)
     n_tiles = triton.cdiv(T, BLOCK_M // REP)
     groups = num_splits if not PATH_PROGRAMS else max(1, min(num_splits, triton.cdiv(PATH_PROGRAMS, n_tiles * B * Hkv)))
+    edge_progs = 1 if PATH_PROGRAMS else 2
     n_shared = n_tiles * groups
     edge_tok = min(PATH_EDGE_TOKENS or (1 if B == 1 else BLOCK_M // REP), BLOCK_M // REP)
     po = torch.empty(B * T * Hq * num_splits * D, dtype=torch.float32, device=q.device)
@@ -747,9 +749,9 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     upcast = (not q.is_cuda) or q.dtype == torch.float32 or q.dtype != k_cache.dtype
     lens = lens.contiguous()
     counts = _merge_counts(q.device, B * T * Hq) if PATH_MERGE_IN_KERNEL else lens  # (unused without the merge)
-    _path_attn_kernel[(n_shared + 2 * triton.cdiv(T, edge_tok), B * Hkv)](
+    _path_attn_kernel[(n_shared + edge_progs * triton.cdiv(T, edge_tok), B * Hkv)](
         q, k_cache, v_cache, lens, path, depth, po, plse, out, counts, T, Hq, Hkv, D,
-        1.0 / math.sqrt(D) * 1.4426950408889634, num_splits, n_shared, edge_tok, groups,
+        1.0 / math.sqrt(D) * 1.4426950408889634, num_splits, n_shared, edge_tok, groups, edge_progs,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,
