@@ -337,10 +337,13 @@ def steps(args):
     before, rows = kernel_settings(K), []
     try:
         with torch.inference_mode():
-            for tiles, merge in [(t, False) for t in args.path_tiles] + ([(args.path_tiles[0], True)] if args.unfused else []):
-                use_kernel_settings(K, **before | dict(exact=True, merge=merge, tiles=tiles))  # each: node == decoding
-                log(f"path tiles {tiles[0]}x{tiles[1]}{', merge in kernel' if merge else ''}: tree node == decoding, "
-                    f"bit for bit: {path_tiles_invariant(K, model.cfg, tree)}")
+            first = dict(exact=True, tiles=args.path_tiles[0])
+            checks = [dict(first, tiles=t) for t in args.path_tiles] + ([dict(first, merge=True)] if args.unfused else [])
+            checks += [dict(first, programs=n) for n in args.path_programs] + [dict(first, warps=w) for w in args.path_warps]
+            for change in checks:  # each path_attention setting: a tree node == decoding its path
+                use_kernel_settings(K, **before | change)
+                log(f"path_attention {change}: tree node == decoding, bit for bit: {path_tiles_invariant(K, model.cfg, tree)}")
+            use_kernel_settings(K, **before)  # (the kernel sets below start from the settings as they were)
             for B in args.batch:
                 cache = model.new_cache(B, 4096)
                 cache.k.normal_(), cache.v.normal_()

@@ -7,6 +7,8 @@
 #          and p3/part_ac (the rest), each of the last two with a branch that has heads/ removed; every command
 #          starts `cp .models/pN/* /root/smol/`, the first also copies heads/ out to $WORK (the next two lack it)
 #   check  kernel check (benchmark.py check) and GPU tests
+#   paths  path_attention's programs (kernels.PATH_PROGRAMS) and warps: the kernel check with PATH_PROGRAMS set,
+#          then SmolLM2 step times and profiles for several of each (random weights: needs no model)
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights); STEPS_FLAGS adds flags (e.g. --profile)
 #   fused  the fused decoder layers (the default; HYDRA_LITE_FUSED=0: op by op): kernel check, their GPU tests, step
 #          times against the unfused layers and the previous kernels (random weights: needs no model)
@@ -61,6 +63,10 @@ for stage in "$@"; do
         wide=$([ $shape = 7b ] && echo "--matmul-wide-n 4097" || true)  # (SmolLM2 has no output 4096 wide)
         python3 benchmark.py steps --shape $shape --unfused --pdl --edge-tokens 0 1 $wide --out "$RES/fused" 2>&1 | tee "$RES/steps_fused_$shape.txt" | grep "^|"
       done ;;
+    paths)  # issue 15: path_attention with fewer programs (PATH_PROGRAMS) and other warps, bits checked, then timed
+      HYDRA_LITE_PATH_PROGRAMS=${PATH_PROGRAMS:-528} python3 benchmark.py check 2>&1 | tee "$RES/check_paths.txt" | grep -E "FAIL|path_attention tree node|all PASS" || true
+      python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --path-programs 264 528 1056 --path-warps 1 2 --profile \
+        --out "$RES/paths" 2>&1 | tee "$RES/steps_paths.txt" | grep -E "bit for bit|^\|" ;;
     steps)
       python3 benchmark.py steps --shape 7b ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
       python3 benchmark.py steps --shape smollm2-135m ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;
