@@ -8,7 +8,7 @@
 #          starts `cp .models/pN/* /root/smol/`, the first also copies heads/ out to $WORK (the next two lack it)
 #   check  kernel check (benchmark.py check) and GPU tests
 #   paths  path_attention's programs (kernels.PATH_PROGRAMS) and warps: the kernel check with PATH_PROGRAMS set,
-#          then SmolLM2 step times and profiles for several of each (random weights: needs no model)
+#          then SmolLM2 step times and profiles for several of each and for shorter splits (random weights: no model)
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights); STEPS_FLAGS adds flags (e.g. --profile)
 #   fused  the fused decoder layers (the default; HYDRA_LITE_FUSED=0: op by op): kernel check, their GPU tests, step
 #          times against the unfused layers and the previous kernels (random weights: needs no model)
@@ -65,7 +65,7 @@ for stage in "$@"; do
       done ;;
     paths)  # issue 15: path_attention with fewer programs (PATH_PROGRAMS) and other warps, bits checked, then timed
       HYDRA_LITE_PATH_PROGRAMS=${PATH_PROGRAMS:-528} python3 benchmark.py check 2>&1 | tee "$RES/check_paths.txt" | grep -E "FAIL|path_attention tree node|all PASS" || true
-      python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --path-programs 264 528 1056 --path-warps 1 2 --profile \
+      python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --path-tiles 16x256 16x128 16x64 --path-programs 264 528 1056 --path-warps 1 2 --profile \
         --out "$RES/paths" 2>&1 | tee "$RES/steps_paths.txt" | grep -E "bit for bit|^\|" ;;
     steps)
       python3 benchmark.py steps --shape 7b ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
