@@ -986,6 +986,7 @@ class DraftHeads(nn.Module):
         self.register_buffer("vocab", torch.zeros(hc.draft_vocab, dtype=torch.long) if hc.draft_vocab else None)
         self._cut = {}
         self.tree_choices = None  # the tree these heads were fitted with (load_heads reads tree.json), if any
+        self.context_tree = None  # the tree to use beside context drafts (tree_context.json), if it differs
         self.rank_acc = None  # [head][rank]: how often that rank is right on held-out answers (train.json), if known
 
     def proposal_weights(self, d, base_lm_w, cached=True):
@@ -1044,6 +1045,8 @@ def load_heads(path, base: Llama):
     heads = heads.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
     tree_path, train_path = os.path.join(path, "tree.json"), os.path.join(path, "train.json")
     heads.tree_choices = read_json(tree_path) if os.path.exists(tree_path) else None
+    context_path = os.path.join(path, "tree_context.json")
+    heads.context_tree = read_json(context_path) if os.path.exists(context_path) else None
     heads.rank_acc = read_json(train_path).get("held_out_rank_acc") if os.path.exists(train_path) else None
     return heads
 
@@ -1850,8 +1853,11 @@ class Generator:
         self.acceptance, self.context_drafts, self.tree_nodes_by_batch = acceptance, context_drafts, tree_nodes_by_batch
         self.tree_choices, self.drafts, self._trees = [], [], {}
         if heads is not None:
-            if tree_choices is None:  # heads may ship the tree fitted to their accuracies
-                tree_choices = heads.tree_choices or default_tree(depth=min(4, heads.hc.n_heads))
+            if tree_choices is None:  # heads may ship the tree fitted to their accuracies, and a shallower one
+                # for beside context drafts (whose chain takes the long accepts: deep head levels cost more than
+                # they add there, BENCHMARKS.md runs 16-17)
+                shipped = heads.context_tree if context_drafts and heads.context_tree else heads.tree_choices
+                tree_choices = shipped or default_tree(depth=min(4, heads.hc.n_heads))
             self.tree_choices = [list(c) for c in tree_choices]
             depth = max(map(len, self.tree_choices), default=0)
             if depth > heads.hc.n_heads:

@@ -663,6 +663,9 @@ def build_parser():
     k.add_argument("--n-heads", type=int, required=True)
     k.add_argument("--tree-from", default=None,
                    help="heads whose tree.json to use (default: --init's tree cut to --n-heads levels; refit with: tree)")
+    k.add_argument("--context-tree-from", default=None,
+                   help="heads whose tree.json becomes tree_context.json, the tree used beside context drafts (e.g. "
+                        "four levels of six heads: the six draft only four deep there)")
     for p in (d, t, f, k):
         p.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
         p.add_argument("--out", required=True)
@@ -750,7 +753,8 @@ def run_train(args, model, dtype):
 
 def run_keep(args, model, dtype):
     """train_heads.py keep: the first --n-heads of --init's heads into --out, with --tree-from's tree (or --init's
-    cut to that depth); train.json keeps --init's history and its held-out accuracies of the heads kept."""
+    cut to that depth) and, with --context-tree-from, that heads' tree as tree_context.json (used beside context
+    drafts); train.json keeps --init's history and its held-out accuracies of the heads kept."""
     heads = hl.load_heads(args.init, model)
     if not 1 <= args.n_heads <= heads.hc.n_heads:
         raise hl.HydraLiteError(f"--n-heads {args.n_heads}: {args.init} has {heads.hc.n_heads} heads")
@@ -759,13 +763,18 @@ def run_keep(args, model, dtype):
     if args.tree_from and max(map(len, tree)) > args.n_heads:
         raise hl.HydraLiteError(f"the tree of {source} is {max(map(len, tree))} levels deep: more than {args.n_heads} heads")
     tree = list(dict.fromkeys(tuple(p) for p in tree if len(p) <= args.n_heads))  # (a cut tree stays a tree)
+    files = {"tree.json": [list(p) for p in tree]}
+    if args.context_tree_from:
+        files["tree_context.json"] = hl.read_json(os.path.join(args.context_tree_from, "tree.json"))
+        if max(map(len, files["tree_context.json"])) > args.n_heads:
+            raise hl.HydraLiteError(f"the tree of {args.context_tree_from} is deeper than {args.n_heads} heads")
     info = read_json_or_empty(os.path.join(args.init, "train.json"))
-    info = {"cmd": "keep", "init": args.init, "kept_heads": args.n_heads, "tree_from": source,
-            "held_out_rank_acc": (info.get("held_out_rank_acc") or [])[:args.n_heads], "init_train": info}
+    files["train.json"] = {"cmd": "keep", "init": args.init, "kept_heads": args.n_heads, "tree_from": source,
+                           "context_tree_from": args.context_tree_from,
+                           "held_out_rank_acc": (info.get("held_out_rank_acc") or [])[:args.n_heads], "init_train": info}
     stored = next(t.dtype for t in hl.load_safetensors(hl.shard_files(args.init, "heads")).values()
                   if t.is_floating_point())  # (written as stored)
-    hl.save_heads(fewer_heads(heads, args.n_heads, model.cfg).to(stored), args.out, model.cfg,
-                  {"tree.json": [list(p) for p in tree], "train.json": info})
+    hl.save_heads(fewer_heads(heads, args.n_heads, model.cfg).to(stored), args.out, model.cfg, files)
     log(f"wrote the first {args.n_heads} of {heads.hc.n_heads} heads, with a tree of {len(tree) + 1} nodes, to {args.out}")
 
 
@@ -846,7 +855,7 @@ def check_args(args):
         if os.path.isdir(args.out) and os.path.commonpath([shipped, os.path.abspath(args.out)]) == shipped and not args.force:
             raise hl.HydraLiteError(f"{args.out} holds heads shipped with hydra-lite; write elsewhere, or add --force")
     if args.cmd == "keep":
-        for path in filter(None, (args.init, args.tree_from)):
+        for path in filter(None, (args.init, args.tree_from, args.context_tree_from)):
             if not os.path.isfile(os.path.join(path, "heads.json")):
                 raise hl.HydraLiteError(f"no heads in {path}")
         hl.check_int("--n-heads", args.n_heads, 1, 16)

@@ -540,6 +540,23 @@ def test_greedy_speculative_with_context_drafts_equals_autoregressive(batch):
         assert spec == ar and stats.mean_accept >= 1.0
 
 
+def test_heads_context_tree_is_used_beside_context_drafts():
+    """Heads that ship tree_context.json: a shallower tree with context drafts (the heads draft only that deep),
+    their own tree without; greedy output equals AR either way."""
+    model = tiny_model(31)
+    heads = tiny_heads(model, True, True)  # (4 heads)
+    heads.tree_choices = hl.default_tree(depth=4)
+    heads.context_tree = [[0], [1], [0, 0], [0, 1], [1, 0]]
+    with_ctx, without = hl.Generator(model, heads=heads, context_drafts=3), hl.Generator(model, heads=heads, context_drafts=0)
+    assert with_ctx.tree_choices == heads.context_tree and with_ctx.tree.depth == 3  # (the chain: 3 deep)
+    assert len(with_ctx.tree.levels) == 2 and without.tree_choices == heads.tree_choices and len(without.tree.levels) == 4
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 97, (9,)).tolist() for _ in range(2)]
+    ar, _ = hl.Generator(model).generate(prompts, 30, stop_at_eos=False)
+    for gen in (with_ctx, without):
+        assert gen.generate(prompts, 30, stop_at_eos=False)[0] == ar
+
+
 def test_tree_with_a_context_chain():
     tree = hl.Tree([[0], [1], [0, 0]], context=3)  # nodes: 0 root, 1 [0], 2 [1], 3 [0,0], 4-6 the chain
     assert tree.size == 7 and tree.depth == 3 and tree.context_nodes.tolist() == [4, 5, 6]

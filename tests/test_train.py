@@ -346,7 +346,11 @@ def test_keep_writes_the_first_heads_and_their_tree(tmp_path):
         assert torch.equal(kept.run_prefix(h, model.new_cache(1, 8).rope), full.run_prefix(h, model.new_cache(1, 8).rope))
     th.run_keep(th.build_parser().parse_args(["keep", "--init", src, "--n-heads", "3", "--tree-from", out,
                                               "--out", other]), model, torch.float32)
-    assert hl.load_heads(other, model).tree_choices == kept.tree_choices
+    assert hl.load_heads(other, model).tree_choices == kept.tree_choices and hl.load_heads(other, model).context_tree is None
+    th.run_keep(th.build_parser().parse_args(["keep", "--init", src, "--n-heads", "3", "--context-tree-from", out,
+                                              "--out", other]), model, torch.float32)
+    six = hl.load_heads(other, model)  # all heads, their own tree, and the shallower one beside context drafts
+    assert six.hc.n_heads == 3 and six.tree_choices == tree and six.context_tree == kept.tree_choices
     with pytest.raises(hl.HydraLiteError, match="3 levels deep"):
         th.run_keep(th.build_parser().parse_args(["keep", "--init", src, "--n-heads", "2", "--tree-from", src,
                                                   "--out", other]), model, torch.float32)
