@@ -26,6 +26,8 @@
 #   train-mix  Hydra++ heads fine-tuned from INIT on both (draft vocabulary sized by coverage: auto), TIME_LIMIT s;
 #          N_LAYERS: blocks per head, more than INIT's to grow them (new blocks start as the identity)
 #          N_HEADS: heads, more than INIT's to grow them (new ones start as copies of the last)
+#   keep   the trained heads with CONTEXT_TREE_FROM's tree (default: the shipped heads') as tree_context.json, the
+#          tree used beside context drafts, into $WORK/heads-ctx (six heads drafting four deep there)
 #   tasks  the multi-task benchmark (tasks/heldout.jsonl + ShareGPT rows 80-99): AR vs TASK_HEADS (NAME=DIR ...)
 #          with and without context drafts, and context drafts alone, batches TASK_BATCH; TASK_FLAGS adds flags
 #   kernels  real-model tokens/s with each kernel set (exact, fused-heads, fast), heads with and without context drafts
@@ -94,6 +96,9 @@ for stage in "$@"; do
       python3 train_heads.py train --checkpoint "$CKPT" --data "$WORK/data_tasks.npz,$WORK/data_chat.npz" --init "${INIT:-heads/smollm2-135m-hydra++}" ${N_LAYERS:+--n-layers $N_LAYERS} ${N_HEADS:+--n-heads $N_HEADS} \
         --draft-vocab ${VOCAB:-auto} --lr ${LR:-5e-4} --steps 100000 --time-limit ${TIME_LIMIT:-300} --out "$WORK/heads-hydra++" 2>&1 \
         | tee "$RES/train-mix.txt" | grep -v "^step [0-9]*[1-9]/" | tail -14 ;;
+    keep)  # the trained heads ($WORK/heads-hydra++) with CONTEXT_TREE_FROM's tree beside context drafts, into $WORK/heads-ctx
+      python3 train_heads.py keep --checkpoint "$CKPT" --init "$WORK/heads-hydra++" --n-heads ${N_HEADS:-6} \
+        --context-tree-from "${CONTEXT_TREE_FROM:-heads/smollm2-135m-hydra++}" --out "$WORK/heads-ctx" 2>&1 | tail -2 ;;
     tasks)
       python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
         --batch ${TASK_BATCH:-1 8 32} --context 0 10 --context-only 10 --warmup ${TASK_FLAGS:-} --out "$RES/tasks${TAG:-}" 2>&1 | tee "$RES/tasks${TAG:-}.txt" | grep -v "warm-up" ;;
