@@ -34,7 +34,7 @@ def build(kernel, types, constexprs, num_warps=4, num_stages=3):
 
 
 def kernel_sets():
-    """(name, kernel, argument types, constexprs): SmolLM2's shapes (GQA 9/3 heads, head_dim 64), bf16."""
+    """(name, kernel, argument types, constexprs[, num_warps]): SmolLM2's shapes (GQA 9/3 heads, head_dim 64), bf16."""
     bf16 = lambda *names: {n: "*bf16" for n in names}
     matmul = bf16("x_ptr", "w_ptr", "b_ptr", "y_ptr", "r_ptr") | dict(ssi_ptr="*fp32", sso_ptr="*fp32", eps="fp32")
     for norm, swiglu, residual, ss_in in ((False, False, False, False), (True, False, False, False),
@@ -57,6 +57,10 @@ def kernel_sets():
         yield (f"path_attention merge={merge} dependent launch={merge}", K._path_attn_kernel, path,
                dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=K.PATH_SPLIT_LEN, UPCAST=False,
                     PREC="tf32", BY_SUM=False, MERGE=merge, PDL=merge))
+    for warps in (1, 2):  # (PATH_WARPS, to time), with the shortest split steps --path-tiles offers
+        yield (f"path_attention {warps} warps, splits of 64", K._path_attn_kernel, path,
+               dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=64, UPCAST=False, PREC="tf32",
+                    BY_SUM=False, MERGE=False, PDL=True), warps)
     yield ("path_attention combine dependent launch=True", K._path_combine_kernel,
            {"po_ptr": "*fp32", "plse_ptr": "*fp32", "lens_ptr": "*i32", "depth_ptr": "*i64", "o_ptr": "*bf16"},
            dict(SPLIT_LEN=K.PATH_SPLIT_LEN, BLOCK_H=16, BLOCK_D=64, BLOCK_S=16, PDL=True))
@@ -68,9 +72,9 @@ def kernel_sets():
 
 def main():
     failed = 0
-    for name, kernel, types, constexprs in kernel_sets():
+    for name, kernel, types, constexprs, *warps in kernel_sets():  # (warps: 4 unless given)
         try:
-            print(f"OK    {name}: {build(kernel, types, constexprs)} bytes of sm_90 cubin")
+            print(f"OK    {name}: {build(kernel, types, constexprs, *warps)} bytes of sm_90 cubin")
         except Exception as e:  # (any compiler error is the finding)
             failed += 1
             print(f"FAIL  {name}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
