@@ -410,12 +410,17 @@ def step_kernel_sets(args, K):
     return sets
 
 
+def random_step(model, cache, tree, B, T):
+    """One step of T random tokens a row (1: decoding; the tree's size: verification), as a function: the logits."""
+    tokens = torch.randint(0, model.cfg.vocab_size, (B, T), device=cache.k.device)
+    pos = cache.lens[:, None].long() + (tree.node_depth[None] if T > 1 else 0)
+    return lambda: model.logits(model(tokens, cache, pos, tree.rows(B) if T > 1 else None))
+
+
 def time_step(model, cache, tree, B, T, bw, args):
     """One step of T tokens a row (1: decoding; the tree's size: verification) timed as a graph, and its floors."""
     cfg, n_params = model.cfg, sum(p.numel() for p in model.parameters())
-    tokens = torch.randint(0, cfg.vocab_size, (B, T), device=args.device)
-    pos = cache.lens[:, None].long() + (tree.node_depth[None] if T > 1 else 0)
-    ms = time_graph(lambda: model.logits(model(tokens, cache, pos, tree.rows(B) if T > 1 else None)))
+    ms = time_graph(random_step(model, cache, tree, B, T))
     kv_bytes = 2 * cfg.n_layers * B * (args.context + T) * cfg.n_kv_heads * cfg.head_dim * 2
     floor_ms = (n_params * 2 + kv_bytes) / bw * 1000
     flop_ms = 2 * n_params * B * T / 790e12 * 1000
@@ -428,10 +433,7 @@ def profile_kernels(model, cache, tree, B, T, path):
     not depend on how it was launched): where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    dev = cache.k.device
-    tokens = torch.randint(0, model.cfg.vocab_size, (B, T), device=dev)
-    pos = cache.lens[:, None].long() + (tree.node_depth[None] if T > 1 else 0)
-    step = lambda: model.logits(model(tokens, cache, pos, tree.rows(B) if T > 1 else None))  # noqa: E731
+    dev, step = cache.k.device, random_step(model, cache, tree, B, T)
     step()
     hl.sync(dev)
     cuda = dev.type == "cuda"

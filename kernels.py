@@ -876,14 +876,13 @@ MATMUL_WIDE_N = int(os.environ.get("HYDRA_LITE_MATMUL_WIDE_N", "4096"))
 
 
 def _matmul_tiles(N, K, cuda):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of a matmul, one per (N, K) whatever M: 64 rows (Hopper's wgmma; a
-    decode step's one row pays for 64, which a memory-bound step hides), narrow column blocks where N is small so
-    that more programs share the read of w. (128 x 64 tiles from 256 rows made batch-8 verification slower, 2.35
-    vs 2.25 ms: BENCHMARKS.md run 17.)"""
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of a matmul, one per (N, K) whatever M: 64 rows (Hopper's wgmma; a decode
+    step's one row pays for 64, which a memory-bound step hides), narrow column blocks where N is small so that
+    more programs share the read of w. (128 x 64 tiles from 256 rows made batch-8 verification slower, 2.35 vs
+    2.25 ms: BENCHMARKS.md run 17.)"""
     if not cuda:
-        return 64, 64, 64, 4  # (the interpreter: few, large programs)
-    BLOCK_K = 128 if K % 128 == 0 else 64
-    return 64, 16 if N <= 1024 else 32 if N < MATMUL_WIDE_N else 64, BLOCK_K, 4
+        return 64, 64, 64  # (the interpreter: few, large programs)
+    return 64, 16 if N <= 1024 else 32 if N < MATMUL_WIDE_N else 64, 128 if K % 128 == 0 else 64
 
 
 def _sumsq_in(sumsq, M, device):
@@ -920,7 +919,7 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
         r2 = r2 if r2.stride(1) == 1 else r2.contiguous()
     else:
         r2 = y  # unused
-    BLOCK_M, BLOCK_N, BLOCK_K, warps = _matmul_tiles(N, K, x.is_cuda)
+    BLOCK_M, BLOCK_N, BLOCK_K = _matmul_tiles(N, K, x.is_cuda)
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
     b = bias.contiguous() if bias is not None else w  # unused without a bias
     ss_in, P, BLOCK_P = _sumsq_in(sumsq if rms_eps is not None else None, M, x.device)
@@ -932,7 +931,7 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
         SILU_ADD=silu_add,
         RESIDUAL=residual is not None, SS_IN=rms_eps is not None and sumsq is not None, SS_OUT=sumsq_out,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=warps, num_stages=3, **_pdl(x))
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=3, **_pdl(x))
     return (y, ss_out) if sumsq_out else y
 
 
@@ -997,7 +996,7 @@ def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n
     x2 = x.reshape(B * T, K)
     q = torch.empty(B, T, n_heads, D, dtype=x.dtype, device=x.device)
     pairs = (n_heads + 2 * Hkv) * D // 2
-    BLOCK_M, BLOCK_N, BLOCK_K, warps = _matmul_tiles(0, K, x.is_cuda)  # (BLOCK_N pairs: 2 x BLOCK_N columns)
+    BLOCK_M, BLOCK_N, BLOCK_K = _matmul_tiles(0, K, x.is_cuda)  # (the narrowest: BLOCK_N pairs, 2 x BLOCK_N columns)
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
     ss_in, P, BLOCK_P = _sumsq_in(sumsq, B * T, x.device)
     _qkv_rope_kernel[(triton.cdiv(B * T, BLOCK_M), triton.cdiv(pairs, BLOCK_N))](
@@ -1005,7 +1004,7 @@ def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n
         B * T, T, K, P, n_heads, Hkv, D // 2, k_cache.shape[1], *x2.stride(), *w.stride(), rms_eps, cos_table.stride(0),
         *pos.stride(), *k_cache.stride(), *v_cache.stride(), SS_IN=sumsq is not None,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=warps, num_stages=3, **_pdl(x))
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=3, **_pdl(x))
     return q
 
 

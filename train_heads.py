@@ -758,16 +758,19 @@ def run_keep(args, model, dtype):
     heads = hl.load_heads(args.init, model)
     if not 1 <= args.n_heads <= heads.hc.n_heads:
         raise hl.HydraLiteError(f"--n-heads {args.n_heads}: {args.init} has {heads.hc.n_heads} heads")
+
+    def tree_of(path):  # another heads' tree, for these: no deeper than the heads kept
+        tree = hl.read_json(os.path.join(path, "tree.json"))
+        if max(map(len, tree)) > args.n_heads:
+            raise hl.HydraLiteError(f"the tree of {path} is {max(map(len, tree))} levels deep: more than {args.n_heads} heads")
+        return tree
+
     source = args.tree_from or args.init
-    tree = hl.read_json(os.path.join(source, "tree.json"))
-    if args.tree_from and max(map(len, tree)) > args.n_heads:
-        raise hl.HydraLiteError(f"the tree of {source} is {max(map(len, tree))} levels deep: more than {args.n_heads} heads")
+    tree = tree_of(source) if args.tree_from else hl.read_json(os.path.join(source, "tree.json"))
     tree = list(dict.fromkeys(tuple(p) for p in tree if len(p) <= args.n_heads))  # (a cut tree stays a tree)
     files = {"tree.json": [list(p) for p in tree]}
     if args.context_tree_from:
-        files["tree_context.json"] = hl.read_json(os.path.join(args.context_tree_from, "tree.json"))
-        if max(map(len, files["tree_context.json"])) > args.n_heads:
-            raise hl.HydraLiteError(f"the tree of {args.context_tree_from} is deeper than {args.n_heads} heads")
+        files["tree_context.json"] = tree_of(args.context_tree_from)
     info = read_json_or_empty(os.path.join(args.init, "train.json"))
     files["train.json"] = {"cmd": "keep", "init": args.init, "kept_heads": args.n_heads, "tree_from": source,
                            "context_tree_from": args.context_tree_from,
