@@ -875,6 +875,17 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K,
 MATMUL_WIDE_N = int(os.environ.get("HYDRA_LITE_MATMUL_WIDE_N", "4096"))
 
 
+# Wider K steps (0: 128 where K allows, else 64): a decode step's matmul reads a narrow slice of w in K / BLOCK_K
+# steps one after another, so fewer, longer steps cut its latency. Per K, so a row's bits still do not depend on M.
+MATMUL_K_TILE = int(os.environ.get("HYDRA_LITE_MATMUL_K_TILE", "0"))
+
+
+def _matmul_stages(BLOCK_K):
+    """Software-pipeline stages that keep a tile's loads in shared memory (x: 64 rows, w: up to two 64-column
+    slices, BLOCK_K wide)."""
+    return 3 if BLOCK_K <= 128 else 2 if BLOCK_K <= 256 else 1
+
+
 def _matmul_tiles(N, K, cuda):
     """(BLOCK_M, BLOCK_N, BLOCK_K) of a matmul, one per (N, K) whatever M: 64 rows (Hopper's wgmma; a decode
     step's one row pays for 64, which a memory-bound step hides), narrow column blocks where N is small so that
@@ -882,7 +893,8 @@ def _matmul_tiles(N, K, cuda):
     2.25 ms: BENCHMARKS.md run 17.)"""
     if not cuda:
         return 64, 64, 64  # (the interpreter: few, large programs)
-    return 64, 16 if N <= 1024 else 32 if N < MATMUL_WIDE_N else 64, 128 if K % 128 == 0 else 64
+    BLOCK_K = min(MATMUL_K_TILE, triton.next_power_of_2(K)) if MATMUL_K_TILE else 128 if K % 128 == 0 else 64
+    return 64, 16 if N <= 1024 else 32 if N < MATMUL_WIDE_N else 64, BLOCK_K
 
 
 def _sumsq_in(sumsq, M, device):
@@ -931,7 +943,8 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
         SILU_ADD=silu_add,
         RESIDUAL=residual is not None, SS_IN=rms_eps is not None and sumsq is not None, SS_OUT=sumsq_out,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=3, **_pdl(x))
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=_matmul_stages(BLOCK_K),
+        **_pdl(x))
     return (y, ss_out) if sumsq_out else y
 
 
@@ -1004,7 +1017,8 @@ def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n
         B * T, T, K, P, n_heads, Hkv, D // 2, k_cache.shape[1], *x2.stride(), *w.stride(), rms_eps, cos_table.stride(0),
         *pos.stride(), *k_cache.stride(), *v_cache.stride(), SS_IN=sumsq is not None,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=3, **_pdl(x))
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=_matmul_stages(BLOCK_K),
+        **_pdl(x))
     return q
 
 

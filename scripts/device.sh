@@ -7,8 +7,9 @@
 #          and p3/part_ac (the rest), each of the last two with a branch that has heads/ removed; every command
 #          starts `cp .models/pN/* /root/smol/`, the first also copies heads/ out to $WORK (the next two lack it)
 #   check  kernel check (benchmark.py check) and GPU tests
-#   paths  path_attention's programs (kernels.PATH_PROGRAMS) and warps: the kernel check with PATH_PROGRAMS set,
-#          then SmolLM2 step times and profiles for several of each and for shorter splits (random weights: no model)
+#   paths  path_attention's programs (kernels.PATH_PROGRAMS) and warps, the matmuls' K steps (MATMUL_K_TILE): the
+#          kernel check with PATH_PROGRAMS and K_TILE set, then SmolLM2 step times and profiles for several of each
+#          and for shorter splits, and 7B step times by K steps (random weights: no model)
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights); STEPS_FLAGS adds flags (e.g. --profile)
 #   fused  the fused decoder layers (the default; HYDRA_LITE_FUSED=0: op by op): kernel check, their GPU tests, step
 #          times against the unfused layers and the previous kernels (random weights: needs no model)
@@ -66,9 +67,11 @@ for stage in "$@"; do
         python3 benchmark.py steps --shape $shape --unfused --pdl --edge-tokens 0 1 $wide --out "$RES/fused" 2>&1 | tee "$RES/steps_fused_$shape.txt" | grep "^|"
       done ;;
     paths)  # issue 15: path_attention with fewer programs (PATH_PROGRAMS) and other warps, bits checked, then timed
-      HYDRA_LITE_PATH_PROGRAMS=${PATH_PROGRAMS:-528} python3 benchmark.py check 2>&1 | tee "$RES/check_paths.txt" | grep -E "FAIL|path_attention tree node|all PASS" || true
-      python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --path-tiles 16x256 16x128 16x64 --path-programs 264 528 1056 --path-warps 1 2 --profile \
-        --out "$RES/paths" 2>&1 | tee "$RES/steps_paths.txt" | grep -E "bit for bit|^\|" ;;
+      HYDRA_LITE_PATH_PROGRAMS=${PATH_PROGRAMS:-528} HYDRA_LITE_MATMUL_K_TILE=${K_TILE:-256} python3 benchmark.py check 2>&1 | tee "$RES/check_paths.txt" \
+        | grep -E "FAIL|path_attention tree node|all PASS" || true
+      python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --path-tiles 16x256 16x128 16x64 --path-programs 264 528 1056 --path-warps 1 2 \
+        --matmul-k-tile 256 512 --profile --out "$RES/paths" 2>&1 | tee "$RES/steps_paths.txt" | grep -E "bit for bit|^\|"
+      python3 benchmark.py steps --shape 7b --batch 1 --matmul-k-tile 256 512 --matmul-wide-n 4097 --out "$RES/paths" 2>&1 | tee "$RES/steps_paths_7b.txt" | grep "^|" ;;
     steps)
       python3 benchmark.py steps --shape 7b ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
       python3 benchmark.py steps --shape smollm2-135m ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;
@@ -86,7 +89,8 @@ for stage in "$@"; do
         --heads ${E2E_HEADS:-medusa=$H/heads-medusa hydra=$H/heads-hydra hydra++=$H/heads-hydra++} ${E2E_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/e2e.txt"
       python3 benchmark.py e2e --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 80-99 --limit 8 --batch 1 4 --dtype float32 \
         --no-hf --heads hydra++=$H/heads-hydra++ --out "$RES/fp32" 2>&1 | tee "$RES/e2e_fp32.txt" ;;
-    data-mix)
+    data-mix)  # (the fast kernels: answers to learn from need no bit-exact decoding, and they are quicker in big batches)
+      export HYDRA_LITE_EXACT=${HYDRA_LITE_EXACT:-0}
       if [ -f "${TASKS_TRAIN:-runs/tasks_train.jsonl}.gz" ]; then gunzip -kf "${TASKS_TRAIN:-runs/tasks_train.jsonl}.gz"; fi
       python3 train_heads.py data --checkpoint "$CKPT" --prompts "${TASKS_TRAIN:-runs/tasks_train.jsonl}" --samples ${TASK_SAMPLES:-2} --temperatures ${TASK_TEMPS:-0,0.7} \
         --max-new-tokens ${MAX_NEW:-256} --batch ${BATCH:-256} --time-limit ${DATA_TIME:-170} --out "$WORK/data_tasks.npz" 2>&1 | tee "$RES/data_tasks.txt" | awk 'NR % 10 == 1 || /wrote|rror/'
@@ -118,7 +122,8 @@ for stage in "$@"; do
       done ;;
     pack)
       tar cf "$OUT/results.tar" -C "$RES" .
-      heads=$(cd "$WORK" && ls -d heads-* 2>/dev/null || true)
+      # (heads-ctx is heads-hydra++ with tree_context.json: one of the two, so that six heads fit the 64 MiB back)
+      heads=${PACK_HEADS:-$(cd "$WORK" && if [ -d heads-ctx ]; then echo heads-ctx; else ls -d heads-* 2>/dev/null || true; fi)}
       if [ -n "$heads" ]; then tar cf - -C "$WORK" --exclude=heads-hydra $heads | split -b 15M - "$OUT/heads.tar.part_"; fi
       ls -la "$OUT" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
