@@ -90,11 +90,10 @@ for stage in "$@"; do
       python3 benchmark.py e2e --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 80-99 --limit 8 --batch 1 4 --dtype float32 \
         --no-hf --heads hydra++=$H/heads-hydra++ --out "$RES/fp32" 2>&1 | tee "$RES/e2e_fp32.txt" ;;
     data-mix)  # (the fast kernels: answers to learn from need no bit-exact decoding, and they are quicker in big batches)
-      export HYDRA_LITE_EXACT=${HYDRA_LITE_EXACT:-0}
       if [ -f "${TASKS_TRAIN:-runs/tasks_train.jsonl}.gz" ]; then gunzip -kf "${TASKS_TRAIN:-runs/tasks_train.jsonl}.gz"; fi
-      python3 train_heads.py data --checkpoint "$CKPT" --prompts "${TASKS_TRAIN:-runs/tasks_train.jsonl}" --samples ${TASK_SAMPLES:-2} --temperatures ${TASK_TEMPS:-0,0.7} \
+      HYDRA_LITE_EXACT=${DATA_EXACT:-0} python3 train_heads.py data --checkpoint "$CKPT" --prompts "${TASKS_TRAIN:-runs/tasks_train.jsonl}" --samples ${TASK_SAMPLES:-2} --temperatures ${TASK_TEMPS:-0,0.7} \
         --max-new-tokens ${MAX_NEW:-256} --batch ${BATCH:-256} --time-limit ${DATA_TIME:-170} --out "$WORK/data_tasks.npz" 2>&1 | tee "$RES/data_tasks.txt" | awk 'NR % 10 == 1 || /wrote|rror/'
-      python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples 4 --temperatures 0,0.3,0.7 --imitate ${IMITATE:-8000} \
+      HYDRA_LITE_EXACT=${DATA_EXACT:-0} python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples 4 --temperatures 0,0.3,0.7 --imitate ${IMITATE:-8000} \
         --seed 4 --max-new-tokens ${MAX_NEW:-256} --batch ${BATCH:-256} --time-limit ${DATA_TIME2:-130} --out "$WORK/data_chat.npz" 2>&1 | tee "$RES/data_chat.txt" | awk 'NR % 10 == 1 || /wrote|rror/' ;;
     train-mix)
       python3 train_heads.py train --checkpoint "$CKPT" --data "$WORK/data_tasks.npz,$WORK/data_chat.npz" --init "${INIT:-heads/smollm2-135m-hydra++}" ${N_LAYERS:+--n-layers $N_LAYERS} ${N_HEADS:+--n-heads $N_HEADS} \
