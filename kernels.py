@@ -893,8 +893,11 @@ def _matmul_tiles(N, K, cuda):
     2.25 ms: BENCHMARKS.md run 17.)"""
     if not cuda:
         return 64, 64, 64  # (the interpreter: few, large programs)
+    BLOCK_N = 16 if N <= 1024 else 32 if N < MATMUL_WIDE_N else 64
     BLOCK_K = min(MATMUL_K_TILE, triton.next_power_of_2(K)) if MATMUL_K_TILE else 128 if K % 128 == 0 else 64
-    return 64, 16 if N <= 1024 else 32 if N < MATMUL_WIDE_N else 64, BLOCK_K
+    while (64 + 2 * BLOCK_N) * BLOCK_K * 2 * _matmul_stages(BLOCK_K) > 200 * 1024:  # (shared memory: x, two w slices)
+        BLOCK_K //= 2
+    return 64, BLOCK_N, BLOCK_K
 
 
 def _sumsq_in(sumsq, M, device):

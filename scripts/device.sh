@@ -70,8 +70,8 @@ for stage in "$@"; do
       HYDRA_LITE_PATH_PROGRAMS=${PATH_PROGRAMS:-528} HYDRA_LITE_MATMUL_K_TILE=${K_TILE:-256} python3 benchmark.py check 2>&1 | tee "$RES/check_paths.txt" \
         | grep -E "FAIL|path_attention tree node|all PASS" || true
       python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --path-tiles 16x256 16x128 16x64 --path-programs 264 528 1056 --path-warps 1 2 \
-        --matmul-k-tile 256 512 --profile --out "$RES/paths" 2>&1 | tee "$RES/steps_paths.txt" | grep -E "bit for bit|^\|"
-      python3 benchmark.py steps --shape 7b --batch 1 --matmul-k-tile 256 512 --matmul-wide-n 4097 --out "$RES/paths" 2>&1 | tee "$RES/steps_paths_7b.txt" | grep "^|" ;;
+        --matmul-k-tile 256 512 1024 --profile --out "$RES/paths" 2>&1 | tee "$RES/steps_paths.txt" | grep -E "bit for bit|^\|"
+      python3 benchmark.py steps --shape 7b --batch 1 --matmul-k-tile 256 512 1024 --matmul-wide-n 4097 --out "$RES/paths" 2>&1 | tee "$RES/steps_paths_7b.txt" | grep "^|" ;;
     steps)
       python3 benchmark.py steps --shape 7b ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
       python3 benchmark.py steps --shape smollm2-135m ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;
