@@ -695,8 +695,10 @@ PATH_MERGE_IN_KERNEL = os.environ.get("HYDRA_LITE_PATH_MERGE", "0") == "1"
 # has splits, most of them past lens and idle: 4,700 of a batch-8 verification's 5,600 with 16 splits). With N,
 # each program takes every G-th split of its tile, G = splits x tiles / N at most, and one program per edge
 # group takes both edge splits (the second is idle unless a path crosses into it): the same partials, bit for
-# bit (a split is reduced alike whichever program does it), from fewer launches. Off until timed (issue 15).
-PATH_PROGRAMS = int(os.environ.get("HYDRA_LITE_PATH_PROGRAMS", "0"))
+# bit (a split is reduced alike whichever program does it), from fewer launches. Trees only (T > 1): run 18
+# (H200, random SmolLM2 weights, context 512), ~1056 programs: verification 1.13 vs 1.22 ms at batch 1, 2.05 vs
+# 2.25 ms at batch 8; a decode step 1.07 vs 1.03 ms at batch 1 (its 9 heads x 2 splits are few programs anyway).
+PATH_PROGRAMS = int(os.environ.get("HYDRA_LITE_PATH_PROGRAMS", "1056"))
 # Warps per path_attention program. Constant for every call, like the tiles: the row reductions of the online
 # softmax are laid out by warps, so decoding and verification must share it. 4 until others are timed (issue 15).
 PATH_WARPS = int(os.environ.get("HYDRA_LITE_PATH_WARPS", "4"))
@@ -739,8 +741,9 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     _require(path.shape[2] <= PATH_SPLIT_LEN, f"path_attention: paths of {path.shape[2]} nodes (at most {PATH_SPLIT_LEN})")
     num_splits = triton.cdiv(S, PATH_SPLIT_LEN)
     n_tiles = triton.cdiv(T, BLOCK_M // REP)
-    groups = num_splits if not PATH_PROGRAMS else max(1, min(num_splits, triton.cdiv(PATH_PROGRAMS, n_tiles * B * Hkv)))
-    edge_progs = 1 if PATH_PROGRAMS else 2
+    programs = PATH_PROGRAMS if T > 1 else 0
+    groups = num_splits if not programs else max(1, min(num_splits, triton.cdiv(programs, n_tiles * B * Hkv)))
+    edge_progs = 1 if programs else 2
     n_shared = n_tiles * groups
     edge_tok = min(PATH_EDGE_TOKENS or (1 if B == 1 else BLOCK_M // REP), BLOCK_M // REP)
     po = torch.empty(B * T * Hq * num_splits * D, dtype=torch.float32, device=q.device)

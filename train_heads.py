@@ -664,8 +664,8 @@ def build_parser():
     k.add_argument("--tree-from", default=None,
                    help="heads whose tree.json to use (default: --init's tree cut to --n-heads levels; refit with: tree)")
     k.add_argument("--context-tree-from", default=None,
-                   help="heads whose tree.json becomes tree_context.json, the tree used beside context drafts (e.g. "
-                        "four levels of six heads: the six draft only four deep there)")
+                   help="heads whose tree beside context drafts (their tree_context.json, else tree.json) becomes "
+                        "tree_context.json (e.g. four levels of six heads: the six draft only four deep there)")
     for p in (d, t, f, k):
         p.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
         p.add_argument("--out", required=True)
@@ -759,8 +759,8 @@ def run_keep(args, model, dtype):
     if not 1 <= args.n_heads <= heads.hc.n_heads:
         raise hl.HydraLiteError(f"--n-heads {args.n_heads}: {args.init} has {heads.hc.n_heads} heads")
 
-    def tree_of(path):  # another heads' tree, for these: no deeper than the heads kept
-        tree = hl.read_json(os.path.join(path, "tree.json"))
+    def tree_of(path, name="tree.json"):  # another heads' tree, for these: no deeper than the heads kept
+        tree = hl.read_json(os.path.join(path, name))
         if max(map(len, tree)) > args.n_heads:
             raise hl.HydraLiteError(f"the tree of {path} is {max(map(len, tree))} levels deep: more than {args.n_heads} heads")
         return tree
@@ -770,7 +770,8 @@ def run_keep(args, model, dtype):
     tree = list(dict.fromkeys(tuple(p) for p in tree if len(p) <= args.n_heads))  # (a cut tree stays a tree)
     files = {"tree.json": [list(p) for p in tree]}
     if args.context_tree_from:
-        files["tree_context.json"] = tree_of(args.context_tree_from)
+        has_own = os.path.exists(os.path.join(args.context_tree_from, "tree_context.json"))
+        files["tree_context.json"] = tree_of(args.context_tree_from, "tree_context.json" if has_own else "tree.json")
     info = read_json_or_empty(os.path.join(args.init, "train.json"))
     files["train.json"] = {"cmd": "keep", "init": args.init, "kept_heads": args.n_heads, "tree_from": source,
                            "context_tree_from": args.context_tree_from,

@@ -2,10 +2,10 @@
 # Everything the GPU runs, in stages, from the repo root:  bash scripts/device.sh STAGE [STAGE...]
 #   model  assemble the SmolLM2 GGUF from /root/smol/part_* and convert it (the parts travel in earlier calls:
 #          split the GGUF so each call's working tree stays under the device tool's 64 MiB, copy each to /root/smol).
-#          With the heads in the tree (37 MB) too, three calls (run 16): the GGUF from ../shared/tools/smollm2_gguf.sh
-#          cut into .models/p1/part_aa (26,000,000 bytes: with the main branch and its heads), p2/part_ab (50,000,000)
-#          and p3/part_ac (the rest), each of the last two with a branch that has heads/ removed; every command
-#          starts `cp .models/pN/* /root/smol/`, the first also copies heads/ out to $WORK (the next two lack it)
+#          The tree with the six shipped heads is 55 MB, so the GGUF (from ../shared/tools/smollm2_gguf.sh) travels
+#          in two calls from a branch with heads/ removed (9 MB): .models/p1/part_aa (26,000,000 bytes) with
+#          p3/part_ac (the rest after 76,000,000), then p2/part_ab (50,000,000); each command starts
+#          `cp .models/pN/* /root/smol/`; later calls from main carry nothing (the heads are in its tree)
 #   check  kernel check (benchmark.py check) and GPU tests
 #   paths  path_attention's programs (kernels.PATH_PROGRAMS) and warps, the matmuls' K steps (MATMUL_K_TILE): the
 #          kernel check with PATH_PROGRAMS and K_TILE set, then SmolLM2 step times and profiles for several of each

@@ -351,6 +351,10 @@ def test_keep_writes_the_first_heads_and_their_tree(tmp_path):
                                               "--out", other]), model, torch.float32)
     six = hl.load_heads(other, model)  # all heads, their own tree, and the shallower one beside context drafts
     assert six.hc.n_heads == 3 and six.tree_choices == tree and six.context_tree == kept.tree_choices
+    again = str(tmp_path / "again")  # from heads that have their own tree_context.json: that one, not their tree.json
+    th.run_keep(th.build_parser().parse_args(["keep", "--init", src, "--n-heads", "3", "--context-tree-from", other,
+                                              "--out", again]), model, torch.float32)
+    assert hl.load_heads(again, model).context_tree == kept.tree_choices != tree
     with pytest.raises(hl.HydraLiteError, match="3 levels deep"):
         th.run_keep(th.build_parser().parse_args(["keep", "--init", src, "--n-heads", "2", "--tree-from", src,
                                                   "--out", other]), model, torch.float32)
