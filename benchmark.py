@@ -380,13 +380,13 @@ def kernel_settings(K):
     """Which kernels a forward runs (read when a graph is captured), as use_kernel_settings takes them."""
     return dict(exact=hl.EXACT, fused=hl.FUSED, merge=K.PATH_MERGE_IN_KERNEL, tiles=(K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN),
                 edge=K.PATH_EDGE_TOKENS, pdl=K.PDL, pdl_tokens=K.PDL_MAX_TOKENS, wide_n=K.MATMUL_WIDE_N, programs=K.PATH_PROGRAMS,
-                warps=K.PATH_WARPS, k_tile=K.MATMUL_K_TILE)
+                warps=K.PATH_WARPS, k_tile=K.MATMUL_K_TILE, merge_decode=K.PATH_MERGE_DECODE)
 
 
-def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens, wide_n, programs, warps, k_tile):
+def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens, wide_n, programs, warps, k_tile, merge_decode):
     hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, K.PATH_EDGE_TOKENS, K.PDL = exact, fused, merge, edge, pdl
     K.PDL_MAX_TOKENS, K.MATMUL_WIDE_N, K.PATH_PROGRAMS, K.PATH_WARPS = pdl_tokens, wide_n, programs, warps
-    K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN, K.MATMUL_K_TILE = *tiles, k_tile
+    K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN, K.MATMUL_K_TILE, K.PATH_MERGE_DECODE = *tiles, k_tile, merge_decode
 
 
 def step_kernel_sets(args, K):
@@ -405,6 +405,8 @@ def step_kernel_sets(args, K):
     sets += [(f" (path_attention ~{n} programs)", default | dict(programs=n)) for n in args.path_programs]
     sets += [(f" (path_attention {w} warps)", default | dict(warps=w)) for w in args.path_warps]
     sets += [(f" (matmul K steps of {k})", default | dict(k_tile=k)) for k in args.matmul_k_tile]
+    if args.merge_decode:
+        sets.append((" (merge in kernel for decoding)", default | dict(merge_decode=True)))
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
     if args.unfused:
         sets += [(" (unfused layers)", default | dict(fused=False)), (" (merge in kernel)", default | dict(merge=True))]
@@ -1247,6 +1249,8 @@ def add_steps_args(sub):
                    "many programs for the splits below the cache length (kernels.PATH_PROGRAMS), e.g. 264 528")
     s.add_argument("--path-warps", type=int, nargs="*", default=[], help="also time path_attention with this many "
                    "warps a program (kernels.PATH_WARPS), e.g. 1 2")
+    s.add_argument("--merge-decode", action="store_true", help="also time path_attention merging its splits itself "
+                   "in decode steps (kernels.PATH_MERGE_DECODE)")
     s.add_argument("--matmul-k-tile", type=int, nargs="*", default=[], help="also time the matmuls reducing K in steps "
                    "of this many (kernels.MATMUL_K_TILE), e.g. 256 512")
     s.add_argument("--edge-tokens", type=int, nargs="+", default=[0], help="path_attention's tokens per program at the "

@@ -691,6 +691,9 @@ PATH_TILE_ROWS = 16  # tile rows (tokens x GQA heads) on the GPU, for every call
 # worth). 1 (one token per program, as before) until the others are timed on a GPU (issue 15: batch-8 verify).
 PATH_EDGE_TOKENS = int(os.environ.get("HYDRA_LITE_PATH_EDGE_TOKENS", "0"))
 PATH_MERGE_IN_KERNEL = os.environ.get("HYDRA_LITE_PATH_MERGE", "0") == "1"
+# The merge in the kernel for decode steps only (T = 1): 30 combine launches fewer a step, where a row has only a
+# few splits to merge (the same bits either way). Off until timed (issue 14).
+PATH_MERGE_DECODE = os.environ.get("HYDRA_LITE_PATH_MERGE_DECODE", "0") == "1"
 # Programs for the splits wholly below the cache length, about (0: one per split and tile, as many as the cache
 # has splits, most of them past lens and idle: 4,700 of a batch-8 verification's 5,600 with 16 splits). With N,
 # each program takes every G-th split of its tile, G = splits x tiles / N at most, and one program per edge
@@ -751,15 +754,16 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     upcast = (not q.is_cuda) or q.dtype == torch.float32 or q.dtype != k_cache.dtype
     lens = lens.contiguous()
-    counts = _merge_counts(q.device, B * T * Hq) if PATH_MERGE_IN_KERNEL else lens  # (unused without the merge)
+    merge = PATH_MERGE_IN_KERNEL or (PATH_MERGE_DECODE and T == 1)
+    counts = _merge_counts(q.device, B * T * Hq) if merge else lens  # (unused without the merge)
     _path_attn_kernel[(n_shared + edge_progs * triton.cdiv(T, edge_tok), B * Hkv)](
         q, k_cache, v_cache, lens, path, depth, po, plse, out, counts, T, Hq, Hkv, D,
         1.0 / math.sqrt(D) * 1.4426950408889634, num_splits, n_shared, edge_tok, groups, edge_progs,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,
-        MERGE=PATH_MERGE_IN_KERNEL, num_warps=PATH_WARPS, num_stages=2, **_pdl(q, B * T))
-    if PATH_MERGE_IN_KERNEL:
+        MERGE=merge, num_warps=PATH_WARPS, num_stages=2, **_pdl(q, B * T))
+    if merge:
         return out
     _path_combine_kernel[(T, B)](po, plse, lens, depth, out, T, Hq, D, num_splits, *depth.stride(),
                                  SPLIT_LEN=PATH_SPLIT_LEN, BLOCK_H=_pow2(Hq, 2), BLOCK_D=BLOCK_D,

@@ -493,6 +493,11 @@ def test_path_attention_merge_in_kernel_equals_combine(dtype, monkeypatch):
             monkeypatch.setattr(kernels, "PATH_PROGRAMS", programs)
             assert torch.equal(kernels.path_attention(*args), want)
             assert not kernels._MERGE_COUNTS[q.device].any()
+        monkeypatch.setattr(kernels, "PATH_MERGE_IN_KERNEL", False)
+        monkeypatch.setattr(kernels, "PATH_MERGE_DECODE", True)  # (decode steps merge in the kernel; trees combine)
+        assert torch.equal(kernels.path_attention(*args), want)
+        assert not kernels._MERGE_COUNTS[q.device].any()
+        monkeypatch.setattr(kernels, "PATH_MERGE_DECODE", False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
