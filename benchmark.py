@@ -380,13 +380,16 @@ def kernel_settings(K):
     """Which kernels a forward runs (read when a graph is captured), as use_kernel_settings takes them."""
     return dict(exact=hl.EXACT, fused=hl.FUSED, merge=K.PATH_MERGE_IN_KERNEL, tiles=(K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN),
                 edge=K.PATH_EDGE_TOKENS, pdl=K.PDL, pdl_tokens=K.PDL_MAX_TOKENS, wide_n=K.MATMUL_WIDE_N, programs=K.PATH_PROGRAMS,
-                warps=K.PATH_WARPS, k_tile=K.MATMUL_K_TILE, merge_decode=K.PATH_MERGE_DECODE)
+                warps=K.PATH_WARPS, k_tile=K.MATMUL_K_TILE, merge_decode=K.PATH_MERGE_DECODE,
+                stages=K.MATMUL_STAGES)
 
 
-def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens, wide_n, programs, warps, k_tile, merge_decode):
+def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens, wide_n, programs, warps, k_tile, merge_decode,
+                        stages):
     hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, K.PATH_EDGE_TOKENS, K.PDL = exact, fused, merge, edge, pdl
     K.PDL_MAX_TOKENS, K.MATMUL_WIDE_N, K.PATH_PROGRAMS, K.PATH_WARPS = pdl_tokens, wide_n, programs, warps
-    K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN, K.MATMUL_K_TILE, K.PATH_MERGE_DECODE = *tiles, k_tile, merge_decode
+    K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
+    K.MATMUL_K_TILE, K.PATH_MERGE_DECODE, K.MATMUL_STAGES = k_tile, merge_decode, stages
 
 
 def step_kernel_sets(args, K):
@@ -405,6 +408,7 @@ def step_kernel_sets(args, K):
     sets += [(f" (path_attention ~{n} programs)", default | dict(programs=n)) for n in args.path_programs]
     sets += [(f" (path_attention {w} warps)", default | dict(warps=w)) for w in args.path_warps]
     sets += [(f" (matmul K steps of {k})", default | dict(k_tile=k)) for k in args.matmul_k_tile]
+    sets += [(f" (matmul {n} stages)", default | dict(stages=n)) for n in args.matmul_stages]
     if args.merge_decode:
         sets.append((" (merge in kernel for decoding)", default | dict(merge_decode=True)))
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
@@ -1249,6 +1253,8 @@ def add_steps_args(sub):
                    "many programs for the splits below the cache length (kernels.PATH_PROGRAMS), e.g. 264 528")
     s.add_argument("--path-warps", type=int, nargs="*", default=[], help="also time path_attention with this many "
                    "warps a program (kernels.PATH_WARPS), e.g. 1 2")
+    s.add_argument("--matmul-stages", type=int, nargs="*", default=[], help="also time the matmuls with this many "
+                   "pipeline stages (kernels.MATMUL_STAGES), e.g. 4 5")
     s.add_argument("--merge-decode", action="store_true", help="also time path_attention merging its splits itself "
                    "in decode steps (kernels.PATH_MERGE_DECODE)")
     s.add_argument("--matmul-k-tile", type=int, nargs="*", default=[], help="also time the matmuls reducing K in steps "

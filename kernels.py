@@ -887,10 +887,14 @@ MATMUL_WIDE_N = int(os.environ.get("HYDRA_LITE_MATMUL_WIDE_N", "4096"))
 MATMUL_K_TILE = int(os.environ.get("HYDRA_LITE_MATMUL_K_TILE", "0"))
 
 
+MATMUL_STAGES = int(os.environ.get("HYDRA_LITE_MATMUL_STAGES", "0"))  # (0: by BLOCK_K, below; untimed otherwise)
+
+
 def _matmul_stages(BLOCK_K):
     """Software-pipeline stages that keep a tile's loads in shared memory (x: 64 rows, w: up to two 64-column
-    slices, BLOCK_K wide)."""
-    return 3 if BLOCK_K <= 128 else 2 if BLOCK_K <= 256 else 1
+    slices, BLOCK_K wide): loads in flight, which a decode step's short K loop waits on (run 18: K steps of 256 in
+    2 stages were 25% slower than steps of 64 in 3)."""
+    return MATMUL_STAGES or (3 if BLOCK_K <= 128 else 2 if BLOCK_K <= 256 else 1)
 
 
 def _matmul_tiles(N, K, cuda):
