@@ -24,13 +24,20 @@ import kernels as K  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def build(kernel, types, constexprs, num_warps=4, num_stages=3):
-    """Compile `kernel` with arguments typed by `types` (default i32) and the constexprs given; returns the cubin size."""
+SHARED_MAX = 232448  # bytes of shared memory a block may take on sm_90 (227 KiB): more fails only at launch
+
+
+def build(kernel, types, constexprs, num_warps=4):
+    """Compile `kernel` with arguments typed by `types` (default i32) and the constexprs given, the matmuls at the
+    pipeline stages kernels.py launches them with; returns (cubin bytes, shared memory bytes)."""
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
     src = ASTSource(fn=kernel, signature=signature,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
-    return len(compiled.asm["cubin"])
+    stages = K._matmul_stages(constexprs["BLOCK_K"]) if kernel in (K._matmul_kernel, K._qkv_rope_kernel) else 3
+    compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=stages))
+    if compiled.metadata.shared > SHARED_MAX:
+        raise RuntimeError(f"{compiled.metadata.shared} bytes of shared memory (at most {SHARED_MAX})")
+    return len(compiled.asm["cubin"]), compiled.metadata.shared
 
 
 def kernel_sets():
@@ -44,6 +51,12 @@ def kernel_sets():
                dict(HAS_BIAS=False, NORM=norm, SWIGLU=swiglu, SILU_ADD=False, RESIDUAL=residual, SS_IN=ss_in,
                     SS_OUT=residual, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64,
                     BLOCK_P=64, PDL=ss_in))
+    for N, K_ in ((49152, 576), (11008, 4096)):  # the widest tiles (the LM head; a 7B's gate/up) at their stages
+        _, BLOCK_N, BLOCK_K = K._matmul_tiles(N, K_, True)
+        yield (f"matmul norm swiglu N={N} K={K_}: {BLOCK_N} x {BLOCK_K} tiles", K._matmul_kernel, matmul,
+               dict(HAS_BIAS=False, NORM=True, SWIGLU=True, SILU_ADD=False, RESIDUAL=False, SS_IN=True, SS_OUT=False,
+                    UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=64,
+                    PDL=True))
     yield ("matmul silu_add (a draft head's residual block) with bias, dependent launch=True", K._matmul_kernel, matmul,
            dict(HAS_BIAS=True, NORM=False, SWIGLU=False, SILU_ADD=True, RESIDUAL=False, SS_IN=False, SS_OUT=False,
                 UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True))
@@ -74,7 +87,8 @@ def main():
     failed = 0
     for name, kernel, types, constexprs, *warps in kernel_sets():  # (warps: 4 unless given)
         try:
-            print(f"OK    {name}: {build(kernel, types, constexprs, *warps)} bytes of sm_90 cubin")
+            cubin, shared = build(kernel, types, constexprs, *warps)
+            print(f"OK    {name}: {cubin} bytes of sm_90 cubin, {shared} of shared memory")
         except Exception as e:  # (any compiler error is the finding)
             failed += 1
             print(f"FAIL  {name}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
