@@ -381,15 +381,15 @@ def kernel_settings(K):
     return dict(exact=hl.EXACT, fused=hl.FUSED, merge=K.PATH_MERGE_IN_KERNEL, tiles=(K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN),
                 edge=K.PATH_EDGE_TOKENS, pdl=K.PDL, pdl_tokens=K.PDL_MAX_TOKENS, wide_n=K.MATMUL_WIDE_N, programs=K.PATH_PROGRAMS,
                 warps=K.PATH_WARPS, k_tile=K.MATMUL_K_TILE, merge_decode=K.PATH_MERGE_DECODE,
-                stages=K.MATMUL_STAGES)
+                stages=K.MATMUL_STAGES, path_stages=K.PATH_STAGES)
 
 
 def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens, wide_n, programs, warps, k_tile, merge_decode,
-                        stages):
+                        stages, path_stages):
     hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, K.PATH_EDGE_TOKENS, K.PDL = exact, fused, merge, edge, pdl
     K.PDL_MAX_TOKENS, K.MATMUL_WIDE_N, K.PATH_PROGRAMS, K.PATH_WARPS = pdl_tokens, wide_n, programs, warps
     K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
-    K.MATMUL_K_TILE, K.PATH_MERGE_DECODE, K.MATMUL_STAGES = k_tile, merge_decode, stages
+    K.MATMUL_K_TILE, K.PATH_MERGE_DECODE, K.MATMUL_STAGES, K.PATH_STAGES = k_tile, merge_decode, stages, path_stages
 
 
 def step_kernel_sets(args, K):
@@ -409,6 +409,7 @@ def step_kernel_sets(args, K):
     sets += [(f" (path_attention {w} warps)", default | dict(warps=w)) for w in args.path_warps]
     sets += [(f" (matmul K steps of {k})", default | dict(k_tile=k)) for k in args.matmul_k_tile]
     sets += [(f" (matmul {n} stages)", default | dict(stages=n)) for n in args.matmul_stages]
+    sets += [(f" (path_attention {n} stages)", default | dict(path_stages=n)) for n in args.path_stages]
     if args.merge_decode:
         sets.append((" (merge in kernel for decoding)", default | dict(merge_decode=True)))
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
@@ -1255,6 +1256,8 @@ def add_steps_args(sub):
                    "warps a program (kernels.PATH_WARPS), e.g. 1 2")
     s.add_argument("--matmul-stages", type=int, nargs="*", default=[], help="also time the matmuls with this many "
                    "pipeline stages (kernels.MATMUL_STAGES), e.g. 4 5")
+    s.add_argument("--path-stages", type=int, nargs="*", default=[], help="also time path_attention with this many "
+                   "pipeline stages (kernels.PATH_STAGES), e.g. 3 4")
     s.add_argument("--merge-decode", action="store_true", help="also time path_attention merging its splits itself "
                    "in decode steps (kernels.PATH_MERGE_DECODE)")
     s.add_argument("--matmul-k-tile", type=int, nargs="*", default=[], help="also time the matmuls reducing K in steps "

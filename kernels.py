@@ -705,6 +705,9 @@ PATH_PROGRAMS = int(os.environ.get("HYDRA_LITE_PATH_PROGRAMS", "1056"))
 # Warps per path_attention program. Constant for every call, like the tiles: the row reductions of the online
 # softmax are laid out by warps, so decoding and verification must share it. 4 until others are timed (issue 15).
 PATH_WARPS = int(os.environ.get("HYDRA_LITE_PATH_WARPS", "4"))
+# Pipeline stages of path_attention's loop over key blocks (the matmuls gained 12% from 3 to 4: run 18). Loads in
+# flight, not the order of the reduction: the same bits. 2 until others are timed (issue 14).
+PATH_STAGES = int(os.environ.get("HYDRA_LITE_PATH_STAGES", "2"))
 _MERGE_COUNTS = {}  # device -> int32 counts, one per output row, all 0 between calls (each merge resets its rows)
 _DECODE_PATH = {}  # device -> the one-token path ([[[0]]], depth [[0]]): a decode step is a one-node tree
 
@@ -762,7 +765,7 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,
-        MERGE=merge, num_warps=PATH_WARPS, num_stages=2, **_pdl(q, B * T))
+        MERGE=merge, num_warps=PATH_WARPS, num_stages=PATH_STAGES, **_pdl(q, B * T))
     if merge:
         return out
     _path_combine_kernel[(T, B)](po, plse, lens, depth, out, T, Hq, D, num_splits, *depth.stride(),

@@ -10,6 +10,7 @@
 #   paths  path_attention's programs (kernels.PATH_PROGRAMS) and warps, the matmuls' K steps (MATMUL_K_TILE): the
 #          kernel check with PATH_PROGRAMS and K_TILE set, then SmolLM2 step times and profiles for several of each
 #          and for shorter splits, and 7B step times by K steps (random weights: no model)
+#   stages the matmuls at MATMUL_STAGES (4) pipeline stages: kernel check and GPU tests, then step times by stages
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights); STEPS_FLAGS adds flags (e.g. --profile)
 #   fused  the fused decoder layers (the default; HYDRA_LITE_FUSED=0: op by op): kernel check, their GPU tests, step
 #          times against the unfused layers and the previous kernels (random weights: needs no model)
@@ -72,6 +73,15 @@ for stage in "$@"; do
       python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --path-tiles 16x256 16x128 16x64 --path-programs 264 528 1056 --path-warps 1 2 \
         --matmul-k-tile 256 512 1024 --profile --out "$RES/paths" 2>&1 | tee "$RES/steps_paths.txt" | grep -E "bit for bit|^\|"
       python3 benchmark.py steps --shape 7b --batch 1 --matmul-k-tile 256 512 1024 --matmul-wide-n 4097 --out "$RES/paths" 2>&1 | tee "$RES/steps_paths_7b.txt" | grep "^|" ;;
+    stages)  # issue 14: the matmuls at MATMUL_STAGES (4) checked against their references and in the GPU tests, then
+             # step times by matmul and path_attention stages (random weights: no model)
+      export HYDRA_LITE_MATMUL_STAGES=${MATMUL_STAGES:-4}
+      python3 benchmark.py check 2>&1 | tee "$RES/check_stages.txt" | grep -E "FAIL|all PASS" || true
+      HYDRA_LITE_CKPT=$CKPT python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3 || true
+      unset HYDRA_LITE_MATMUL_STAGES
+      python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --matmul-stages 4 5 --path-stages 3 4 --out "$RES/stages" 2>&1 \
+        | tee "$RES/steps_stages.txt" | grep -E "bit for bit|^\|"
+      python3 benchmark.py steps --shape 7b --batch 1 8 --matmul-stages 4 5 --path-stages 3 --out "$RES/stages" 2>&1 | tee "$RES/steps_stages_7b.txt" | grep "^|" ;;
     steps)
       python3 benchmark.py steps --shape 7b ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
       python3 benchmark.py steps --shape smollm2-135m ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;

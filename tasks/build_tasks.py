@@ -696,13 +696,14 @@ FAMILY_BUILDERS = {"chat": family_chat, "translation": family_translation, "summ
 # ----------------------------------------------------------------------------------------------------------
 # Output and checks
 # ----------------------------------------------------------------------------------------------------------
-def build(split, n, counter, mix=None):
+def build(split, n, counter, mix=None, seed=0):
     corpus = load_corpus()
     counts = ({f: PER_FAMILY_HELDOUT for f in FAMILIES} if split == "heldout" else quota(n, mix or TRAIN_MIX))
     rows = []
     for family in FAMILIES:
         # One generator per family, seeded by family and split, so families do not perturb each other.
-        rng = random.Random(f"{SEED}:{split}:{family}")
+        # (seed: other draws from the same training documents, for a fresh round of answers; 0: the first draws)
+        rng = random.Random(f"{SEED}:{split}:{family}" + (f":{seed}" if seed else ""))
         picked = FAMILY_BUILDERS[family](corpus, split, counts[family], rng, counter)
         rng.shuffle(picked)
         for i, c in enumerate(picked, 1):
@@ -801,12 +802,16 @@ def parse_args(argv):
     ap.add_argument("--n", type=int, help="number of training prompts (train split only; default 6000)")
     ap.add_argument("--mix", default="", help="train split: family weights to change, e.g. translation=0.24 (the "
                     "others keep theirs from TRAIN_MIX; weights are relative)")
+    ap.add_argument("--seed", type=int, default=0, help="train split: other draws of prompts from the same training "
+                    "documents (each round of heads can learn from fresh answers; 0: the first draws)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--tokenizer", type=Path, default=Path(DEFAULT_TOKENIZER),
                     help=f"SmolLM2 tokenizer.json (default {DEFAULT_TOKENIZER}, relative to the repo)")
     args = ap.parse_args(argv)
     if args.split == "heldout" and args.n is not None:
         ap.error("--n applies to the train split only (the held-out set is fixed at 8 x 20)")
+    if args.split == "heldout" and args.seed:
+        ap.error("--seed applies to the train split only (the held-out set is fixed)")
     if args.split == "train":
         args.n = 6000 if args.n is None else args.n
         if not 8 <= args.n <= 10000:   # summarization runs out first (~1200 usable prompts, 11% of n)
@@ -824,7 +829,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         counter = TokenCounter(args.tokenizer)
-        rows = build(args.split, args.n, counter, args.mix)
+        rows = build(args.split, args.n, counter, args.mix, args.seed)
         write_jsonl(rows, args.out)
     except BuildError as e:
         print(f"build_tasks: error: {e}", file=sys.stderr)

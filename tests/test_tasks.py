@@ -113,6 +113,13 @@ def test_licence_names_become_spdx():
     assert tt.spdx("GPL-3+ or Less") == "GPL-3.0-or-later OR LicenseRef-Less"
 
 
+def test_seed_is_for_the_train_split_only(capsys):
+    assert build_tasks.parse_args(["--split", "train", "--seed", "3", "--out", "x.jsonl"]).seed == 3
+    with pytest.raises(SystemExit):
+        build_tasks.parse_args(["--split", "heldout", "--seed", "3", "--out", "x.jsonl"])
+    assert "train split only" in capsys.readouterr().err
+
+
 def test_mix_changes_only_the_families_named_and_refuses_mistakes(capsys):
     args = build_tasks.parse_args(["--split", "train", "--n", "100", "--mix", "translation=0.5,chat=0", "--out", "x.jsonl"])
     assert args.mix == build_tasks.TRAIN_MIX | {"translation": 0.5, "chat": 0.0}
