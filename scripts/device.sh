@@ -78,10 +78,12 @@ for stage in "$@"; do
       export HYDRA_LITE_MATMUL_STAGES=${MATMUL_STAGES:-4}
       python3 benchmark.py check 2>&1 | tee "$RES/check_stages.txt" | grep -E "FAIL|all PASS" || true
       HYDRA_LITE_CKPT=$CKPT python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3 || true
-      unset HYDRA_LITE_MATMUL_STAGES
-      python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --matmul-stages 4 5 --path-stages 3 4 --out "$RES/stages" 2>&1 \
+      # (the default row below has MATMUL_STAGES; "matmul 3 stages" is today's default)
+      python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --matmul-stages 3 5 --path-stages 3 4 --profile --out "$RES/stages" 2>&1 \
         | tee "$RES/steps_stages.txt" | grep -E "bit for bit|^\|"
-      python3 benchmark.py steps --shape 7b --batch 1 8 --matmul-stages 4 5 --path-stages 3 --out "$RES/stages" 2>&1 | tee "$RES/steps_stages_7b.txt" | grep "^|" ;;
+      python3 benchmark.py steps --shape 7b --batch 1 8 --matmul-stages 3 5 --matmul-wide-n 4097 --path-stages 3 --out "$RES/stages" 2>&1 \
+        | tee "$RES/steps_stages_7b.txt" | grep "^|"
+      unset HYDRA_LITE_MATMUL_STAGES ;;
     steps)
       python3 benchmark.py steps --shape 7b ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
       python3 benchmark.py steps --shape smollm2-135m ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;
