@@ -28,12 +28,13 @@ SHARED_MAX = 232448  # bytes of shared memory a block may take on sm_90 (227 KiB
 
 
 def build(kernel, types, constexprs, num_warps=4):
-    """Compile `kernel` with arguments typed by `types` (default i32) and the constexprs given, the matmuls at the
-    pipeline stages kernels.py launches them with; returns (cubin bytes, shared memory bytes)."""
+    """Compile `kernel` with arguments typed by `types` (default i32) and the constexprs given, the matmuls and
+    path_attention at the pipeline stages kernels.py launches them with; returns (cubin bytes, shared memory bytes)."""
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
     src = ASTSource(fn=kernel, signature=signature,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    stages = K._matmul_stages(constexprs["BLOCK_K"]) if kernel in (K._matmul_kernel, K._qkv_rope_kernel) else 3
+    stages = (K._matmul_stages(constexprs["BLOCK_K"]) if kernel in (K._matmul_kernel, K._qkv_rope_kernel)
+              else K.PATH_STAGES if kernel is K._path_attn_kernel else 3)  # (3: Triton's default, the others' launch)
     compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=stages))
     if compiled.metadata.shared > SHARED_MAX:
         raise RuntimeError(f"{compiled.metadata.shared} bytes of shared memory (at most {SHARED_MAX})")
