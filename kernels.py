@@ -892,8 +892,8 @@ MATMUL_K_TILE = int(os.environ.get("HYDRA_LITE_MATMUL_K_TILE", "0"))
 
 # Pipeline stages of the matmuls (0: by BLOCK_K, below). Run 18 (H200, random SmolLM2 weights, context 512): 4
 # stages made the AR step 0.91 vs 1.03 ms at batch 1 and 0.95 vs 1.07 at batch 8, a 64-node verification 0.98 vs
-# 1.10, batch-8 verification 2.06 vs 2.01; 5 stages 0.88 / 0.91 / 0.95 / 2.20. Not checked against the reference
-# on a GPU yet (a pipelined loop once raced: _row_sumsq), so 3 until then (issue 14).
+# 1.10, batch-8 verification 2.06 vs 2.01; 5 stages 0.88 / 0.91 / 0.95 / 2.20. Run 19 checked 4 against the
+# reference and in the GPU tests with the real model (a pipelined loop once raced: _row_sumsq), so 4 is the default.
 MATMUL_STAGES = int(os.environ.get("HYDRA_LITE_MATMUL_STAGES", "0"))
 
 
