@@ -340,6 +340,7 @@ def steps(args):
             first = dict(exact=True, tiles=args.path_tiles[0])
             checks = [dict(first, tiles=t) for t in args.path_tiles] + ([dict(first, merge=True)] if args.unfused else [])
             checks += [dict(first, programs=n) for n in args.path_programs] + [dict(first, warps=w) for w in args.path_warps]
+            checks += [dict(first, split_loops=True, edge_unroll=True)] if args.path_loops else []
             for change in checks:  # each path_attention setting: a tree node == decoding its path
                 use_kernel_settings(K, **before | change)
                 log(f"path_attention {change}: tree node == decoding, bit for bit: {path_tiles_invariant(K, model.cfg, tree)}")
@@ -376,20 +377,29 @@ def random_model(shape, device):
     return model.eval().requires_grad_(False)
 
 
+# Each kernel setting a step can be timed with: its name here -> (module, attribute) that the kernels read when a
+# graph is captured ("hl": hydra_lite, "K": kernels).
+KERNEL_KNOBS = dict(exact=("hl", "EXACT"), fused=("hl", "FUSED"), merge=("K", "PATH_MERGE_IN_KERNEL"),
+                    edge=("K", "PATH_EDGE_TOKENS"), pdl=("K", "PDL"), pdl_tokens=("K", "PDL_MAX_TOKENS"),
+                    wide_n=("K", "MATMUL_WIDE_N"), programs=("K", "PATH_PROGRAMS"), warps=("K", "PATH_WARPS"),
+                    k_tile=("K", "MATMUL_K_TILE"), merge_decode=("K", "PATH_MERGE_DECODE"), stages=("K", "MATMUL_STAGES"),
+                    path_stages=("K", "PATH_STAGES"), split_loops=("K", "PATH_SPLIT_LOOPS"),
+                    edge_unroll=("K", "PATH_EDGE_UNROLL"))
+
+
 def kernel_settings(K):
     """Which kernels a forward runs (read when a graph is captured), as use_kernel_settings takes them."""
-    return dict(exact=hl.EXACT, fused=hl.FUSED, merge=K.PATH_MERGE_IN_KERNEL, tiles=(K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN),
-                edge=K.PATH_EDGE_TOKENS, pdl=K.PDL, pdl_tokens=K.PDL_MAX_TOKENS, wide_n=K.MATMUL_WIDE_N, programs=K.PATH_PROGRAMS,
-                warps=K.PATH_WARPS, k_tile=K.MATMUL_K_TILE, merge_decode=K.PATH_MERGE_DECODE,
-                stages=K.MATMUL_STAGES, path_stages=K.PATH_STAGES)
+    modules = dict(hl=hl, K=K)
+    return {name: getattr(modules[m], attr) for name, (m, attr) in KERNEL_KNOBS.items()} | dict(
+        tiles=(K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN))
 
 
-def use_kernel_settings(K, exact, fused, merge, tiles, edge, pdl, pdl_tokens, wide_n, programs, warps, k_tile, merge_decode,
-                        stages, path_stages):
-    hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL, K.PATH_EDGE_TOKENS, K.PDL = exact, fused, merge, edge, pdl
-    K.PDL_MAX_TOKENS, K.MATMUL_WIDE_N, K.PATH_PROGRAMS, K.PATH_WARPS = pdl_tokens, wide_n, programs, warps
+def use_kernel_settings(K, tiles, **knobs):
+    modules = dict(hl=hl, K=K)
     K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN = tiles
-    K.MATMUL_K_TILE, K.PATH_MERGE_DECODE, K.MATMUL_STAGES, K.PATH_STAGES = k_tile, merge_decode, stages, path_stages
+    for name, value in knobs.items():
+        m, attr = KERNEL_KNOBS[name]
+        setattr(modules[m], attr, value)
 
 
 def step_kernel_sets(args, K):
@@ -410,6 +420,11 @@ def step_kernel_sets(args, K):
     sets += [(f" (matmul K steps of {k})", default | dict(k_tile=k)) for k in args.matmul_k_tile]
     sets += [(f" (matmul {n} stages)", default | dict(stages=n)) for n in args.matmul_stages]
     sets += [(f" (path_attention {n} stages)", default | dict(path_stages=n)) for n in args.path_stages]
+    if args.path_loops:  # path_attention's blocks from two loops (pipelined), at each --path-stages, and unrolled edges
+        sets += [(f" (path_attention two loops, {n} stages)", default | dict(split_loops=True, path_stages=n))
+                 for n in [K.PATH_STAGES, *args.path_stages]]
+        sets += [(" (path_attention edge unrolled)", default | dict(edge_unroll=True)),
+                 (" (path_attention two loops, edge unrolled)", default | dict(split_loops=True, edge_unroll=True))]
     if args.merge_decode:
         sets.append((" (merge in kernel for decoding)", default | dict(merge_decode=True)))
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
@@ -1258,6 +1273,9 @@ def add_steps_args(sub):
                    "pipeline stages (kernels.MATMUL_STAGES), e.g. 4 5")
     s.add_argument("--path-stages", type=int, nargs="*", default=[], help="also time path_attention with this many "
                    "pipeline stages (kernels.PATH_STAGES), e.g. 3 4")
+    s.add_argument("--path-loops", action="store_true", help="also time path_attention's blocks from two loops "
+                   "(kernels.PATH_SPLIT_LOOPS; at its stages and each --path-stages) and its edge blocks unrolled over a "
+                   "tile's tokens (kernels.PATH_EDGE_UNROLL), alone and together")
     s.add_argument("--merge-decode", action="store_true", help="also time path_attention merging its splits itself "
                    "in decode steps (kernels.PATH_MERGE_DECODE)")
     s.add_argument("--matmul-k-tile", type=int, nargs="*", default=[], help="also time the matmuls reducing K in steps "

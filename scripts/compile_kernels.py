@@ -27,12 +27,29 @@ TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MAX = 232448  # bytes of shared memory a block may take on sm_90 (227 KiB): more fails only at launch
 
 
+# Integer arguments as SmolLM2's calls pass them, where a launch specializes on them: Triton compiles a 1 in as a
+# constant and marks a multiple of 16 as such, and what it then knows (unit strides, aligned rows) decides which
+# loads are vectorized and software-pipelined, and so the shared memory. Pointers are marked 16-byte aligned.
+RUNTIME_INTS = {
+    "_matmul_kernel": dict(K=576, sxm=576, sxk=1, swn=576, swk=1, srm=576),
+    "_qkv_rope_kernel": dict(K=576, sxm=576, sxk=1, swn=576, swk=1),
+    "_path_attn_kernel": dict(D=64, sqb=36864, sqt=576, sqh=64, sqd=1, skb=786432, skh=64, skd=1, svb=786432, svh=64, svd=1,
+                              sks=192, svs=192, spj=1),
+}
+
+
 def build(kernel, types, constexprs, num_warps=4):
-    """Compile `kernel` with arguments typed by `types` (default i32) and the constexprs given, the matmuls and
-    path_attention at the pipeline stages kernels.py launches them with; returns (cubin bytes, shared memory bytes)."""
+    """Compile `kernel` with arguments typed by `types` (default i32) and the constexprs given, specialized as a
+    launch specializes it (RUNTIME_INTS), the matmuls and path_attention at the pipeline stages kernels.py
+    launches them with; returns (cubin bytes, shared memory bytes)."""
+    ints = RUNTIME_INTS.get(kernel.fn.__name__, {})
+    constexprs = constexprs | {k: 1 for k, v in ints.items() if v == 1}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
+    aligned = [name for name in kernel.arg_names if name not in constexprs and (signature[name].startswith("*")
+                                                                                or ints.get(name, 1) % 16 == 0)]
     src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
     stages = (K._matmul_stages(constexprs["BLOCK_K"]) if kernel in (K._matmul_kernel, K._qkv_rope_kernel)
               else K.PATH_STAGES if kernel is K._path_attn_kernel else 3)  # (3: Triton's default, the others' launch)
     compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=stages))
@@ -70,11 +87,15 @@ def kernel_sets():
     for merge in (False, True):
         yield (f"path_attention merge={merge} dependent launch={merge}", K._path_attn_kernel, path,
                dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=K.PATH_SPLIT_LEN, UPCAST=False,
-                    PREC="tf32", BY_SUM=False, MERGE=merge, PDL=merge))
+                    PREC="tf32", BY_SUM=False, MERGE=merge, SPLIT_LOOPS=False, EDGE_UNROLL=False, PDL=merge))
+    for unroll in (False, True):
+        yield (f"path_attention from two loops (PATH_SPLIT_LOOPS), edge unrolled={unroll}", K._path_attn_kernel, path,
+               dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=K.PATH_SPLIT_LEN, UPCAST=False,
+                    PREC="tf32", BY_SUM=False, MERGE=False, SPLIT_LOOPS=True, EDGE_UNROLL=unroll, PDL=True))
     for warps in (1, 2):  # (PATH_WARPS, to time), with the shortest split steps --path-tiles offers
         yield (f"path_attention {warps} warps, splits of 64", K._path_attn_kernel, path,
                dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=64, UPCAST=False, PREC="tf32",
-                    BY_SUM=False, MERGE=False, PDL=True), warps)
+                    BY_SUM=False, MERGE=False, SPLIT_LOOPS=False, EDGE_UNROLL=False, PDL=True), warps)
     yield ("path_attention combine dependent launch=True", K._path_combine_kernel,
            {"po_ptr": "*fp32", "plse_ptr": "*fp32", "lens_ptr": "*i32", "depth_ptr": "*i64", "o_ptr": "*bf16"},
            dict(SPLIT_LEN=K.PATH_SPLIT_LEN, BLOCK_H=16, BLOCK_D=64, BLOCK_S=16, PDL=True))

@@ -11,6 +11,8 @@
 #          kernel check with PATH_PROGRAMS and K_TILE set, then SmolLM2 step times and profiles for several of each
 #          and for shorter splits, and 7B step times by K steps (random weights: no model)
 #   stages the matmuls at MATMUL_STAGES (4) pipeline stages: kernel check and GPU tests, then step times by stages
+#   loops  path_attention from two loops (PATH_SPLIT_LOOPS) and with unrolled edges (PATH_EDGE_UNROLL): kernel check
+#          and GPU tests with both, then step times against today's path_attention, by stages (random weights)
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights); STEPS_FLAGS adds flags (e.g. --profile)
 #   fused  the fused decoder layers (the default; HYDRA_LITE_FUSED=0: op by op): kernel check, their GPU tests, step
 #          times against the unfused layers and the previous kernels (random weights: needs no model)
@@ -59,7 +61,7 @@ for stage in "$@"; do
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
       python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
       python3 benchmark.py check 2>&1 | tee "$RES/kernels_check.txt"
-      HYDRA_LITE_CKPT=$CKPT python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -5 ;;
+      HYDRA_LITE_CKPT=$([ -f "$CKPT/config.json" ] && echo "$CKPT" || true) python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -5 ;;
     fused)
       python3 benchmark.py check 2>&1 | tee "$RES/kernels_check.txt" | grep -E "FAIL|all PASS|fused|qkv_rope|worst" || true
       python3 -m pytest -q -x tests/test_gpu.py -k "bit_for_bit or fused or dependent" 2>&1 | tail -3 || true
@@ -73,17 +75,26 @@ for stage in "$@"; do
       python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --path-tiles 16x256 16x128 16x64 --path-programs 264 528 1056 --path-warps 1 2 \
         --matmul-k-tile 256 512 1024 --profile --out "$RES/paths" 2>&1 | tee "$RES/steps_paths.txt" | grep -E "bit for bit|^\|"
       python3 benchmark.py steps --shape 7b --batch 1 --matmul-k-tile 256 512 1024 --matmul-wide-n 4097 --out "$RES/paths" 2>&1 | tee "$RES/steps_paths_7b.txt" | grep "^|" ;;
-    stages)  # issue 14: the matmuls at MATMUL_STAGES (4) checked against their references and in the GPU tests, then
-             # step times by matmul and path_attention stages (random weights: no model)
+    stages)  # issue 14 (run 19): the matmuls at MATMUL_STAGES (4) checked against their references and in the GPU
+             # tests, then step times by matmul and path_attention stages (random weights: no model)
       export HYDRA_LITE_MATMUL_STAGES=${MATMUL_STAGES:-4}
       python3 benchmark.py check 2>&1 | tee "$RES/check_stages.txt" | grep -E "FAIL|all PASS" || true
-      HYDRA_LITE_CKPT=$CKPT python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3 || true
-      # (the default row below has MATMUL_STAGES; "matmul 3 stages" is today's default)
+      HYDRA_LITE_CKPT=$([ -f "$CKPT/config.json" ] && echo "$CKPT" || true) python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3 || true
       python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --matmul-stages 3 5 --path-stages 3 4 --profile --out "$RES/stages" 2>&1 \
         | tee "$RES/steps_stages.txt" | grep -E "bit for bit|^\|"
       python3 benchmark.py steps --shape 7b --batch 1 8 --matmul-stages 3 5 --matmul-wide-n 4097 --path-stages 3 --out "$RES/stages" 2>&1 \
         | tee "$RES/steps_stages_7b.txt" | grep "^|"
       unset HYDRA_LITE_MATMUL_STAGES ;;
+    loops)  # issues 14, 15: path_attention's blocks from two loops (software-pipelined) and its edge blocks unrolled,
+            # checked (kernel check, GPU tests; the real model's tests where it is converted), then step times
+            # against today's kernel at its stages and more (random weights)
+      ckpt=$([ -f "$CKPT/config.json" ] && echo "$CKPT" || true)
+      HYDRA_LITE_PATH_SPLIT_LOOPS=1 HYDRA_LITE_PATH_EDGE_UNROLL=1 python3 benchmark.py check 2>&1 | tee "$RES/check_loops.txt" | grep -E "FAIL|all PASS" || true
+      HYDRA_LITE_PATH_SPLIT_LOOPS=1 HYDRA_LITE_PATH_EDGE_UNROLL=1 HYDRA_LITE_CKPT=$ckpt python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3 || true
+      python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --path-loops --path-stages 3 4 --profile --out "$RES/loops" 2>&1 \
+        | tee "$RES/steps_loops.txt" | grep -E "bit for bit|^\|"
+      python3 benchmark.py steps --shape 7b --batch 1 8 --path-loops --path-stages 3 --out "$RES/loops" 2>&1 \
+        | tee "$RES/steps_loops_7b.txt" | grep "^|" ;;
     steps)
       python3 benchmark.py steps --shape 7b ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
       python3 benchmark.py steps --shape smollm2-135m ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;
