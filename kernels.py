@@ -619,7 +619,7 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
                 vp = start + offs_n
                 acc, m_i, l_i = _path_block(acc, m_i, l_i, q, k_base, v_base, vp.to(tl.int64), vp < hi, row_ok, sks, svs,
                                             scale, ok_d, UPCAST, PREC, BY_SUM)
-            for start in range(shared_end, hi, BLOCK_N):
+            for start in tl.range(shared_end, hi, BLOCK_N, num_stages=1):  # (1-2 blocks: a prefetch buys nothing)
                 acc, m_i, l_i = _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, tok, row_ok,
                                                  n_tok, depth_ptr, path_ptr, sdb, sdt, spb, spt, spj, sks, svs, scale,
                                                  ok_d, TOK, BLOCK_N, SPLIT_LEN, UPCAST, PREC, BY_SUM, EDGE_UNROLL)
