@@ -26,7 +26,7 @@
 #   data-mix  data for heads that generalize: answers to the multi-task training prompts (TASKS_TRAIN, made by
 #          tasks/build_tasks.py --split train) at temperatures 0 and 0.7, and to IMITATE prompts the model writes
 #          in the style of ShareGPT rows 0-79, into $WORK/data_tasks.npz and $WORK/data_chat.npz (TASK_SAMPLES answers
-#          a training prompt at TASK_TEMPS)
+#          a training prompt at TASK_TEMPS; CHAT_SAMPLES answers each ShareGPT row 0-79, default 4)
 #   train-mix  Hydra++ heads fine-tuned from INIT on both (draft vocabulary sized by coverage: auto), TIME_LIMIT s;
 #          N_LAYERS: blocks per head, more than INIT's to grow them (new blocks start as the identity)
 #          N_HEADS: heads, more than INIT's to grow them (new ones start as copies of the last)
@@ -116,7 +116,7 @@ for stage in "$@"; do
       if [ -f "${TASKS_TRAIN:-runs/tasks_train.jsonl}.gz" ]; then gunzip -kf "${TASKS_TRAIN:-runs/tasks_train.jsonl}.gz"; fi
       HYDRA_LITE_EXACT=${DATA_EXACT:-0} python3 train_heads.py data --checkpoint "$CKPT" --prompts "${TASKS_TRAIN:-runs/tasks_train.jsonl}" --samples ${TASK_SAMPLES:-2} --temperatures ${TASK_TEMPS:-0,0.7} \
         --max-new-tokens ${MAX_NEW:-256} --batch ${BATCH:-256} --time-limit ${DATA_TIME:-170} --out "$WORK/data_tasks.npz" 2>&1 | tee "$RES/data_tasks.txt" | awk 'NR % 10 == 1 || /wrote|rror/'
-      HYDRA_LITE_EXACT=${DATA_EXACT:-0} python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples 4 --temperatures 0,0.3,0.7 --imitate ${IMITATE:-8000} \
+      HYDRA_LITE_EXACT=${DATA_EXACT:-0} python3 train_heads.py data --checkpoint "$CKPT" --prompts "$PROMPTS" --rows 0-79 --samples ${CHAT_SAMPLES:-4} --temperatures 0,0.3,0.7 --imitate ${IMITATE:-8000} \
         --seed 4 --max-new-tokens ${MAX_NEW:-256} --batch ${BATCH:-256} --time-limit ${DATA_TIME2:-130} --out "$WORK/data_chat.npz" 2>&1 | tee "$RES/data_chat.txt" | awk 'NR % 10 == 1 || /wrote|rror/' ;;
     train-mix)
       python3 train_heads.py train --checkpoint "$CKPT" --data "$WORK/data_tasks.npz,$WORK/data_chat.npz" --init "${INIT:-heads/smollm2-135m-hydra++}" ${N_LAYERS:+--n-layers $N_LAYERS} ${N_HEADS:+--n-heads $N_HEADS} \
