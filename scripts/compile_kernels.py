@@ -5,17 +5,23 @@ between branches, a bad layout, a constexpr the interpreter lets through) fails 
 
     python scripts/compile_kernels.py            # every kernel set below; exit 1 if any fails
 
-The interpreter (TRITON_INTERPRET=1, the CPU tests) checks what the kernels compute; this checks that they build.
+The interpreter (TRITON_INTERPRET=1, the CPU tests) checks what the kernels compute; this checks that they build,
+and shows what decides their speed before a GPU runs them: shared memory (software-pipelined loads take a buffer
+per stage), registers a thread and bytes spilled (ptxas -v).
 Kernel sets: the batch-invariant matmul in each fused form, qkv_rope, path_attention with and without the merge
 in the kernel, and its combine, and the draft top-k's merge writing into the tree."""
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_kernels: unset TRITON_INTERPRET (the interpreter does not compile)")
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,7 +61,21 @@ def build(kernel, types, constexprs, num_warps=4):
     compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=stages))
     if compiled.metadata.shared > SHARED_MAX:
         raise RuntimeError(f"{compiled.metadata.shared} bytes of shared memory (at most {SHARED_MAX})")
-    return len(compiled.asm["cubin"]), compiled.metadata.shared
+    return len(compiled.asm["cubin"]), compiled.metadata.shared, registers(compiled.asm["ptx"])
+
+
+def registers(ptx):
+    """(registers a thread, bytes spilled to local memory) of a kernel's PTX, from ptxas -v (None: not reported).
+    Registers bound how many programs an SM holds at once; a spill is a slow load or store in the loop."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    finally:
+        os.unlink(f.name)
+    regs, spill = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
+    return int(regs.group(1)) if regs else None, int(spill.group(1)) if spill else None
 
 
 def kernel_sets():
@@ -109,8 +129,9 @@ def main():
     failed = 0
     for name, kernel, types, constexprs, *warps in kernel_sets():  # (warps: 4 unless given)
         try:
-            cubin, shared = build(kernel, types, constexprs, *warps)
-            print(f"OK    {name}: {cubin} bytes of sm_90 cubin, {shared} of shared memory")
+            cubin, shared, (regs, spill) = build(kernel, types, constexprs, *warps)
+            print(f"OK    {name}: {cubin} bytes of sm_90 cubin, {shared} of shared memory, {regs} registers a thread, "
+                  f"{spill} bytes spilled")
         except Exception as e:  # (any compiler error is the finding)
             failed += 1
             print(f"FAIL  {name}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
