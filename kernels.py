@@ -751,7 +751,8 @@ PATH_PROGRAMS = int(os.environ.get("HYDRA_LITE_PATH_PROGRAMS", "1056"))
 # softmax are laid out by warps, so decoding and verification must share it. 4 until others are timed (issue 15).
 PATH_WARPS = int(os.environ.get("HYDRA_LITE_PATH_WARPS", "4"))
 # Pipeline stages of path_attention's loop over key blocks (the matmuls gained 12% from 3 to 4: run 18). Loads in
-# flight, not the order of the reduction: the same bits. 2 until others are timed (issue 14).
+# flight, not the order of the reduction: the same bits. 3 and 4 timed alike in run 19: the one loop, which
+# branches per block, is not pipelined (only its inner token loop is); with PATH_SPLIT_LOOPS they apply. 2 for now.
 PATH_STAGES = int(os.environ.get("HYDRA_LITE_PATH_STAGES", "2"))
 # path_attention's blocks from two loops, those wholly below the cache length then those past it, instead of one
 # loop that branches on each block: the same blocks in the same order (the same bits), and a loop without a branch
