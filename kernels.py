@@ -535,15 +535,15 @@ def _path_block(acc, m_i, l_i, q, k_base, v_base, slot, seen, rows, sks, svs, sc
 
 
 @triton.jit
-def _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, g, n_g, tok, row_ok, path_ptr, spb, spt,
+def _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t, n_t, row_t, row_ok, path_ptr, spb, spt,
                      spj, sks, svs, scale, ok_d, SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                      BY_SUM: tl.constexpr):
-    """Token g's rows through a block that reaches past the cache, its keys at its path's slots there (n_g: the
-    token's positions, 0 for none)."""
-    seen = vp < tl.minimum(n_g, lo + SPLIT_LEN)
-    node = tl.load(path_ptr + b * spb + g * spt + j * spj, mask=seen & (j >= 0), other=0)
+    """Token t's rows (row_t: each tile row's token) through a block that reaches past the cache, its keys at its
+    path's slots there (n_t: the token's positions, 0 for none)."""
+    seen = vp < tl.minimum(n_t, lo + SPLIT_LEN)
+    node = tl.load(path_ptr + b * spb + t * spt + j * spj, mask=seen & (j >= 0), other=0)
     slot = tl.where(j >= 0, lens + node, vp).to(tl.int64)
-    return _path_block(acc, m_i, l_i, q, k_base, v_base, slot, seen, row_ok & (tok == g), sks, svs, scale, ok_d,
+    return _path_block(acc, m_i, l_i, q, k_base, v_base, slot, seen, row_ok & (row_t == t), sks, svs, scale, ok_d,
                        UPCAST, PREC, BY_SUM)
 
 

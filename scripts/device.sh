@@ -51,6 +51,7 @@ CKPT=$WORK/smollm2-135m-instruct
 PROMPTS=${PROMPTS:-.models/sharegpt_questions.jsonl}
 DATA=${DATA:-$WORK/data.npz}  # (a data.npz brought from an earlier run works too)
 mkdir -p "$OUT" "$WORK" "$RES"
+converted() { if [ -f "$CKPT/config.json" ]; then echo "$CKPT"; fi; }  # the checkpoint once `model` made it, else ""
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
@@ -61,7 +62,7 @@ for stage in "$@"; do
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
       python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
       python3 benchmark.py check 2>&1 | tee "$RES/kernels_check.txt"
-      HYDRA_LITE_CKPT=$([ -f "$CKPT/config.json" ] && echo "$CKPT" || true) python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -5 ;;
+      HYDRA_LITE_CKPT=$(converted) python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -5 ;;
     fused)
       python3 benchmark.py check 2>&1 | tee "$RES/kernels_check.txt" | grep -E "FAIL|all PASS|fused|qkv_rope|worst" || true
       python3 -m pytest -q -x tests/test_gpu.py -k "bit_for_bit or fused or dependent" 2>&1 | tail -3 || true
@@ -79,7 +80,7 @@ for stage in "$@"; do
              # tests, then step times by matmul and path_attention stages (random weights: no model)
       export HYDRA_LITE_MATMUL_STAGES=${MATMUL_STAGES:-4}
       python3 benchmark.py check 2>&1 | tee "$RES/check_stages.txt" | grep -E "FAIL|all PASS" || true
-      HYDRA_LITE_CKPT=$([ -f "$CKPT/config.json" ] && echo "$CKPT" || true) python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3 || true
+      HYDRA_LITE_CKPT=$(converted) python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3 || true
       python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --matmul-stages 3 5 --path-stages 3 4 --profile --out "$RES/stages" 2>&1 \
         | tee "$RES/steps_stages.txt" | grep -E "bit for bit|^\|"
       python3 benchmark.py steps --shape 7b --batch 1 8 --matmul-stages 3 5 --matmul-wide-n 4097 --path-stages 3 --out "$RES/stages" 2>&1 \
@@ -88,9 +89,8 @@ for stage in "$@"; do
     loops)  # issues 14, 15: path_attention's blocks from two loops (software-pipelined) and its edge blocks unrolled,
             # checked (kernel check, GPU tests; the real model's tests where it is converted), then step times
             # against today's kernel at its stages and more (random weights)
-      ckpt=$([ -f "$CKPT/config.json" ] && echo "$CKPT" || true)
       HYDRA_LITE_PATH_SPLIT_LOOPS=1 HYDRA_LITE_PATH_EDGE_UNROLL=1 python3 benchmark.py check 2>&1 | tee "$RES/check_loops.txt" | grep -E "FAIL|all PASS" || true
-      HYDRA_LITE_PATH_SPLIT_LOOPS=1 HYDRA_LITE_PATH_EDGE_UNROLL=1 HYDRA_LITE_CKPT=$ckpt python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3 || true
+      HYDRA_LITE_PATH_SPLIT_LOOPS=1 HYDRA_LITE_PATH_EDGE_UNROLL=1 HYDRA_LITE_CKPT=$(converted) python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3 || true
       python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --path-loops --path-stages 3 4 --profile --out "$RES/loops" 2>&1 \
         | tee "$RES/steps_loops.txt" | grep -E "bit for bit|^\|"
       python3 benchmark.py steps --shape 7b --batch 1 8 --path-loops --path-stages 3 --out "$RES/loops" 2>&1 \
