@@ -340,7 +340,6 @@ def steps(args):
             first = dict(exact=True, tiles=args.path_tiles[0])
             checks = [dict(first, tiles=t) for t in args.path_tiles] + ([dict(first, merge=True)] if args.unfused else [])
             checks += [dict(first, programs=n) for n in args.path_programs] + [dict(first, warps=w) for w in args.path_warps]
-            checks += [dict(first, split_loops=True, edge_unroll=True)] if args.path_loops else []
             for change in checks:  # each path_attention setting: a tree node == decoding its path
                 use_kernel_settings(K, **before | change)
                 log(f"path_attention {change}: tree node == decoding, bit for bit: {path_tiles_invariant(K, model.cfg, tree)}")
@@ -383,8 +382,7 @@ KERNEL_KNOBS = dict(exact=("hl", "EXACT"), fused=("hl", "FUSED"), merge=("K", "P
                     edge=("K", "PATH_EDGE_TOKENS"), pdl=("K", "PDL"), pdl_tokens=("K", "PDL_MAX_TOKENS"),
                     wide_n=("K", "MATMUL_WIDE_N"), programs=("K", "PATH_PROGRAMS"), warps=("K", "PATH_WARPS"),
                     k_tile=("K", "MATMUL_K_TILE"), merge_decode=("K", "PATH_MERGE_DECODE"), stages=("K", "MATMUL_STAGES"),
-                    path_stages=("K", "PATH_STAGES"), split_loops=("K", "PATH_SPLIT_LOOPS"),
-                    edge_unroll=("K", "PATH_EDGE_UNROLL"))
+                    path_stages=("K", "PATH_STAGES"))
 
 
 def kernel_settings(K):
@@ -420,11 +418,6 @@ def step_kernel_sets(args, K):
     sets += [(f" (matmul K steps of {k})", default | dict(k_tile=k)) for k in args.matmul_k_tile]
     sets += [(f" (matmul {n} stages)", default | dict(stages=n)) for n in args.matmul_stages]
     sets += [(f" (path_attention {n} stages)", default | dict(path_stages=n)) for n in args.path_stages]
-    if args.path_loops:  # path_attention's blocks from two loops (pipelined), at each --path-stages, and unrolled edges
-        sets += [(f" (path_attention two loops, {n} stages)", default | dict(split_loops=True, path_stages=n))
-                 for n in [K.PATH_STAGES, *args.path_stages]]
-        sets += [(" (path_attention edge unrolled)", default | dict(edge_unroll=True)),
-                 (" (path_attention two loops, edge unrolled)", default | dict(split_loops=True, edge_unroll=True))]
     if args.merge_decode:
         sets.append((" (merge in kernel for decoding)", default | dict(merge_decode=True)))
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
@@ -1273,9 +1266,6 @@ def add_steps_args(sub):
                    "pipeline stages (kernels.MATMUL_STAGES), e.g. 4 5")
     s.add_argument("--path-stages", type=int, nargs="*", default=[], help="also time path_attention with this many "
                    "pipeline stages (kernels.PATH_STAGES), e.g. 3 4")
-    s.add_argument("--path-loops", action="store_true", help="also time path_attention's blocks from two loops "
-                   "(kernels.PATH_SPLIT_LOOPS; at its stages and each --path-stages) and its edge blocks unrolled over a "
-                   "tile's tokens (kernels.PATH_EDGE_UNROLL), alone and together")
     s.add_argument("--merge-decode", action="store_true", help="also time path_attention merging its splits itself "
                    "in decode steps (kernels.PATH_MERGE_DECODE)")
     s.add_argument("--matmul-k-tile", type=int, nargs="*", default=[], help="also time the matmuls reducing K in steps "

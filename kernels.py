@@ -549,26 +549,17 @@ def _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t, n_
 
 @triton.jit
 def _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, tok, row_ok, n_tok, depth_ptr, path_ptr,
-                     sdb, sdt, spb, spt, spj, sks, svs, scale, ok_d, TOK: tl.constexpr, BLOCK_N: tl.constexpr,
-                     SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
-                     UNROLL: tl.constexpr):
-    """A block that reaches past the cache, token by token (each token's rows only, the others kept bit for bit):
-    a loop over the n_tok tokens, or (UNROLL) all TOK of the tile unrolled, a token past n_tok with no positions
-    (its loads masked off), so that no token's loads wait for the one before it to be reduced."""
+                     sdb, sdt, spb, spt, spj, sks, svs, scale, ok_d, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr,
+                     UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
+    """A block that reaches past the cache, token by token over the tile's n_tok tokens (each token's rows only,
+    the others kept bit for bit)."""
     vp = start + tl.arange(0, BLOCK_N)  # the block's virtual positions
     j = vp - lens  # >= 0: the j-th node of the token's path
-    if UNROLL:
-        for g in tl.static_range(TOK):
-            n_g = tl.where(g < n_tok, lens + tl.load(depth_ptr + b * sdb + (t0 + g) * sdt, mask=g < n_tok, other=0) + 1, 0)
-            acc, m_i, l_i = _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t0 + g, n_g, tok + t0,
-                                             row_ok, path_ptr, spb, spt, spj, sks, svs, scale, ok_d, SPLIT_LEN, UPCAST,
-                                             PREC, BY_SUM)
-    else:
-        for g in range(0, n_tok):
-            n_g = lens + tl.load(depth_ptr + b * sdb + (t0 + g) * sdt) + 1
-            acc, m_i, l_i = _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t0 + g, n_g, tok + t0,
-                                             row_ok, path_ptr, spb, spt, spj, sks, svs, scale, ok_d, SPLIT_LEN, UPCAST,
-                                             PREC, BY_SUM)
+    for g in range(0, n_tok):
+        n_g = lens + tl.load(depth_ptr + b * sdb + (t0 + g) * sdt) + 1
+        acc, m_i, l_i = _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t0 + g, n_g, tok + t0,
+                                         row_ok, path_ptr, spb, spt, spj, sks, svs, scale, ok_d, SPLIT_LEN, UPCAST,
+                                         PREC, BY_SUM)
     return acc, m_i, l_i
 
 
@@ -578,7 +569,7 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
                       sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, spb, spt, spj, sdb, sdt,
                       REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
-                      MERGE: tl.constexpr, SPLIT_LOOPS: tl.constexpr, EDGE_UNROLL: tl.constexpr, PDL: tl.constexpr):
+                      MERGE: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
     TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
     pid = tl.program_id(0)
@@ -613,27 +604,18 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if SPLIT_LOOPS:  # the same blocks in the same order, from two loops (see PATH_SPLIT_LOOPS)
-            shared_end = tl.minimum(hi, lo + tl.maximum(lens - lo, 0) // BLOCK_N * BLOCK_N)
-            for start in range(lo, shared_end, BLOCK_N):
-                vp = start + offs_n
-                acc, m_i, l_i = _path_block(acc, m_i, l_i, q, k_base, v_base, vp.to(tl.int64), vp < hi, row_ok, sks, svs,
-                                            scale, ok_d, UPCAST, PREC, BY_SUM)
-            for start in tl.range(shared_end, hi, BLOCK_N, num_stages=1):  # (1-2 blocks: a prefetch buys nothing)
-                acc, m_i, l_i = _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, tok, row_ok,
-                                                 n_tok, depth_ptr, path_ptr, sdb, sdt, spb, spt, spj, sks, svs, scale,
-                                                 ok_d, TOK, BLOCK_N, SPLIT_LEN, UPCAST, PREC, BY_SUM, EDGE_UNROLL)
-        else:
-            for start in range(lo, hi, BLOCK_N):
-                vp = start + offs_n  # the block's virtual positions
-                if start + BLOCK_N <= lens:  # cached slots only: one key tile for every token
-                    acc, m_i, l_i = _path_block(acc, m_i, l_i, q, k_base, v_base, vp.to(tl.int64), vp < hi, row_ok, sks,
-                                                svs, scale, ok_d, UPCAST, PREC, BY_SUM)
-                else:  # past the cache: token by token, each with its path's slots
-                    acc, m_i, l_i = _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, tok,
-                                                     row_ok, n_tok, depth_ptr, path_ptr, sdb, sdt, spb, spt, spj, sks,
-                                                     svs, scale, ok_d, TOK, BLOCK_N, SPLIT_LEN, UPCAST, PREC, BY_SUM,
-                                                     EDGE_UNROLL)
+        # The blocks in order, from two loops: those wholly below the cache length (one key tile for every token),
+        # then those past it (token by token, each with its path's slots). Two loops, not one that branches per
+        # block: a loop without a branch is software-pipelined (PATH_STAGES), the same blocks in the same order.
+        shared_end = tl.minimum(hi, lo + tl.maximum(lens - lo, 0) // BLOCK_N * BLOCK_N)
+        for start in range(lo, shared_end, BLOCK_N):
+            vp = start + offs_n  # the block's virtual positions
+            acc, m_i, l_i = _path_block(acc, m_i, l_i, q, k_base, v_base, vp.to(tl.int64), vp < hi, row_ok, sks, svs,
+                                        scale, ok_d, UPCAST, PREC, BY_SUM)
+        for start in tl.range(shared_end, hi, BLOCK_N, num_stages=1):  # (1-2 blocks: a prefetch buys nothing)
+            acc, m_i, l_i = _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, tok, row_ok,
+                                             n_tok, depth_ptr, path_ptr, sdb, sdt, spb, spt, spj, sks, svs, scale,
+                                             ok_d, BLOCK_N, SPLIT_LEN, UPCAST, PREC, BY_SUM)
         row = ((b * T + t0 + tok) * Hq + h) * NUM_SPLITS + split  # [BLOCK_M] into [B, T, Hq, NUM_SPLITS]
         used = row_ok & (lo < n)
         l_safe = tl.where(used, l_i, 1.0)
@@ -750,18 +732,12 @@ PATH_PROGRAMS = int(os.environ.get("HYDRA_LITE_PATH_PROGRAMS", "1056"))
 # Warps per path_attention program. Constant for every call, like the tiles: the row reductions of the online
 # softmax are laid out by warps, so decoding and verification must share it. 4 until others are timed (issue 15).
 PATH_WARPS = int(os.environ.get("HYDRA_LITE_PATH_WARPS", "4"))
-# Pipeline stages of path_attention's loop over key blocks (the matmuls gained 12% from 3 to 4: run 18). Loads in
-# flight, not the order of the reduction: the same bits. 3 and 4 timed alike in run 19: the one loop, which
-# branches per block, is not pipelined (only its inner token loop is); with PATH_SPLIT_LOOPS they apply. 2 for now.
-PATH_STAGES = int(os.environ.get("HYDRA_LITE_PATH_STAGES", "2"))
-# path_attention's blocks from two loops, those wholly below the cache length then those past it, instead of one
-# loop that branches on each block: the same blocks in the same order (the same bits), and a loop without a branch
-# that Triton can software-pipeline (PATH_STAGES made no difference with the branch: run 19). Off until timed.
-PATH_SPLIT_LOOPS = os.environ.get("HYDRA_LITE_PATH_SPLIT_LOOPS", "0") == "1"
-# A block past the cache, done token by token for a tile of several tokens (batch > 1), unrolled over the tile's
-# tokens: each token's loads no longer wait for the token before it to be reduced (its rows are its own, so the
-# same bits). Off until timed (issue 15: batch-8 verification).
-PATH_EDGE_UNROLL = os.environ.get("HYDRA_LITE_PATH_EDGE_UNROLL", "0") == "1"
+# Pipeline stages of path_attention's loop over the key blocks below the cache length: loads in flight, not the
+# order of the reduction (the same bits). Run 20 (H200, random SmolLM2 weights, context 512), ms with 2 / 3 / 4:
+# AR step b1 0.881 / 0.838 / 0.835, verify-64 b1 1.014 / 1.004 / 1.016, b8 AR 0.981 / 0.890 / 0.896, b8 verify
+# 2.062 / 2.058 / 2.132 (the one branching loop before: 0.912, 1.083, 1.006, 2.167). On the 7B shape 3 stages
+# verify 5% slower than 2 (7.12 vs 6.84 ms; AR 5.33 vs 5.34): 3, for the model we ship.
+PATH_STAGES = int(os.environ.get("HYDRA_LITE_PATH_STAGES", "3"))
 _MERGE_COUNTS = {}  # device -> int32 counts, one per output row, all 0 between calls (each merge resets its rows)
 _DECODE_PATH = {}  # device -> the one-token path ([[[0]]], depth [[0]]): a decode step is a one-node tree
 
@@ -819,8 +795,7 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,
-        MERGE=merge, SPLIT_LOOPS=PATH_SPLIT_LOOPS, EDGE_UNROLL=PATH_EDGE_UNROLL and edge_tok > 1, num_warps=PATH_WARPS,
-        num_stages=PATH_STAGES, **_pdl(q, B * T))
+        MERGE=merge, num_warps=PATH_WARPS, num_stages=PATH_STAGES, **_pdl(q, B * T))
     if merge:
         return out
     _path_combine_kernel[(T, B)](po, plse, lens, depth, out, T, Hq, D, num_splits, *depth.stride(),

@@ -11,8 +11,6 @@
 #          kernel check with PATH_PROGRAMS and K_TILE set, then SmolLM2 step times and profiles for several of each
 #          and for shorter splits, and 7B step times by K steps (random weights: no model)
 #   stages the matmuls at MATMUL_STAGES (4) pipeline stages: kernel check and GPU tests, then step times by stages
-#   loops  path_attention from two loops (PATH_SPLIT_LOOPS) and with unrolled edges (PATH_EDGE_UNROLL): kernel check
-#          and GPU tests with both, then step times against today's path_attention, by stages (random weights)
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights); STEPS_FLAGS adds flags (e.g. --profile)
 #   fused  the fused decoder layers (the default; HYDRA_LITE_FUSED=0: op by op): kernel check, their GPU tests, step
 #          times against the unfused layers and the previous kernels (random weights: needs no model)
@@ -86,15 +84,6 @@ for stage in "$@"; do
       python3 benchmark.py steps --shape 7b --batch 1 8 --matmul-stages 3 5 --matmul-wide-n 4097 --path-stages 3 --out "$RES/stages" 2>&1 \
         | tee "$RES/steps_stages_7b.txt" | grep "^|"
       unset HYDRA_LITE_MATMUL_STAGES ;;
-    loops)  # issues 14, 15: path_attention's blocks from two loops (software-pipelined) and its edge blocks unrolled,
-            # checked (kernel check, GPU tests; the real model's tests where it is converted), then step times
-            # against today's kernel at its stages and more (random weights)
-      HYDRA_LITE_PATH_SPLIT_LOOPS=1 HYDRA_LITE_PATH_EDGE_UNROLL=1 python3 benchmark.py check 2>&1 | tee "$RES/check_loops.txt" | grep -E "FAIL|all PASS" || true
-      HYDRA_LITE_PATH_SPLIT_LOOPS=1 HYDRA_LITE_PATH_EDGE_UNROLL=1 HYDRA_LITE_CKPT=$(converted) python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3 || true
-      python3 benchmark.py steps --shape smollm2-135m --batch 1 8 --path-loops --path-stages 3 4 --profile --out "$RES/loops" 2>&1 \
-        | tee "$RES/steps_loops.txt" | grep -E "bit for bit|^\|"
-      python3 benchmark.py steps --shape 7b --batch 1 8 --path-loops --path-stages 3 --out "$RES/loops" 2>&1 \
-        | tee "$RES/steps_loops_7b.txt" | grep "^|" ;;
     steps)
       python3 benchmark.py steps --shape 7b ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
       python3 benchmark.py steps --shape smollm2-135m ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;

@@ -459,12 +459,6 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
     for edge in (1, 2, 16):  # tokens per program at the edge splits: how work is shared out, not a row's bits
         monkeypatch.setattr(kernels, "PATH_EDGE_TOKENS", edge)
         assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), edge
-        for loops, unroll in ((True, False), (False, True), (True, True)):  # the blocks' loops: not a row's bits
-            monkeypatch.setattr(kernels, "PATH_SPLIT_LOOPS", loops)
-            monkeypatch.setattr(kernels, "PATH_EDGE_UNROLL", unroll)
-            assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), (edge, loops, unroll)
-        monkeypatch.setattr(kernels, "PATH_SPLIT_LOOPS", False)
-        monkeypatch.setattr(kernels, "PATH_EDGE_UNROLL", False)
     for programs in (1, 20):  # splits below lens looped by fewer programs: all by one per tile, or every 3rd
         monkeypatch.setattr(kernels, "PATH_PROGRAMS", programs)
         assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), programs
