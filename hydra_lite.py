@@ -1434,6 +1434,10 @@ class HeadDrafts:
 
 
 def context_match(history, lens, k, ngram=4):
+    return (_kernels.context_match if _triton(history) else context_match_ref)(history, lens, k, ngram)
+
+
+def context_match_ref(history, lens, k, ngram=4):
     """Prompt lookup: where the text's last tokens (up to `ngram` of them, ending with the root at lens[b]) last
     occurred before, in the prompt or the answer, and the k tokens that followed there. history [B, S] holds each
     row's tokens, the root at lens[b] (later slots are scratch). Picks the longest match, the latest among

@@ -212,6 +212,50 @@ def head_input(h, tokens, path, embed_w):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Prompt lookup (context drafts): one program per row finds the latest longest earlier match of the text's last
+# tokens and gathers the k tokens after it. One launch instead of the reference's ~50 small ops, every step.
+
+
+@triton.jit(do_not_specialize=["S"])
+def _context_match_kernel(hist_ptr, lens_ptr, out_ptr, found_ptr, S, stride_h, K, NGRAM: tl.constexpr,
+                          BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    row = hist_ptr + b * stride_h
+    end = tl.load(lens_ptr + b).to(tl.int64)  # the root's slot
+    best = tl.zeros([], dtype=tl.int64) - 1  # the best key so far: match length * S + where it ends (-1: none)
+    for j0 in range(0, end, BLOCK):  # matches end before the root
+        j = j0 + tl.arange(0, BLOCK)
+        ok = j < end
+        run = ok
+        length = tl.zeros([BLOCK], dtype=tl.int64)
+        for i in tl.static_range(NGRAM):  # the match grows backwards while it holds
+            last = tl.load(row + tl.maximum(end - i, 0))  # the text's i-th last token
+            # (before slot 0: -1, which no token equals; so past the text's start, i > end > j, nothing matches)
+            earlier = tl.load(row + j - i, mask=ok & (j >= i), other=-1)
+            run = run & (earlier == last)
+            length += run.to(tl.int64)
+        best = tl.maximum(best, tl.max(tl.where(ok, length * S + j, -1), axis=0))
+    found = tl.where(best >= 0, best // S, 0)  # the match's length (0: not even the root occurred before)
+    start = tl.where(found > 0, best % S, end - 1)  # none: the "continuation" is the root itself, repeated
+    kk = tl.arange(0, BLOCK_K)
+    tok = tl.load(row + start + 1 + kk % (end - start), mask=kk < K, other=0)  # (wraps around into the match)
+    tl.store(out_ptr + b * K + kk, tok, mask=kk < K)
+    tl.store(found_ptr + b, found)
+
+
+def context_match(history, lens, k, ngram=4):
+    """See context_match_ref: (the k tokens [B, k], the match length [B])."""
+    B, S = history.shape
+    _require(history.stride(1) == 1, "context_match: history rows must be contiguous")
+    _require(lens.shape == (B,), f"context_match: lens {tuple(lens.shape)} for {B} rows")
+    out = torch.empty(B, k, dtype=history.dtype, device=history.device)
+    found = torch.empty(B, dtype=torch.long, device=history.device)
+    _context_match_kernel[(B,)](history, lens, out, found, S, history.stride(0), k, NGRAM=ngram,
+                                BLOCK=1024 if history.is_cuda else 64, BLOCK_K=_pow2(k), num_warps=4)
+    return out, found
+
+
+# ----------------------------------------------------------------------------------------------------------
 # RoPE + KV cache write: one program per (row, token) rotates all q and k heads (cos/sin loaded once) and
 # writes k and v into the cache.
 

@@ -154,6 +154,41 @@ def test_silu_add_strided_halves():
     assert out.is_contiguous() and out.shape == (3, 4, 40)
 
 
+def test_context_match():
+    """Prompt lookup in one kernel == the reference (whose own oracle is in test_runtime): random rows over a
+    small vocabulary (matches of every length), a root at slot 0 (nothing before it), texts longer than a block
+    of candidates, chains longer than what follows the match (they wrap), a history with a row stride."""
+    for B, S, k, ngram, V in ((3, 40, 5, 4, 4), (4, 200, 10, 4, 3), (2, 130, 1, 1, 5), (5, 70, 16, 3, 2), (1, 9, 3, 4, 9)):
+        history = torch.randint(0, V, (B, S))
+        lens = torch.randint(0, S, (B,), dtype=torch.int32)
+        lens[0] = 0
+        if B > 1:
+            lens[1] = S - 1
+        tokens, found = kernels.context_match(history, lens, k, ngram)
+        ref_tokens, ref_found = hl.context_match_ref(history, lens, k, ngram)
+        assert torch.equal(tokens, ref_tokens) and torch.equal(found, ref_found), (B, S, k, ngram, lens)
+        assert found[0] == 0 and (tokens[0] == history[0, 0]).all()  # nothing before the root: the root repeated
+    wide = torch.randint(0, 3, (3, 2, 50))[:, 1]  # rows 100 apart
+    lens = torch.tensor([49, 20, 3], dtype=torch.int32)
+    assert all(map(torch.equal, kernels.context_match(wide, lens, 6), hl.context_match_ref(wide, lens, 6)))
+    h = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 0, 0], [1, 2, 3, 1, 2, 3, 1, 0, 0, 0]])  # by hand
+    tokens, found = kernels.context_match(h, torch.tensor([7, 6], dtype=torch.int32), 5)
+    assert tokens.tolist() == [[8, 9, 5, 6, 7], [2, 3, 1, 2, 3]] and found.tolist() == [3, 4]
+
+
+def test_context_drafts_run_the_kernel(monkeypatch):
+    """Where the kernels run, the context drafts' chain comes from the kernel: the tree's context nodes get it."""
+    monkeypatch.setattr(hl, "_kernels_for", lambda x: True)
+    calls = []
+    monkeypatch.setattr(kernels, "context_match", lambda *a: calls.append(1) or hl.context_match_ref(*a))
+    tree = hl.Tree([[0], [1], [0, 0]], context=3)
+    history = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 0, 0]])
+    inp = hl.DraftInput(torch.tensor([7]), None, history, torch.tensor([7], dtype=torch.int32))
+    with torch.no_grad():
+        tokens, _ = hl.draft([hl.ContextDrafts()], tree, inp)
+    assert calls and tokens[0, tree.context_nodes].tolist() == [8, 9, 5]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_head_input(dtype):
     B, n_nodes, dim, V = 3, 9, 40, 50
