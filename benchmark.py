@@ -630,11 +630,11 @@ def check_bookkeeping(c, K, shape, B, tree, timed):
     hl.kv_compact_ref(k_ref, v_ref, lens, path)
     c.verdict(f"kv_compact {shape} L={L} B={B}", torch.equal(k_all, k_ref) and torch.equal(v_all, v_ref))
     history = torch.randint(0, 4, (B, CHECK_SLOTS), device=dev)  # prompt lookup over long texts (many matches)
-    c.verdict(f"context_match {shape} B={B} S={CHECK_SLOTS}", all(map(torch.equal, K.context_match(history, lens, 10),
-                                                                   hl.context_match_ref(history, lens, 10))))
+    c.verdict(f"context_match {shape} B={B} S={CHECK_SLOTS}", all(map(torch.equal, K.context_match(history, lens, 10, 8),
+                                                                   hl.context_match_ref(history, lens, 10, 8))))
     if timed:
-        c.time(f"context_match B={B} S={CHECK_SLOTS}", lambda: K.context_match(history, lens, 10),
-               lambda: hl.context_match_ref(history, lens, 10))
+        c.time(f"context_match B={B} S={CHECK_SLOTS}", lambda: K.context_match(history, lens, 10, 8),
+               lambda: hl.context_match_ref(history, lens, 10, 8))
         c.time(f"accept_greedy B={B} tree=64", lambda: K.accept_greedy(tokens, pred, tree.retrieve),
                lambda: hl.accept_greedy_ref(tokens, pred, tree.retrieve))
         c.time(f"kv_compact {shape} L={L} B={B}", lambda: K.kv_compact(k_all, v_all, lens, path),

@@ -1433,11 +1433,19 @@ class HeadDrafts:
         rows.mask[:, heads].scatter_(2, paths.clamp(min=0), True)
 
 
-def context_match(history, lens, k, ngram=4):
+# Tokens the prompt lookup matches at most: of two earlier occurrences, the longer match wins, so a longer reach
+# tells apart repeats that agree on their last few tokens. Replayed on greedy answers to 48 training-split
+# prompts (scripts/context_replay.py, CPU), the chain alone takes 2.845 tokens a step at 4, 2.868 at 8 (code
+# edits 3.74 -> 3.93, RAG 4.07 -> 4.13), 2.869 at 12; the kernel's cost hardly depends on it.
+# (HYDRA_LITE_CONTEXT_NGRAM=4: the previous reach, to time against on a GPU.)
+CONTEXT_NGRAM = int(os.environ.get("HYDRA_LITE_CONTEXT_NGRAM", "8"))
+
+
+def context_match(history, lens, k, ngram=CONTEXT_NGRAM):
     return (_kernels.context_match if _triton(history) else context_match_ref)(history, lens, k, ngram)
 
 
-def context_match_ref(history, lens, k, ngram=4):
+def context_match_ref(history, lens, k, ngram=CONTEXT_NGRAM):
     """Prompt lookup: where the text's last tokens (up to `ngram` of them, ending with the root at lens[b]) last
     occurred before, in the prompt or the answer, and the k tokens that followed there. history [B, S] holds each
     row's tokens, the root at lens[b] (later slots are scratch). Picks the longest match, the latest among
@@ -1467,7 +1475,7 @@ class ContextDrafts:
     of the text's last tokens, in the prompt or in what was generated. Copying pays in summaries, answers from
     passages and code edits; where nothing is copied, the chain is rejected like any wrong draft."""
 
-    def __init__(self, ngram=4):
+    def __init__(self, ngram=CONTEXT_NGRAM):
         self.ngram = ngram
 
     def fill(self, tokens, rows, tree, inp: DraftInput):

@@ -243,7 +243,7 @@ def _context_match_kernel(hist_ptr, lens_ptr, out_ptr, found_ptr, S, stride_h, K
     tl.store(found_ptr + b, found)
 
 
-def context_match(history, lens, k, ngram=4):
+def context_match(history, lens, k, ngram):
     """See context_match_ref: (the k tokens [B, k], the match length [B])."""
     B, S = history.shape
     _require(history.stride(1) == 1, "context_match: history rows must be contiguous")

@@ -158,7 +158,8 @@ def test_context_match():
     """Prompt lookup in one kernel == the reference (whose own oracle is in test_runtime): random rows over a
     small vocabulary (matches of every length), a root at slot 0 (nothing before it), texts longer than a block
     of candidates, chains longer than what follows the match (they wrap), a history with a row stride."""
-    for B, S, k, ngram, V in ((3, 40, 5, 4, 4), (4, 200, 10, 4, 3), (2, 130, 1, 1, 5), (5, 70, 16, 3, 2), (1, 9, 3, 4, 9)):
+    for B, S, k, ngram, V in ((3, 40, 5, 4, 4), (4, 200, 10, 4, 3), (2, 130, 1, 1, 5), (5, 70, 16, 3, 2), (1, 9, 3, 4, 9),
+                               (3, 300, 10, 8, 3)):
         history = torch.randint(0, V, (B, S))
         lens = torch.randint(0, S, (B,), dtype=torch.int32)
         lens[0] = 0
@@ -170,9 +171,9 @@ def test_context_match():
         assert found[0] == 0 and (tokens[0] == history[0, 0]).all()  # nothing before the root: the root repeated
     wide = torch.randint(0, 3, (3, 2, 50))[:, 1]  # rows 100 apart
     lens = torch.tensor([49, 20, 3], dtype=torch.int32)
-    assert all(map(torch.equal, kernels.context_match(wide, lens, 6), hl.context_match_ref(wide, lens, 6)))
+    assert all(map(torch.equal, kernels.context_match(wide, lens, 6, 8), hl.context_match_ref(wide, lens, 6, 8)))
     h = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 0, 0], [1, 2, 3, 1, 2, 3, 1, 0, 0, 0]])  # by hand
-    tokens, found = kernels.context_match(h, torch.tensor([7, 6], dtype=torch.int32), 5)
+    tokens, found = kernels.context_match(h, torch.tensor([7, 6], dtype=torch.int32), 5, 4)
     assert tokens.tolist() == [[8, 9, 5, 6, 7], [2, 3, 1, 2, 3]] and found.tolist() == [3, 4]
 
 

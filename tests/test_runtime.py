@@ -1,6 +1,8 @@
 """Runtime invariants on tiny random models (CPU, float32): cached decoding equals a full forward, and greedy
 speculative decoding (Medusa, Hydra, Hydra++) equals greedy autoregressive decoding token for token."""
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -497,6 +499,17 @@ def test_context_match_against_a_plain_oracle():
     h = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 0, 0], [1, 2, 3, 1, 2, 3, 1, 0, 0, 0], [4, 4, 4, 9, 0, 0, 0, 0, 0, 0]])
     tokens, length = hl.context_match(h, torch.tensor([7, 6, 3]), 5)
     assert tokens.tolist() == [[8, 9, 5, 6, 7], [2, 3, 1, 2, 3], [9, 9, 9, 9, 9]] and length.tolist() == [3, 4, 0]
+
+
+def test_context_replay_counts_steps():
+    """scripts/context_replay.py: an answer that repeats the prompt is drafted a chain at a time; one that never
+    repeats takes a step a token."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import context_replay
+
+    prompt = list(range(10, 40))
+    assert context_replay.chain_steps(prompt, prompt[:23], 4, 10) == 3  # root + 10, root + 10, root
+    assert context_replay.chain_steps(prompt, list(range(50, 62)), 4, 10) == 12
 
 
 @pytest.mark.parametrize("with_heads", [False, True], ids=["context", "heads+context"])
