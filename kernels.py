@@ -213,7 +213,7 @@ def head_input(h, tokens, path, embed_w):
 
 # ----------------------------------------------------------------------------------------------------------
 # Prompt lookup (context drafts): one program per row finds the latest longest earlier match of the text's last
-# tokens and gathers the k tokens after it. One launch instead of the reference's ~50 small ops, every step.
+# tokens and gathers the k tokens after it. One launch instead of the reference's dozens of small ops a step.
 
 
 @triton.jit(do_not_specialize=["S"])
