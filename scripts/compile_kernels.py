@@ -121,9 +121,9 @@ def kernel_sets():
            {"cv_ptr": "*fp32", "ci_ptr": "*i32", "vocab_ptr": "*i64", "v_ptr": "*fp32", "i_ptr": "*i64", "cl_ptr": "*fp32",
             "lse_ptr": "*fp32", "tok_ptr": "*i64", "node_ptr": "*i64"},
            dict(K=10, BLOCK_C=4096, BLOCK_K=16, HAS_VOCAB=True, HAS_LSE=False, INTO=True, BLOCK_CH=256, PDL=True))
-    yield ("context_match (prompt lookup), 10 tokens", K._context_match_kernel,
+    yield ("context_match (prompt lookup) reaching 8 tokens back, 10 tokens", K._context_match_kernel,
            {"hist_ptr": "*i64", "lens_ptr": "*i32", "out_ptr": "*i64", "found_ptr": "*i64"},
-           dict(NGRAM=4, BLOCK=1024, BLOCK_K=16))
+           dict(NGRAM=8, BLOCK=1024, BLOCK_K=16))
 
 
 def main():

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import sharp_init
+from conftest import ROOT, sharp_init
 
 import hydra_lite as hl
 
@@ -504,7 +504,7 @@ def test_context_match_against_a_plain_oracle():
 def test_context_replay_counts_steps():
     """scripts/context_replay.py: an answer that repeats the prompt is drafted a chain at a time; one that never
     repeats takes a step a token."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import context_replay
 
     prompt = list(range(10, 40))
