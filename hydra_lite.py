@@ -1822,7 +1822,12 @@ TREE_NODES_BY_BATCH = ((2, 63), (4, 48), (32, 16), (1 << 30, 8))
 # 8-node head tree with the context chain pays at batch 1 (1.56x AR decoding, the 64-node tree 0.93x), and the
 # command line decodes batches plainly there (BENCHMARKS.md, run 11, "On the CPU").
 CPU_TREE_NODES_BY_BATCH = ((1 << 30, 8),)
-DEFAULT_CONTEXT_DRAFTS = 10  # context-chain tokens per tree, with heads (0: none)
+# Context-chain tokens by batch size (up to that batch), with heads. Run 22 (H200, SmolLM2, 180 held-out prompts,
+# BENCHMARKS.md): a 16-token chain against 10 at batch 1, 4441 vs 4050 tokens/s (acceptance 6.61 vs 5.87); at
+# batch 8 10 tokens gain less per extra node and cost more: 11377 vs 11093. Batches 2-4 are untimed. On the CPU a
+# node costs in proportion (no launch overhead hides it): 10 there.
+CONTEXT_DRAFTS_BY_BATCH = ((2, 16), (1 << 30, 10))
+CPU_CONTEXT_DRAFTS_BY_BATCH = ((1 << 30, 10),)
 
 
 def dynamic_spread(nodes):
@@ -1860,8 +1865,12 @@ class Generator:
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and USE_TRITON and _kernels is not None
         if acceptance not in ACCEPTANCE_RULES:
             raise HydraLiteError(f"acceptance is one of {', '.join(map(repr, ACCEPTANCE_RULES))}, not {acceptance!r}")
-        if context_drafts is None:  # on with heads; without, Generator(model) stays plain decoding
-            context_drafts = DEFAULT_CONTEXT_DRAFTS if heads is not None else 0
+        if context_drafts is None:  # by batch with heads; without, Generator(model) stays plain decoding
+            by_batch = CONTEXT_DRAFTS_BY_BATCH if self.device.type == "cuda" else CPU_CONTEXT_DRAFTS_BY_BATCH
+            self.context_by_batch = by_batch if heads is not None else ((1 << 30, 0),)
+        else:
+            self.context_by_batch = ((1 << 30, context_drafts),)
+        context_drafts = max(n for _, n in self.context_by_batch)  # (the longest chain: 0, none at any batch)
         self.acceptance, self.context_drafts, self.tree_nodes_by_batch = acceptance, context_drafts, tree_nodes_by_batch
         self.tree_choices, self.drafts, self._trees = [], [], {}
         if heads is not None:
@@ -1894,16 +1903,18 @@ class Generator:
         return " + ".join(parts)
 
     def tree_for(self, batch):
-        """The tree verified at this batch size: the heads' tree cut to TREE_NODES_BY_BATCH, and the context chain."""
+        """The tree verified at this batch size: the heads' tree cut to TREE_NODES_BY_BATCH, and the context chain
+        (CONTEXT_DRAFTS_BY_BATCH)."""
         if batch not in self._trees:
             nodes = next(n for b, n in self.tree_nodes_by_batch if batch <= b)
+            context = next(n for b, n in self.context_by_batch if batch <= b)
             rank_acc = self.heads.rank_acc if self.heads is not None else None
             choices = prune_tree(self.tree_choices, nodes, rank_acc)
             if self.dynamic:
                 depth, spread = max(map(len, choices)), dynamic_spread(len(choices))
-                self._trees[batch] = DynamicTree(len(choices), depth, spread, spread, self.device, self.context_drafts)
+                self._trees[batch] = DynamicTree(len(choices), depth, spread, spread, self.device, context)
             else:
-                self._trees[batch] = Tree(choices, self.device, context=self.context_drafts)
+                self._trees[batch] = Tree(choices, self.device, context=context)
         return self._trees[batch]
 
     @torch.inference_mode()
@@ -2258,8 +2269,9 @@ def main(argv=None):
                                                  "confidences), or static tree choices as JSON (list of rank paths) "
                                                  "or a .json file (default: the heads' own static tree)")
     ap.add_argument("--context-drafts", type=int, default=None, metavar="K",
-                    help=f"drafts from the context: a chain of K tokens that continues the latest earlier occurrence "
-                         f"of the text's last tokens (default {DEFAULT_CONTEXT_DRAFTS} with heads; 0: off)")
+                    help="drafts from the context: a chain of K tokens that continues the latest earlier occurrence "
+                         "of the text's last tokens (default with heads, by batch: 16 up to batch 2 on a GPU, else "
+                         "10; 0: off)")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per prompt")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-k", type=int, default=0, help="0: off")

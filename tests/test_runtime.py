@@ -553,6 +553,26 @@ def test_greedy_speculative_with_context_drafts_equals_autoregressive(batch):
         assert spec == ar and stats.mean_accept >= 1.0
 
 
+def test_default_context_chain_is_by_batch(monkeypatch):
+    """With heads and no chain length given, each batch size verifies the chain of CONTEXT_DRAFTS_BY_BATCH (here
+    the CPU's table, replaced): a long chain at batch 1, a short one at batch 3, none without heads; a length
+    given is used at every batch; greedy output equals AR at both."""
+    monkeypatch.setattr(hl, "CPU_CONTEXT_DRAFTS_BY_BATCH", ((1, 7), (1 << 30, 2)))
+    model = tiny_model(33)
+    heads = tiny_heads(model, True, True)
+    gen = hl.Generator(model, heads=heads)
+    assert (gen.tree_for(1).context, gen.tree_for(3).context) == (7, 2) and "context drafts 7" in gen.describe(1)
+    fixed = hl.Generator(model, heads=heads, context_drafts=4)
+    assert (fixed.tree_for(1).context, fixed.tree_for(3).context) == (4, 4)
+    assert hl.Generator(model).tree is None
+    torch.manual_seed(4)
+    base = [torch.randint(0, 97, (6,)).tolist() for _ in range(3)]
+    prompts = [b * 3 + b[:2] for b in base]
+    for batch in (1, 3):
+        ar, _ = hl.Generator(model).generate(prompts[:batch], 30, stop_at_eos=False)
+        assert gen.generate(prompts[:batch], 30, stop_at_eos=False)[0] == ar
+
+
 def test_heads_context_tree_is_used_beside_context_drafts():
     """Heads that ship tree_context.json: a shallower tree with context drafts (the heads draft only that deep),
     their own tree without; greedy output equals AR either way."""
