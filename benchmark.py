@@ -956,6 +956,19 @@ def time_calls(gen, rows, ids, batch, max_new, mode, repeat):
     return records
 
 
+def mark_partings(records, ar_records, label):
+    """Each record's parts_at: the first token where its output differs from AR's for the same prompt (None:
+    identical), and a log line for each that differs: which prompt, in which call, where (issue 15)."""
+    ar = {r["id"]: r["out"] for r in ar_records}
+    for r in records:
+        a = ar[r["id"]]
+        r["parts_at"] = None if r["out"] == a else \
+            next((i for i, (x, y) in enumerate(zip(r["out"], a)) if x != y), min(len(a), len(r["out"])))
+        if r["parts_at"] is not None:
+            log(f"{label}: {r['id']} (call {r['call']}, {r['attempt']}) parts from AR at token {r['parts_at']} of "
+                f"{len(a)}")
+
+
 def summarize(records, ar_records=None):
     """Mean acceptance, tokens/s by the wall clock per call (prefill included) and exact match with AR."""
     calls = {r["call"]: (r["call_s"], r["call_tokens"]) for r in records}  # (one attempt's records)
@@ -1003,6 +1016,8 @@ def tasks_bench(args):
             warm = gen.warmup(sizes, modes=[mode], progress=log) if args.warmup else 0.0
             log(f"b{batch} {name}: first call and warm-up {time.perf_counter() - t0:.1f} s")
             recs = time_calls(gen, b_rows, b_ids, batch, args.max_new_tokens, mode, args.repeat)
+            if mode == "spec":
+                mark_partings(recs, ar_recs, f"b{batch} {name}")
             records += [dict(r, method=name, batch=batch) for r in recs]
             for attempt in ("first", "repeat")[:1 + args.repeat]:
                 att = [r for r in recs if r["attempt"] == attempt]
@@ -1030,9 +1045,12 @@ def write_tasks_report(args, results, records, families, tok, coverage):
     meta = dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                 date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), torch=torch.__version__, dtype=args.dtype,
                 data=args.data, max_new_tokens=args.max_new_tokens, families=families, vocab_coverage=coverage)
+    parted = {(r["batch"], r["id"]) for r in records if r.get("parts_at") is not None}  # (with AR's answer beside)
     with open(os.path.join(args.out, "tasks_outputs.json"), "w") as f:  # a few answers to read, per method
-        json.dump([dict(method=r["method"], batch=r["batch"], id=r["id"], text=tok.decode(r["out"]))
-                   for r in records if r["attempt"] == "first" and r["id"].endswith(("-01", "-02"))], f, indent=1)
+        json.dump([dict(method=r["method"], batch=r["batch"], id=r["id"], parts_at=r.get("parts_at"),
+                        text=tok.decode(r["out"])) for r in records
+                   if r["attempt"] == "first" and (r["id"].endswith(("-01", "-02")) or (r["batch"], r["id"]) in parted)],
+                  f, indent=1)
     data = dict(meta=meta, results=results, records=[{k: v for k, v in r.items() if k != "out"} for r in records])
     write_report(args.out, "tasks", meta, data, tasks_table(results, families),
                  lambda path: plot_tasks(results, families, path))

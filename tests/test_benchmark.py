@@ -23,6 +23,32 @@ def test_export_hf_logits_parity(tmp_path, tie, scaling):
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
+def test_mark_partings_finds_where_each_output_parts(capsys):
+    """Random AR answers and copies with one token changed (or cut short): parts_at is that token, None for the
+    copies left alone, and each parting is logged with its prompt."""
+    torch.manual_seed(0)
+    ar = [dict(id=f"p{i}", out=torch.randint(0, 50, (int(torch.randint(5, 30, ())),)).tolist()) for i in range(8)]
+    spec, want = [], {}
+    for i, a in enumerate(ar):
+        out, k = list(a["out"]), int(torch.randint(0, len(a["out"]), ()))
+        if i % 3 == 1:
+            out[k] = out[k] + 1
+        elif i % 3 == 2:
+            out, k = out[:k], k  # (a prefix: parts where it ends)
+        spec.append(dict(id=a["id"], out=out, call=i // 2, attempt="first"))
+        want[a["id"]] = None if i % 3 == 0 else k
+    benchmark.mark_partings(spec, ar, "b2 x")
+    assert {r["id"]: r["parts_at"] for r in spec} == want
+    logged = capsys.readouterr()
+    assert sum(f"{i} (call" in logged.out + logged.err for i, k in want.items() if k is not None) == 5
+
+
+def test_context_length_option():
+    assert benchmark.context_length("default") is None and benchmark.context_length("16") == 16
+    args = benchmark.build_parser().parse_args(["tasks", "--context", "0", "default", "10"])
+    assert args.context == [0, None, 10]
+
+
 def test_match_stats():
     ref = [[1, 2, 3, 4], [5, 6]]
     assert benchmark.match_stats(ref, ref) == (1.0, 1.0)
