@@ -6,6 +6,8 @@
 #          in two calls from a branch with heads/ removed (9 MB): .models/p1/part_aa (26,000,000 bytes) with
 #          p3/part_ac (the rest after 76,000,000), then p2/part_ab (50,000,000); each command starts
 #          `cp .models/pN/* /root/smol/`; later calls from main carry nothing (the heads are in its tree)
+#          Stages that read the ShareGPT prompts (data, e2e, data-mix, tasks, kernels, sweep) need PROMPTS
+#          (.models/sharegpt_questions.jsonl, git-ignored): carry it on each such call.
 #   check  kernel check (benchmark.py check) and GPU tests
 #   paths  path_attention's programs (kernels.PATH_PROGRAMS) and warps, the matmuls' K steps (MATMUL_K_TILE): the
 #          kernel check with PATH_PROGRAMS and K_TILE set, then SmolLM2 step times and profiles for several of each
