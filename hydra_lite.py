@@ -1825,9 +1825,9 @@ CPU_TREE_NODES_BY_BATCH = ((1 << 30, 8),)
 # Context-chain tokens by batch size (up to that batch), with heads. Run 22 (H200, SmolLM2, BENCHMARKS.md): a
 # 16-token chain against 10 at batch 1, 4441 vs 4050 tokens/s on 180 held-out prompts (acceptance 6.61 vs 5.87);
 # at batch 8 the longer chain costs more than it gains (11093 vs 11377), at batch 4 about even (7889 vs 7988, 45
-# prompts). Batch 2 gains 5% (5495 vs 5225), but one of its 45 outputs parted from AR there (issue 15, being
-# found: scripts/find_divergence.py), so 16 only at batch 1 until it is. On the CPU a node costs in proportion
-# (no launch overhead hides it): 10 there.
+# prompts). Batch 2 gains 5% (5495 vs 5225), but one of its 45 outputs parted from AR there: most likely a row
+# cut short by its partner's overshoot (found on the CPU and fixed since, see _generate), so 16 only at batch 1
+# until batch 2 is measured again. On the CPU a node costs in proportion (no launch overhead hides it): 10 there.
 CONTEXT_DRAFTS_BY_BATCH = ((1, 16), (1 << 30, 10))
 CPU_CONTEXT_DRAFTS_BY_BATCH = ((1 << 30, 10),)
 
@@ -1933,8 +1933,13 @@ class Generator:
         cache (a Conversation's earlier turns), and only the rest is prefilled."""
         sampling = sampling or SamplingParams()
         mode = self._check_call(prompts, mode, stop)
-        room = 2 * ((self.tree_for(len(prompts)).size if mode == "spec" else 1) + 1)  # a step in flight, a tree
-        ws = self._workspace(len(prompts), self._max_len(prompts, max_new_tokens, room), mode, sampling)
+        tree = self.tree_for(len(prompts)) if mode == "spec" else None
+        room = 2 * ((tree.size if tree else 1) + 1)  # a step in flight, a tree
+        # A row's last step may accept up to tree.depth tokens past its budget, and that row's length still counts
+        # in the room check while the others go on: the cache holds it too, else they stop short of their
+        # budget (a row cut short by its batch partner: most likely run 22's parting from AR at batch 2).
+        overshoot = tree.depth if tree else 0
+        ws = self._workspace(len(prompts), self._max_len(prompts, max_new_tokens, room + overshoot), mode, sampling)
         if cached and previous is not ws:
             carry_over(previous, ws, cached)
         ws.calls += 1

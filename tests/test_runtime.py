@@ -539,6 +539,31 @@ def test_context_drafts_are_accepted_and_recorded(monkeypatch, with_heads):
     assert stats.mean_accept > 5.0, stats.mean_accept
 
 
+def test_a_row_past_its_budget_does_not_stop_the_others(monkeypatch):
+    """A row whose last step accepts a long chain past its budget (an oracle chain: the true continuation) ends
+    while the other row, drafted nothing useful, goes on; with the longest prompt just short of a cache-size
+    boundary, the finished row's length must not stop the other row short of its tokens (it did: the cache had
+    no room for the overshoot). Output equals AR for every prompt length around the boundary."""
+    model = tiny_model(7)
+    gen, n_new = hl.Generator(model, context_drafts=16), 60
+    tree = gen.tree_for(2)
+    tight = 256 - n_new - 2 * (tree.size + 1)  # the longest prompt that fits the smallest cache, before the fix
+    for L in (tight - tree.depth + 1, tight - 3, tight):
+        torch.manual_seed(L)
+        prompts = [torch.randint(0, 97, (L,)).tolist(), torch.randint(0, 97, (5,)).tolist()]
+        longer, _ = hl.Generator(model).generate(prompts, n_new + tree.depth + 1, stop_at_eos=False)
+
+        def oracle(history, lens, k, ngram=4, prompts=prompts, longer=longer):  # row 0: the truth; row 1: zeros
+            at = int(lens[0]) - len(prompts[0])
+            rows = [(longer[0][at + 1:at + 1 + k] + [0] * k)[:k], [0] * k]
+            return torch.tensor(rows), torch.full((2,), ngram)
+
+        monkeypatch.setattr(hl, "context_match", oracle)
+        spec, stats = gen.generate(prompts, n_new, stop_at_eos=False)
+        assert stats.row_accepted[0] > n_new and stats.row_active[0] < 6  # (row 0 ran long steps past its budget)
+        assert spec == [a[:n_new] for a in longer], (L, [len(o) for o in spec])
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_speculative_with_context_drafts_equals_autoregressive(batch):
     """The real matcher (not an oracle) on repetitive prompts: whatever the chain drafts, output equals AR."""
