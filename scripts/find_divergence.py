@@ -5,8 +5,9 @@ parts alone (batch 1) too: a fault that needs the batch, or one of the tree.
 
     python scripts/find_divergence.py --batch 2 --context 16 --limit 5
 
-Run 22 (H200, bf16) found one prompt of 45 that parted at batch 2 with a 16-token chain (none at batch 1, 4 or 8):
-this is the tool to find it again."""
+Run 22 (H200, bf16) found one prompt of 45 that parted at batch 2 with a 16-token chain (none at batch 1, 4 or 8).
+Its likely cause, a row stopped short by its partner's overshoot, was then reproduced on the CPU and fixed; this
+confirms on the GPU (an output that only parts inside its batch, at its end, was that)."""
 import argparse
 import os
 import random
