@@ -952,7 +952,8 @@ def time_calls(gen, rows, ids, batch, max_new, mode, repeat):
             for b, j in enumerate(group):
                 records.append(dict(task=rows[j]["task"], id=rows[j].get("id", str(j)), call=i // batch, attempt=attempt,
                                     new_tokens=len(outs[b]), accepted=stats.row_accepted[b], steps=stats.row_active[b],
-                                    call_s=wall, call_tokens=stats.new_tokens, prefill_s=stats.prefill_s, out=outs[b]))
+                                    call_s=wall, call_tokens=stats.new_tokens, prefill_s=stats.prefill_s, out=outs[b],
+                                    cut_short=b in stats.cut_short))
     return records
 
 
@@ -966,7 +967,7 @@ def mark_partings(records, ar_records, label):
             next((i for i, (x, y) in enumerate(zip(r["out"], a)) if x != y), min(len(a), len(r["out"])))
         if r["parts_at"] is not None:
             log(f"{label}: {r['id']} (call {r['call']}, {r['attempt']}) parts from AR at token {r['parts_at']} of "
-                f"{len(a)}")
+                f"{len(a)}" + (" (stopped short: no room left)" if r.get("cut_short") else ""))
 
 
 def summarize(records, ar_records=None):

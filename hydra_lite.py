@@ -1633,6 +1633,7 @@ class Stats:
     row_accepted: list = field(default_factory=list)  # per row: tokens gained, and steps it was active in
     row_active: list = field(default_factory=list)
     step_times: list = field(default_factory=list)  # when the host read each step (perf_counter s): token latency
+    cut_short: list = field(default_factory=list)  # rows stopped before their budget, EOS or stop: no room left
 
     @property
     def tokens_per_s(self):
@@ -2140,7 +2141,8 @@ class Generator:
                     step = self._to_host(ws, packed)
             if pending is not None:
                 out.take_step(ws.key.mode, self._read(pending), lens)
-            if step is None:
+            if step is None:  # (rows not done here ran out of cache: the model's context)
+                out.stats.cut_short = [b for b, done in enumerate(out.done) if not done]
                 return
             pending = step
 
@@ -2447,6 +2449,9 @@ def print_stats(mode, stats, args):
     print(f"\n[{mode}] {stats.prompt_tokens} prompt tokens, {stats.new_tokens} new tokens in {stats.decode_s:.2f}s: "
           f"{stats.tokens_per_s:.1f} tokens/s, {stats.steps} steps, mean acceptance length {stats.mean_accept:.2f} "
           f"(prefill {stats.prefill_s * 1000:.0f} ms, {args.device})", file=sys.stderr)
+    if stats.cut_short:
+        rows = ", ".join(str(b + 1) for b in stats.cut_short)
+        print(f"[answer {rows} stopped short of --max-new-tokens: the model's context is full]", file=sys.stderr)
 
 
 if __name__ == "__main__":

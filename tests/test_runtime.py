@@ -1,5 +1,6 @@
 """Runtime invariants on tiny random models (CPU, float32): cached decoding equals a full forward, and greedy
 speculative decoding (Medusa, Hydra, Hydra++) equals greedy autoregressive decoding token for token."""
+import argparse
 import copy
 import os
 import sys
@@ -562,6 +563,24 @@ def test_a_row_past_its_budget_does_not_stop_the_others(monkeypatch):
         spec, stats = gen.generate(prompts, n_new, stop_at_eos=False)
         assert stats.row_accepted[0] > n_new and stats.row_active[0] < 6  # (row 0 ran long steps past its budget)
         assert spec == [a[:n_new] for a in longer], (L, [len(o) for o in spec])
+        assert stats.cut_short == []
+
+
+def test_rows_cut_short_by_the_context_are_reported(capsys):
+    """A model whose context cannot hold a row's budget: generation stops there, and the stats (and the command
+    line's report) say which rows stopped short; rows that ended on their own are not among them."""
+    model = tiny_model(9)
+    model.cfg.max_seq_len = 96
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (50, 8)]
+    small_tree = dict(tree_nodes_by_batch=((1 << 30, 8),))  # (a tree that leaves the prompt room in 96 slots)
+    for gen in (hl.Generator(model), hl.Generator(model, heads=tiny_heads(model, True, True), context_drafts=4, **small_tree)):
+        out, stats = gen.generate(prompts, 200, stop_at_eos=False)
+        assert stats.cut_short == [0, 1] and all(len(o) < 200 for o in out)
+        assert len(out[0]) + 50 <= 96
+        out, stats = gen.generate(prompts, 5, stop_at_eos=False)
+        assert stats.cut_short == [] and [len(o) for o in out] == [5, 5]
+    hl.print_stats("ar", hl.Stats(cut_short=[0, 2]), argparse.Namespace(device="cpu"))
+    assert "answer 1, 3 stopped short of --max-new-tokens" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("batch", [1, 3])
