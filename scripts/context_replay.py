@@ -1,7 +1,8 @@
 """Replay the context drafts' prompt lookup on greedy answers, on the CPU: tokens per step of the context chain
-alone (the runtime's chain of 10 tokens under the root), by the match length the lookup considers (ngram).
+alone (a chain of `--chain` tokens under the root), by chain length and by the match length the lookup considers
+(ngram).
 
-    python scripts/context_replay.py --prompts runs/tasks_train.jsonl --per-task 6 --ngrams 2 4 8
+    python scripts/context_replay.py --prompts runs/tasks_train.jsonl --per-task 6 --chain 10 16 --ngrams 2 4 8
 
 Answers come from plain greedy decoding of training-split prompts (build_tasks.py --split train; never the
 held-out benchmark): a step accepts the chain's tokens while they equal the answer's next ones, then the base
@@ -61,17 +62,19 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--batch", type=int, default=6)
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--chain", type=int, default=10, help="context chain length (the runtime's default: 10)")
+    p.add_argument("--chain", type=int, nargs="+", default=[10],
+                   help="context chain lengths (the runtime's defaults: 16 at batch 1, 10 above)")
     p.add_argument("--ngrams", type=int, nargs="+", default=[2, 4, 8])
     args = p.parse_args(argv)
     answers = greedy_answers(args)
-    for ngram in args.ngrams:
-        tokens, steps = collections.Counter(), collections.Counter()
-        for task, prompt, answer in answers:
-            tokens[task] += len(answer)
-            steps[task] += chain_steps(prompt, answer, ngram, args.chain)
-        print(f"ngram {ngram}: all {sum(tokens.values()) / sum(steps.values()):.3f} tokens a step | "
-              + " ".join(f"{t} {tokens[t] / steps[t]:.2f}" for t in sorted(tokens)))
+    for chain in args.chain:
+        for ngram in args.ngrams:
+            tokens, steps = collections.Counter(), collections.Counter()
+            for task, prompt, answer in answers:
+                tokens[task] += len(answer)
+                steps[task] += chain_steps(prompt, answer, ngram, chain)
+            print(f"chain {chain}, ngram {ngram}: all {sum(tokens.values()) / sum(steps.values()):.3f} tokens a step | "
+                  + " ".join(f"{t} {tokens[t] / steps[t]:.2f}" for t in sorted(tokens)))
 
 
 if __name__ == "__main__":
