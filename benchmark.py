@@ -382,7 +382,7 @@ KERNEL_KNOBS = dict(exact=("hl", "EXACT"), fused=("hl", "FUSED"), merge=("K", "P
                     edge=("K", "PATH_EDGE_TOKENS"), pdl=("K", "PDL"), pdl_tokens=("K", "PDL_MAX_TOKENS"),
                     wide_n=("K", "MATMUL_WIDE_N"), programs=("K", "PATH_PROGRAMS"), warps=("K", "PATH_WARPS"),
                     k_tile=("K", "MATMUL_K_TILE"), merge_decode=("K", "PATH_MERGE_DECODE"), stages=("K", "MATMUL_STAGES"),
-                    path_stages=("K", "PATH_STAGES"))
+                    path_stages=("K", "PATH_STAGES"), chain_mlp=("K", "CHAIN_MLP"))
 
 
 def kernel_settings(K):
@@ -420,6 +420,8 @@ def step_kernel_sets(args, K):
     sets += [(f" (path_attention {n} stages)", default | dict(path_stages=n)) for n in args.path_stages]
     if args.merge_decode:
         sets.append((" (merge in kernel for decoding)", default | dict(merge_decode=True)))
+    if args.chain_mlp:
+        sets.append((" (chained MLP)", default | dict(chain_mlp=True)))
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
     if args.unfused:
         sets += [(" (unfused layers)", default | dict(fused=False)), (" (merge in kernel)", default | dict(merge=True))]
@@ -726,6 +728,7 @@ def check_invariant(c, K, shape, tree):
         c.time(f"matmul {shape} M=1 [{N},{Kd}] (ref: cuBLAS)", lambda: K.matmul(x[:1], w), lambda: hl.matmul_ref(x[:1], w))
         c.time(f"matmul {shape} M=74 [{N},{Kd}] (ref: cuBLAS)", lambda: K.matmul(x[:74], w), lambda: hl.matmul_ref(x[:74], w))
     check_fused_matmuls(c, K, shape)
+    check_mlp_chain(c, K, shape)
     check_qkv_rope(c, K, shape)
     B, T, S = 4, tree.size, CHECK_SLOTS
     k_cache = torch.randn(B, S, Hkv, D, device=dev, dtype=bf16)
@@ -790,6 +793,33 @@ def check_fused_matmuls(c, K, shape):
         for m in (1, 64):
             c.time(f"matmul fused {label} {shape} M={m} (ref: unfused, graph)", lambda m=m, fused=fused: fused(m),
                    lambda m=m, unfused=unfused: unfused(m), ref_graph=True)
+
+
+def check_mlp_chain(c, K, shape):
+    """kernels.mlp_chain (an MLP's two matmuls in one launch, ordered by tickets): the bits of the two matmul
+    launches at 1, 74 (20 launches in a row: the counts reset each time) and 600 rows, and its time against
+    them. (A fault in its ordering would hang here or give other bits: run the check under a timeout.)"""
+    _, _, _, dim, hidden, _ = CHECK_SHAPES[shape]
+    dev, bf16 = "cuda", torch.bfloat16
+    x = torch.randn(600, dim, device=dev, dtype=bf16)
+    w13 = torch.randn(2 * hidden, dim, device=dev, dtype=bf16) / math.sqrt(dim)
+    w2 = torch.randn(dim, hidden, device=dev, dtype=bf16) / math.sqrt(hidden)
+    sumsq = torch.rand(600, dim // 16, device=dev) * 16
+
+    def two(m):  # the launches it replaces
+        h = K.matmul(x[:m], w13, rms_eps=1e-5, swiglu=True, sumsq=sumsq[:m])
+        return K.matmul(h, w2, residual=x[:m], sumsq_out=True)
+    same = True
+    for m in (1, 74, 600):
+        want = two(m)
+        for _ in range(20 if m == 74 else 1):
+            got = K.mlp_chain(x[:m], w13, w2, 1e-5, sumsq[:m])
+            same &= torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    c.verdict(f"mlp_chain {shape} == the two matmuls, bit for bit (M = 1, 74 x 20, 600)",
+              same and not K._CHAIN_COUNTS[x.device].any())
+    for m in (1, 64):
+        c.time(f"mlp_chain {shape} M={m} (ref: two matmuls, graph)", lambda m=m: K.mlp_chain(x[:m], w13, w2, 1e-5, sumsq[:m]),
+               lambda m=m: two(m), ref_graph=True)
 
 
 def check_qkv_rope(c, K, shape):
@@ -1303,6 +1333,8 @@ def add_steps_args(sub):
                    "pipeline stages (kernels.PATH_STAGES), e.g. 3 4")
     s.add_argument("--merge-decode", action="store_true", help="also time path_attention merging its splits itself "
                    "in decode steps (kernels.PATH_MERGE_DECODE)")
+    s.add_argument("--chain-mlp", action="store_true", help="also time each MLP's two matmuls in one launch "
+                   "(kernels.CHAIN_MLP)")
     s.add_argument("--matmul-k-tile", type=int, nargs="*", default=[], help="also time the matmuls reducing K in steps "
                    "of this many (kernels.MATMUL_K_TILE), e.g. 256 512")
     s.add_argument("--edge-tokens", type=int, nargs="+", default=[0], help="path_attention's tokens per program at the "

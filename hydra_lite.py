@@ -410,6 +410,20 @@ def linear(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
     return fn(x, w, bias, rms_eps, residual, swiglu, sumsq, sumsq_out, silu_add)
 
 
+def mlp(x, w13, w2, rms_eps, sumsq=None):
+    """A fused decoder layer's MLP: norm -> gate/up -> SwiGLU, then down + residual x; returns (y, y's rows' sums
+    of squares). Two matmuls, or one launch of both (kernels.CHAIN_MLP: the same bits)."""
+    if EXACT and _triton(x) and _kernels.CHAIN_MLP:
+        return _kernels.mlp_chain(x, w13, w2, rms_eps, sumsq)
+    return mlp_chain_ref(x, w13, w2, rms_eps, sumsq)
+
+
+def mlp_chain_ref(x, w13, w2, rms_eps, sumsq=None):
+    """kernels.mlp_chain's oracle: the two linears it chains."""
+    h = linear(x, w13, rms_eps=rms_eps, swiglu=True, sumsq=sumsq)
+    return linear(h, w2, residual=x, sumsq_out=True)
+
+
 def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq=None):
     fn = _kernels.qkv_rope if EXACT and _triton(x) else qkv_rope_ref
     return fn(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq)
@@ -556,8 +570,7 @@ class Block(nn.Module):
             q = qkv_rope(s, wqkv, eps, rope[0], rope[1], pos, k_cache, v_cache, lens, self.cfg.n_heads, sumsq)
             a = attention(q, k_cache, v_cache, lens, tree).reshape(*s.shape[:2], -1)
         s, sumsq = linear(a, self.wo.weight, residual=s, sumsq_out=True)
-        h = linear(s, w13, rms_eps=self.ffn_norm.eps, swiglu=True, sumsq=sumsq)
-        return linear(h, self.w2.weight, residual=s, sumsq_out=True)
+        return mlp(s, w13, self.w2.weight, self.ffn_norm.eps, sumsq)
 
     def folded_weights(self):
         """wqkv and w13 with their norms' weights folded in (fold_norm), for forward_fused: made on first use and

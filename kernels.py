@@ -877,10 +877,12 @@ def _row_sumsq(x_ptr, rm, M, K, sxm, sxk, BLOCK_M: tl.constexpr, BLOCK_K: tl.con
 @triton.jit
 def _rows_times_w(x_ptr, w_ptr, rm, wa, wb, n_ok, M, K, sxm, sxk, swn, swk,
                   TWO: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                  BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  CG: tl.constexpr = False):
     """x[rm] @ w[wa].T and (TWO) x[rm] @ w[wb].T in fp32 [BLOCK_M, BLOCK_N], reduced over K in BLOCK_K steps, in
     order, from one read of x. x goes into the MMA as loaded: a prologue on its tile (64 rows, most of them
-    padding in a decode step) costs more than the weight read it would hide behind."""
+    padding in a decode step) costs more than the weight read it would hide behind. CG: x read past L1 (written
+    by other programs of the same launch)."""
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :] * sxk
     wa_ptrs = w_ptr + wa[None, :].to(tl.int64) * swn + rk[:, None] * swk
@@ -889,7 +891,10 @@ def _rows_times_w(x_ptr, w_ptr, rm, wa, wb, n_ok, M, K, sxm, sxk, swn, swk,
     acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
-        x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
+        if CG:
+            x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
+        else:
+            x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
         w_ok = k_ok[:, None] & n_ok[None, :]
         acc_a = _mma(acc_a, x, tl.load(wa_ptrs + k0 * swk, mask=w_ok, other=0.0), UPCAST, PREC, BY_SUM)
         if TWO:
@@ -921,13 +926,26 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K,
                    BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
     # Row blocks on axis 0: the programs that read one slice of w run side by side (rereads hit L2).
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _matmul_tile(tl.program_id(0), tl.program_id(1), tl.num_programs(1), x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr,
+                 sso_ptr, M, N, K, P, sxm, sxk, swn, swk, srm, eps, HAS_BIAS, NORM, SWIGLU, SILU_ADD, RESIDUAL, SS_IN,
+                 SS_OUT, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, False)
+
+
+@triton.jit
+def _matmul_tile(pid_m, pid_n, n_blocks_n, x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K, P, sxm, sxk,
+                 swn, swk, srm, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                 SILU_ADD: tl.constexpr, RESIDUAL: tl.constexpr, SS_IN: tl.constexpr, SS_OUT: tl.constexpr,
+                 UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, CG: tl.constexpr):
+    """One output tile of matmul (rows pid_m, columns pid_n of n_blocks_n), with the fusions asked for; CG: x
+    read past L1 (another program of the launch wrote it)."""
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)  # (unused without NORM)
     if NORM:  # RMSNorm's 1/RMS, per row (its weight is in w's columns)
         rstd = _rms_scale(x_ptr, ssi_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN, BLOCK_M, BLOCK_K, BLOCK_P)
     acc, up = _rows_times_w(x_ptr, w_ptr, rm, rn, N + rn, rn < N, M, K, sxm, sxk, swn, swk,
-                            SWIGLU or SILU_ADD, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+                            SWIGLU or SILU_ADD, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K, CG)
     if NORM:
         acc, up = acc * rstd[:, None], up * rstd[:, None]
     if HAS_BIAS:
@@ -950,7 +968,7 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K,
     tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], y, mask=ok)
     if SS_OUT:  # this block's share of each output row's sum of squares, for the next norm (_rms_scale)
         yf = tl.where(ok, y.to(tl.float32), 0.0)
-        tl.store(sso_ptr + rm.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), tl.sum(yf * yf, axis=1), mask=rm < M)
+        tl.store(sso_ptr + rm.to(tl.int64) * n_blocks_n + pid_n, tl.sum(yf * yf, axis=1), mask=rm < M)
 
 
 # Outputs this wide or wider take 64 columns a program (below: 32). A decode step's matmul is a read of w spread
@@ -1042,6 +1060,78 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=_matmul_stages(BLOCK_K),
         **_pdl(x))
     return (y, ss_out) if sumsq_out else y
+
+
+# mlp_chain: a decoder layer's MLP, the two matmuls that matmul() runs for it (norm -> gate/up -> SwiGLU, then
+# down + residual + the sums of squares for the next norm), in one launch. Each tile is computed exactly as
+# matmul() computes it (the same tiles and reduction order: the same bits, whatever M), so only the launch
+# between them goes. Order comes from tickets, as in decoupled look-back scans: a program's work item is the
+# ticket it draws (an atomic count), the first matmul's tiles first; a down tile waits (an acquire load in a
+# loop) until every gate/up tile is stored, then reads h past L1. A program waits only on items drawn before
+# its own, by programs already running, so no grid size can deadlock it, and under the interpreter (programs
+# one after another) none ever waits. The last down tile resets the counts for the next launch. Off until timed
+# on a GPU (HYDRA_LITE_CHAIN_MLP=1; issue 14).
+CHAIN_MLP = os.environ.get("HYDRA_LITE_CHAIN_MLP", "0") == "1"
+_CHAIN_COUNTS = {}  # device -> int32 [3]: tickets drawn, gate/up tiles stored, down tiles stored (0 between calls)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _mlp_chain_kernel(x_ptr, w13_ptr, h_ptr, w2_ptr, y_ptr, ssi_ptr, sso_ptr, cnt_ptr, M, H, D, P, sxm, sxk,
+                      s1n, s1k, s2n, s2k, eps, N_M, NB1, NB2, SS_IN: tl.constexpr, UPCAST: tl.constexpr,
+                      PREC: tl.constexpr, BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BN1: tl.constexpr,
+                      BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr, BLOCK_P: tl.constexpr,
+                      PDL: tl.constexpr):
+    _pdl_start(PDL)
+    item = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+    first = N_M * NB1  # gate/up tiles
+    if item < first:  # h = silu(gate) * up of RMSNorm(x): one tile, as matmul(x, w13, rms_eps, swiglu=True)
+        _matmul_tile(item % N_M, item // N_M, NB1, x_ptr, w13_ptr, w13_ptr, h_ptr, h_ptr, ssi_ptr, ssi_ptr, M, H, D, P,
+                     sxm, sxk, s1n, s1k, 0, eps, False, True, True, False, False, SS_IN, False, UPCAST, PREC, BY_SUM,
+                     BLOCK_M, BN1, BK1, BLOCK_P, False)
+        tl.debug_barrier()  # (every thread's stores before the count says the tile is there)
+        tl.atomic_add(cnt_ptr + 1, 1, sem="release")
+    else:  # y = x + h @ w2.T, as matmul(h, w2, residual=x, sumsq_out=True), once all of h is stored
+        j = item - first
+        while tl.atomic_add(cnt_ptr + 1, 0, sem="acquire") < first:
+            pass
+        tl.debug_barrier()
+        _matmul_tile(j % N_M, j // N_M, NB2, h_ptr, w2_ptr, w2_ptr, y_ptr, x_ptr, sso_ptr, sso_ptr, M, D, H, 1,
+                     H, 1, s2n, s2k, sxm, eps, False, False, False, False, True, False, True, UPCAST, PREC, BY_SUM,
+                     BLOCK_M, BN2, BK2, BLOCK_P, True)
+        tl.debug_barrier()
+        if tl.atomic_add(cnt_ptr + 2, 1, sem="acq_rel") == N_M * NB2 - 1:  # the last tile: counts back to 0
+            tl.atomic_xchg(cnt_ptr, 0)
+            tl.atomic_xchg(cnt_ptr + 1, 0)
+            tl.atomic_xchg(cnt_ptr + 2, 0)
+
+
+def mlp_chain(x, w13, w2, rms_eps, sumsq=None):
+    """matmul(x, w13, rms_eps=rms_eps, swiglu=True, sumsq=sumsq) -> h, then matmul(h, w2, residual=x,
+    sumsq_out=True) -> (y, its sums of squares), in one launch (see the note above; oracle: mlp_chain_ref)."""
+    D = x.shape[-1]
+    _require(w13.dim() == 2 and w13.shape[1] == D and w13.shape[0] % 2 == 0, f"mlp_chain: w13 {tuple(w13.shape)}")
+    H = w13.shape[0] // 2
+    _require(tuple(w2.shape) == (D, H), f"mlp_chain: w2 {tuple(w2.shape)} is not [{D}, {H}]")
+    x2 = x.reshape(-1, D)
+    _require(x2.stride(1) == 1, "mlp_chain: x's rows must be contiguous")
+    M = x2.shape[0]
+    BLOCK_M, BN1, BK1 = _matmul_tiles(H, D, x.is_cuda)
+    _, BN2, BK2 = _matmul_tiles(D, H, x.is_cuda)
+    n_m, nb1, nb2 = triton.cdiv(M, BLOCK_M), triton.cdiv(H, BN1), triton.cdiv(D, BN2)
+    h = torch.empty(M, H, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ss_out = torch.empty(*x.shape[:-1], nb2, dtype=torch.float32, device=x.device)
+    ss_in, P, BLOCK_P = _sumsq_in(sumsq, M, x.device)
+    if x.device not in _CHAIN_COUNTS:
+        _CHAIN_COUNTS[x.device] = torch.zeros(3, dtype=torch.int32, device=x.device)
+    upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w13.dtype) or x.dtype != w13.dtype
+    _mlp_chain_kernel[(n_m * (nb1 + nb2),)](
+        x2, w13, h, w2, y, ss_in, ss_out, _CHAIN_COUNTS[x.device], M, H, D, P, *x2.stride(), *w13.stride(),
+        *w2.stride(), rms_eps, n_m, nb1, nb2, SS_IN=sumsq is not None, UPCAST=upcast,
+        PREC="ieee" if torch.float32 in (x.dtype, w13.dtype) else "tf32", BY_SUM=not x.is_cuda, BLOCK_M=BLOCK_M,
+        BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2, BLOCK_P=BLOCK_P, num_warps=4,
+        num_stages=max(_matmul_stages(BK1), _matmul_stages(BK2)), **_pdl(x))
+    return y, ss_out
 
 
 # qkv_rope: a decoder layer's first matmul with what follows it: RMSNorm(x) @ wqkv.T (the norm's weight folded

@@ -8,7 +8,7 @@ between branches, a bad layout, a constexpr the interpreter lets through) fails 
 The interpreter (TRITON_INTERPRET=1, the CPU tests) checks what the kernels compute; this checks that they build,
 and shows what decides their speed before a GPU runs them: shared memory (software-pipelined loads take a buffer
 per stage), registers a thread and bytes spilled (ptxas -v).
-Kernel sets: the batch-invariant matmul in each fused form, qkv_rope, path_attention with and without the merge
+Kernel sets: the batch-invariant matmul in each fused form, the chained MLP, qkv_rope, path_attention with and without the merge
 in the kernel, and its combine, and the draft top-k's merge writing into the tree."""
 import os
 import re
@@ -38,6 +38,7 @@ SHARED_MAX = 232448  # bytes of shared memory a block may take on sm_90 (227 KiB
 RUNTIME_INTS = {
     "_matmul_kernel": dict(K=576, sxm=576, sxk=1, swn=576, swk=1, srm=576),
     "_qkv_rope_kernel": dict(K=576, sxm=576, sxk=1, swn=576, swk=1),
+    "_mlp_chain_kernel": dict(H=1536, D=576, sxm=576, sxk=1, s1n=576, s1k=1, s2n=1536, s2k=1),
     "_path_attn_kernel": dict(D=64, sqb=36864, sqt=576, sqh=64, sqd=1, skb=786432, skh=64, skd=1, svb=786432, svh=64, svd=1,
                               sks=192, svs=192, spj=1),
 }
@@ -56,6 +57,8 @@ def build(kernel, types, constexprs, num_warps=4):
                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
                     attrs={(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
     stages = (K._matmul_stages(constexprs["BLOCK_K"]) if kernel in (K._matmul_kernel, K._qkv_rope_kernel)
+              else max(K._matmul_stages(constexprs["BK1"]), K._matmul_stages(constexprs["BK2"]))
+              if kernel is K._mlp_chain_kernel
               else K.PATH_STAGES if kernel is K._path_attn_kernel else 3)  # (3: Triton's default, the others' launch)
     compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=stages))
     if compiled.metadata.shared > SHARED_MAX:
@@ -100,6 +103,13 @@ def kernel_sets():
     yield ("matmul silu_add (a draft head's residual block) with bias, dependent launch=True", K._matmul_kernel, matmul,
            dict(HAS_BIAS=True, NORM=False, SWIGLU=False, SILU_ADD=True, RESIDUAL=False, SS_IN=False, SS_OUT=False,
                 UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True))
+    _, BN1, BK1 = K._matmul_tiles(1536, 576, True)
+    _, BN2, BK2 = K._matmul_tiles(576, 1536, True)
+    yield ("mlp_chain (gate/up + SwiGLU, then down + residual, one launch) dependent launch=True", K._mlp_chain_kernel,
+           bf16("x_ptr", "w13_ptr", "h_ptr", "w2_ptr", "y_ptr") | dict(ssi_ptr="*fp32", sso_ptr="*fp32", cnt_ptr="*i32",
+                                                                       eps="fp32"),
+           dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2,
+                BLOCK_P=64, PDL=True))
     yield ("qkv_rope dependent launch=True", K._qkv_rope_kernel,
            bf16("x_ptr", "w_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(
                ss_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", lens_ptr="*i32", eps="fp32"),

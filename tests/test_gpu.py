@@ -251,3 +251,22 @@ def check_half_speculative(dtype, dynamic):
         got, stats = spec.generate(prompts, 96, stop_at_eos=False)
         assert got == alone, (name, "spec batch 8")
         assert stats.mean_accept > 1.5 or name == "near-tie", (name, stats.mean_accept)  # (it did speculate)
+
+
+def test_gpu_chained_mlp_changes_no_bits(monkeypatch):
+    """kernels.CHAIN_MLP (each MLP's two matmuls in one launch, ordered by tickets): the same tokens and logits,
+    bit for bit, as two launches, through captured steps; and speculative == AR with it (bf16)."""
+    import kernels
+
+    model = near_tie_model(torch.bfloat16)
+    torch.manual_seed(8)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),)).tolist() for n in (5, 40, 77)]
+    outputs = []
+    for chain in (False, True):
+        monkeypatch.setattr(kernels, "CHAIN_MLP", chain)
+        outputs.append(hl.Generator(model).generate(prompts, 64, stop_at_eos=False)[0])
+        with torch.no_grad():
+            outputs.append(model.forward_logits(torch.tensor([prompts[1]], device="cuda")))
+    assert outputs[0] == outputs[2] and torch.equal(outputs[1], outputs[3])
+    assert not kernels._CHAIN_COUNTS[torch.device("cuda", torch.cuda.current_device())].any()
+    check_half_speculative(torch.bfloat16, False)
