@@ -382,7 +382,7 @@ KERNEL_KNOBS = dict(exact=("hl", "EXACT"), fused=("hl", "FUSED"), merge=("K", "P
                     edge=("K", "PATH_EDGE_TOKENS"), pdl=("K", "PDL"), pdl_tokens=("K", "PDL_MAX_TOKENS"),
                     wide_n=("K", "MATMUL_WIDE_N"), programs=("K", "PATH_PROGRAMS"), warps=("K", "PATH_WARPS"),
                     k_tile=("K", "MATMUL_K_TILE"), merge_decode=("K", "PATH_MERGE_DECODE"), stages=("K", "MATMUL_STAGES"),
-                    path_stages=("K", "PATH_STAGES"), chain_mlp=("K", "CHAIN_MLP"))
+                    path_stages=("K", "PATH_STAGES"), chain_mlp=("K", "CHAIN_MLP"), prefetch=("K", "PREFETCH"))
 
 
 def kernel_settings(K):
@@ -422,6 +422,10 @@ def step_kernel_sets(args, K):
         sets.append((" (merge in kernel for decoding)", default | dict(merge_decode=True)))
     if args.chain_mlp:
         sets.append((" (chained MLP)", default | dict(chain_mlp=True)))
+    if args.prefetch:
+        sets.append((" (weights prefetched)", default | dict(prefetch=True)))
+    if args.chain_mlp and args.prefetch:
+        sets.append((" (chained MLP, weights prefetched)", default | dict(chain_mlp=True, prefetch=True)))
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
     if args.unfused:
         sets += [(" (unfused layers)", default | dict(fused=False)), (" (merge in kernel)", default | dict(merge=True))]
@@ -817,6 +821,11 @@ def check_mlp_chain(c, K, shape):
             same &= torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     c.verdict(f"mlp_chain {shape} == the two matmuls, bit for bit (M = 1, 74 x 20, 600)",
               same and not K._CHAIN_COUNTS[x.device].any())
+    prefetch_before, K.PREFETCH = K.PREFETCH, True  # (one row: a dependent launch, where the prefetch runs)
+    got, want = (K.mlp_chain(x[:1], w13, w2, 1e-5, sumsq[:1]), two(1))
+    K.PREFETCH = prefetch_before
+    c.verdict(f"matmul and mlp_chain {shape} with weights prefetched == without, bit for bit",
+              all(torch.equal(a, b) for a, b in zip(got + want, two(1) + two(1))))
     for m in (1, 64):
         c.time(f"mlp_chain {shape} M={m} (ref: two matmuls, graph)", lambda m=m: K.mlp_chain(x[:m], w13, w2, 1e-5, sumsq[:m]),
                lambda m=m: two(m), ref_graph=True)
@@ -848,6 +857,12 @@ def check_qkv_rope(c, K, shape):
     q1 = K.qkv_rope(x[2:3, 7:8], w, 1e-5, cos, sin, pos[2:3, 7:8], k1, v1, lens[2:3] + 7, Hq)
     same = torch.equal(q1[0, 0], q[2, 7]) and torch.equal(k1[0, 307], caches[0][1, 2, 307])
     c.verdict(f"qkv_rope {shape} token alone == in the batch", same and torch.equal(v1[0, 307], caches[1][1, 2, 307]))
+    prefetch_before, K.PREFETCH = K.PREFETCH, True  # (one token: a dependent launch, where the prefetch runs)
+    k2, v2 = torch.zeros_like(k1), torch.zeros_like(v1)
+    q2 = K.qkv_rope(x[2:3, 7:8], w, 1e-5, cos, sin, pos[2:3, 7:8], k2, v2, lens[2:3] + 7, Hq)
+    K.PREFETCH = prefetch_before
+    c.verdict(f"qkv_rope {shape} weights prefetched == without, bit for bit",
+              torch.equal(q2, q1) and torch.equal(k2, k1) and torch.equal(v2, v1))
     nw = (torch.rand(dim, device=dev) + 0.5).to(bf16)
     wf = hl.fold_norm(w, nw)
     kc, vc = caches[0][0], caches[1][0]
@@ -1335,6 +1350,8 @@ def add_steps_args(sub):
                    "in decode steps (kernels.PATH_MERGE_DECODE)")
     s.add_argument("--chain-mlp", action="store_true", help="also time each MLP's two matmuls in one launch "
                    "(kernels.CHAIN_MLP)")
+    s.add_argument("--prefetch", action="store_true", help="also time the matmuls asking L2 for their weights before "
+                   "they wait on the kernel before them (kernels.PREFETCH)")
     s.add_argument("--matmul-k-tile", type=int, nargs="*", default=[], help="also time the matmuls reducing K in steps "
                    "of this many (kernels.MATMUL_K_TILE), e.g. 256 512")
     s.add_argument("--edge-tokens", type=int, nargs="+", default=[0], help="path_attention's tokens per program at the "

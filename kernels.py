@@ -74,6 +74,31 @@ def _pdl_start(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+# Weights into L2 before the wait: a kernel launched as a dependent starts while the one before it finishes, and
+# its weights do not depend on that kernel, so it can ask for them then (prefetch.global.L2, a hint: no register,
+# no wait), and its real loads after the wait find them in L2 instead of HBM. The same values either way. Off
+# until timed on a GPU (HYDRA_LITE_PREFETCH=1; issue 14); only with dependent launch, and never under the
+# interpreter (no inline PTX there).
+PREFETCH = os.environ.get("HYDRA_LITE_PREFETCH", "0") == "1"
+
+
+@triton.jit
+def _prefetch_rows(w_ptr, rows, n_ok, K, swn, LINES: tl.constexpr):
+    """Ask L2 for rows `rows` (where n_ok) of a row-major w [N, K] (bf16/fp16: a 128-byte line every 64 columns)."""
+    col = tl.arange(0, LINES) * 64
+    ok = n_ok[:, None] & (col < K)[None, :]
+    ptrs = w_ptr + tl.where(ok, rows[:, None].to(tl.int64) * swn + col[None, :], 0)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+def _prefetch(x, w, launch):
+    """PREFETCH_LINES for a kernel over x reading w, given its launch options (_pdl): 0 (off) unless PREFETCH,
+    dependent launch, and a 2-byte row-major w."""
+    on = PREFETCH and launch.get("PDL") and w.element_size() == 2 and w.stride(-1) == 1
+    return triton.next_power_of_2(triton.cdiv(w.shape[-1], 64)) if on else 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # RMSNorm (+ residual add)
 
@@ -923,7 +948,12 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K,
                    RESIDUAL: tl.constexpr,
                    SS_IN: tl.constexpr, SS_OUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_P: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0):
+    if PREFETCH_LINES:  # (w's rows of this tile, and the up rows with SwiGLU / silu_add)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        _prefetch_rows(w_ptr, rn, rn < N, K, swn, PREFETCH_LINES)
+        if SWIGLU or SILU_ADD:
+            _prefetch_rows(w_ptr, N + rn, rn < N, K, swn, PREFETCH_LINES)
     _pdl_start(PDL)
     # Row blocks on axis 0: the programs that read one slice of w run side by side (rereads hit L2).
     _matmul_tile(tl.program_id(0), tl.program_id(1), tl.num_programs(1), x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr,
@@ -1051,6 +1081,7 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
     ss_in, P, BLOCK_P = _sumsq_in(sumsq if rms_eps is not None else None, M, x.device)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     ss_out = torch.empty(*x.shape[:-1], grid[1], dtype=torch.float32, device=x.device) if sumsq_out else ss_in
+    launch = _pdl(x)
     _matmul_kernel[grid](
         x2, w, b, y, r2, ss_in, ss_out, M, N, K, P, *x2.stride(), *w.stride(), r2.stride(0),
         0.0 if rms_eps is None else rms_eps, HAS_BIAS=bias is not None, NORM=rms_eps is not None, SWIGLU=swiglu,
@@ -1058,7 +1089,7 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
         RESIDUAL=residual is not None, SS_IN=rms_eps is not None and sumsq is not None, SS_OUT=sumsq_out,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=_matmul_stages(BLOCK_K),
-        **_pdl(x))
+        PREFETCH_LINES=_prefetch(x, w, launch), **launch)
     return (y, ss_out) if sumsq_out else y
 
 
@@ -1080,7 +1111,7 @@ def _mlp_chain_kernel(x_ptr, w13_ptr, h_ptr, w2_ptr, y_ptr, ssi_ptr, sso_ptr, cn
                       s1n, s1k, s2n, s2k, eps, N_M, NB1, NB2, SS_IN: tl.constexpr, UPCAST: tl.constexpr,
                       PREC: tl.constexpr, BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BN1: tl.constexpr,
                       BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr, BLOCK_P: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0):
     _pdl_start(PDL)
     item = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
     first = N_M * NB1  # gate/up tiles
@@ -1092,6 +1123,9 @@ def _mlp_chain_kernel(x_ptr, w13_ptr, h_ptr, w2_ptr, y_ptr, ssi_ptr, sso_ptr, cn
         tl.atomic_add(cnt_ptr + 1, 1, sem="release")
     else:  # y = x + h @ w2.T, as matmul(h, w2, residual=x, sumsq_out=True), once all of h is stored
         j = item - first
+        if PREFETCH_LINES:  # (its w2 rows while it waits)
+            rn = (j // N_M) * BN2 + tl.arange(0, BN2)
+            _prefetch_rows(w2_ptr, rn, rn < D, H, s2n, PREFETCH_LINES)
         while tl.atomic_add(cnt_ptr + 1, 0, sem="acquire") < first:
             pass
         tl.debug_barrier()
@@ -1125,12 +1159,14 @@ def mlp_chain(x, w13, w2, rms_eps, sumsq=None):
     if x.device not in _CHAIN_COUNTS:
         _CHAIN_COUNTS[x.device] = torch.zeros(3, dtype=torch.int32, device=x.device)
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w13.dtype) or x.dtype != w13.dtype
+    launch = _pdl(x)
     _mlp_chain_kernel[(n_m * (nb1 + nb2),)](
         x2, w13, h, w2, y, ss_in, ss_out, _CHAIN_COUNTS[x.device], M, H, D, P, *x2.stride(), *w13.stride(),
         *w2.stride(), rms_eps, n_m, nb1, nb2, SS_IN=sumsq is not None, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (x.dtype, w13.dtype) else "tf32", BY_SUM=not x.is_cuda, BLOCK_M=BLOCK_M,
         BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2, BLOCK_P=BLOCK_P, num_warps=4,
-        num_stages=max(_matmul_stages(BK1), _matmul_stages(BK2)), **_pdl(x))
+        num_stages=max(_matmul_stages(BK1), _matmul_stages(BK2)),
+        PREFETCH_LINES=_prefetch(x, w2, dict(PDL=PREFETCH and x.is_cuda)), **launch)
     return y, ss_out
 
 
@@ -1146,13 +1182,16 @@ def _qkv_rope_kernel(x_ptr, w_ptr, ss_ptr, cos_ptr, sin_ptr, pos_ptr, lens_ptr, 
                      sc_b, sc_s, sc_h, sc_d, sv_b, sv_s, sv_h, sv_d, SS_IN: tl.constexpr,
                      UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                     PDL: tl.constexpr):
-    _pdl_start(PDL)
+                     PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (head, j): columns head*D + j and + HALF
     head, j = pair // HALF, pair % HALF
     n_ok = head < Hq + 2 * Hkv
     col = head * 2 * HALF + j
+    if PREFETCH_LINES:  # (the tile's rows of w, both halves, before the wait)
+        _prefetch_rows(w_ptr, col, n_ok, K, swn, PREFETCH_LINES)
+        _prefetch_rows(w_ptr, col + HALF, n_ok, K, swn, PREFETCH_LINES)
+    _pdl_start(PDL)
     rstd = _rms_scale(x_ptr, ss_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN, BLOCK_M, BLOCK_K, BLOCK_P)[:, None]
     x1, x2 = _rows_times_w(x_ptr, w_ptr, rm, col, col + HALF, n_ok, M, K, sxm, sxk, swn, swk,
                            True, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -1198,13 +1237,14 @@ def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n
     BLOCK_M, BLOCK_N, BLOCK_K = _matmul_tiles(0, K, x.is_cuda)  # (the narrowest: BLOCK_N pairs, 2 x BLOCK_N columns)
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
     ss_in, P, BLOCK_P = _sumsq_in(sumsq, B * T, x.device)
+    launch = _pdl(x)
     _qkv_rope_kernel[(triton.cdiv(B * T, BLOCK_M), triton.cdiv(pairs, BLOCK_N))](
         x2, w, ss_in, cos_table, sin_table, pos, lens.contiguous(), q, k_cache, v_cache,
         B * T, T, K, P, n_heads, Hkv, D // 2, k_cache.shape[1], *x2.stride(), *w.stride(), rms_eps, cos_table.stride(0),
         *pos.stride(), *k_cache.stride(), *v_cache.stride(), SS_IN=sumsq is not None,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=_matmul_stages(BLOCK_K),
-        **_pdl(x))
+        PREFETCH_LINES=_prefetch(x, w, launch), **launch)
     return q
 
 

@@ -50,6 +50,8 @@ def build(kernel, types, constexprs, num_warps=4):
     launches them with; returns (cubin bytes, shared memory bytes)."""
     ints = RUNTIME_INTS.get(kernel.fn.__name__, {})
     constexprs = constexprs | {k: 1 for k, v in ints.items() if v == 1}
+    if "PREFETCH_LINES" in kernel.arg_names:  # (a constexpr with a default: off unless the set turns it on)
+        constexprs = {"PREFETCH_LINES": 0} | constexprs
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
     aligned = [name for name in kernel.arg_names if name not in constexprs and (signature[name].startswith("*")
                                                                                 or ints.get(name, 1) % 16 == 0)]
@@ -100,20 +102,28 @@ def kernel_sets():
                dict(HAS_BIAS=False, NORM=True, SWIGLU=True, SILU_ADD=False, RESIDUAL=False, SS_IN=True, SS_OUT=False,
                     UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=64,
                     PDL=True))
+    yield ("matmul norm swiglu, weights prefetched before the wait (PREFETCH)", K._matmul_kernel, matmul,
+           dict(HAS_BIAS=False, NORM=True, SWIGLU=True, SILU_ADD=False, RESIDUAL=False, SS_IN=True, SS_OUT=False,
+                UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_P=64, PDL=True,
+                PREFETCH_LINES=16))
     yield ("matmul silu_add (a draft head's residual block) with bias, dependent launch=True", K._matmul_kernel, matmul,
            dict(HAS_BIAS=True, NORM=False, SWIGLU=False, SILU_ADD=True, RESIDUAL=False, SS_IN=False, SS_OUT=False,
                 UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True))
     _, BN1, BK1 = K._matmul_tiles(1536, 576, True)
     _, BN2, BK2 = K._matmul_tiles(576, 1536, True)
-    yield ("mlp_chain (gate/up + SwiGLU, then down + residual, one launch) dependent launch=True", K._mlp_chain_kernel,
-           bf16("x_ptr", "w13_ptr", "h_ptr", "w2_ptr", "y_ptr") | dict(ssi_ptr="*fp32", sso_ptr="*fp32", cnt_ptr="*i32",
-                                                                       eps="fp32"),
-           dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2,
-                BLOCK_P=64, PDL=True))
-    yield ("qkv_rope dependent launch=True", K._qkv_rope_kernel,
-           bf16("x_ptr", "w_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(
-               ss_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", lens_ptr="*i32", eps="fp32"),
-           dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True))
+    for lines in (0, 32):
+        yield (f"mlp_chain (gate/up + SwiGLU, then down + residual, one launch) dependent launch=True"
+               f"{', w2 prefetched while it waits' if lines else ''}", K._mlp_chain_kernel,
+               bf16("x_ptr", "w13_ptr", "h_ptr", "w2_ptr", "y_ptr") | dict(ssi_ptr="*fp32", sso_ptr="*fp32",
+                                                                           cnt_ptr="*i32", eps="fp32"),
+               dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2,
+                    BLOCK_P=64, PDL=True, PREFETCH_LINES=lines))
+    for lines in (0, 16):
+        yield (f"qkv_rope dependent launch=True{', weights prefetched' if lines else ''}", K._qkv_rope_kernel,
+               bf16("x_ptr", "w_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(
+                   ss_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", lens_ptr="*i32", eps="fp32"),
+               dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64,
+                    PDL=True, PREFETCH_LINES=lines))
     path = bf16("q_ptr", "k_ptr", "v_ptr", "o_ptr") | dict(
         lens_ptr="*i32", path_ptr="*i64", depth_ptr="*i64", po_ptr="*fp32", plse_ptr="*fp32", cnt_ptr="*i32", scale="fp32")
     for merge in (False, True):

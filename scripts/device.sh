@@ -13,8 +13,9 @@
 #          kernel check with PATH_PROGRAMS and K_TILE set, then SmolLM2 step times and profiles for several of each
 #          and for shorter splits, and 7B step times by K steps (random weights: no model)
 #   stages the matmuls at MATMUL_STAGES (4) pipeline stages: kernel check and GPU tests, then step times by stages
-#   chain  each MLP's two matmuls in one launch (kernels.CHAIN_MLP): kernel check, then step times against two
-#          launches (random weights: needs no model)
+#   chain  each MLP's two matmuls in one launch (kernels.CHAIN_MLP) and weights prefetched into L2 before a
+#          dependent launch waits (kernels.PREFETCH): kernel check, then step times with each and both against
+#          neither (random weights: needs no model)
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights); STEPS_FLAGS adds flags (e.g. --profile)
 #   fused  the fused decoder layers (the default; HYDRA_LITE_FUSED=0: op by op): kernel check, their GPU tests, step
 #          times against the unfused layers and the previous kernels (random weights: needs no model)
@@ -88,11 +89,11 @@ for stage in "$@"; do
       python3 benchmark.py steps --shape 7b --batch 1 8 --matmul-stages 3 5 --matmul-wide-n 4097 --path-stages 3 --out "$RES/stages" 2>&1 \
         | tee "$RES/steps_stages_7b.txt" | grep "^|"
       unset HYDRA_LITE_MATMUL_STAGES ;;
-    chain)  # issue 14: each MLP's two matmuls in one launch (kernels.CHAIN_MLP): bits checked (under a timeout: a
-            # fault in its ordering would hang), then step times against two launches (random weights: no model)
-      timeout 300 python3 benchmark.py check 2>&1 | tee "$RES/check_chain.txt" | grep -E "mlp_chain|FAIL|all PASS" || true
+    chain)  # issue 14: each MLP's two matmuls in one launch (kernels.CHAIN_MLP), weights prefetched (kernels.PREFETCH):
+            # bits checked (under a timeout: a fault in the chain's ordering would hang), then step times
+      timeout 300 python3 benchmark.py check 2>&1 | tee "$RES/check_chain.txt" | grep -E "mlp_chain|prefetch|FAIL|all PASS" || true
       for shape in smollm2-135m 7b; do
-        timeout 200 python3 benchmark.py steps --shape $shape --batch 1 8 --chain-mlp --out "$RES/chain" 2>&1 \
+        timeout 200 python3 benchmark.py steps --shape $shape --batch 1 8 --chain-mlp --prefetch --out "$RES/chain" 2>&1 \
           | tee "$RES/steps_chain_$shape.txt" | grep "^|" || true
       done ;;
     steps)

@@ -253,17 +253,21 @@ def check_half_speculative(dtype, dynamic):
         assert stats.mean_accept > 1.5 or name == "near-tie", (name, stats.mean_accept)  # (it did speculate)
 
 
-def test_gpu_chained_mlp_changes_no_bits(monkeypatch):
-    """kernels.CHAIN_MLP (each MLP's two matmuls in one launch, ordered by tickets): the same tokens and logits,
-    bit for bit, as two launches, through captured steps; and speculative == AR with it (bf16)."""
+@pytest.mark.parametrize("chain,prefetch", [(True, False), (False, True), (True, True)],
+                         ids=["chained-mlp", "prefetch", "both"])
+def test_gpu_chained_mlp_and_prefetch_change_no_bits(monkeypatch, chain, prefetch):
+    """kernels.CHAIN_MLP (each MLP's two matmuls in one launch, ordered by tickets) and kernels.PREFETCH (weights
+    asked of L2 before a dependent launch waits): the same tokens and logits, bit for bit, as without, through
+    captured steps; and speculative == AR with them (bf16)."""
     import kernels
 
     model = near_tie_model(torch.bfloat16)
     torch.manual_seed(8)
     prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),)).tolist() for n in (5, 40, 77)]
     outputs = []
-    for chain in (False, True):
-        monkeypatch.setattr(kernels, "CHAIN_MLP", chain)
+    for on in (False, True):
+        monkeypatch.setattr(kernels, "CHAIN_MLP", chain and on)
+        monkeypatch.setattr(kernels, "PREFETCH", prefetch and on)
         outputs.append(hl.Generator(model).generate(prompts, 64, stop_at_eos=False)[0])
         with torch.no_grad():
             outputs.append(model.forward_logits(torch.tensor([prompts[1]], device="cuda")))
