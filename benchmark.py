@@ -751,6 +751,11 @@ def check_invariant(c, K, shape, tree):
     K.PATH_MERGE_IN_KERNEL = merge_before
     c.verdict(f"path_attention merge in kernel == combine kernel, 20 calls {shape}",
               same and not K._MERGE_COUNTS[q.device].any())
+    prefetch_before, K.PREFETCH = K.PREFETCH, True  # (decoding 4 rows: a dependent launch, where the prefetch runs)
+    one = K.path_attention(q[:, :1], k_cache, v_cache, lens)
+    K.PREFETCH = prefetch_before
+    c.verdict(f"path_attention {shape} cached slots prefetched == without, bit for bit",
+              torch.equal(one, K.path_attention(q[:, :1], k_cache, v_cache, lens)))
     c.time(f"path_attention {shape} B=1 T=1 (ref: decode_attention)",
            lambda: K.path_attention(q[:1, :1], k_cache[:1], v_cache[:1], lens[:1]),
            lambda: K.decode_attention(q[:1, :1], k_cache[:1], v_cache[:1], lens[:1]))

@@ -76,7 +76,8 @@ def _pdl_start(PDL: tl.constexpr):
 
 # Weights into L2 before the wait: a kernel launched as a dependent starts while the one before it finishes, and
 # its weights do not depend on that kernel, so it can ask for them then (prefetch.global.L2, a hint: no register,
-# no wait), and its real loads after the wait find them in L2 instead of HBM. The same values either way. Off
+# no wait), and its real loads after the wait find them in L2 instead of HBM; path_attention so asks for the
+# cached keys and values below lens (written by earlier steps, as lens was). The same values either way. Off
 # until timed on a GPU (HYDRA_LITE_PREFETCH=1; issue 14); only with dependent launch, and never under the
 # interpreter (no inline PTX there).
 PREFETCH = os.environ.get("HYDRA_LITE_PREFETCH", "0") == "1"
@@ -87,14 +88,19 @@ def _prefetch_rows(w_ptr, rows, n_ok, K, swn, LINES: tl.constexpr):
     """Ask L2 for rows `rows` (where n_ok) of a row-major w [N, K] (bf16/fp16: a 128-byte line every 64 columns)."""
     col = tl.arange(0, LINES) * 64
     ok = n_ok[:, None] & (col < K)[None, :]
-    ptrs = w_ptr + tl.where(ok, rows[:, None].to(tl.int64) * swn + col[None, :], 0)
+    _prefetch_at(w_ptr + tl.where(ok, rows[:, None].to(tl.int64) * swn + col[None, :], 0))
+
+
+@triton.jit
+def _prefetch_at(ptrs):
+    """prefetch.global.L2 at every address of ptrs (a hint: no register written, nothing waited for)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
                               is_pure=False, pack=1)
 
 
 def _prefetch(x, w, launch):
-    """PREFETCH_LINES for a kernel over x reading w, given its launch options (_pdl): 0 (off) unless PREFETCH,
-    dependent launch, and a 2-byte row-major w."""
+    """PREFETCH_LINES for a kernel over x reading w's rows (a weight [N, K], or a cache [.., D]: a slot's head),
+    given its launch options (_pdl): 0 (off) unless PREFETCH, dependent launch, and 2-byte rows in a row."""
     on = PREFETCH and launch.get("PDL") and w.element_size() == 2 and w.stride(-1) == 1
     return triton.next_power_of_2(triton.cdiv(w.shape[-1], 64)) if on else 0
 
@@ -638,13 +644,12 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
                       sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, spb, spt, spj, sdb, sdt,
                       REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
-                      MERGE: tl.constexpr, PDL: tl.constexpr):
-    _pdl_start(PDL)
+                      MERGE: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0):
     TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
     pid = tl.program_id(0)
     b = (tl.program_id(1) // Hkv).to(tl.int64)
     kvh = tl.program_id(1) % Hkv
-    lens = tl.load(lens_ptr + b)
+    lens = tl.load(lens_ptr + b)  # (before the wait: the kernel before this one does not write it)
     # Programs past N_SHARED take the (at most two) splits that reach past the cache, lens' own and the next (a
     # path may cross into it): EDGE_PROGS 2, one each; 1, both. One below takes the splits wholly below lens of
     # its group, every GROUPS-th of them. (Which program reduces a split is not in the split's bits.)
@@ -653,6 +658,10 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
     first = tl.where(edge, lens // SPLIT_LEN + (pid - N_SHARED) % EDGE_PROGS, pid % GROUPS)
     last = tl.where(edge, tl.minimum(first + 3 - EDGE_PROGS, NUM_SPLITS), lens // SPLIT_LEN)
     stride = tl.where(edge, 1, GROUPS)
+    if PREFETCH_LINES:  # the cached slots it will read (earlier steps wrote them), asked of L2 before the wait
+        _prefetch_cache(k_ptr, v_ptr, b, kvh, lens, first, last, stride, skb, skh, sks, svb, svh, svs, SPLIT_LEN,
+                        PREFETCH_LINES)
+    _pdl_start(PDL)
     offs_m = tl.arange(0, BLOCK_M)
     tok = offs_m // REP  # each tile row's token (in the tile)
     row_ok = (tok < tl.where(edge, EDGE_TOK, TOK)) & (t0 + tok < T)
@@ -693,6 +702,20 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
         if MERGE:  # the last of a row's splits to finish merges them all (no combine kernel)
             _merge_if_last(po_ptr, plse_ptr, o_ptr, cnt_ptr, (b * T + t0 + tok) * Hq + h, used,
                            tl.cdiv(lens + depth + 1, SPLIT_LEN), offs_d, ok_d, D, NUM_SPLITS, BLOCK_M, BLOCK_D)
+
+
+@triton.jit
+def _prefetch_cache(k_ptr, v_ptr, b, kvh, lens, first, last, stride, skb, skh, sks, svb, svh, svs,
+                    SPLIT_LEN: tl.constexpr, LINES: tl.constexpr):
+    """Ask L2 for head kvh's keys and values at the cached slots (below lens) of splits first, first + stride, ..
+    below last (LINES 128-byte lines a slot: bf16/fp16 heads of up to 64 x LINES)."""
+    slot = tl.arange(0, SPLIT_LEN)
+    line = tl.arange(0, LINES) * 64
+    for split in range(first, last, stride):
+        pos = (split * SPLIT_LEN + slot).to(tl.int64)
+        ok = (pos < lens)[:, None] & (line >= 0)[None, :]
+        _prefetch_at(k_ptr + tl.where(ok, b * skb + kvh * skh + pos[:, None] * sks + line[None, :], 0))
+        _prefetch_at(v_ptr + tl.where(ok, b * svb + kvh * svh + pos[:, None] * svs + line[None, :], 0))
 
 
 @triton.jit
@@ -858,13 +881,15 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     lens = lens.contiguous()
     merge = PATH_MERGE_IN_KERNEL or (PATH_MERGE_DECODE and T == 1)
     counts = _merge_counts(q.device, B * T * Hq) if merge else lens  # (unused without the merge)
+    launch = _pdl(q, B * T)
+    lines = _prefetch(q, k_cache, launch) if v_cache.stride(-1) == 1 else 0  # (lines of a slot's head)
     _path_attn_kernel[(n_shared + edge_progs * triton.cdiv(T, edge_tok), B * Hkv)](
         q, k_cache, v_cache, lens, path, depth, po, plse, out, counts, T, Hq, Hkv, D,
         1.0 / math.sqrt(D) * 1.4426950408889634, num_splits, n_shared, edge_tok, groups, edge_progs,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,
-        MERGE=merge, num_warps=PATH_WARPS, num_stages=PATH_STAGES, **_pdl(q, B * T))
+        MERGE=merge, num_warps=PATH_WARPS, num_stages=PATH_STAGES, PREFETCH_LINES=lines, **launch)
     if merge:
         return out
     _path_combine_kernel[(T, B)](po, plse, lens, depth, out, T, Hq, D, num_splits, *depth.stride(),

@@ -130,6 +130,9 @@ def kernel_sets():
         yield (f"path_attention merge={merge} dependent launch={merge}", K._path_attn_kernel, path,
                dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=K.PATH_SPLIT_LEN, UPCAST=False,
                     PREC="tf32", BY_SUM=False, MERGE=merge, PDL=merge))
+    yield ("path_attention dependent launch=True, cached slots prefetched", K._path_attn_kernel, path,
+           dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=K.PATH_SPLIT_LEN, UPCAST=False,
+                PREC="tf32", BY_SUM=False, MERGE=False, PDL=True, PREFETCH_LINES=1))
     for warps in (1, 2):  # (PATH_WARPS, to time), with the shortest split steps --path-tiles offers
         yield (f"path_attention {warps} warps, splits of 64", K._path_attn_kernel, path,
                dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=64, UPCAST=False, PREC="tf32",
