@@ -421,11 +421,11 @@ def step_kernel_sets(args, K):
     if args.merge_decode:
         sets.append((" (merge in kernel for decoding)", default | dict(merge_decode=True)))
     if args.chain_mlp:
-        sets.append((" (chained MLP)", default | dict(chain_mlp=True)))
+        sets += [(" (chained MLP)", default | dict(chain_mlp=1)), (" (chained wo + MLP)", default | dict(chain_mlp=2))]
     if args.prefetch:
         sets.append((" (weights prefetched)", default | dict(prefetch=True)))
     if args.chain_mlp and args.prefetch:
-        sets.append((" (chained MLP, weights prefetched)", default | dict(chain_mlp=True, prefetch=True)))
+        sets.append((" (chained wo + MLP, prefetched)", default | dict(chain_mlp=2, prefetch=True)))
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
     if args.unfused:
         sets += [(" (unfused layers)", default | dict(fused=False)), (" (merge in kernel)", default | dict(merge=True))]
@@ -824,7 +824,16 @@ def check_mlp_chain(c, K, shape):
         for _ in range(20 if m == 74 else 1):
             got = K.mlp_chain(x[:m], w13, w2, 1e-5, sumsq[:m])
             same &= torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    c.verdict(f"mlp_chain {shape} == the two matmuls, bit for bit (M = 1, 74 x 20, 600)",
+    attn = torch.randn(600, dim, device=dev, dtype=bf16)
+    wo = torch.randn(dim, dim, device=dev, dtype=bf16) / math.sqrt(dim)
+
+    def three(m):  # with the output projection first
+        s, ss = K.matmul(attn[:m], wo, residual=x[:m], sumsq_out=True)
+        return K.matmul(K.matmul(s, w13, rms_eps=1e-5, swiglu=True, sumsq=ss), w2, residual=s, sumsq_out=True)
+    for m in (1, 74, 600):
+        want, got = three(m), K.mlp_chain(x[:m], w13, w2, 1e-5, None, attn[:m], wo)
+        same &= torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    c.verdict(f"mlp_chain {shape} == the two matmuls (and with wo, the three), bit for bit (M = 1, 74 x 20, 600)",
               same and not K._CHAIN_COUNTS[x.device].any())
     prefetch_before, K.PREFETCH = K.PREFETCH, True  # (one row: a dependent launch, where the prefetch runs)
     got, want = (K.mlp_chain(x[:1], w13, w2, 1e-5, sumsq[:1]), two(1))
@@ -834,6 +843,8 @@ def check_mlp_chain(c, K, shape):
     for m in (1, 64):
         c.time(f"mlp_chain {shape} M={m} (ref: two matmuls, graph)", lambda m=m: K.mlp_chain(x[:m], w13, w2, 1e-5, sumsq[:m]),
                lambda m=m: two(m), ref_graph=True)
+        c.time(f"mlp_chain with wo {shape} M={m} (ref: three matmuls, graph)",
+               lambda m=m: K.mlp_chain(x[:m], w13, w2, 1e-5, None, attn[:m], wo), lambda m=m: three(m), ref_graph=True)
 
 
 def check_qkv_rope(c, K, shape):
@@ -1353,8 +1364,8 @@ def add_steps_args(sub):
                    "pipeline stages (kernels.PATH_STAGES), e.g. 3 4")
     s.add_argument("--merge-decode", action="store_true", help="also time path_attention merging its splits itself "
                    "in decode steps (kernels.PATH_MERGE_DECODE)")
-    s.add_argument("--chain-mlp", action="store_true", help="also time each MLP's two matmuls in one launch "
-                   "(kernels.CHAIN_MLP)")
+    s.add_argument("--chain-mlp", action="store_true", help="also time each MLP's two matmuls in one launch, and the "
+                   "output projection's with them (kernels.CHAIN_MLP 1 and 2)")
     s.add_argument("--prefetch", action="store_true", help="also time the matmuls asking L2 for their weights before "
                    "they wait on the kernel before them (kernels.PREFETCH)")
     s.add_argument("--matmul-k-tile", type=int, nargs="*", default=[], help="also time the matmuls reducing K in steps "

@@ -410,16 +410,21 @@ def linear(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
     return fn(x, w, bias, rms_eps, residual, swiglu, sumsq, sumsq_out, silu_add)
 
 
-def mlp(x, w13, w2, rms_eps, sumsq=None):
-    """A fused decoder layer's MLP: norm -> gate/up -> SwiGLU, then down + residual x; returns (y, y's rows' sums
-    of squares). Two matmuls, or one launch of both (kernels.CHAIN_MLP: the same bits)."""
-    if EXACT and _triton(x) and _kernels.CHAIN_MLP:
-        return _kernels.mlp_chain(x, w13, w2, rms_eps, sumsq)
-    return mlp_chain_ref(x, w13, w2, rms_eps, sumsq)
+def layer_tail(attn, s, wo, w13, w2, rms_eps):
+    """A fused decoder layer after its attention: s + attn @ wo.T, then norm -> gate/up -> SwiGLU, then down +
+    residual; returns (the stream, its rows' sums of squares). Three matmuls, or fewer launches of them
+    (kernels.CHAIN_MLP: 1, the MLP's two in one; 2, all three in one; the same bits)."""
+    chain = _kernels.CHAIN_MLP if EXACT and _triton(s) else 0
+    if chain == 2:
+        return _kernels.mlp_chain(s, w13, w2, rms_eps, None, attn, wo)
+    s, sumsq = linear(attn, wo, residual=s, sumsq_out=True)
+    return (_kernels.mlp_chain if chain else mlp_chain_ref)(s, w13, w2, rms_eps, sumsq)
 
 
-def mlp_chain_ref(x, w13, w2, rms_eps, sumsq=None):
-    """kernels.mlp_chain's oracle: the two linears it chains."""
+def mlp_chain_ref(x, w13, w2, rms_eps, sumsq=None, attn=None, wo=None):
+    """kernels.mlp_chain's oracle: the linears it chains (with wo, the attention's output projection first)."""
+    if wo is not None:
+        x, sumsq = linear(attn, wo, residual=x, sumsq_out=True)
     h = linear(x, w13, rms_eps=rms_eps, swiglu=True, sumsq=sumsq)
     return linear(h, w2, residual=x, sumsq_out=True)
 
@@ -569,8 +574,7 @@ class Block(nn.Module):
             k_cache, v_cache, lens = kv
             q = qkv_rope(s, wqkv, eps, rope[0], rope[1], pos, k_cache, v_cache, lens, self.cfg.n_heads, sumsq)
             a = attention(q, k_cache, v_cache, lens, tree).reshape(*s.shape[:2], -1)
-        s, sumsq = linear(a, self.wo.weight, residual=s, sumsq_out=True)
-        return mlp(s, w13, self.w2.weight, self.ffn_norm.eps, sumsq)
+        return layer_tail(a, s, self.wo.weight, w13, self.w2.weight, self.ffn_norm.eps)
 
     def folded_weights(self):
         """wqkv and w13 with their norms' weights folded in (fold_norm), for forward_fused: made on first use and

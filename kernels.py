@@ -954,13 +954,16 @@ def _rows_times_w(x_ptr, w_ptr, rm, wa, wb, n_ok, M, K, sxm, sxk, swn, swk,
 
 @triton.jit
 def _rms_scale(x_ptr, ss_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+               BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, CG: tl.constexpr = False):
     """Each row's 1/RMS: from the P partial sums of squares [M, P] that the kernel which wrote x left, added in
-    one fixed order (SS_IN), else summed over x."""
+    one fixed order (SS_IN; CG: read past L1), else summed over x."""
     if SS_IN:
         rp = tl.arange(0, BLOCK_P)
-        parts = tl.load(ss_ptr + rm[:, None].to(tl.int64) * P + rp[None, :], mask=(rm < M)[:, None] & (rp < P)[None, :],
-                        other=0.0)
+        ptrs, ok = ss_ptr + rm[:, None].to(tl.int64) * P + rp[None, :], (rm < M)[:, None] & (rp < P)[None, :]
+        if CG:
+            parts = tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg")
+        else:
+            parts = tl.load(ptrs, mask=ok, other=0.0)
         ss = tl.sum(parts, axis=1)
     else:
         ss = _row_sumsq(x_ptr, rm, M, K, sxm, sxk, BLOCK_M, BLOCK_K)
@@ -992,13 +995,13 @@ def _matmul_tile(pid_m, pid_n, n_blocks_n, x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ss
                  SILU_ADD: tl.constexpr, RESIDUAL: tl.constexpr, SS_IN: tl.constexpr, SS_OUT: tl.constexpr,
                  UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, CG: tl.constexpr):
-    """One output tile of matmul (rows pid_m, columns pid_n of n_blocks_n), with the fusions asked for; CG: x
-    read past L1 (another program of the launch wrote it)."""
+    """One output tile of matmul (rows pid_m, columns pid_n of n_blocks_n), with the fusions asked for; CG: x, its
+    sums of squares and the residual read past L1 (other programs of the launch wrote them)."""
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)  # (unused without NORM)
     if NORM:  # RMSNorm's 1/RMS, per row (its weight is in w's columns)
-        rstd = _rms_scale(x_ptr, ssi_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN, BLOCK_M, BLOCK_K, BLOCK_P)
+        rstd = _rms_scale(x_ptr, ssi_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN, BLOCK_M, BLOCK_K, BLOCK_P, CG)
     acc, up = _rows_times_w(x_ptr, w_ptr, rm, rn, N + rn, rn < N, M, K, sxm, sxk, swn, swk,
                             SWIGLU or SILU_ADD, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K, CG)
     if NORM:
@@ -1017,7 +1020,11 @@ def _matmul_tile(pid_m, pid_n, n_blocks_n, x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ss
         acc = a * up.to(out_dt).to(tl.float32)
     ok = (rm < M)[:, None] & (rn < N)[None, :]
     if RESIDUAL:  # residual + the product, which is rounded first (as a separate add would see it)
-        r = tl.load(r_ptr + rm[:, None].to(tl.int64) * srm + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+        if CG:
+            r = tl.load(r_ptr + rm[:, None].to(tl.int64) * srm + rn[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+        else:
+            r = tl.load(r_ptr + rm[:, None].to(tl.int64) * srm + rn[None, :], mask=ok, other=0.0)
+        r = r.to(tl.float32)
         acc = acc.to(out_dt).to(tl.float32) + r
     y = acc.to(out_dt)
     tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], y, mask=ok)
@@ -1118,79 +1125,116 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
     return (y, ss_out) if sumsq_out else y
 
 
-# mlp_chain: a decoder layer's MLP, the two matmuls that matmul() runs for it (norm -> gate/up -> SwiGLU, then
-# down + residual + the sums of squares for the next norm), in one launch. Each tile is computed exactly as
-# matmul() computes it (the same tiles and reduction order: the same bits, whatever M), so only the launch
-# between them goes. Order comes from tickets, as in decoupled look-back scans: a program's work item is the
-# ticket it draws (an atomic count), the first matmul's tiles first; a down tile waits (an acquire load in a
-# loop) until every gate/up tile is stored, then reads h past L1. A program waits only on items drawn before
-# its own, by programs already running, so no grid size can deadlock it, and under the interpreter (programs
-# one after another) none ever waits. The last down tile resets the counts for the next launch. Off until timed
-# on a GPU (HYDRA_LITE_CHAIN_MLP=1; issue 14).
-CHAIN_MLP = os.environ.get("HYDRA_LITE_CHAIN_MLP", "0") == "1"
-_CHAIN_COUNTS = {}  # device -> int32 [3]: tickets drawn, gate/up tiles stored, down tiles stored (0 between calls)
+# mlp_chain: a decoder layer's matmuls after its attention, as matmul() runs them, in one launch: the MLP (norm ->
+# gate/up -> SwiGLU, then down + residual + the sums of squares for the next norm), and with `wo` first the
+# attention's output projection + residual (+ its sums of squares, for the MLP's norm). Each tile is computed
+# exactly as matmul() computes it (the same tiles and reduction order: the same bits, whatever M), so only the
+# launches between them go. Order comes from tickets, as in decoupled look-back scans: a program's work item is
+# the ticket it draws (an atomic count), the stages' tiles in order; a tile of a later stage waits (an acquire
+# load in a loop) until every tile of the stage before is stored, then reads what they wrote past L1. A program
+# waits only on items drawn before its own, by programs already running, so no grid size can deadlock it, and
+# under the interpreter (programs one after another) none ever waits. The last tile resets the counts for the
+# next launch. Off until timed on a GPU (HYDRA_LITE_CHAIN_MLP=1: the MLP; =2: the output projection too; issue 14).
+CHAIN_MLP = int(os.environ.get("HYDRA_LITE_CHAIN_MLP", "0"))
+_CHAIN_COUNTS = {}  # device -> int32 [4]: tickets drawn, tiles stored of each stage (0 between calls)
+
+
+@triton.jit
+def _wait_for(cnt_ptr, n):
+    """Spin until the count at cnt_ptr reaches n (acquire: what was stored before it counted is visible)."""
+    while tl.atomic_add(cnt_ptr, 0, sem="acquire") < n:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _tile_done(cnt_ptr):
+    tl.debug_barrier()  # (every thread's stores before the count says the tile is there)
+    return tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
 
 
 @triton.jit(do_not_specialize=["M"])
-def _mlp_chain_kernel(x_ptr, w13_ptr, h_ptr, w2_ptr, y_ptr, ssi_ptr, sso_ptr, cnt_ptr, M, H, D, P, sxm, sxk,
-                      s1n, s1k, s2n, s2k, eps, N_M, NB1, NB2, SS_IN: tl.constexpr, UPCAST: tl.constexpr,
-                      PREC: tl.constexpr, BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BN1: tl.constexpr,
-                      BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr, BLOCK_P: tl.constexpr,
-                      PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0):
+def _mlp_chain_kernel(a_ptr, wo_ptr, s_ptr, x_ptr, w13_ptr, h_ptr, w2_ptr, y_ptr, ssx_ptr, sso_ptr, cnt_ptr,
+                      M, A, H, D, P, sam, ssm, sxm, son, sok, s1n, s1k, s2n, s2k, eps, N_M, NB0, NB1, NB2,
+                      WO: tl.constexpr, SS_IN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                      BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BN0: tl.constexpr, BK0: tl.constexpr,
+                      BN1: tl.constexpr, BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr,
+                      BLOCK_P: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0):
     _pdl_start(PDL)
     item = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
-    first = N_M * NB1  # gate/up tiles
-    if item < first:  # h = silu(gate) * up of RMSNorm(x): one tile, as matmul(x, w13, rms_eps, swiglu=True)
-        _matmul_tile(item % N_M, item // N_M, NB1, x_ptr, w13_ptr, w13_ptr, h_ptr, h_ptr, ssi_ptr, ssi_ptr, M, H, D, P,
-                     sxm, sxk, s1n, s1k, 0, eps, False, True, True, False, False, SS_IN, False, UPCAST, PREC, BY_SUM,
-                     BLOCK_M, BN1, BK1, BLOCK_P, False)
-        tl.debug_barrier()  # (every thread's stores before the count says the tile is there)
-        tl.atomic_add(cnt_ptr + 1, 1, sem="release")
+    n0 = N_M * NB0  # output projection tiles (NB0 = 0 without WO), then gate/up, then down
+    n1 = N_M * NB1
+    if item < n0:  # x = s + a @ wo.T, as matmul(a, wo, residual=s, sumsq_out=True)
+        if WO:
+            _matmul_tile(item % N_M, item // N_M, NB0, a_ptr, wo_ptr, wo_ptr, x_ptr, s_ptr, ssx_ptr, ssx_ptr, M, D, A,
+                         1, sam, 1, son, sok, ssm, eps, False, False, False, False, True, False, True, UPCAST, PREC,
+                         BY_SUM, BLOCK_M, BN0, BK0, BLOCK_P, False)
+            _tile_done(cnt_ptr + 1)
+    elif item < n0 + n1:  # h = silu(gate) * up of RMSNorm(x), as matmul(x, w13, rms_eps, swiglu=True)
+        j = item - n0
+        if WO:
+            _wait_for(cnt_ptr + 1, n0)
+        _matmul_tile(j % N_M, j // N_M, NB1, x_ptr, w13_ptr, w13_ptr, h_ptr, h_ptr, ssx_ptr, ssx_ptr, M, H, D, P,
+                     sxm, 1, s1n, s1k, 0, eps, False, True, True, False, False, SS_IN, False, UPCAST, PREC, BY_SUM,
+                     BLOCK_M, BN1, BK1, BLOCK_P, WO)
+        _tile_done(cnt_ptr + 2)
     else:  # y = x + h @ w2.T, as matmul(h, w2, residual=x, sumsq_out=True), once all of h is stored
-        j = item - first
+        j = item - n0 - n1
         if PREFETCH_LINES:  # (its w2 rows while it waits)
             rn = (j // N_M) * BN2 + tl.arange(0, BN2)
             _prefetch_rows(w2_ptr, rn, rn < D, H, s2n, PREFETCH_LINES)
-        while tl.atomic_add(cnt_ptr + 1, 0, sem="acquire") < first:
-            pass
-        tl.debug_barrier()
+        _wait_for(cnt_ptr + 2, n1)
         _matmul_tile(j % N_M, j // N_M, NB2, h_ptr, w2_ptr, w2_ptr, y_ptr, x_ptr, sso_ptr, sso_ptr, M, D, H, 1,
                      H, 1, s2n, s2k, sxm, eps, False, False, False, False, True, False, True, UPCAST, PREC, BY_SUM,
                      BLOCK_M, BN2, BK2, BLOCK_P, True)
-        tl.debug_barrier()
-        if tl.atomic_add(cnt_ptr + 2, 1, sem="acq_rel") == N_M * NB2 - 1:  # the last tile: counts back to 0
-            tl.atomic_xchg(cnt_ptr, 0)
-            tl.atomic_xchg(cnt_ptr + 1, 0)
-            tl.atomic_xchg(cnt_ptr + 2, 0)
+        if _tile_done(cnt_ptr + 3) == N_M * NB2 - 1:  # the last tile: counts back to 0
+            for i in range(4):
+                tl.atomic_xchg(cnt_ptr + i, 0)
 
 
-def mlp_chain(x, w13, w2, rms_eps, sumsq=None):
+def mlp_chain(x, w13, w2, rms_eps, sumsq=None, attn=None, wo=None):
     """matmul(x, w13, rms_eps=rms_eps, swiglu=True, sumsq=sumsq) -> h, then matmul(h, w2, residual=x,
-    sumsq_out=True) -> (y, its sums of squares), in one launch (see the note above; oracle: mlp_chain_ref)."""
+    sumsq_out=True) -> (y, its sums of squares), in one launch (see the note above; oracle: mlp_chain_ref).
+    With attn and wo, x is first matmul(attn, wo, residual=x, sumsq_out=True) (the attention's output
+    projection; sumsq is then its own)."""
     D = x.shape[-1]
     _require(w13.dim() == 2 and w13.shape[1] == D and w13.shape[0] % 2 == 0, f"mlp_chain: w13 {tuple(w13.shape)}")
     H = w13.shape[0] // 2
     _require(tuple(w2.shape) == (D, H), f"mlp_chain: w2 {tuple(w2.shape)} is not [{D}, {H}]")
     x2 = x.reshape(-1, D)
     _require(x2.stride(1) == 1, "mlp_chain: x's rows must be contiguous")
-    M = x2.shape[0]
+    M, dev = x2.shape[0], x.device
     BLOCK_M, BN1, BK1 = _matmul_tiles(H, D, x.is_cuda)
     _, BN2, BK2 = _matmul_tiles(D, H, x.is_cuda)
     n_m, nb1, nb2 = triton.cdiv(M, BLOCK_M), triton.cdiv(H, BN1), triton.cdiv(D, BN2)
-    h = torch.empty(M, H, dtype=x.dtype, device=x.device)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    ss_out = torch.empty(*x.shape[:-1], nb2, dtype=torch.float32, device=x.device)
-    ss_in, P, BLOCK_P = _sumsq_in(sumsq, M, x.device)
-    if x.device not in _CHAIN_COUNTS:
-        _CHAIN_COUNTS[x.device] = torch.zeros(3, dtype=torch.int32, device=x.device)
+    A, a2, BN0, BK0, nb0 = 1, x2, 16, 16, 0
+    if wo is not None:
+        A = attn.shape[-1]
+        _require(tuple(wo.shape) == (D, A), f"mlp_chain: wo {tuple(wo.shape)} is not [{D}, {A}]")
+        a2 = attn.reshape(-1, A)
+        _require(a2.shape[0] == M and a2.stride(1) == 1, "mlp_chain: attn does not fit x")
+        _, BN0, BK0 = _matmul_tiles(D, A, x.is_cuda)
+        nb0 = triton.cdiv(D, BN0)
+        s2, x2 = x2, torch.empty(M, D, dtype=x.dtype, device=dev)  # (x: the stream after the projection)
+        ss_x, P, BLOCK_P = torch.empty(M, nb0, dtype=torch.float32, device=dev), nb0, triton.next_power_of_2(nb0)
+    else:
+        s2 = x2
+        ss_x, P, BLOCK_P = _sumsq_in(sumsq, M, dev)
+    h = torch.empty(M, H, dtype=x.dtype, device=dev)
+    y = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    ss_out = torch.empty(*x.shape[:-1], nb2, dtype=torch.float32, device=dev)
+    if dev not in _CHAIN_COUNTS:
+        _CHAIN_COUNTS[dev] = torch.zeros(4, dtype=torch.int32, device=dev)
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w13.dtype) or x.dtype != w13.dtype
     launch = _pdl(x)
-    _mlp_chain_kernel[(n_m * (nb1 + nb2),)](
-        x2, w13, h, w2, y, ss_in, ss_out, _CHAIN_COUNTS[x.device], M, H, D, P, *x2.stride(), *w13.stride(),
-        *w2.stride(), rms_eps, n_m, nb1, nb2, SS_IN=sumsq is not None, UPCAST=upcast,
+    wo_ = wo if wo is not None else w13  # (unused without it)
+    _mlp_chain_kernel[(n_m * (nb0 + nb1 + nb2),)](
+        a2, wo_, s2, x2, w13, h, w2, y, ss_x, ss_out, _CHAIN_COUNTS[dev], M, A, H, D, P, a2.stride(0), s2.stride(0),
+        x2.stride(0), *wo_.stride(), *w13.stride(), *w2.stride(), rms_eps, n_m, nb0, nb1, nb2, WO=wo is not None,
+        SS_IN=wo is not None or sumsq is not None, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (x.dtype, w13.dtype) else "tf32", BY_SUM=not x.is_cuda, BLOCK_M=BLOCK_M,
-        BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2, BLOCK_P=BLOCK_P, num_warps=4,
-        num_stages=max(_matmul_stages(BK1), _matmul_stages(BK2)),
+        BN0=BN0, BK0=BK0, BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2, BLOCK_P=BLOCK_P, num_warps=4,
+        num_stages=max(_matmul_stages(BK0), _matmul_stages(BK1), _matmul_stages(BK2)),
         PREFETCH_LINES=_prefetch(x, w2, dict(PDL=PREFETCH and x.is_cuda)), **launch)
     return y, ss_out
 

@@ -38,7 +38,8 @@ SHARED_MAX = 232448  # bytes of shared memory a block may take on sm_90 (227 KiB
 RUNTIME_INTS = {
     "_matmul_kernel": dict(K=576, sxm=576, sxk=1, swn=576, swk=1, srm=576),
     "_qkv_rope_kernel": dict(K=576, sxm=576, sxk=1, swn=576, swk=1),
-    "_mlp_chain_kernel": dict(H=1536, D=576, sxm=576, sxk=1, s1n=576, s1k=1, s2n=1536, s2k=1),
+    "_mlp_chain_kernel": dict(A=576, H=1536, D=576, sam=576, ssm=576, sxm=576, son=576, sok=1, s1n=576, s1k=1, s2n=1536,
+                              s2k=1),
     "_path_attn_kernel": dict(D=64, sqb=36864, sqt=576, sqh=64, sqd=1, skb=786432, skh=64, skd=1, svb=786432, svh=64, svd=1,
                               sks=192, svs=192, spj=1),
 }
@@ -59,7 +60,7 @@ def build(kernel, types, constexprs, num_warps=4):
                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
                     attrs={(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
     stages = (K._matmul_stages(constexprs["BLOCK_K"]) if kernel in (K._matmul_kernel, K._qkv_rope_kernel)
-              else max(K._matmul_stages(constexprs["BK1"]), K._matmul_stages(constexprs["BK2"]))
+              else max(K._matmul_stages(constexprs[k]) for k in ("BK0", "BK1", "BK2"))
               if kernel is K._mlp_chain_kernel
               else K.PATH_STAGES if kernel is K._path_attn_kernel else 3)  # (3: Triton's default, the others' launch)
     compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=stages))
@@ -109,15 +110,16 @@ def kernel_sets():
     yield ("matmul silu_add (a draft head's residual block) with bias, dependent launch=True", K._matmul_kernel, matmul,
            dict(HAS_BIAS=True, NORM=False, SWIGLU=False, SILU_ADD=True, RESIDUAL=False, SS_IN=False, SS_OUT=False,
                 UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True))
+    _, BN0, BK0 = K._matmul_tiles(576, 576, True)
     _, BN1, BK1 = K._matmul_tiles(1536, 576, True)
     _, BN2, BK2 = K._matmul_tiles(576, 1536, True)
-    for lines in (0, 32):
-        yield (f"mlp_chain (gate/up + SwiGLU, then down + residual, one launch) dependent launch=True"
-               f"{', w2 prefetched while it waits' if lines else ''}", K._mlp_chain_kernel,
-               bf16("x_ptr", "w13_ptr", "h_ptr", "w2_ptr", "y_ptr") | dict(ssi_ptr="*fp32", sso_ptr="*fp32",
-                                                                           cnt_ptr="*i32", eps="fp32"),
-               dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2,
-                    BLOCK_P=64, PDL=True, PREFETCH_LINES=lines))
+    for wo, lines in ((False, 0), (True, 0), (True, 32)):
+        yield (f"mlp_chain ({'wo + residual, then ' if wo else ''}gate/up + SwiGLU, then down + residual, one launch)"
+               f" dependent launch=True{', w2 prefetched while it waits' if lines else ''}", K._mlp_chain_kernel,
+               bf16("a_ptr", "wo_ptr", "s_ptr", "x_ptr", "w13_ptr", "h_ptr", "w2_ptr", "y_ptr") | dict(
+                   ssx_ptr="*fp32", sso_ptr="*fp32", cnt_ptr="*i32", eps="fp32"),
+               dict(WO=wo, SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BN0=BN0, BK0=BK0, BN1=BN1,
+                    BK1=BK1, BN2=BN2, BK2=BK2, BLOCK_P=64, PDL=True, PREFETCH_LINES=lines))
     for lines in (0, 16):
         yield (f"qkv_rope dependent launch=True{', weights prefetched' if lines else ''}", K._qkv_rope_kernel,
                bf16("x_ptr", "w_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(

@@ -253,8 +253,8 @@ def check_half_speculative(dtype, dynamic):
         assert stats.mean_accept > 1.5 or name == "near-tie", (name, stats.mean_accept)  # (it did speculate)
 
 
-@pytest.mark.parametrize("chain,prefetch", [(True, False), (False, True), (True, True)],
-                         ids=["chained-mlp", "prefetch", "both"])
+@pytest.mark.parametrize("chain,prefetch", [(1, False), (2, False), (0, True), (2, True)],
+                         ids=["chained-mlp", "chained-wo-mlp", "prefetch", "both"])
 def test_gpu_chained_mlp_and_prefetch_change_no_bits(monkeypatch, chain, prefetch):
     """kernels.CHAIN_MLP (each MLP's two matmuls in one launch, ordered by tickets) and kernels.PREFETCH (weights
     asked of L2 before a dependent launch waits): the same tokens and logits, bit for bit, as without, through
@@ -266,7 +266,7 @@ def test_gpu_chained_mlp_and_prefetch_change_no_bits(monkeypatch, chain, prefetc
     prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),)).tolist() for n in (5, 40, 77)]
     outputs = []
     for on in (False, True):
-        monkeypatch.setattr(kernels, "CHAIN_MLP", chain and on)
+        monkeypatch.setattr(kernels, "CHAIN_MLP", chain if on else 0)
         monkeypatch.setattr(kernels, "PREFETCH", prefetch and on)
         outputs.append(hl.Generator(model).generate(prompts, 64, stop_at_eos=False)[0])
         with torch.no_grad():

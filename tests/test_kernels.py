@@ -615,8 +615,9 @@ def test_matmul_hands_on_sums_of_squares(dtype):
 @pytest.mark.parametrize("M,given_sumsq", [(1, True), (37, False), (70, True)])
 def test_mlp_chain_is_the_two_matmuls_bit_for_bit(dtype, M, given_sumsq):
     """mlp_chain (gate/up + SwiGLU, then down + residual, in one launch ordered by tickets) gives the bits of the
-    two matmul launches it replaces, rows and sums of squares, at one row, one tile and two tiles of rows; it is
-    close to its reference; and its counts are back at 0 after each launch (two in a row)."""
+    two matmul launches it replaces, rows and sums of squares, at one row, one tile and two tiles of rows, and
+    with the output projection first those of three; it is close to its reference; and its counts are back at 0
+    after each launch (two in a row)."""
     D, H = 96, 72
     x = torch.randn(2, M, D, dtype=dtype)[1]  # (a view into a larger buffer)
     w13 = torch.randn(2 * H, D, dtype=dtype) / D ** 0.5
@@ -628,6 +629,13 @@ def test_mlp_chain_is_the_two_matmuls_bit_for_bit(dtype, M, given_sumsq):
         y, ss = kernels.mlp_chain(x, w13, w2, 1e-5, sumsq)
         assert torch.equal(y, want) and torch.equal(ss, want_ss)
         assert not kernels._CHAIN_COUNTS[x.device].any()
+    attn, wo = torch.randn(M, 64, dtype=dtype), torch.randn(D, 64, dtype=dtype) / 8  # (with the output projection)
+    s1, ss1 = kernels.matmul(attn, wo, residual=x, sumsq_out=True)
+    h1 = kernels.matmul(s1, w13, rms_eps=1e-5, swiglu=True, sumsq=ss1)
+    want1 = kernels.matmul(h1, w2, residual=s1, sumsq_out=True)
+    got1 = kernels.mlp_chain(x, w13, w2, 1e-5, None, attn, wo)
+    assert torch.equal(got1[0], want1[0]) and torch.equal(got1[1], want1[1])
+    assert not kernels._CHAIN_COUNTS[x.device].any()
     ref, ref_ss = hl.mlp_chain_ref(x, w13, w2, 1e-5, sumsq)
     if dtype == torch.float32:
         close(y, ref, dtype)
@@ -969,8 +977,8 @@ def test_model_tree_step_with_kernels(monkeypatch):
     torch.testing.assert_close(v_k, v, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fused,chain", [(False, False), (True, False), (True, True)],
-                         ids=["layers", "fused-layers-and-merge", "fused-and-chained-mlp"])
+@pytest.mark.parametrize("fused,chain", [(False, 0), (True, 0), (True, 1), (True, 2)],
+                         ids=["layers", "fused-layers-and-merge", "fused-and-chained-mlp", "fused-and-chained-wo-mlp"])
 def test_model_tree_pass_is_decoding_bit_for_bit(monkeypatch, fused, chain):
     """Through the whole model with the batch-invariant kernels (matmul, path_attention): the hidden states of a
     tree pass at the nodes of a path equal, bit for bit, decoding that path's tokens one at a time (ragged rows).
@@ -1000,8 +1008,8 @@ def test_model_tree_pass_is_decoding_bit_for_bit(monkeypatch, fused, chain):
             h = model(tokens[:, node:node + 1], ar_cache)
             ar_cache.lens += 1
             assert torch.equal(h[:, 0], hidden[:, node]), d
-        if chain:  # (the same pass again, the MLPs as two launches)
-            monkeypatch.setattr(kernels, "CHAIN_MLP", False)
+        if chain:  # (the same pass again, the matmuls after attention launched one by one)
+            monkeypatch.setattr(kernels, "CHAIN_MLP", 0)
             assert torch.equal(model(tokens, tree_cache, tree_cache.lens[:, None].long() + rows.node_depth, rows), hidden)
 
 
