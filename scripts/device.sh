@@ -92,6 +92,7 @@ for stage in "$@"; do
     chain)  # issue 14: each MLP's two matmuls in one launch (kernels.CHAIN_MLP), weights prefetched (kernels.PREFETCH):
             # bits checked (under a timeout: a fault in the chain's ordering would hang), then step times
       timeout 300 python3 benchmark.py check 2>&1 | tee "$RES/check_chain.txt" | grep -E "mlp_chain|prefetch|FAIL|all PASS" || true
+      timeout 240 python3 -m pytest -q -x tests/test_gpu.py -k "chained or prefetch" 2>&1 | tail -3 || true
       for shape in smollm2-135m 7b; do
         timeout 200 python3 benchmark.py steps --shape $shape --batch 1 8 --chain-mlp --prefetch --out "$RES/chain" 2>&1 \
           | tee "$RES/steps_chain_$shape.txt" | grep "^|" || true
