@@ -55,7 +55,7 @@ def main():
         group = order[i:i + args.batch]
         prompts = [ids[j] for j in group]
         a, _ = ar.generate(prompts, args.max_new_tokens)
-        s, _ = spec.generate(prompts, args.max_new_tokens)
+        s, stats = spec.generate(prompts, args.max_new_tokens)
         for b, j in enumerate(group):
             if a[b] == s[b]:
                 continue
@@ -65,7 +65,8 @@ def main():
             s1, _ = spec.generate([ids[j]], args.max_new_tokens)
             print(f"{rows[j]['id']} (group {[rows[x]['id'] for x in group]}): parts at token {n} of {len(a[b])} / "
                   f"{len(s[b])}, prompt {len(ids[j])} tokens; alone: AR the same {a1[0] == a[b]}, speculative == AR "
-                  f"{s1[0] == a1[0]}, speculative the same {s1[0] == s[b]}")
+                  f"{s1[0] == a1[0]}, speculative the same {s1[0] == s[b]}"
+                  + (" (stopped short: no room left)" if b in stats.cut_short else ""))
             print("  AR  :", repr(tok.decode(a[b][max(0, n - 20):n + 10])))
             print("  spec:", repr(tok.decode(s[b][max(0, n - 20):n + 10])))
     print(f"{parted} of {len(rows)} outputs part from AR at batch {args.batch}, {spec.describe(args.batch)}")
