@@ -1428,12 +1428,14 @@ def accept_greedy(tree_tokens, base_pred, retrieve):
 def _lm_topk_chunk_kernel(x_ptr, w_ptr, b_ptr, cv_ptr, ci_ptr, cl_ptr, N, V, D, stride_x, stride_w, n_chunks,
                           K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LSE: tl.constexpr, UPCAST: tl.constexpr,
                           PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PDL: tl.constexpr):
-    _pdl_start(PDL)
+                          PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0):
     # Row blocks on axis 0: the programs that share a chunk of w run side by side (its rereads hit L2).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+    if PREFETCH_LINES:  # (the chunk's rows of w, before the wait: see PREFETCH)
+        _prefetch_rows(w_ptr, cols, cols < V, D, stride_w, PREFETCH_LINES)
+    _pdl_start(PDL)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok, col_ok = rows < N, cols < V
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + offs_d[None, :]
@@ -1535,11 +1537,13 @@ def lm_topk(x, w, k, bias=None, vocab=None, lse=False, into=None):
                  and node_of.dtype == torch.int64 and node_of.is_contiguous(),
                  f"lm_topk: into= tokens {tuple(tokens.shape)} and node_of {tuple(node_of.shape)} do not fit "
                  f"{N} rows and k={k}")
+    launch = _pdl(x)
     _lm_topk_chunk_kernel[(triton.cdiv(N, BLOCK_N), n_chunks)](
         x2, w, b, cand_v, cand_i, cand_l, N, V, D, x2.stride(0), w.stride(0), n_chunks,
         K=k, HAS_BIAS=bias is not None, HAS_LSE=lse, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=4, num_stages=4, **_pdl(x))
+        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=4, num_stages=4, PREFETCH_LINES=_prefetch(x, w, launch),
+        **launch)
     BLOCK_C = _pow2(n_chunks * k, 16)
     _lm_topk_merge_kernel[(N,)](cand_v, cand_i, vocab if vocab is not None else cand_i, values, indices, cand_l, out_l,
                                 tokens, node_of, n_chunks * k, n_chunks, node_of.shape[0] if into is not None else 1,

@@ -142,6 +142,10 @@ def kernel_sets():
     yield ("path_attention combine dependent launch=True", K._path_combine_kernel,
            {"po_ptr": "*fp32", "plse_ptr": "*fp32", "lens_ptr": "*i32", "depth_ptr": "*i64", "o_ptr": "*bf16"},
            dict(SPLIT_LEN=K.PATH_SPLIT_LEN, BLOCK_H=16, BLOCK_D=64, BLOCK_S=16, PDL=True))
+    yield ("lm_topk chunks (a draft head's projection and top-k), weights prefetched", K._lm_topk_chunk_kernel,
+           {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "cv_ptr": "*fp32", "ci_ptr": "*i32", "cl_ptr": "*fp32"},
+           dict(K=10, HAS_BIAS=False, HAS_LSE=False, UPCAST=False, PREC="tf32", BLOCK_N=16, BLOCK_V=128, BLOCK_D=64,
+                PDL=True, PREFETCH_LINES=16))
     yield ("lm_topk merge into the tree, draft vocabulary, dependent launch=True", K._lm_topk_merge_kernel,
            {"cv_ptr": "*fp32", "ci_ptr": "*i32", "vocab_ptr": "*i64", "v_ptr": "*fp32", "i_ptr": "*i64", "cl_ptr": "*fp32",
             "lse_ptr": "*fp32", "tok_ptr": "*i64", "node_ptr": "*i64"},
