@@ -18,6 +18,7 @@
         (prefill included), first and repeated call, per task and overall. JSON, a markdown table and a plot.
 """
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -374,6 +375,17 @@ def random_model(shape, device):
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
     return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def kernel_setting(K, name, value):
+    """K.name = value for the block, then as it was (the kernel check's A/B of one knob)."""
+    before = getattr(K, name)
+    setattr(K, name, value)
+    try:
+        yield
+    finally:
+        setattr(K, name, before)
 
 
 # Each kernel setting a step can be timed with: its name here -> (module, attribute) that the kernels read when a
@@ -745,15 +757,13 @@ def check_invariant(c, K, shape, tree):
                                                                          rows.node_depth), bf16)
     c.verdict(f"path_attention tree node == decoding its path {shape}", node_is_decoding(K, q, k_cache, v_cache, lens, rows,
                                                                                           out, tree))
-    merge_before, K.PATH_MERGE_IN_KERNEL = K.PATH_MERGE_IN_KERNEL, True  # 20 calls: the merge races no one
-    same = all(torch.equal(K.path_attention(q, k_cache, v_cache, lens, rows.node_path, rows.node_depth), out)
-               for _ in range(20))
-    K.PATH_MERGE_IN_KERNEL = merge_before
+    with kernel_setting(K, "PATH_MERGE_IN_KERNEL", True):  # 20 calls: the merge races no one
+        same = all(torch.equal(K.path_attention(q, k_cache, v_cache, lens, rows.node_path, rows.node_depth), out)
+                   for _ in range(20))
     c.verdict(f"path_attention merge in kernel == combine kernel, 20 calls {shape}",
               same and not K._MERGE_COUNTS[q.device].any())
-    prefetch_before, K.PREFETCH = K.PREFETCH, True  # (decoding 4 rows: a dependent launch, where the prefetch runs)
-    one = K.path_attention(q[:, :1], k_cache, v_cache, lens)
-    K.PREFETCH = prefetch_before
+    with kernel_setting(K, "PREFETCH", True):  # (decoding 4 rows: a dependent launch, where the prefetch runs)
+        one = K.path_attention(q[:, :1], k_cache, v_cache, lens)
     c.verdict(f"path_attention {shape} cached slots prefetched == without, bit for bit",
               torch.equal(one, K.path_attention(q[:, :1], k_cache, v_cache, lens)))
     c.time(f"path_attention {shape} B=1 T=1 (ref: decode_attention)",
@@ -835,11 +845,11 @@ def check_mlp_chain(c, K, shape):
         same &= torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     c.verdict(f"mlp_chain {shape} == the two matmuls (and with wo, the three), bit for bit (M = 1, 74 x 20, 600)",
               same and not K._CHAIN_COUNTS[x.device].any())
-    prefetch_before, K.PREFETCH = K.PREFETCH, True  # (one row: a dependent launch, where the prefetch runs)
-    got, want = (K.mlp_chain(x[:1], w13, w2, 1e-5, sumsq[:1]), two(1))
-    K.PREFETCH = prefetch_before
+    with kernel_setting(K, "PREFETCH", True):  # (one row: a dependent launch, where the prefetch runs)
+        chained, launched = K.mlp_chain(x[:1], w13, w2, 1e-5, sumsq[:1]), two(1)
+    plain = two(1)
     c.verdict(f"matmul and mlp_chain {shape} with weights prefetched == without, bit for bit",
-              all(torch.equal(a, b) for a, b in zip(got + want, two(1) + two(1))))
+              all(torch.equal(a, b) for got in (chained, launched) for a, b in zip(got, plain)))
     for m in (1, 64):
         c.time(f"mlp_chain {shape} M={m} (ref: two matmuls, graph)", lambda m=m: K.mlp_chain(x[:m], w13, w2, 1e-5, sumsq[:m]),
                lambda m=m: two(m), ref_graph=True)
@@ -873,10 +883,9 @@ def check_qkv_rope(c, K, shape):
     q1 = K.qkv_rope(x[2:3, 7:8], w, 1e-5, cos, sin, pos[2:3, 7:8], k1, v1, lens[2:3] + 7, Hq)
     same = torch.equal(q1[0, 0], q[2, 7]) and torch.equal(k1[0, 307], caches[0][1, 2, 307])
     c.verdict(f"qkv_rope {shape} token alone == in the batch", same and torch.equal(v1[0, 307], caches[1][1, 2, 307]))
-    prefetch_before, K.PREFETCH = K.PREFETCH, True  # (one token: a dependent launch, where the prefetch runs)
     k2, v2 = torch.zeros_like(k1), torch.zeros_like(v1)
-    q2 = K.qkv_rope(x[2:3, 7:8], w, 1e-5, cos, sin, pos[2:3, 7:8], k2, v2, lens[2:3] + 7, Hq)
-    K.PREFETCH = prefetch_before
+    with kernel_setting(K, "PREFETCH", True):  # (one token: a dependent launch, where the prefetch runs)
+        q2 = K.qkv_rope(x[2:3, 7:8], w, 1e-5, cos, sin, pos[2:3, 7:8], k2, v2, lens[2:3] + 7, Hq)
     c.verdict(f"qkv_rope {shape} weights prefetched == without, bit for bit",
               torch.equal(q2, q1) and torch.equal(k2, k1) and torch.equal(v2, v1))
     nw = (torch.rand(dim, device=dev) + 0.5).to(bf16)
@@ -1018,14 +1027,21 @@ def time_calls(gen, rows, ids, batch, max_new, mode, repeat):
     return records
 
 
+def parting(out, ref):
+    """The first token where out differs from ref (the shorter's length if one is the other's start), None if
+    they are equal."""
+    if out == ref:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(out, ref)) if x != y), min(len(out), len(ref)))
+
+
 def mark_partings(records, ar_records, label):
     """Each record's parts_at: the first token where its output differs from AR's for the same prompt (None:
     identical), and a log line for each that differs: which prompt, in which call, where (issue 15)."""
     ar = {r["id"]: r["out"] for r in ar_records}
     for r in records:
         a = ar[r["id"]]
-        r["parts_at"] = None if r["out"] == a else \
-            next((i for i, (x, y) in enumerate(zip(r["out"], a)) if x != y), min(len(a), len(r["out"])))
+        r["parts_at"] = parting(r["out"], a)
         if r["parts_at"] is not None:
             log(f"{label}: {r['id']} (call {r['call']}, {r['attempt']}) parts from AR at token {r['parts_at']} of "
                 f"{len(a)}" + (" (stopped short: no room left)" if r.get("cut_short") else ""))

@@ -98,10 +98,11 @@ def _prefetch_at(ptrs):
                               is_pure=False, pack=1)
 
 
-def _prefetch(x, w, launch):
-    """PREFETCH_LINES for a kernel over x reading w's rows (a weight [N, K], or a cache [.., D]: a slot's head),
-    given its launch options (_pdl): 0 (off) unless PREFETCH, dependent launch, and 2-byte rows in a row."""
-    on = PREFETCH and launch.get("PDL") and w.element_size() == 2 and w.stride(-1) == 1
+def _prefetch(w, waits):
+    """PREFETCH_LINES for a kernel reading w's rows (a weight [N, K], or a cache [.., D]: a slot's head) that
+    waits before it needs them (launched as a dependent, or a chained stage): 0 (off) unless PREFETCH and 2-byte
+    rows in a row."""
+    on = PREFETCH and waits and w.element_size() == 2 and w.stride(-1) == 1
     return triton.next_power_of_2(triton.cdiv(w.shape[-1], 64)) if on else 0
 
 
@@ -882,7 +883,7 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     merge = PATH_MERGE_IN_KERNEL or (PATH_MERGE_DECODE and T == 1)
     counts = _merge_counts(q.device, B * T * Hq) if merge else lens  # (unused without the merge)
     launch = _pdl(q, B * T)
-    lines = _prefetch(q, k_cache, launch) if v_cache.stride(-1) == 1 else 0  # (lines of a slot's head)
+    lines = _prefetch(k_cache, launch["PDL"]) if v_cache.stride(-1) == 1 else 0  # (lines of a slot's head)
     _path_attn_kernel[(n_shared + edge_progs * triton.cdiv(T, edge_tok), B * Hkv)](
         q, k_cache, v_cache, lens, path, depth, po, plse, out, counts, T, Hq, Hkv, D,
         1.0 / math.sqrt(D) * 1.4426950408889634, num_splits, n_shared, edge_tok, groups, edge_progs,
@@ -941,10 +942,8 @@ def _rows_times_w(x_ptr, w_ptr, rm, wa, wb, n_ok, M, K, sxm, sxk, swn, swk,
     acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
-        if CG:
-            x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
-        else:
-            x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0,
+                    cache_modifier=".cg" if CG else "")
         w_ok = k_ok[:, None] & n_ok[None, :]
         acc_a = _mma(acc_a, x, tl.load(wa_ptrs + k0 * swk, mask=w_ok, other=0.0), UPCAST, PREC, BY_SUM)
         if TWO:
@@ -959,11 +958,8 @@ def _rms_scale(x_ptr, ss_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN: tl.constexpr, B
     one fixed order (SS_IN; CG: read past L1), else summed over x."""
     if SS_IN:
         rp = tl.arange(0, BLOCK_P)
-        ptrs, ok = ss_ptr + rm[:, None].to(tl.int64) * P + rp[None, :], (rm < M)[:, None] & (rp < P)[None, :]
-        if CG:
-            parts = tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg")
-        else:
-            parts = tl.load(ptrs, mask=ok, other=0.0)
+        parts = tl.load(ss_ptr + rm[:, None].to(tl.int64) * P + rp[None, :], mask=(rm < M)[:, None] & (rp < P)[None, :],
+                        other=0.0, cache_modifier=".cg" if CG else "")
         ss = tl.sum(parts, axis=1)
     else:
         ss = _row_sumsq(x_ptr, rm, M, K, sxm, sxk, BLOCK_M, BLOCK_K)
@@ -1020,11 +1016,8 @@ def _matmul_tile(pid_m, pid_n, n_blocks_n, x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ss
         acc = a * up.to(out_dt).to(tl.float32)
     ok = (rm < M)[:, None] & (rn < N)[None, :]
     if RESIDUAL:  # residual + the product, which is rounded first (as a separate add would see it)
-        if CG:
-            r = tl.load(r_ptr + rm[:, None].to(tl.int64) * srm + rn[None, :], mask=ok, other=0.0, cache_modifier=".cg")
-        else:
-            r = tl.load(r_ptr + rm[:, None].to(tl.int64) * srm + rn[None, :], mask=ok, other=0.0)
-        r = r.to(tl.float32)
+        r = tl.load(r_ptr + rm[:, None].to(tl.int64) * srm + rn[None, :], mask=ok, other=0.0,
+                    cache_modifier=".cg" if CG else "").to(tl.float32)
         acc = acc.to(out_dt).to(tl.float32) + r
     y = acc.to(out_dt)
     tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], y, mask=ok)
@@ -1121,7 +1114,7 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
         RESIDUAL=residual is not None, SS_IN=rms_eps is not None and sumsq is not None, SS_OUT=sumsq_out,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=_matmul_stages(BLOCK_K),
-        PREFETCH_LINES=_prefetch(x, w, launch), **launch)
+        PREFETCH_LINES=_prefetch(w, launch["PDL"]), **launch)
     return (y, ss_out) if sumsq_out else y
 
 
@@ -1235,7 +1228,7 @@ def mlp_chain(x, w13, w2, rms_eps, sumsq=None, attn=None, wo=None):
         PREC="ieee" if torch.float32 in (x.dtype, w13.dtype) else "tf32", BY_SUM=not x.is_cuda, BLOCK_M=BLOCK_M,
         BN0=BN0, BK0=BK0, BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2, BLOCK_P=BLOCK_P, num_warps=4,
         num_stages=max(_matmul_stages(BK0), _matmul_stages(BK1), _matmul_stages(BK2)),
-        PREFETCH_LINES=_prefetch(x, w2, dict(PDL=PREFETCH and x.is_cuda)), **launch)
+        PREFETCH_LINES=_prefetch(w2, x.is_cuda), **launch)
     return y, ss_out
 
 
@@ -1313,7 +1306,7 @@ def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n
         *pos.stride(), *k_cache.stride(), *v_cache.stride(), SS_IN=sumsq is not None,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=_matmul_stages(BLOCK_K),
-        PREFETCH_LINES=_prefetch(x, w, launch), **launch)
+        PREFETCH_LINES=_prefetch(w, launch["PDL"]), **launch)
     return q
 
 
@@ -1542,7 +1535,7 @@ def lm_topk(x, w, k, bias=None, vocab=None, lse=False, into=None):
         x2, w, b, cand_v, cand_i, cand_l, N, V, D, x2.stride(0), w.stride(0), n_chunks,
         K=k, HAS_BIAS=bias is not None, HAS_LSE=lse, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=4, num_stages=4, PREFETCH_LINES=_prefetch(x, w, launch),
+        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=4, num_stages=4, PREFETCH_LINES=_prefetch(w, launch["PDL"]),
         **launch)
     BLOCK_C = _pow2(n_chunks * k, 16)
     _lm_topk_merge_kernel[(N,)](cand_v, cand_i, vocab if vocab is not None else cand_i, values, indices, cand_l, out_l,

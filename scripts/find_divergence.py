@@ -21,11 +21,6 @@ import hydra_lite as hl  # noqa: E402
 import train_heads as th  # noqa: E402
 
 
-def parting(a, b):
-    """The first index where two token lists differ (the shorter's length if one is the other's prefix)."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default=hl.DEFAULT_CHECKPOINT)
@@ -60,7 +55,7 @@ def main():
             if a[b] == s[b]:
                 continue
             parted += 1
-            n = parting(a[b], s[b])
+            n = bm.parting(s[b], a[b])
             a1, _ = ar.generate([ids[j]], args.max_new_tokens)
             s1, _ = spec.generate([ids[j]], args.max_new_tokens)
             print(f"{rows[j]['id']} (group {[rows[x]['id'] for x in group]}): parts at token {n} of {len(a[b])} / "

@@ -34,7 +34,7 @@ def test_mark_partings_finds_where_each_output_parts(capsys):
         if i % 3 == 1:
             out[k] = out[k] + 1
         elif i % 3 == 2:
-            out, k = out[:k], k  # (a prefix: parts where it ends)
+            out = out[:k]  # (a prefix: parts where it ends)
         spec.append(dict(id=a["id"], out=out, call=i // 2, attempt="first"))
         want[a["id"]] = None if i % 3 == 0 else k
     benchmark.mark_partings(spec, ar, "b2 x")
