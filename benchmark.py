@@ -394,7 +394,7 @@ KERNEL_KNOBS = dict(exact=("hl", "EXACT"), fused=("hl", "FUSED"), merge=("K", "P
                     edge=("K", "PATH_EDGE_TOKENS"), pdl=("K", "PDL"), pdl_tokens=("K", "PDL_MAX_TOKENS"),
                     wide_n=("K", "MATMUL_WIDE_N"), programs=("K", "PATH_PROGRAMS"), warps=("K", "PATH_WARPS"),
                     k_tile=("K", "MATMUL_K_TILE"), merge_decode=("K", "PATH_MERGE_DECODE"), stages=("K", "MATMUL_STAGES"),
-                    path_stages=("K", "PATH_STAGES"), chain_mlp=("K", "CHAIN_MLP"), prefetch=("K", "PREFETCH"))
+                    path_stages=("K", "PATH_STAGES"))
 
 
 def kernel_settings(K):
@@ -432,12 +432,6 @@ def step_kernel_sets(args, K):
     sets += [(f" (path_attention {n} stages)", default | dict(path_stages=n)) for n in args.path_stages]
     if args.merge_decode:
         sets.append((" (merge in kernel for decoding)", default | dict(merge_decode=True)))
-    if args.chain_mlp:
-        sets += [(" (chained MLP)", default | dict(chain_mlp=1)), (" (chained wo + MLP)", default | dict(chain_mlp=2))]
-    if args.prefetch:
-        sets.append((" (weights prefetched)", default | dict(prefetch=True)))
-    if args.chain_mlp and args.prefetch:
-        sets.append((" (chained wo + MLP, prefetched)", default | dict(chain_mlp=2, prefetch=True)))
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
     if args.unfused:
         sets += [(" (unfused layers)", default | dict(fused=False)), (" (merge in kernel)", default | dict(merge=True))]
@@ -744,7 +738,6 @@ def check_invariant(c, K, shape, tree):
         c.time(f"matmul {shape} M=1 [{N},{Kd}] (ref: cuBLAS)", lambda: K.matmul(x[:1], w), lambda: hl.matmul_ref(x[:1], w))
         c.time(f"matmul {shape} M=74 [{N},{Kd}] (ref: cuBLAS)", lambda: K.matmul(x[:74], w), lambda: hl.matmul_ref(x[:74], w))
     check_fused_matmuls(c, K, shape)
-    check_mlp_chain(c, K, shape)
     check_qkv_rope(c, K, shape)
     B, T, S = 4, tree.size, CHECK_SLOTS
     k_cache = torch.randn(B, S, Hkv, D, device=dev, dtype=bf16)
@@ -762,10 +755,6 @@ def check_invariant(c, K, shape, tree):
                    for _ in range(20))
     c.verdict(f"path_attention merge in kernel == combine kernel, 20 calls {shape}",
               same and not K._MERGE_COUNTS[q.device].any())
-    with kernel_setting(K, "PREFETCH", True):  # (decoding 4 rows: a dependent launch, where the prefetch runs)
-        one = K.path_attention(q[:, :1], k_cache, v_cache, lens)
-    c.verdict(f"path_attention {shape} cached slots prefetched == without, bit for bit",
-              torch.equal(one, K.path_attention(q[:, :1], k_cache, v_cache, lens)))
     c.time(f"path_attention {shape} B=1 T=1 (ref: decode_attention)",
            lambda: K.path_attention(q[:1, :1], k_cache[:1], v_cache[:1], lens[:1]),
            lambda: K.decode_attention(q[:1, :1], k_cache[:1], v_cache[:1], lens[:1]))
@@ -814,49 +803,6 @@ def check_fused_matmuls(c, K, shape):
                    lambda m=m, unfused=unfused: unfused(m), ref_graph=True)
 
 
-def check_mlp_chain(c, K, shape):
-    """kernels.mlp_chain (an MLP's two matmuls in one launch, ordered by tickets): the bits of the two matmul
-    launches at 1, 74 (20 launches in a row: the counts reset each time) and 600 rows, and its time against
-    them. (A fault in its ordering would hang here or give other bits: run the check under a timeout.)"""
-    _, _, _, dim, hidden, _ = CHECK_SHAPES[shape]
-    dev, bf16 = "cuda", torch.bfloat16
-    x = torch.randn(600, dim, device=dev, dtype=bf16)
-    w13 = torch.randn(2 * hidden, dim, device=dev, dtype=bf16) / math.sqrt(dim)
-    w2 = torch.randn(dim, hidden, device=dev, dtype=bf16) / math.sqrt(hidden)
-    sumsq = torch.rand(600, dim // 16, device=dev) * 16
-
-    def two(m):  # the launches it replaces
-        h = K.matmul(x[:m], w13, rms_eps=1e-5, swiglu=True, sumsq=sumsq[:m])
-        return K.matmul(h, w2, residual=x[:m], sumsq_out=True)
-    same = True
-    for m in (1, 74, 600):
-        want = two(m)
-        for _ in range(20 if m == 74 else 1):
-            got = K.mlp_chain(x[:m], w13, w2, 1e-5, sumsq[:m])
-            same &= torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    attn = torch.randn(600, dim, device=dev, dtype=bf16)
-    wo = torch.randn(dim, dim, device=dev, dtype=bf16) / math.sqrt(dim)
-
-    def three(m):  # with the output projection first
-        s, ss = K.matmul(attn[:m], wo, residual=x[:m], sumsq_out=True)
-        return K.matmul(K.matmul(s, w13, rms_eps=1e-5, swiglu=True, sumsq=ss), w2, residual=s, sumsq_out=True)
-    for m in (1, 74, 600):
-        want, got = three(m), K.mlp_chain(x[:m], w13, w2, 1e-5, None, attn[:m], wo)
-        same &= torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    c.verdict(f"mlp_chain {shape} == the two matmuls (and with wo, the three), bit for bit (M = 1, 74 x 20, 600)",
-              same and not K._CHAIN_COUNTS[x.device].any())
-    with kernel_setting(K, "PREFETCH", True):  # (one row: a dependent launch, where the prefetch runs)
-        chained, launched = K.mlp_chain(x[:1], w13, w2, 1e-5, sumsq[:1]), two(1)
-    plain = two(1)
-    c.verdict(f"matmul and mlp_chain {shape} with weights prefetched == without, bit for bit",
-              all(torch.equal(a, b) for got in (chained, launched) for a, b in zip(got, plain)))
-    for m in (1, 64):
-        c.time(f"mlp_chain {shape} M={m} (ref: two matmuls, graph)", lambda m=m: K.mlp_chain(x[:m], w13, w2, 1e-5, sumsq[:m]),
-               lambda m=m: two(m), ref_graph=True)
-        c.time(f"mlp_chain with wo {shape} M={m} (ref: three matmuls, graph)",
-               lambda m=m: K.mlp_chain(x[:m], w13, w2, 1e-5, None, attn[:m], wo), lambda m=m: three(m), ref_graph=True)
-
-
 def check_qkv_rope(c, K, shape):
     """The fused norm -> qkv -> RoPE -> cache write (hl.FUSED) against the ops one by one, and a token's q and
     cache entries the same bits alone as in a batch of ragged rows."""
@@ -883,11 +829,6 @@ def check_qkv_rope(c, K, shape):
     q1 = K.qkv_rope(x[2:3, 7:8], w, 1e-5, cos, sin, pos[2:3, 7:8], k1, v1, lens[2:3] + 7, Hq)
     same = torch.equal(q1[0, 0], q[2, 7]) and torch.equal(k1[0, 307], caches[0][1, 2, 307])
     c.verdict(f"qkv_rope {shape} token alone == in the batch", same and torch.equal(v1[0, 307], caches[1][1, 2, 307]))
-    k2, v2 = torch.zeros_like(k1), torch.zeros_like(v1)
-    with kernel_setting(K, "PREFETCH", True):  # (one token: a dependent launch, where the prefetch runs)
-        q2 = K.qkv_rope(x[2:3, 7:8], w, 1e-5, cos, sin, pos[2:3, 7:8], k2, v2, lens[2:3] + 7, Hq)
-    c.verdict(f"qkv_rope {shape} weights prefetched == without, bit for bit",
-              torch.equal(q2, q1) and torch.equal(k2, k1) and torch.equal(v2, v1))
     nw = (torch.rand(dim, device=dev) + 0.5).to(bf16)
     wf = hl.fold_norm(w, nw)
     kc, vc = caches[0][0], caches[1][0]
@@ -1380,10 +1321,6 @@ def add_steps_args(sub):
                    "pipeline stages (kernels.PATH_STAGES), e.g. 3 4")
     s.add_argument("--merge-decode", action="store_true", help="also time path_attention merging its splits itself "
                    "in decode steps (kernels.PATH_MERGE_DECODE)")
-    s.add_argument("--chain-mlp", action="store_true", help="also time each MLP's two matmuls in one launch, and the "
-                   "output projection's with them (kernels.CHAIN_MLP 1 and 2)")
-    s.add_argument("--prefetch", action="store_true", help="also time the matmuls asking L2 for their weights before "
-                   "they wait on the kernel before them (kernels.PREFETCH)")
     s.add_argument("--matmul-k-tile", type=int, nargs="*", default=[], help="also time the matmuls reducing K in steps "
                    "of this many (kernels.MATMUL_K_TILE), e.g. 256 512")
     s.add_argument("--edge-tokens", type=int, nargs="+", default=[0], help="path_attention's tokens per program at the "

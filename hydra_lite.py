@@ -410,25 +410,6 @@ def linear(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
     return fn(x, w, bias, rms_eps, residual, swiglu, sumsq, sumsq_out, silu_add)
 
 
-def layer_tail(attn, s, wo, w13, w2, rms_eps):
-    """A fused decoder layer after its attention: s + attn @ wo.T, then norm -> gate/up -> SwiGLU, then down +
-    residual; returns (the stream, its rows' sums of squares). Three matmuls, or fewer launches of them
-    (kernels.CHAIN_MLP: 1, the MLP's two in one; 2, all three in one; the same bits)."""
-    chain = _kernels.CHAIN_MLP if EXACT and _triton(s) else 0
-    if chain == 2:
-        return _kernels.mlp_chain(s, w13, w2, rms_eps, None, attn, wo)
-    s, sumsq = linear(attn, wo, residual=s, sumsq_out=True)
-    return (_kernels.mlp_chain if chain else mlp_chain_ref)(s, w13, w2, rms_eps, sumsq)
-
-
-def mlp_chain_ref(x, w13, w2, rms_eps, sumsq=None, attn=None, wo=None):
-    """kernels.mlp_chain's oracle: the linears it chains (with wo, the attention's output projection first)."""
-    if wo is not None:
-        x, sumsq = linear(attn, wo, residual=x, sumsq_out=True)
-    h = linear(x, w13, rms_eps=rms_eps, swiglu=True, sumsq=sumsq)
-    return linear(h, w2, residual=x, sumsq_out=True)
-
-
 def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq=None):
     fn = _kernels.qkv_rope if EXACT and _triton(x) else qkv_rope_ref
     return fn(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq)
@@ -574,7 +555,9 @@ class Block(nn.Module):
             k_cache, v_cache, lens = kv
             q = qkv_rope(s, wqkv, eps, rope[0], rope[1], pos, k_cache, v_cache, lens, self.cfg.n_heads, sumsq)
             a = attention(q, k_cache, v_cache, lens, tree).reshape(*s.shape[:2], -1)
-        return layer_tail(a, s, self.wo.weight, w13, self.w2.weight, self.ffn_norm.eps)
+        s, sumsq = linear(a, self.wo.weight, residual=s, sumsq_out=True)
+        h = linear(s, w13, rms_eps=self.ffn_norm.eps, swiglu=True, sumsq=sumsq)
+        return linear(h, self.w2.weight, residual=s, sumsq_out=True)
 
     def folded_weights(self):
         """wqkv and w13 with their norms' weights folded in (fold_norm), for forward_fused: made on first use and
@@ -1840,13 +1823,13 @@ TREE_NODES_BY_BATCH = ((2, 63), (4, 48), (32, 16), (1 << 30, 8))
 # 8-node head tree with the context chain pays at batch 1 (1.56x AR decoding, the 64-node tree 0.93x), and the
 # command line decodes batches plainly there (BENCHMARKS.md, run 11, "On the CPU").
 CPU_TREE_NODES_BY_BATCH = ((1 << 30, 8),)
-# Context-chain tokens by batch size (up to that batch), with heads. Run 22 (H200, SmolLM2, BENCHMARKS.md): a
-# 16-token chain against 10 at batch 1, 4441 vs 4050 tokens/s on 180 held-out prompts (acceptance 6.61 vs 5.87);
-# at batch 8 the longer chain costs more than it gains (11093 vs 11377), at batch 4 about even (7889 vs 7988, 45
-# prompts). Batch 2 gains 5% (5495 vs 5225), but one of its 45 outputs parted from AR there: most likely a row
-# cut short by its partner's overshoot (found on the CPU and fixed since, see _generate), so 16 only at batch 1
-# until batch 2 is measured again. On the CPU a node costs in proportion (no launch overhead hides it): 10 there.
-CONTEXT_DRAFTS_BY_BATCH = ((1, 16), (1 << 30, 10))
+# Context-chain tokens by batch size (up to that batch), with heads. Measured on an H200 with SmolLM2 against AR
+# in the same run (BENCHMARKS.md): batch 1, 180 held-out prompts, a 24-token chain 4677 tokens/s against 4461 with
+# 16 (run 23; acceptance 7.17 vs 6.61) and 4050 with 10 (run 22); 32 tokens lose to 24 (4575 vs 4706 on 90
+# prompts). Batch 2, 180 prompts: 16 tokens 5734 vs 5359 with 10 (run 23, every output == AR). Batch 4 about even
+# with 16 or 10 (7889 vs 7988, 45 prompts) and batch 8 loses with 16 (11093 vs 11377; run 22). On the CPU a node
+# costs in proportion (no launch overhead hides it): 10 there.
+CONTEXT_DRAFTS_BY_BATCH = ((1, 24), (2, 16), (1 << 30, 10))
 CPU_CONTEXT_DRAFTS_BY_BATCH = ((1 << 30, 10),)
 
 

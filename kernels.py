@@ -74,38 +74,6 @@ def _pdl_start(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-# Weights into L2 before the wait: a kernel launched as a dependent starts while the one before it finishes, and
-# its weights do not depend on that kernel, so it can ask for them then (prefetch.global.L2, a hint: no register,
-# no wait), and its real loads after the wait find them in L2 instead of HBM; path_attention so asks for the
-# cached keys and values below lens (written by earlier steps, as lens was). The same values either way. Off
-# until timed on a GPU (HYDRA_LITE_PREFETCH=1; issue 14); only with dependent launch, and never under the
-# interpreter (no inline PTX there).
-PREFETCH = os.environ.get("HYDRA_LITE_PREFETCH", "0") == "1"
-
-
-@triton.jit
-def _prefetch_rows(w_ptr, rows, n_ok, K, swn, LINES: tl.constexpr):
-    """Ask L2 for rows `rows` (where n_ok) of a row-major w [N, K] (bf16/fp16: a 128-byte line every 64 columns)."""
-    col = tl.arange(0, LINES) * 64
-    ok = n_ok[:, None] & (col < K)[None, :]
-    _prefetch_at(w_ptr + tl.where(ok, rows[:, None].to(tl.int64) * swn + col[None, :], 0))
-
-
-@triton.jit
-def _prefetch_at(ptrs):
-    """prefetch.global.L2 at every address of ptrs (a hint: no register written, nothing waited for)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-def _prefetch(w, waits):
-    """PREFETCH_LINES for a kernel reading w's rows (a weight [N, K], or a cache [.., D]: a slot's head) that
-    waits before it needs them (launched as a dependent, or a chained stage): 0 (off) unless PREFETCH and 2-byte
-    rows in a row."""
-    on = PREFETCH and waits and w.element_size() == 2 and w.stride(-1) == 1
-    return triton.next_power_of_2(triton.cdiv(w.shape[-1], 64)) if on else 0
-
-
 # ----------------------------------------------------------------------------------------------------------
 # RMSNorm (+ residual add)
 
@@ -645,12 +613,13 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
                       sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, spb, spt, spj, sdb, sdt,
                       REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
-                      MERGE: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0):
+                      MERGE: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
     pid = tl.program_id(0)
     b = (tl.program_id(1) // Hkv).to(tl.int64)
     kvh = tl.program_id(1) % Hkv
-    lens = tl.load(lens_ptr + b)  # (before the wait: the kernel before this one does not write it)
+    lens = tl.load(lens_ptr + b)
     # Programs past N_SHARED take the (at most two) splits that reach past the cache, lens' own and the next (a
     # path may cross into it): EDGE_PROGS 2, one each; 1, both. One below takes the splits wholly below lens of
     # its group, every GROUPS-th of them. (Which program reduces a split is not in the split's bits.)
@@ -659,10 +628,6 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
     first = tl.where(edge, lens // SPLIT_LEN + (pid - N_SHARED) % EDGE_PROGS, pid % GROUPS)
     last = tl.where(edge, tl.minimum(first + 3 - EDGE_PROGS, NUM_SPLITS), lens // SPLIT_LEN)
     stride = tl.where(edge, 1, GROUPS)
-    if PREFETCH_LINES:  # the cached slots it will read (earlier steps wrote them), asked of L2 before the wait
-        _prefetch_cache(k_ptr, v_ptr, b, kvh, lens, first, last, stride, skb, skh, sks, svb, svh, svs, SPLIT_LEN,
-                        PREFETCH_LINES)
-    _pdl_start(PDL)
     offs_m = tl.arange(0, BLOCK_M)
     tok = offs_m // REP  # each tile row's token (in the tile)
     row_ok = (tok < tl.where(edge, EDGE_TOK, TOK)) & (t0 + tok < T)
@@ -703,20 +668,6 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
         if MERGE:  # the last of a row's splits to finish merges them all (no combine kernel)
             _merge_if_last(po_ptr, plse_ptr, o_ptr, cnt_ptr, (b * T + t0 + tok) * Hq + h, used,
                            tl.cdiv(lens + depth + 1, SPLIT_LEN), offs_d, ok_d, D, NUM_SPLITS, BLOCK_M, BLOCK_D)
-
-
-@triton.jit
-def _prefetch_cache(k_ptr, v_ptr, b, kvh, lens, first, last, stride, skb, skh, sks, svb, svh, svs,
-                    SPLIT_LEN: tl.constexpr, LINES: tl.constexpr):
-    """Ask L2 for head kvh's keys and values at the cached slots (below lens) of splits first, first + stride, ..
-    below last (LINES 128-byte lines a slot: bf16/fp16 heads of up to 64 x LINES)."""
-    slot = tl.arange(0, SPLIT_LEN)
-    line = tl.arange(0, LINES) * 64
-    for split in range(first, last, stride):
-        pos = (split * SPLIT_LEN + slot).to(tl.int64)
-        ok = (pos < lens)[:, None] & (line >= 0)[None, :]
-        _prefetch_at(k_ptr + tl.where(ok, b * skb + kvh * skh + pos[:, None] * sks + line[None, :], 0))
-        _prefetch_at(v_ptr + tl.where(ok, b * svb + kvh * svh + pos[:, None] * svs + line[None, :], 0))
 
 
 @triton.jit
@@ -882,15 +833,13 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     lens = lens.contiguous()
     merge = PATH_MERGE_IN_KERNEL or (PATH_MERGE_DECODE and T == 1)
     counts = _merge_counts(q.device, B * T * Hq) if merge else lens  # (unused without the merge)
-    launch = _pdl(q, B * T)
-    lines = _prefetch(k_cache, launch["PDL"]) if v_cache.stride(-1) == 1 else 0  # (lines of a slot's head)
     _path_attn_kernel[(n_shared + edge_progs * triton.cdiv(T, edge_tok), B * Hkv)](
         q, k_cache, v_cache, lens, path, depth, po, plse, out, counts, T, Hq, Hkv, D,
         1.0 / math.sqrt(D) * 1.4426950408889634, num_splits, n_shared, edge_tok, groups, edge_progs,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,
-        MERGE=merge, num_warps=PATH_WARPS, num_stages=PATH_STAGES, PREFETCH_LINES=lines, **launch)
+        MERGE=merge, num_warps=PATH_WARPS, num_stages=PATH_STAGES, **_pdl(q, B * T))
     if merge:
         return out
     _path_combine_kernel[(T, B)](po, plse, lens, depth, out, T, Hq, D, num_splits, *depth.stride(),
@@ -928,12 +877,10 @@ def _row_sumsq(x_ptr, rm, M, K, sxm, sxk, BLOCK_M: tl.constexpr, BLOCK_K: tl.con
 @triton.jit
 def _rows_times_w(x_ptr, w_ptr, rm, wa, wb, n_ok, M, K, sxm, sxk, swn, swk,
                   TWO: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                  BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  CG: tl.constexpr = False):
+                  BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """x[rm] @ w[wa].T and (TWO) x[rm] @ w[wb].T in fp32 [BLOCK_M, BLOCK_N], reduced over K in BLOCK_K steps, in
     order, from one read of x. x goes into the MMA as loaded: a prologue on its tile (64 rows, most of them
-    padding in a decode step) costs more than the weight read it would hide behind. CG: x read past L1 (written
-    by other programs of the same launch)."""
+    padding in a decode step) costs more than the weight read it would hide behind."""
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :] * sxk
     wa_ptrs = w_ptr + wa[None, :].to(tl.int64) * swn + rk[:, None] * swk
@@ -942,8 +889,7 @@ def _rows_times_w(x_ptr, w_ptr, rm, wa, wb, n_ok, M, K, sxm, sxk, swn, swk,
     acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
-        x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0,
-                    cache_modifier=".cg" if CG else "")
+        x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
         w_ok = k_ok[:, None] & n_ok[None, :]
         acc_a = _mma(acc_a, x, tl.load(wa_ptrs + k0 * swk, mask=w_ok, other=0.0), UPCAST, PREC, BY_SUM)
         if TWO:
@@ -953,13 +899,13 @@ def _rows_times_w(x_ptr, w_ptr, rm, wa, wb, n_ok, M, K, sxm, sxk, swn, swk,
 
 @triton.jit
 def _rms_scale(x_ptr, ss_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, CG: tl.constexpr = False):
+               BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
     """Each row's 1/RMS: from the P partial sums of squares [M, P] that the kernel which wrote x left, added in
-    one fixed order (SS_IN; CG: read past L1), else summed over x."""
+    one fixed order (SS_IN), else summed over x."""
     if SS_IN:
         rp = tl.arange(0, BLOCK_P)
         parts = tl.load(ss_ptr + rm[:, None].to(tl.int64) * P + rp[None, :], mask=(rm < M)[:, None] & (rp < P)[None, :],
-                        other=0.0, cache_modifier=".cg" if CG else "")
+                        other=0.0)
         ss = tl.sum(parts, axis=1)
     else:
         ss = _row_sumsq(x_ptr, rm, M, K, sxm, sxk, BLOCK_M, BLOCK_K)
@@ -972,34 +918,16 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K,
                    RESIDUAL: tl.constexpr,
                    SS_IN: tl.constexpr, SS_OUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_P: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0):
-    if PREFETCH_LINES:  # (w's rows of this tile, and the up rows with SwiGLU / silu_add)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        _prefetch_rows(w_ptr, rn, rn < N, K, swn, PREFETCH_LINES)
-        if SWIGLU or SILU_ADD:
-            _prefetch_rows(w_ptr, N + rn, rn < N, K, swn, PREFETCH_LINES)
+                   BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
     # Row blocks on axis 0: the programs that read one slice of w run side by side (rereads hit L2).
-    _matmul_tile(tl.program_id(0), tl.program_id(1), tl.num_programs(1), x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr,
-                 sso_ptr, M, N, K, P, sxm, sxk, swn, swk, srm, eps, HAS_BIAS, NORM, SWIGLU, SILU_ADD, RESIDUAL, SS_IN,
-                 SS_OUT, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, False)
-
-
-@triton.jit
-def _matmul_tile(pid_m, pid_n, n_blocks_n, x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K, P, sxm, sxk,
-                 swn, swk, srm, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                 SILU_ADD: tl.constexpr, RESIDUAL: tl.constexpr, SS_IN: tl.constexpr, SS_OUT: tl.constexpr,
-                 UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, CG: tl.constexpr):
-    """One output tile of matmul (rows pid_m, columns pid_n of n_blocks_n), with the fusions asked for; CG: x, its
-    sums of squares and the residual read past L1 (other programs of the launch wrote them)."""
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)  # (unused without NORM)
     if NORM:  # RMSNorm's 1/RMS, per row (its weight is in w's columns)
-        rstd = _rms_scale(x_ptr, ssi_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN, BLOCK_M, BLOCK_K, BLOCK_P, CG)
+        rstd = _rms_scale(x_ptr, ssi_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN, BLOCK_M, BLOCK_K, BLOCK_P)
     acc, up = _rows_times_w(x_ptr, w_ptr, rm, rn, N + rn, rn < N, M, K, sxm, sxk, swn, swk,
-                            SWIGLU or SILU_ADD, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K, CG)
+                            SWIGLU or SILU_ADD, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
     if NORM:
         acc, up = acc * rstd[:, None], up * rstd[:, None]
     if HAS_BIAS:
@@ -1016,14 +944,13 @@ def _matmul_tile(pid_m, pid_n, n_blocks_n, x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ss
         acc = a * up.to(out_dt).to(tl.float32)
     ok = (rm < M)[:, None] & (rn < N)[None, :]
     if RESIDUAL:  # residual + the product, which is rounded first (as a separate add would see it)
-        r = tl.load(r_ptr + rm[:, None].to(tl.int64) * srm + rn[None, :], mask=ok, other=0.0,
-                    cache_modifier=".cg" if CG else "").to(tl.float32)
+        r = tl.load(r_ptr + rm[:, None].to(tl.int64) * srm + rn[None, :], mask=ok, other=0.0).to(tl.float32)
         acc = acc.to(out_dt).to(tl.float32) + r
     y = acc.to(out_dt)
     tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], y, mask=ok)
     if SS_OUT:  # this block's share of each output row's sum of squares, for the next norm (_rms_scale)
         yf = tl.where(ok, y.to(tl.float32), 0.0)
-        tl.store(sso_ptr + rm.to(tl.int64) * n_blocks_n + pid_n, tl.sum(yf * yf, axis=1), mask=rm < M)
+        tl.store(sso_ptr + rm.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), tl.sum(yf * yf, axis=1), mask=rm < M)
 
 
 # Outputs this wide or wider take 64 columns a program (below: 32). A decode step's matmul is a read of w spread
@@ -1106,7 +1033,6 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
     ss_in, P, BLOCK_P = _sumsq_in(sumsq if rms_eps is not None else None, M, x.device)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     ss_out = torch.empty(*x.shape[:-1], grid[1], dtype=torch.float32, device=x.device) if sumsq_out else ss_in
-    launch = _pdl(x)
     _matmul_kernel[grid](
         x2, w, b, y, r2, ss_in, ss_out, M, N, K, P, *x2.stride(), *w.stride(), r2.stride(0),
         0.0 if rms_eps is None else rms_eps, HAS_BIAS=bias is not None, NORM=rms_eps is not None, SWIGLU=swiglu,
@@ -1114,122 +1040,8 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
         RESIDUAL=residual is not None, SS_IN=rms_eps is not None and sumsq is not None, SS_OUT=sumsq_out,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=_matmul_stages(BLOCK_K),
-        PREFETCH_LINES=_prefetch(w, launch["PDL"]), **launch)
+        **_pdl(x))
     return (y, ss_out) if sumsq_out else y
-
-
-# mlp_chain: a decoder layer's matmuls after its attention, as matmul() runs them, in one launch: the MLP (norm ->
-# gate/up -> SwiGLU, then down + residual + the sums of squares for the next norm), and with `wo` first the
-# attention's output projection + residual (+ its sums of squares, for the MLP's norm). Each tile is computed
-# exactly as matmul() computes it (the same tiles and reduction order: the same bits, whatever M), so only the
-# launches between them go. Order comes from tickets, as in decoupled look-back scans: a program's work item is
-# the ticket it draws (an atomic count), the stages' tiles in order; a tile of a later stage waits (an acquire
-# load in a loop) until every tile of the stage before is stored, then reads what they wrote past L1. A program
-# waits only on items drawn before its own, by programs already running, so no grid size can deadlock it, and
-# under the interpreter (programs one after another) none ever waits. The last tile resets the counts for the
-# next launch. Off until timed on a GPU (HYDRA_LITE_CHAIN_MLP=1: the MLP; =2: the output projection too; issue 14).
-CHAIN_MLP = int(os.environ.get("HYDRA_LITE_CHAIN_MLP", "0"))
-_CHAIN_COUNTS = {}  # device -> int32 [4]: tickets drawn, tiles stored of each stage (0 between calls)
-
-
-@triton.jit
-def _wait_for(cnt_ptr, n):
-    """Spin until the count at cnt_ptr reaches n (acquire: what was stored before it counted is visible)."""
-    while tl.atomic_add(cnt_ptr, 0, sem="acquire") < n:
-        pass
-    tl.debug_barrier()
-
-
-@triton.jit
-def _tile_done(cnt_ptr):
-    tl.debug_barrier()  # (every thread's stores before the count says the tile is there)
-    return tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
-
-
-@triton.jit(do_not_specialize=["M"])
-def _mlp_chain_kernel(a_ptr, wo_ptr, s_ptr, x_ptr, w13_ptr, h_ptr, w2_ptr, y_ptr, ssx_ptr, sso_ptr, cnt_ptr,
-                      M, A, H, D, P, sam, ssm, sxm, son, sok, s1n, s1k, s2n, s2k, eps, N_M, NB0, NB1, NB2,
-                      WO: tl.constexpr, SS_IN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                      BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BN0: tl.constexpr, BK0: tl.constexpr,
-                      BN1: tl.constexpr, BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr,
-                      BLOCK_P: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0):
-    _pdl_start(PDL)
-    item = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
-    n0 = N_M * NB0  # output projection tiles (NB0 = 0 without WO), then gate/up, then down
-    n1 = N_M * NB1
-    if item < n0:  # x = s + a @ wo.T, as matmul(a, wo, residual=s, sumsq_out=True)
-        if WO:
-            _matmul_tile(item % N_M, item // N_M, NB0, a_ptr, wo_ptr, wo_ptr, x_ptr, s_ptr, ssx_ptr, ssx_ptr, M, D, A,
-                         1, sam, 1, son, sok, ssm, eps, False, False, False, False, True, False, True, UPCAST, PREC,
-                         BY_SUM, BLOCK_M, BN0, BK0, BLOCK_P, False)
-            _tile_done(cnt_ptr + 1)
-    elif item < n0 + n1:  # h = silu(gate) * up of RMSNorm(x), as matmul(x, w13, rms_eps, swiglu=True)
-        j = item - n0
-        if WO:
-            _wait_for(cnt_ptr + 1, n0)
-        _matmul_tile(j % N_M, j // N_M, NB1, x_ptr, w13_ptr, w13_ptr, h_ptr, h_ptr, ssx_ptr, ssx_ptr, M, H, D, P,
-                     sxm, 1, s1n, s1k, 0, eps, False, True, True, False, False, SS_IN, False, UPCAST, PREC, BY_SUM,
-                     BLOCK_M, BN1, BK1, BLOCK_P, WO)
-        _tile_done(cnt_ptr + 2)
-    else:  # y = x + h @ w2.T, as matmul(h, w2, residual=x, sumsq_out=True), once all of h is stored
-        j = item - n0 - n1
-        if PREFETCH_LINES:  # (its w2 rows while it waits)
-            rn = (j // N_M) * BN2 + tl.arange(0, BN2)
-            _prefetch_rows(w2_ptr, rn, rn < D, H, s2n, PREFETCH_LINES)
-        _wait_for(cnt_ptr + 2, n1)
-        _matmul_tile(j % N_M, j // N_M, NB2, h_ptr, w2_ptr, w2_ptr, y_ptr, x_ptr, sso_ptr, sso_ptr, M, D, H, 1,
-                     H, 1, s2n, s2k, sxm, eps, False, False, False, False, True, False, True, UPCAST, PREC, BY_SUM,
-                     BLOCK_M, BN2, BK2, BLOCK_P, True)
-        if _tile_done(cnt_ptr + 3) == N_M * NB2 - 1:  # the last tile: counts back to 0
-            for i in range(4):
-                tl.atomic_xchg(cnt_ptr + i, 0)
-
-
-def mlp_chain(x, w13, w2, rms_eps, sumsq=None, attn=None, wo=None):
-    """matmul(x, w13, rms_eps=rms_eps, swiglu=True, sumsq=sumsq) -> h, then matmul(h, w2, residual=x,
-    sumsq_out=True) -> (y, its sums of squares), in one launch (see the note above; oracle: mlp_chain_ref).
-    With attn and wo, x is first matmul(attn, wo, residual=x, sumsq_out=True) (the attention's output
-    projection; sumsq is then its own)."""
-    D = x.shape[-1]
-    _require(w13.dim() == 2 and w13.shape[1] == D and w13.shape[0] % 2 == 0, f"mlp_chain: w13 {tuple(w13.shape)}")
-    H = w13.shape[0] // 2
-    _require(tuple(w2.shape) == (D, H), f"mlp_chain: w2 {tuple(w2.shape)} is not [{D}, {H}]")
-    x2 = x.reshape(-1, D)
-    _require(x2.stride(1) == 1, "mlp_chain: x's rows must be contiguous")
-    M, dev = x2.shape[0], x.device
-    BLOCK_M, BN1, BK1 = _matmul_tiles(H, D, x.is_cuda)
-    _, BN2, BK2 = _matmul_tiles(D, H, x.is_cuda)
-    n_m, nb1, nb2 = triton.cdiv(M, BLOCK_M), triton.cdiv(H, BN1), triton.cdiv(D, BN2)
-    A, a2, BN0, BK0, nb0 = 1, x2, 16, 16, 0
-    if wo is not None:
-        A = attn.shape[-1]
-        _require(tuple(wo.shape) == (D, A), f"mlp_chain: wo {tuple(wo.shape)} is not [{D}, {A}]")
-        a2 = attn.reshape(-1, A)
-        _require(a2.shape[0] == M and a2.stride(1) == 1, "mlp_chain: attn does not fit x")
-        _, BN0, BK0 = _matmul_tiles(D, A, x.is_cuda)
-        nb0 = triton.cdiv(D, BN0)
-        s2, x2 = x2, torch.empty(M, D, dtype=x.dtype, device=dev)  # (x: the stream after the projection)
-        ss_x, P, BLOCK_P = torch.empty(M, nb0, dtype=torch.float32, device=dev), nb0, triton.next_power_of_2(nb0)
-    else:
-        s2 = x2
-        ss_x, P, BLOCK_P = _sumsq_in(sumsq, M, dev)
-    h = torch.empty(M, H, dtype=x.dtype, device=dev)
-    y = torch.empty(x.shape, dtype=x.dtype, device=dev)
-    ss_out = torch.empty(*x.shape[:-1], nb2, dtype=torch.float32, device=dev)
-    if dev not in _CHAIN_COUNTS:
-        _CHAIN_COUNTS[dev] = torch.zeros(4, dtype=torch.int32, device=dev)
-    upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w13.dtype) or x.dtype != w13.dtype
-    launch = _pdl(x)
-    wo_ = wo if wo is not None else w13  # (unused without it)
-    _mlp_chain_kernel[(n_m * (nb0 + nb1 + nb2),)](
-        a2, wo_, s2, x2, w13, h, w2, y, ss_x, ss_out, _CHAIN_COUNTS[dev], M, A, H, D, P, a2.stride(0), s2.stride(0),
-        x2.stride(0), *wo_.stride(), *w13.stride(), *w2.stride(), rms_eps, n_m, nb0, nb1, nb2, WO=wo is not None,
-        SS_IN=wo is not None or sumsq is not None, UPCAST=upcast,
-        PREC="ieee" if torch.float32 in (x.dtype, w13.dtype) else "tf32", BY_SUM=not x.is_cuda, BLOCK_M=BLOCK_M,
-        BN0=BN0, BK0=BK0, BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2, BLOCK_P=BLOCK_P, num_warps=4,
-        num_stages=max(_matmul_stages(BK0), _matmul_stages(BK1), _matmul_stages(BK2)),
-        PREFETCH_LINES=_prefetch(w2, x.is_cuda), **launch)
-    return y, ss_out
 
 
 # qkv_rope: a decoder layer's first matmul with what follows it: RMSNorm(x) @ wqkv.T (the norm's weight folded
@@ -1244,16 +1056,13 @@ def _qkv_rope_kernel(x_ptr, w_ptr, ss_ptr, cos_ptr, sin_ptr, pos_ptr, lens_ptr, 
                      sc_b, sc_s, sc_h, sc_d, sv_b, sv_s, sv_h, sv_d, SS_IN: tl.constexpr,
                      UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                     PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0):
+                     PDL: tl.constexpr):
+    _pdl_start(PDL)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (head, j): columns head*D + j and + HALF
     head, j = pair // HALF, pair % HALF
     n_ok = head < Hq + 2 * Hkv
     col = head * 2 * HALF + j
-    if PREFETCH_LINES:  # (the tile's rows of w, both halves, before the wait)
-        _prefetch_rows(w_ptr, col, n_ok, K, swn, PREFETCH_LINES)
-        _prefetch_rows(w_ptr, col + HALF, n_ok, K, swn, PREFETCH_LINES)
-    _pdl_start(PDL)
     rstd = _rms_scale(x_ptr, ss_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN, BLOCK_M, BLOCK_K, BLOCK_P)[:, None]
     x1, x2 = _rows_times_w(x_ptr, w_ptr, rm, col, col + HALF, n_ok, M, K, sxm, sxk, swn, swk,
                            True, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -1299,14 +1108,13 @@ def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n
     BLOCK_M, BLOCK_N, BLOCK_K = _matmul_tiles(0, K, x.is_cuda)  # (the narrowest: BLOCK_N pairs, 2 x BLOCK_N columns)
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
     ss_in, P, BLOCK_P = _sumsq_in(sumsq, B * T, x.device)
-    launch = _pdl(x)
     _qkv_rope_kernel[(triton.cdiv(B * T, BLOCK_M), triton.cdiv(pairs, BLOCK_N))](
         x2, w, ss_in, cos_table, sin_table, pos, lens.contiguous(), q, k_cache, v_cache,
         B * T, T, K, P, n_heads, Hkv, D // 2, k_cache.shape[1], *x2.stride(), *w.stride(), rms_eps, cos_table.stride(0),
         *pos.stride(), *k_cache.stride(), *v_cache.stride(), SS_IN=sumsq is not None,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=_matmul_stages(BLOCK_K),
-        PREFETCH_LINES=_prefetch(w, launch["PDL"]), **launch)
+        **_pdl(x))
     return q
 
 
@@ -1421,14 +1229,12 @@ def accept_greedy(tree_tokens, base_pred, retrieve):
 def _lm_topk_chunk_kernel(x_ptr, w_ptr, b_ptr, cv_ptr, ci_ptr, cl_ptr, N, V, D, stride_x, stride_w, n_chunks,
                           K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LSE: tl.constexpr, UPCAST: tl.constexpr,
                           PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr = 0):
+                          PDL: tl.constexpr):
+    _pdl_start(PDL)
     # Row blocks on axis 0: the programs that share a chunk of w run side by side (its rereads hit L2).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
-    if PREFETCH_LINES:  # (the chunk's rows of w, before the wait: see PREFETCH)
-        _prefetch_rows(w_ptr, cols, cols < V, D, stride_w, PREFETCH_LINES)
-    _pdl_start(PDL)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok, col_ok = rows < N, cols < V
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + offs_d[None, :]
@@ -1530,13 +1336,11 @@ def lm_topk(x, w, k, bias=None, vocab=None, lse=False, into=None):
                  and node_of.dtype == torch.int64 and node_of.is_contiguous(),
                  f"lm_topk: into= tokens {tuple(tokens.shape)} and node_of {tuple(node_of.shape)} do not fit "
                  f"{N} rows and k={k}")
-    launch = _pdl(x)
     _lm_topk_chunk_kernel[(triton.cdiv(N, BLOCK_N), n_chunks)](
         x2, w, b, cand_v, cand_i, cand_l, N, V, D, x2.stride(0), w.stride(0), n_chunks,
         K=k, HAS_BIAS=bias is not None, HAS_LSE=lse, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=4, num_stages=4, PREFETCH_LINES=_prefetch(w, launch["PDL"]),
-        **launch)
+        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=4, num_stages=4, **_pdl(x))
     BLOCK_C = _pow2(n_chunks * k, 16)
     _lm_topk_merge_kernel[(N,)](cand_v, cand_i, vocab if vocab is not None else cand_i, values, indices, cand_l, out_l,
                                 tokens, node_of, n_chunks * k, n_chunks, node_of.shape[0] if into is not None else 1,

@@ -8,7 +8,7 @@ between branches, a bad layout, a constexpr the interpreter lets through) fails 
 The interpreter (TRITON_INTERPRET=1, the CPU tests) checks what the kernels compute; this checks that they build,
 and shows what decides their speed before a GPU runs them: shared memory (software-pipelined loads take a buffer
 per stage), registers a thread and bytes spilled (ptxas -v).
-Kernel sets: the batch-invariant matmul in each fused form, the chained MLP, qkv_rope, path_attention with and without the merge
+Kernel sets: the batch-invariant matmul in each fused form, qkv_rope, path_attention with and without the merge
 in the kernel, and its combine, and the draft top-k's merge writing into the tree."""
 import os
 import re
@@ -38,8 +38,6 @@ SHARED_MAX = 232448  # bytes of shared memory a block may take on sm_90 (227 KiB
 RUNTIME_INTS = {
     "_matmul_kernel": dict(K=576, sxm=576, sxk=1, swn=576, swk=1, srm=576),
     "_qkv_rope_kernel": dict(K=576, sxm=576, sxk=1, swn=576, swk=1),
-    "_mlp_chain_kernel": dict(A=576, H=1536, D=576, sam=576, ssm=576, sxm=576, son=576, sok=1, s1n=576, s1k=1, s2n=1536,
-                              s2k=1),
     "_path_attn_kernel": dict(D=64, sqb=36864, sqt=576, sqh=64, sqd=1, skb=786432, skh=64, skd=1, svb=786432, svh=64, svd=1,
                               sks=192, svs=192, spj=1),
 }
@@ -51,8 +49,6 @@ def build(kernel, types, constexprs, num_warps=4):
     launches them with; returns (cubin bytes, shared memory bytes)."""
     ints = RUNTIME_INTS.get(kernel.fn.__name__, {})
     constexprs = constexprs | {k: 1 for k, v in ints.items() if v == 1}
-    if "PREFETCH_LINES" in kernel.arg_names:  # (a constexpr with a default: off unless the set turns it on)
-        constexprs = {"PREFETCH_LINES": 0} | constexprs
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
     aligned = [name for name in kernel.arg_names if name not in constexprs and (signature[name].startswith("*")
                                                                                 or ints.get(name, 1) % 16 == 0)]
@@ -60,8 +56,6 @@ def build(kernel, types, constexprs, num_warps=4):
                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
                     attrs={(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
     stages = (K._matmul_stages(constexprs["BLOCK_K"]) if kernel in (K._matmul_kernel, K._qkv_rope_kernel)
-              else max(K._matmul_stages(constexprs[k]) for k in ("BK0", "BK1", "BK2"))
-              if kernel is K._mlp_chain_kernel
               else K.PATH_STAGES if kernel is K._path_attn_kernel else 3)  # (3: Triton's default, the others' launch)
     compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=stages))
     if compiled.metadata.shared > SHARED_MAX:
@@ -103,38 +97,19 @@ def kernel_sets():
                dict(HAS_BIAS=False, NORM=True, SWIGLU=True, SILU_ADD=False, RESIDUAL=False, SS_IN=True, SS_OUT=False,
                     UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=64,
                     PDL=True))
-    yield ("matmul norm swiglu, weights prefetched before the wait (PREFETCH)", K._matmul_kernel, matmul,
-           dict(HAS_BIAS=False, NORM=True, SWIGLU=True, SILU_ADD=False, RESIDUAL=False, SS_IN=True, SS_OUT=False,
-                UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_P=64, PDL=True,
-                PREFETCH_LINES=16))
     yield ("matmul silu_add (a draft head's residual block) with bias, dependent launch=True", K._matmul_kernel, matmul,
            dict(HAS_BIAS=True, NORM=False, SWIGLU=False, SILU_ADD=True, RESIDUAL=False, SS_IN=False, SS_OUT=False,
                 UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True))
-    _, BN0, BK0 = K._matmul_tiles(576, 576, True)
-    _, BN1, BK1 = K._matmul_tiles(1536, 576, True)
-    _, BN2, BK2 = K._matmul_tiles(576, 1536, True)
-    for wo, lines in ((False, 0), (True, 0), (True, 32)):
-        yield (f"mlp_chain ({'wo + residual, then ' if wo else ''}gate/up + SwiGLU, then down + residual, one launch)"
-               f" dependent launch=True{', w2 prefetched while it waits' if lines else ''}", K._mlp_chain_kernel,
-               bf16("a_ptr", "wo_ptr", "s_ptr", "x_ptr", "w13_ptr", "h_ptr", "w2_ptr", "y_ptr") | dict(
-                   ssx_ptr="*fp32", sso_ptr="*fp32", cnt_ptr="*i32", eps="fp32"),
-               dict(WO=wo, SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BN0=BN0, BK0=BK0, BN1=BN1,
-                    BK1=BK1, BN2=BN2, BK2=BK2, BLOCK_P=64, PDL=True, PREFETCH_LINES=lines))
-    for lines in (0, 16):
-        yield (f"qkv_rope dependent launch=True{', weights prefetched' if lines else ''}", K._qkv_rope_kernel,
-               bf16("x_ptr", "w_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(
-                   ss_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", lens_ptr="*i32", eps="fp32"),
-               dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64,
-                    PDL=True, PREFETCH_LINES=lines))
+    yield ("qkv_rope dependent launch=True", K._qkv_rope_kernel,
+           bf16("x_ptr", "w_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(
+               ss_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", lens_ptr="*i32", eps="fp32"),
+           dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True))
     path = bf16("q_ptr", "k_ptr", "v_ptr", "o_ptr") | dict(
         lens_ptr="*i32", path_ptr="*i64", depth_ptr="*i64", po_ptr="*fp32", plse_ptr="*fp32", cnt_ptr="*i32", scale="fp32")
     for merge in (False, True):
         yield (f"path_attention merge={merge} dependent launch={merge}", K._path_attn_kernel, path,
                dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=K.PATH_SPLIT_LEN, UPCAST=False,
                     PREC="tf32", BY_SUM=False, MERGE=merge, PDL=merge))
-    yield ("path_attention dependent launch=True, cached slots prefetched", K._path_attn_kernel, path,
-           dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=K.PATH_SPLIT_LEN, UPCAST=False,
-                PREC="tf32", BY_SUM=False, MERGE=False, PDL=True, PREFETCH_LINES=1))
     for warps in (1, 2):  # (PATH_WARPS, to time), with the shortest split steps --path-tiles offers
         yield (f"path_attention {warps} warps, splits of 64", K._path_attn_kernel, path,
                dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=64, UPCAST=False, PREC="tf32",
@@ -142,10 +117,6 @@ def kernel_sets():
     yield ("path_attention combine dependent launch=True", K._path_combine_kernel,
            {"po_ptr": "*fp32", "plse_ptr": "*fp32", "lens_ptr": "*i32", "depth_ptr": "*i64", "o_ptr": "*bf16"},
            dict(SPLIT_LEN=K.PATH_SPLIT_LEN, BLOCK_H=16, BLOCK_D=64, BLOCK_S=16, PDL=True))
-    yield ("lm_topk chunks (a draft head's projection and top-k), weights prefetched", K._lm_topk_chunk_kernel,
-           {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "cv_ptr": "*fp32", "ci_ptr": "*i32", "cl_ptr": "*fp32"},
-           dict(K=10, HAS_BIAS=False, HAS_LSE=False, UPCAST=False, PREC="tf32", BLOCK_N=16, BLOCK_V=128, BLOCK_D=64,
-                PDL=True, PREFETCH_LINES=16))
     yield ("lm_topk merge into the tree, draft vocabulary, dependent launch=True", K._lm_topk_merge_kernel,
            {"cv_ptr": "*fp32", "ci_ptr": "*i32", "vocab_ptr": "*i64", "v_ptr": "*fp32", "i_ptr": "*i64", "cl_ptr": "*fp32",
             "lse_ptr": "*fp32", "tok_ptr": "*i64", "node_ptr": "*i64"},

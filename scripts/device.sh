@@ -13,9 +13,6 @@
 #          kernel check with PATH_PROGRAMS and K_TILE set, then SmolLM2 step times and profiles for several of each
 #          and for shorter splits, and 7B step times by K steps (random weights: no model)
 #   stages the matmuls at MATMUL_STAGES (4) pipeline stages: kernel check and GPU tests, then step times by stages
-#   chain  each MLP's two matmuls in one launch (kernels.CHAIN_MLP) and weights prefetched into L2 before a
-#          dependent launch waits (kernels.PREFETCH): kernel check, then step times with each and both against
-#          neither (random weights: needs no model)
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights); STEPS_FLAGS adds flags (e.g. --profile)
 #   fused  the fused decoder layers (the default; HYDRA_LITE_FUSED=0: op by op): kernel check, their GPU tests, step
 #          times against the unfused layers and the previous kernels (random weights: needs no model)
@@ -89,14 +86,6 @@ for stage in "$@"; do
       python3 benchmark.py steps --shape 7b --batch 1 8 --matmul-stages 3 5 --matmul-wide-n 4097 --path-stages 3 --out "$RES/stages" 2>&1 \
         | tee "$RES/steps_stages_7b.txt" | grep "^|"
       unset HYDRA_LITE_MATMUL_STAGES ;;
-    chain)  # issue 14: each MLP's two matmuls in one launch (kernels.CHAIN_MLP), weights prefetched (kernels.PREFETCH):
-            # bits checked (under a timeout: a fault in the chain's ordering would hang), then step times
-      timeout 300 python3 benchmark.py check 2>&1 | tee "$RES/check_chain.txt" | grep -E "mlp_chain|prefetch|FAIL|all PASS" || true
-      timeout 240 python3 -m pytest -q -x tests/test_gpu.py -k "chained or prefetch" 2>&1 | tail -3 || true
-      for shape in smollm2-135m 7b; do
-        timeout 200 python3 benchmark.py steps --shape $shape --batch 1 8 --chain-mlp --prefetch --out "$RES/chain" 2>&1 \
-          | tee "$RES/steps_chain_$shape.txt" | grep "^|" || true
-      done ;;
     steps)
       python3 benchmark.py steps --shape 7b ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
       python3 benchmark.py steps --shape smollm2-135m ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;

@@ -251,26 +251,3 @@ def check_half_speculative(dtype, dynamic):
         got, stats = spec.generate(prompts, 96, stop_at_eos=False)
         assert got == alone, (name, "spec batch 8")
         assert stats.mean_accept > 1.5 or name == "near-tie", (name, stats.mean_accept)  # (it did speculate)
-
-
-@pytest.mark.parametrize("chain,prefetch", [(1, False), (2, False), (0, True), (2, True)],
-                         ids=["chained-mlp", "chained-wo-mlp", "prefetch", "both"])
-def test_gpu_chained_mlp_and_prefetch_change_no_bits(monkeypatch, chain, prefetch):
-    """kernels.CHAIN_MLP (each MLP's two matmuls in one launch, ordered by tickets) and kernels.PREFETCH (weights
-    asked of L2 before a dependent launch waits): the same tokens and logits, bit for bit, as without, through
-    captured steps; and speculative == AR with them (bf16)."""
-    import kernels
-
-    model = near_tie_model(torch.bfloat16)
-    torch.manual_seed(8)
-    prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),)).tolist() for n in (5, 40, 77)]
-    outputs = []
-    for on in (False, True):
-        monkeypatch.setattr(kernels, "CHAIN_MLP", chain if on else 0)
-        monkeypatch.setattr(kernels, "PREFETCH", prefetch and on)
-        outputs.append(hl.Generator(model).generate(prompts, 64, stop_at_eos=False)[0])
-        with torch.no_grad():
-            outputs.append(model.forward_logits(torch.tensor([prompts[1]], device="cuda")))
-    assert outputs[0] == outputs[2] and torch.equal(outputs[1], outputs[3])
-    assert not kernels._CHAIN_COUNTS[torch.device("cuda", torch.cuda.current_device())].any()
-    check_half_speculative(torch.bfloat16, False)

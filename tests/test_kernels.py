@@ -612,40 +612,6 @@ def test_matmul_hands_on_sums_of_squares(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,given_sumsq", [(1, True), (37, False), (70, True)])
-def test_mlp_chain_is_the_two_matmuls_bit_for_bit(dtype, M, given_sumsq):
-    """mlp_chain (gate/up + SwiGLU, then down + residual, in one launch ordered by tickets) gives the bits of the
-    two matmul launches it replaces, rows and sums of squares, at one row, one tile and two tiles of rows, and
-    with the output projection first those of three; it is close to its reference; and its counts are back at 0
-    after each launch (two in a row)."""
-    D, H = 96, 72
-    x = torch.randn(2, M, D, dtype=dtype)[1]  # (a view into a larger buffer)
-    w13 = torch.randn(2 * H, D, dtype=dtype) / D ** 0.5
-    w2 = torch.randn(D, H, dtype=dtype) / H ** 0.5
-    sumsq = torch.rand(M, 3) * D / 3 if given_sumsq else None
-    h = kernels.matmul(x, w13, rms_eps=1e-5, swiglu=True, sumsq=sumsq)
-    want, want_ss = kernels.matmul(h, w2, residual=x, sumsq_out=True)
-    for _ in range(2):
-        y, ss = kernels.mlp_chain(x, w13, w2, 1e-5, sumsq)
-        assert torch.equal(y, want) and torch.equal(ss, want_ss)
-        assert not kernels._CHAIN_COUNTS[x.device].any()
-    attn, wo = torch.randn(M, 64, dtype=dtype), torch.randn(D, 64, dtype=dtype) / 8  # (with the output projection)
-    s1, ss1 = kernels.matmul(attn, wo, residual=x, sumsq_out=True)
-    h1 = kernels.matmul(s1, w13, rms_eps=1e-5, swiglu=True, sumsq=ss1)
-    want1 = kernels.matmul(h1, w2, residual=s1, sumsq_out=True)
-    got1 = kernels.mlp_chain(x, w13, w2, 1e-5, None, attn, wo)
-    assert torch.equal(got1[0], want1[0]) and torch.equal(got1[1], want1[1])
-    assert not kernels._CHAIN_COUNTS[x.device].any()
-    ref, ref_ss = hl.mlp_chain_ref(x, w13, w2, 1e-5, sumsq)
-    if dtype == torch.float32:
-        close(y, ref, dtype)
-    else:  # (the reference rounds h and the products in its own order: two ulps of the largest value apart)
-        torch.testing.assert_close(y.float(), ref.float(), rtol=2.5e-2, atol=ref.float().abs().max().item() / 64)
-    torch.testing.assert_close(ss.sum(-1), y.float().pow(2).sum(-1), rtol=1e-5, atol=1e-5)  # (its own rows' squares)
-    assert ref_ss.shape[:-1] == ss.shape[:-1]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_matmul_silu_add(dtype):
     """A draft head's residual block in one kernel (silu_add): r + silu(z) for w stacking r's and z's weights,
     each with its bias; against independent PyTorch (F.linear, F.silu), and the block with no res projection
@@ -977,19 +943,16 @@ def test_model_tree_step_with_kernels(monkeypatch):
     torch.testing.assert_close(v_k, v, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fused,chain", [(False, 0), (True, 0), (True, 1), (True, 2)],
-                         ids=["layers", "fused-layers-and-merge", "fused-and-chained-mlp", "fused-and-chained-wo-mlp"])
-def test_model_tree_pass_is_decoding_bit_for_bit(monkeypatch, fused, chain):
+@pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused-layers-and-merge"])
+def test_model_tree_pass_is_decoding_bit_for_bit(monkeypatch, fused):
     """Through the whole model with the batch-invariant kernels (matmul, path_attention): the hidden states of a
     tree pass at the nodes of a path equal, bit for bit, decoding that path's tokens one at a time (ragged rows).
-    Also with the layers fused (hl.FUSED: qkv_rope, the fused matmuls) and path_attention's merge in the kernel,
-    and with each MLP's two matmuls in one launch (kernels.CHAIN_MLP: the same hidden states as two launches).
+    Also with the layers fused (hl.FUSED: qkv_rope, the fused matmuls) and path_attention's merge in the kernel.
     (The CPU reference path does not promise this: F.linear's CPU kernels may block a 1-row and a 6-row product
     differently, and the reference attention reduces a tree's keys in another order than decoding's.)"""
     monkeypatch.setattr(hl, "EXACT", True)
     monkeypatch.setattr(hl, "FUSED", fused)
     monkeypatch.setattr(kernels, "PATH_MERGE_IN_KERNEL", fused)
-    monkeypatch.setattr(kernels, "CHAIN_MLP", chain)
     monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 32)  # several splits
     model = tiny_model()
     tree = hl.Tree([[0], [1], [0, 0], [0, 1], [0, 0, 0]])
@@ -1008,9 +971,6 @@ def test_model_tree_pass_is_decoding_bit_for_bit(monkeypatch, fused, chain):
             h = model(tokens[:, node:node + 1], ar_cache)
             ar_cache.lens += 1
             assert torch.equal(h[:, 0], hidden[:, node]), d
-        if chain:  # (the same pass again, the matmuls after attention launched one by one)
-            monkeypatch.setattr(kernels, "CHAIN_MLP", 0)
-            assert torch.equal(model(tokens, tree_cache, tree_cache.lens[:, None].long() + rows.node_depth, rows), hidden)
 
 
 @pytest.mark.parametrize("fused_heads", [False, True], ids=["blocks", "fused-blocks"])
