@@ -35,7 +35,8 @@
 #   tasks  the multi-task benchmark (tasks/heldout.jsonl + ShareGPT rows 80-99): AR vs TASK_HEADS (NAME=DIR ...)
 #          with and without context drafts, and context drafts alone, batches TASK_BATCH; TASK_FLAGS adds flags
 #   kernels  real-model tokens/s with each kernel set (exact, fused-heads, fast), heads with and without context drafts
-#   sweep  tree size at batches 8 and 32 (SWEEP_NODES head nodes, static and dynamic trees, context drafts), 45 prompts
+#   sweep  tree size at batches 8 and 32 (SWEEP_NODES head nodes, static and dynamic trees, beside a SWEEP_CONTEXT-token
+#          context chain, default 10; SWEEP_BATCH, SWEEP_TREES), 45 prompts
 #   latency  time to first token, per-token latency and per-call overhead by prompt length and batch, first vs
 #          repeated call, without and with Generator.warmup()
 #   pack   results into $OUT/results.tar and the trained heads into $OUT/heads.tar.part_* (the device tool
@@ -126,7 +127,7 @@ for stage in "$@"; do
     sweep)  # head-tree nodes at larger batches: 45 prompts (5 per family), each size against AR in the same run
       for n in ${SWEEP_NODES:-8 16 32}; do
         python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --limit 5 --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
-          --batch ${SWEEP_BATCH:-8 32} --context 10 --trees ${SWEEP_TREES:-static dynamic} --tree-nodes $n --warmup --out "$RES/sweep$n" 2>&1 \
+          --batch ${SWEEP_BATCH:-8 32} --context ${SWEEP_CONTEXT:-10} --trees ${SWEEP_TREES:-static dynamic} --tree-nodes $n --warmup --out "$RES/sweep$n" 2>&1 \
           | tee "$RES/sweep$n.txt" | grep -v "warm-up" | tail -12
       done ;;
     latency)
