@@ -124,6 +124,10 @@ def kernel_sets():
     yield ("context_match (prompt lookup) reaching 8 tokens back, 10 tokens", K._context_match_kernel,
            {"hist_ptr": "*i64", "lens_ptr": "*i32", "out_ptr": "*i64", "found_ptr": "*i64"},
            dict(NGRAM=8, BLOCK=1024, BLOCK_K=16))
+    import launch_floor  # (scripts/: the floor under a step of dependent kernels, issue 14)
+
+    yield ("launch_floor link, weights read before the dependent launch's wait", launch_floor._link_kernel,
+           {"x_ptr": "*fp32", "y_ptr": "*fp32", "w_ptr": "*bf16"}, dict(BLOCK=128, W_BLOCK=1024, PDL=True, EARLY=True))
 
 
 def main():

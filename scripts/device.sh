@@ -13,6 +13,8 @@
 #          kernel check with PATH_PROGRAMS and K_TILE set, then SmolLM2 step times and profiles for several of each
 #          and for shorter splits, and 7B step times by K steps (random weights: no model)
 #   stages the matmuls at MATMUL_STAGES (4) pipeline stages: kernel check and GPU tests, then step times by stages
+#   floor  the cost of one link in a chain of dependent kernels in a CUDA graph (scripts/launch_floor.py: empty
+#          and with 1.8 MB of weights a link, plain and dependent launch; no model, a few seconds)
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights); STEPS_FLAGS adds flags (e.g. --profile)
 #   fused  the fused decoder layers (the default; HYDRA_LITE_FUSED=0: op by op): kernel check, their GPU tests, step
 #          times against the unfused layers and the previous kernels (random weights: needs no model)
@@ -87,6 +89,8 @@ for stage in "$@"; do
       python3 benchmark.py steps --shape 7b --batch 1 8 --matmul-stages 3 5 --matmul-wide-n 4097 --path-stages 3 --out "$RES/stages" 2>&1 \
         | tee "$RES/steps_stages_7b.txt" | grep "^|"
       unset HYDRA_LITE_MATMUL_STAGES ;;
+    floor)  # issue 14: what a dependent level of a step costs, whatever it computes
+      timeout 200 python3 scripts/launch_floor.py 2>&1 | tee "$RES/launch_floor.txt" ;;
     steps)
       python3 benchmark.py steps --shape 7b ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
       python3 benchmark.py steps --shape smollm2-135m ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_smollm2.txt" ;;

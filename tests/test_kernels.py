@@ -1035,3 +1035,24 @@ def test_batched_prefill_matches_rows_alone(monkeypatch, use_kernels):
         for cache, cache1 in ((gen.cache, alone.cache), (gen.prefix_cache, alone.prefix_cache)):
             torch.testing.assert_close(cache.k[:, b, :len(p)], cache1.k[:, 0, :len(p)], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(cache.v[:, b, :len(p)], cache1.v[:, 0, :len(p)], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["weights-after-wait", "weights-before-wait"])
+def test_launch_floor_chain_counts_its_links(early):
+    """scripts/launch_floor.py (issue 14's floor under a step of dependent kernels): each link of its chain adds 1
+    and the sum of its program's slice of that link's weights to what the link before wrote (random lengths,
+    grids, inputs and weights)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import launch_floor
+    import triton
+
+    g = torch.Generator().manual_seed(zlib.crc32(b"launch_floor"))
+    launches, grid, n, per = (int(torch.randint(lo, hi, (), generator=g)) for lo, hi in ((2, 8), (1, 5), (7, 90), (1, 9)))
+    bufs = [torch.randn(n, generator=g), torch.zeros(n)]
+    w = torch.randn(launches, grid * per, generator=g).to(torch.bfloat16)
+    want = bufs[0].clone()
+    program = torch.arange(n) // triton.next_power_of_2(triton.cdiv(n, grid))  # (each element's program)
+    for i in range(launches):
+        want += 1 + w[i].float().reshape(grid, per).sum(1)[program]
+    out = launch_floor.chain(bufs, w, launches, grid, False, early)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
