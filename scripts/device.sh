@@ -123,11 +123,11 @@ for stage in "$@"; do
         --context-tree-from "${CONTEXT_TREE_FROM:-heads/smollm2-135m-hydra++}" --out "$WORK/heads-ctx" 2>&1 | tail -2 ;;
     tasks)
       python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
-        --batch ${TASK_BATCH:-1 8 32} --context 0 10 --context-only 10 --warmup ${TASK_FLAGS:-} --out "$RES/tasks${TAG:-}" 2>&1 | tee "$RES/tasks${TAG:-}.txt" | grep -v "warm-up" ;;
+        --batch ${TASK_BATCH:-1 8 32} --context 0 default --context-only 10 --warmup ${TASK_FLAGS:-} --out "$RES/tasks${TAG:-}" 2>&1 | tee "$RES/tasks${TAG:-}.txt" | grep -v "warm-up" ;;
     kernels)  # the real model's tokens/s by kernel set (issue 15's cost; the draft heads' fused blocks), every
               # method against AR with the same kernels, in one run: 45 prompts (5 per family), batches 1 and 8
       python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --limit ${KERNELS_LIMIT:-5} --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
-        --batch 1 8 --context 0 10 --context-only 0 --warmup --kernels exact fused-heads fast --out "$RES/kernels" 2>&1 | tee "$RES/kernels.txt" | grep -v "warm-up" ;;
+        --batch 1 8 --context 0 default --context-only 0 --warmup --kernels exact fused-heads fast --out "$RES/kernels" 2>&1 | tee "$RES/kernels.txt" | grep -v "warm-up" ;;
     sweep)  # head-tree nodes at larger batches: 45 prompts (5 per family), each size against AR in the same run
       for n in ${SWEEP_NODES:-8 16 32}; do
         python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --limit 5 --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
