@@ -2279,7 +2279,7 @@ def main(argv=None):
                                                  "or a .json file (default: the heads' own static tree)")
     ap.add_argument("--context-drafts", type=int, default=None, metavar="K",
                     help="drafts from the context: a chain of K tokens that continues the latest earlier occurrence "
-                         "of the text's last tokens (default with heads, by batch: 16 at batch 1 on a GPU, else 10; "
+                         "of the text's last tokens (default with heads, by batch on a GPU: 24 at batch 1, 16 at 2, else 10; "
                          "0: off)")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per prompt")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
