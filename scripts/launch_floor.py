@@ -60,7 +60,7 @@ def chain(bufs, weights, launches, grid, pdl, early=False):
 def time_chain(launches, grid, pdl, weight_mb, early=False, reps=30):
     """Median microseconds a link of the chain (weights of zeros), replayed as one CUDA graph."""
     bufs = [torch.zeros(4096, device="cuda") for _ in range(2)]
-    per_launch = max(int(weight_mb * 2**20 / 2), grid)
+    per_launch = triton.cdiv(max(int(weight_mb * 2**20 / 2), grid), 64 * grid) * 64 * grid  # (aligned slices)
     weights = torch.zeros(launches, per_launch, dtype=torch.bfloat16, device="cuda")
     chain(bufs, weights, launches, grid, pdl, early)  # (compile, warm)
     torch.cuda.synchronize()
