@@ -331,7 +331,8 @@ def steps(args):
     import kernels as K
 
     args.path_tiles = args.path_tiles or [(K.PATH_TILE_ROWS, K.PATH_SPLIT_LEN)]
-    model, tree = random_model(SHAPES[args.shape], args.device), hl.Tree(hl.default_tree(), args.device)
+    choices = hl.prune_tree(hl.default_tree(), args.tree_nodes) if args.tree_nodes else hl.default_tree()
+    model, tree = random_model(SHAPES[args.shape], args.device), hl.Tree(choices, args.device, context=args.tree_chain)
     n_params = sum(p.numel() for p in model.parameters())
     bw = hbm_bandwidth(args.device)
     log(f"{args.shape}: {n_params / 1e9:.2f}B parameters, HBM copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -1187,7 +1188,8 @@ def context_length(text):
 
 
 # The least each numeric option may be (those a subcommand has).
-ARG_MINIMUMS = dict(batch=1, max_new_tokens=1, limit=0, hf_limit=0, context=0, context_only=0, tree_nodes=0, lengths=1)
+ARG_MINIMUMS = dict(batch=1, max_new_tokens=1, limit=0, hf_limit=0, context=0, context_only=0, tree_nodes=0, tree_chain=0,
+                    lengths=1)
 
 
 def check_args(args):
@@ -1303,6 +1305,10 @@ def add_steps_args(sub):
     s.add_argument("--profile", action="store_true", help="also write GPU time by kernel of each step (default and fast kernels)")
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     s.add_argument("--context", type=int, default=512)
+    s.add_argument("--tree-nodes", type=int, default=0, help="verify the default tree cut to this many head nodes "
+                   "(0: all 63), e.g. 16 for batch 8's default")
+    s.add_argument("--tree-chain", type=int, default=0, help="and a context chain of this many tokens beside them "
+                   "(e.g. 10 for batch 8's default)")
     s.add_argument("--path-tiles", type=parse_tiles, nargs="+", default=None,
                    help="path_attention tile rows x split length to time, e.g. 64x128 16x256 (default: the kernels' own)")
     s.add_argument("--unfused", action="store_true", help="also time the decoder layers op by op (HYDRA_LITE_FUSED=0) "

@@ -1819,6 +1819,12 @@ class Output:
 # and context drafts (BENCHMARKS.md, run 12, "tree size by batch"): at batch 8, 16 nodes 2.24x over AR, 8 nodes
 # 2.19x, 32 nodes 2.11x; at batch 32, 16 nodes 1.72x, 8 or 32 nodes 1.61-1.62x.
 TREE_NODES_BY_BATCH = ((2, 63), (4, 48), (32, 16), (1 << 30, 8))
+# Beside a context chain (the default with heads) the chain takes the long accepts, and the head tree's deep,
+# unlikely nodes cost more than they add: H200, SmolLM2, 60 held-out prompts against AR in the same run
+# (BENCHMARKS.md, run 24): batch 1 with a 24-token chain, 32 head nodes 5068 tokens/s (4.25x), 24 5054, 16 4951,
+# 48 4639, 63 4553; batch 2 with 16, 32 nodes 5652 against 5436 (16) and 5463 (63); batch 8 with 10, 8 nodes
+# 11097, 16 10929, 32 10464.
+TREE_NODES_BESIDE_CHAIN_BY_BATCH = ((4, 32), (32, 16), (1 << 30, 8))
 # On the CPU a verification pass costs about in proportion to its nodes (no launch overhead hides them): an
 # 8-node head tree with the context chain pays at batch 1 (1.56x AR decoding, the 64-node tree 0.93x), and the
 # command line decodes batches plainly there (BENCHMARKS.md, run 11, "On the CPU").
@@ -1857,10 +1863,12 @@ class Generator:
     graphs are built per GraphKey and reused across calls."""
 
     def __init__(self, model: Llama, tokenizer=None, heads: Optional[DraftHeads] = None, tree_choices=None,
-                 cuda_graphs=True, acceptance="exact", context_drafts=None, tree_nodes_by_batch=TREE_NODES_BY_BATCH,
+                 cuda_graphs=True, acceptance="exact", context_drafts=None, tree_nodes_by_batch=None,
                  dynamic=False):
         """tree_choices: the heads' static tree (default: the one they ship, else default_tree()); dynamic=True
-        grows a DynamicTree per step instead, as deep as that tree, of as many nodes."""
+        grows a DynamicTree per step instead, as deep as that tree, of as many nodes. tree_nodes_by_batch: head-tree
+        nodes by batch size, ((up to batch, nodes), ...) (default: TREE_NODES_BY_BATCH, or
+        TREE_NODES_BESIDE_CHAIN_BY_BATCH at batch sizes with a context chain)."""
         self.model, self.tokenizer, self.heads = model, tokenizer, heads
         self.dynamic = dynamic and heads is not None
         self.device = model.embed.weight.device
@@ -1906,11 +1914,12 @@ class Generator:
         return " + ".join(parts)
 
     def tree_for(self, batch):
-        """The tree verified at this batch size: the heads' tree cut to TREE_NODES_BY_BATCH, and the context chain
-        (CONTEXT_DRAFTS_BY_BATCH)."""
+        """The tree verified at this batch size: the heads' tree cut to its nodes for this batch (see __init__),
+        and the context chain (CONTEXT_DRAFTS_BY_BATCH)."""
         if batch not in self._trees:
-            nodes = next(n for b, n in self.tree_nodes_by_batch if batch <= b)
             context = next(n for b, n in self.context_by_batch if batch <= b)
+            by_batch = self.tree_nodes_by_batch or (TREE_NODES_BESIDE_CHAIN_BY_BATCH if context else TREE_NODES_BY_BATCH)
+            nodes = next(n for b, n in by_batch if batch <= b)
             rank_acc = self.heads.rank_acc if self.heads is not None else None
             choices = prune_tree(self.tree_choices, nodes, rank_acc)
             if self.dynamic:

@@ -133,3 +133,22 @@ def test_steps_times_every_kernel_set_and_restores_the_settings(tmp_path, monkey
     want = {base} | {tuple(ch.get(i, v) for i, v in enumerate(base)) for ch in changed}
     assert sorted(set(seen)) == sorted(want)
     assert benchmark.kernel_settings(kernels) == before
+
+
+def test_steps_verifies_a_tree_of_the_size_asked(tmp_path, monkeypatch):
+    """--tree-nodes and --tree-chain: the verification step times a tree of the default tree's likeliest nodes
+    and a chain (as the Generator verifies at larger batches), not the whole 63-node tree."""
+    import json
+    import random
+
+    monkeypatch.setitem(benchmark.SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
+                                                       vocab_size=97))
+    monkeypatch.setattr(benchmark, "time_graph", lambda fn: fn() is None or 1.0)
+    monkeypatch.setattr(benchmark, "hbm_bandwidth", lambda device: 4e12)
+    monkeypatch.setattr(benchmark, "path_tiles_invariant", lambda K, cfg, tree: True)
+    nodes, chain = random.randint(2, 20), random.randint(0, 6)
+    assert benchmark.main(["steps", "--shape", "tiny", "--device", "cpu", "--batch", "2", "--context", "20",
+                           "--tree-nodes", str(nodes), "--tree-chain", str(chain), "--out", str(tmp_path)]) in (None, 0)
+    rows = json.loads((tmp_path / "steps_tiny.json").read_text())["rows"]
+    assert {r["tokens"] for r in rows if r["step"].startswith("tree verify")} == {2 * (1 + nodes + chain)}
+    assert {r["tokens"] for r in rows if r["step"].startswith("AR step")} == {2}

@@ -660,6 +660,21 @@ def test_tree_size_by_batch_and_pruning():
     assert hl.prune_tree([[0], [1], [1, 0], [0, 0]], 2, acc) == [[1], [1, 0]]
 
 
+def test_default_head_tree_is_smaller_beside_a_context_chain():
+    """By default a chain beside the heads cuts their tree to TREE_NODES_BESIDE_CHAIN_BY_BATCH; heads alone keep
+    TREE_NODES_BY_BATCH (the chain takes the long accepts that deep head nodes would)."""
+    model = tiny_model(2)
+    heads = tiny_heads(model, True, False)
+    alone = hl.Generator(model, heads=heads, tree_choices=hl.default_tree(), context_drafts=0)
+    beside = hl.Generator(model, heads=heads, tree_choices=hl.default_tree(), context_drafts=5)
+    for batch in (1, 2, 3, 8, 40):
+        nodes = [next(n for b, n in table if batch <= b)
+                 for table in (hl.TREE_NODES_BY_BATCH, hl.TREE_NODES_BESIDE_CHAIN_BY_BATCH)]
+        assert alone.tree_for(batch).size == 1 + min(nodes[0], len(hl.default_tree()))
+        assert beside.tree_for(batch).size == 1 + 5 + min(nodes[1], len(hl.default_tree()))
+    assert beside.tree_for(1).size < alone.tree_for(1).size
+
+
 def test_warmup_leaves_nothing_to_build(monkeypatch):
     model = tiny_model(4)
     gen = hl.Generator(model, heads=tiny_heads(model, True, True))
