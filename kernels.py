@@ -786,12 +786,12 @@ _MERGE_COUNTS = {}  # device -> int32 counts, one per output row, all 0 between 
 _DECODE_PATH = {}  # device -> the one-token path ([[[0]]], depth [[0]]): a decode step is a one-node tree
 
 
-def _zero_counts(table, device, n):
-    """At least n int32 counts that are all 0 between calls (each user resets those it counted), kept in table
-    per device (a graph replays with the same buffer), grown to a power of two, at least 64k."""
-    counts = table.get(device)
+def _merge_counts(device, n):
+    """The merge's per-row counts: zeros, kept (a graph replays with the same buffer), grown to a power of two."""
+    counts = _MERGE_COUNTS.get(device)
     if counts is None or counts.numel() < n:
-        counts = table[device] = torch.zeros(max(1 << (n - 1).bit_length(), 1 << 16), dtype=torch.int32, device=device)
+        counts = _MERGE_COUNTS[device] = torch.zeros(max(1 << (n - 1).bit_length(), 1 << 16), dtype=torch.int32,
+                                                     device=device)
     return counts
 
 
@@ -832,7 +832,7 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     upcast = (not q.is_cuda) or q.dtype == torch.float32 or q.dtype != k_cache.dtype
     lens = lens.contiguous()
     merge = PATH_MERGE_IN_KERNEL or (PATH_MERGE_DECODE and T == 1)
-    counts = _zero_counts(_MERGE_COUNTS, q.device, B * T * Hq) if merge else lens  # (unused without the merge)
+    counts = _merge_counts(q.device, B * T * Hq) if merge else lens  # (unused without the merge)
     _path_attn_kernel[(n_shared + edge_progs * triton.cdiv(T, edge_tok), B * Hkv)](
         q, k_cache, v_cache, lens, path, depth, po, plse, out, counts, T, Hq, Hkv, D,
         1.0 / math.sqrt(D) * 1.4426950408889634, num_splits, n_shared, edge_tok, groups, edge_progs,
@@ -875,21 +875,20 @@ def _row_sumsq(x_ptr, rm, M, K, sxm, sxk, BLOCK_M: tl.constexpr, BLOCK_K: tl.con
 
 
 @triton.jit
-def _rows_times_w(x_ptr, w_ptr, rm, wa, wb, n_ok, M, k_lo, k_len, sxm, sxk, swn, swk,
+def _rows_times_w(x_ptr, w_ptr, rm, wa, wb, n_ok, M, K, sxm, sxk, swn, swk,
                   TWO: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                   BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x[rm] @ w[wa].T and (TWO) x[rm] @ w[wb].T in fp32 [BLOCK_M, BLOCK_N], reduced over the k_len columns of K
-    from k_lo in BLOCK_K steps, in order, from one read of x. x goes into the MMA as loaded: a prologue on its tile
-    (64 rows, most of them padding in a decode step) costs more than the weight read it would hide behind. (The
-    loop runs from 0, the pointers start at k_lo: a loop from k_lo is not software-pipelined.)"""
+    """x[rm] @ w[wa].T and (TWO) x[rm] @ w[wb].T in fp32 [BLOCK_M, BLOCK_N], reduced over K in BLOCK_K steps, in
+    order, from one read of x. x goes into the MMA as loaded: a prologue on its tile (64 rows, most of them
+    padding in a decode step) costs more than the weight read it would hide behind."""
     rk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * sxm + (k_lo + rk)[None, :] * sxk
-    wa_ptrs = w_ptr + wa[None, :].to(tl.int64) * swn + (k_lo + rk)[:, None] * swk
-    wb_ptrs = w_ptr + wb[None, :].to(tl.int64) * swn + (k_lo + rk)[:, None] * swk
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :] * sxk
+    wa_ptrs = w_ptr + wa[None, :].to(tl.int64) * swn + rk[:, None] * swk
+    wb_ptrs = w_ptr + wb[None, :].to(tl.int64) * swn + rk[:, None] * swk
     acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_len, BLOCK_K):
-        k_ok = rk < k_len - k0
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
         x = tl.load(x_ptrs + k0 * sxk, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
         w_ok = k_ok[:, None] & n_ok[None, :]
         acc_a = _mma(acc_a, x, tl.load(wa_ptrs + k0 * swk, mask=w_ok, other=0.0), UPCAST, PREC, BY_SUM)
@@ -914,54 +913,22 @@ def _rms_scale(x_ptr, ss_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN: tl.constexpr, B
 
 
 @triton.jit(do_not_specialize=["M"])
-def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, ws_ptr, cnt_ptr, M, N, K, K_PART, P, sxm, sxk,
-                   swn, swk, srm, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                   SILU_ADD: tl.constexpr, RESIDUAL: tl.constexpr, SS_IN: tl.constexpr, SS_OUT: tl.constexpr,
-                   UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT_K: tl.constexpr,
-                   PDL: tl.constexpr):
+def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K, P, sxm, sxk, swn, swk, srm, eps,
+                   HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, SILU_ADD: tl.constexpr,
+                   RESIDUAL: tl.constexpr,
+                   SS_IN: tl.constexpr, SS_OUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                   BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
     # Row blocks on axis 0: the programs that read one slice of w run side by side (rereads hit L2).
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_lo = tl.program_id(2) * K_PART  # (SPLIT_K > 1: this program's part of K; axis 2 is 1 wide otherwise)
-    acc, up = _rows_times_w(x_ptr, w_ptr, rm, rn, N + rn, rn < N, M, k_lo, tl.minimum(K_PART, K - k_lo), sxm, sxk,
-                            swn, swk, SWIGLU or SILU_ADD, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
-    if SPLIT_K == 1:
-        _matmul_epilogue(acc, up, x_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, rm, rn, M, N, K, P, sxm, sxk, srm, eps,
-                         HAS_BIAS, NORM, SWIGLU, SILU_ADD, RESIDUAL, SS_IN, SS_OUT, BLOCK_M, BLOCK_K, BLOCK_P)
-    else:  # the last of the tile's SPLIT_K programs to finish adds their parts, in order, and finishes the tile
-        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        row_ok = (rm < M)[:, None]
-        part = ws_ptr + (tile * SPLIT_K * 2 * BLOCK_M + tl.arange(0, BLOCK_M))[:, None] * BLOCK_N \
-            + tl.arange(0, BLOCK_N)[None, :]  # [2 x SPLIT_K, BLOCK_M, BLOCK_N] a tile: acc and up of each part
-        tl.store(part + tl.program_id(2) * 2 * BLOCK_M * BLOCK_N, acc, mask=row_ok)
-        if SWIGLU or SILU_ADD:
-            tl.store(part + (tl.program_id(2) * 2 + 1) * BLOCK_M * BLOCK_N, up, mask=row_ok)
-        tl.debug_barrier()  # every thread's part is stored before the count says so
-        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
-            tl.debug_barrier()
-            acc = tl.load(part, mask=row_ok, other=0.0, cache_modifier=".cg")
-            if SWIGLU or SILU_ADD:
-                up = tl.load(part + BLOCK_M * BLOCK_N, mask=row_ok, other=0.0, cache_modifier=".cg")
-            for s in range(1, SPLIT_K):  # (in order: the same sums whichever program came last)
-                acc += tl.load(part + s * 2 * BLOCK_M * BLOCK_N, mask=row_ok, other=0.0, cache_modifier=".cg")
-                if SWIGLU or SILU_ADD:
-                    up += tl.load(part + (s * 2 + 1) * BLOCK_M * BLOCK_N, mask=row_ok, other=0.0, cache_modifier=".cg")
-            tl.store(cnt_ptr + tile, 0)  # (0 again for the next call)
-            _matmul_epilogue(acc, up, x_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, rm, rn, M, N, K, P, sxm, sxk, srm,
-                             eps, HAS_BIAS, NORM, SWIGLU, SILU_ADD, RESIDUAL, SS_IN, SS_OUT, BLOCK_M, BLOCK_K, BLOCK_P)
-
-
-@triton.jit
-def _matmul_epilogue(acc, up, x_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, rm, rn, M, N, K, P, sxm, sxk, srm, eps,
-                     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, SILU_ADD: tl.constexpr,
-                     RESIDUAL: tl.constexpr, SS_IN: tl.constexpr, SS_OUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The tile's products (acc; up: the second slice's) to its outputs: RMSNorm's scale, bias, SwiGLU or
-    r + silu(z), the residual, the store, and the rows' sums of squares for the next norm."""
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)  # (unused without NORM)
     if NORM:  # RMSNorm's 1/RMS, per row (its weight is in w's columns)
         rstd = _rms_scale(x_ptr, ssi_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN, BLOCK_M, BLOCK_K, BLOCK_P)
+    acc, up = _rows_times_w(x_ptr, w_ptr, rm, rn, N + rn, rn < N, M, K, sxm, sxk, swn, swk,
+                            SWIGLU or SILU_ADD, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+    if NORM:
         acc, up = acc * rstd[:, None], up * rstd[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -1007,22 +974,6 @@ MATMUL_K_TILE = int(os.environ.get("HYDRA_LITE_MATMUL_K_TILE", "0"))
 # 1.10, batch-8 verification 2.06 vs 2.01; 5 stages 0.88 / 0.91 / 0.95 / 2.20. Run 19 checked 4 against the
 # reference and in the GPU tests with the real model (a pipelined loop once raced: _row_sumsq), so 4 is the default.
 MATMUL_STAGES = int(os.environ.get("HYDRA_LITE_MATMUL_STAGES", "0"))
-
-
-# Parts of K reduced by programs of their own below MATMUL_WIDE_N (1: none). A decode step's matmul on a few dozen
-# programs (SmolLM2: N = 576) leaves most SMs idle; with parts, each of a tile's programs reduces its part in
-# order and the last to finish adds the parts in order (an atomic count per tile: no program waits), so a row's
-# bits depend on (N, K), not on M. Off until timed on a GPU (issue 14: `benchmark.py steps --matmul-split-k 4`).
-MATMUL_SPLIT_K = int(os.environ.get("HYDRA_LITE_MATMUL_SPLIT_K", "1"))
-_TILE_COUNTS = {}  # device -> int32 counts, one per output tile, all 0 between calls (the last program resets its own)
-
-
-def _matmul_k_part(N, K, BLOCK_K):
-    """Columns of K a program reduces: all of K, or with MATMUL_SPLIT_K (below MATMUL_WIDE_N) a whole number of
-    BLOCK_K steps, so that every part starts on a step (a row's bits depend on (N, K) only)."""
-    splits = MATMUL_SPLIT_K if N < MATMUL_WIDE_N else 1
-    return K if splits <= 1 else triton.cdiv(triton.cdiv(K, splits), BLOCK_K) * BLOCK_K
-
 
 
 def _matmul_stages(BLOCK_K):
@@ -1085,21 +1036,16 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
     b = bias.contiguous() if bias is not None else w  # unused without a bias
     ss_in, P, BLOCK_P = _sumsq_in(sumsq if rms_eps is not None else None, M, x.device)
-    k_part = _matmul_k_part(N, K, BLOCK_K)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N), triton.cdiv(K, k_part))
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     ss_out = torch.empty(*x.shape[:-1], grid[1], dtype=torch.float32, device=x.device) if sumsq_out else ss_in
-    ws, counts = y, ss_in  # (unused without a split)
-    if grid[2] > 1:
-        ws = torch.empty(grid[0] * grid[1] * grid[2] * 2 * BLOCK_M * BLOCK_N, dtype=torch.float32, device=x.device)
-        counts = _zero_counts(_TILE_COUNTS, x.device, grid[0] * grid[1])
     _matmul_kernel[grid](
-        x2, w, b, y, r2, ss_in, ss_out, ws, counts, M, N, K, k_part, P, *x2.stride(), *w.stride(), r2.stride(0),
+        x2, w, b, y, r2, ss_in, ss_out, M, N, K, P, *x2.stride(), *w.stride(), r2.stride(0),
         0.0 if rms_eps is None else rms_eps, HAS_BIAS=bias is not None, NORM=rms_eps is not None, SWIGLU=swiglu,
         SILU_ADD=silu_add,
         RESIDUAL=residual is not None, SS_IN=rms_eps is not None and sumsq is not None, SS_OUT=sumsq_out,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, SPLIT_K=grid[2], num_warps=4,
-        num_stages=_matmul_stages(BLOCK_K), **_pdl(x))
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=_matmul_stages(BLOCK_K),
+        **_pdl(x))
     return (y, ss_out) if sumsq_out else y
 
 
@@ -1123,7 +1069,7 @@ def _qkv_rope_kernel(x_ptr, w_ptr, ss_ptr, cos_ptr, sin_ptr, pos_ptr, lens_ptr, 
     n_ok = head < Hq + 2 * Hkv
     col = head * 2 * HALF + j
     rstd = _rms_scale(x_ptr, ss_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN, BLOCK_M, BLOCK_K, BLOCK_P)[:, None]
-    x1, x2 = _rows_times_w(x_ptr, w_ptr, rm, col, col + HALF, n_ok, M, 0, K, sxm, sxk, swn, swk,
+    x1, x2 = _rows_times_w(x_ptr, w_ptr, rm, col, col + HALF, n_ok, M, K, sxm, sxk, swn, swk,
                            True, UPCAST, PREC, BY_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
     dt = q_ptr.dtype.element_ty
     x1, x2 = (x1 * rstd).to(dt).to(tl.float32), (x2 * rstd).to(dt).to(tl.float32)  # the projection's outputs, rounded

@@ -36,7 +36,7 @@ SHARED_MAX = 232448  # bytes of shared memory a block may take on sm_90 (227 KiB
 # constant and marks a multiple of 16 as such, and what it then knows (unit strides, aligned rows) decides which
 # loads are vectorized and software-pipelined, and so the shared memory. Pointers are marked 16-byte aligned.
 RUNTIME_INTS = {
-    "_matmul_kernel": dict(K=576, K_PART=576, sxm=576, sxk=1, swn=576, swk=1, srm=576),
+    "_matmul_kernel": dict(K=576, sxm=576, sxk=1, swn=576, swk=1, srm=576),
     "_qkv_rope_kernel": dict(K=576, sxm=576, sxk=1, swn=576, swk=1),
     "_path_attn_kernel": dict(D=64, sqb=36864, sqt=576, sqh=64, sqd=1, skb=786432, skh=64, skd=1, svb=786432, svh=64, svd=1,
                               sks=192, svs=192, spj=1),
@@ -83,33 +83,26 @@ def registers(ptx):
 def kernel_sets():
     """(name, kernel, argument types, constexprs[, num_warps]): SmolLM2's shapes (GQA 9/3 heads, head_dim 64), bf16."""
     bf16 = lambda *names: {n: "*bf16" for n in names}
-    matmul = bf16("x_ptr", "w_ptr", "b_ptr", "y_ptr", "r_ptr") | dict(ssi_ptr="*fp32", sso_ptr="*fp32", ws_ptr="*fp32",
-                                                                     cnt_ptr="*i32", eps="fp32")
+    matmul = bf16("x_ptr", "w_ptr", "b_ptr", "y_ptr", "r_ptr") | dict(ssi_ptr="*fp32", sso_ptr="*fp32", eps="fp32")
     for norm, swiglu, residual, ss_in in ((False, False, False, False), (True, False, False, False),
                                           (True, False, False, True), (True, True, False, True), (False, False, True, False)):
         yield (f"matmul norm={norm} swiglu={swiglu} residual={residual} sums of squares in={ss_in} out={residual} "
                f"dependent launch={ss_in}", K._matmul_kernel, matmul,
                dict(HAS_BIAS=False, NORM=norm, SWIGLU=swiglu, SILU_ADD=False, RESIDUAL=residual, SS_IN=ss_in,
                     SS_OUT=residual, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64,
-                    BLOCK_P=64, SPLIT_K=1, PDL=ss_in))
+                    BLOCK_P=64, PDL=ss_in))
     for N, K_ in ((49152, 576), (11008, 4096)):  # the widest tiles (the LM head; a 7B's gate/up) at their stages
         _, BLOCK_N, BLOCK_K = K._matmul_tiles(N, K_, True)
         yield (f"matmul norm swiglu N={N} K={K_}: {BLOCK_N} x {BLOCK_K} tiles", K._matmul_kernel, matmul,
                dict(HAS_BIAS=False, NORM=True, SWIGLU=True, SILU_ADD=False, RESIDUAL=False, SS_IN=True, SS_OUT=False,
                     UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=64,
-                    SPLIT_K=1, PDL=True))
+                    PDL=True))
     yield ("matmul silu_add (a draft head's residual block) with bias, dependent launch=True", K._matmul_kernel, matmul,
            dict(HAS_BIAS=True, NORM=False, SWIGLU=False, SILU_ADD=True, RESIDUAL=False, SS_IN=False, SS_OUT=False,
-                UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, SPLIT_K=1, PDL=True))
+                UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True))
     yield ("matmul norm residual, 8 columns a program (MATMUL_COLUMNS=8)", K._matmul_kernel, matmul,
            dict(HAS_BIAS=False, NORM=True, SWIGLU=False, SILU_ADD=False, RESIDUAL=True, SS_IN=True, SS_OUT=True,
-                UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=8, BLOCK_K=64, BLOCK_P=64, SPLIT_K=1, PDL=True))
-    for swiglu, residual in ((True, False), (False, True)):
-        yield (f"matmul norm swiglu={swiglu} residual={residual}, 8 columns, K in 4 parts (MATMUL_SPLIT_K=4)",
-               K._matmul_kernel, matmul,
-               dict(HAS_BIAS=False, NORM=True, SWIGLU=swiglu, SILU_ADD=False, RESIDUAL=residual, SS_IN=True,
-                    SS_OUT=residual, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=8, BLOCK_K=64,
-                    BLOCK_P=64, SPLIT_K=4, PDL=True))
+                UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=8, BLOCK_K=64, BLOCK_P=64, PDL=True))
     for columns in (16, 8):
         yield (f"qkv_rope dependent launch=True, {columns} column pairs a program", K._qkv_rope_kernel,
                bf16("x_ptr", "w_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(

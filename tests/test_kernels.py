@@ -568,36 +568,6 @@ def test_matmul_narrow_column_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matmul_split_k(monkeypatch, dtype):
-    """K in parts (MATMUL_SPLIT_K; the GPU's narrow tiles forced onto the interpreter), each reduced by its own
-    program and added by the tile's last: F.linear's values (float32), fused or not, a row's bits the same in any
-    batch, and the per-tile counts back at 0."""
-    monkeypatch.setattr(kernels, "_matmul_tiles", lambda N, K, cuda: (64, 8, 16))
-    monkeypatch.setattr(kernels, "MATMUL_SPLIT_K", int(torch.randint(2, 5, ())))
-    M, N, K = 70, 20, 72  # (K not a multiple of the parts: the last part is short)
-    assert triton_cdiv(K, kernels._matmul_k_part(N, K, 16)) == kernels.MATMUL_SPLIT_K
-    x, w, b = torch.randn(M, K, dtype=dtype), (torch.randn(2 * N, K) / K ** 0.5).to(dtype), torch.randn(2 * N, dtype=dtype)
-    res = torch.randn(M, N, dtype=dtype)
-    calls = [dict(), dict(bias=b[:N]), dict(swiglu=True, rms_eps=1e-5, residual=res), dict(silu_add=True, bias=b),
-             dict(rms_eps=1e-5, residual=res, sumsq_out=True)]
-    for kw in calls:
-        wk = w if kw.get("swiglu") or kw.get("silu_add") else w[:N]
-        y = kernels.matmul(x, wk, **kw)
-        want = hl.matmul_ref(x, wk, **kw)
-        if dtype == torch.float32:  # (bf16: the fused roundings part from the reference's by a few ulps, as unsplit)
-            close(y[0] if kw.get("sumsq_out") else y, want[0] if kw.get("sumsq_out") else want, dtype)
-        i = int(torch.randint(0, M, ()))
-        one = {k: (v[i:i + 1] if k == "residual" else v) for k, v in kw.items()}
-        y1 = kernels.matmul(x[i:i + 1], wk, **one)
-        assert torch.equal(y1[0][0] if kw.get("sumsq_out") else y1[0], y[0][i] if kw.get("sumsq_out") else y[i])
-        assert not kernels._TILE_COUNTS[x.device].any()
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm,swiglu,residual", [(True, False, False), (False, False, True), (True, True, False),
                                                   (True, True, True)])
 def test_matmul_fused(dtype, norm, swiglu, residual):
