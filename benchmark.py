@@ -395,7 +395,7 @@ KERNEL_KNOBS = dict(exact=("hl", "EXACT"), fused=("hl", "FUSED"), merge=("K", "P
                     edge=("K", "PATH_EDGE_TOKENS"), pdl=("K", "PDL"), pdl_tokens=("K", "PDL_MAX_TOKENS"),
                     wide_n=("K", "MATMUL_WIDE_N"), programs=("K", "PATH_PROGRAMS"), warps=("K", "PATH_WARPS"),
                     k_tile=("K", "MATMUL_K_TILE"), merge_decode=("K", "PATH_MERGE_DECODE"), stages=("K", "MATMUL_STAGES"),
-                    path_stages=("K", "PATH_STAGES"), columns=("K", "MATMUL_COLUMNS"))
+                    path_stages=("K", "PATH_STAGES"))
 
 
 def kernel_settings(K):
@@ -426,7 +426,6 @@ def step_kernel_sets(args, K):
         sets += [(" (no dependent launch)", default | dict(pdl=False)),
                  (" (dependent launch at every size)", default | dict(pdl=True, pdl_tokens=0))]
     sets += [(f" (matmul 64 columns from N={n})", default | dict(wide_n=n)) for n in args.matmul_wide_n]
-    sets += [(f" (matmul {n} columns a program)", default | dict(columns=n)) for n in args.matmul_columns]
     sets += [(f" (path_attention ~{n} programs)", default | dict(programs=n)) for n in args.path_programs]
     sets += [(f" (path_attention {w} warps)", default | dict(warps=w)) for w in args.path_warps]
     sets += [(f" (matmul K steps of {k})", default | dict(k_tile=k)) for k in args.matmul_k_tile]
@@ -1019,13 +1018,11 @@ def tasks_bench(args):
     log(f"{len(rows)} prompts ({', '.join(families)}), {args.max_new_tokens} new tokens, {dev} {args.dtype}")
     import kernels as K
 
-    results, records = [], []
-    kernels_before = (hl.EXACT, hl.FUSED, hl.FUSED_HEADS, K.PATH_MERGE_IN_KERNEL, K.MATMUL_COLUMNS)
+    results, records, kernels_before = [], [], (hl.EXACT, hl.FUSED, hl.FUSED_HEADS, K.PATH_MERGE_IN_KERNEL)
     for batch, kernels in itertools.product(args.batch, args.kernels):
         # (every method, AR included, with one set of kernels; read at capture)
-        hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = kernels != "fast", kernels in ("exact", "fused-heads", "8-columns"), False
+        hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = kernels != "fast", kernels in ("exact", "fused-heads"), False
         hl.FUSED_HEADS = kernels == "fused-heads"
-        K.MATMUL_COLUMNS = 8 if kernels == "8-columns" else kernels_before[4]
         order = sorted(range(len(rows)), key=lambda i: (rows[i]["task"], i)) if batch == 1 else \
             random.Random(0).sample(range(len(rows)), len(rows))  # larger batches mix the families, as traffic does
         b_rows, b_ids = [rows[i] for i in order], [ids[i] for i in order]
@@ -1056,7 +1053,7 @@ def tasks_bench(args):
                                         warmup_s=warm, **s))
                 log(f"b{batch} {name} ({attempt} calls): {results[-1]['tokens_per_s']:.0f} tokens/s, "
                     f"accept {results[-1]['mean_accept']:.2f}")
-    hl.EXACT, hl.FUSED, hl.FUSED_HEADS, K.PATH_MERGE_IN_KERNEL, K.MATMUL_COLUMNS = kernels_before
+    hl.EXACT, hl.FUSED, hl.FUSED_HEADS, K.PATH_MERGE_IN_KERNEL = kernels_before
     for r in results:  # against AR with the same kernels
         ar = next(a for a in results if a["method"].split(" ")[0] == "ar" and (a["batch"], a["task"], a["attempt"], a["kernels"])
                   == (r["batch"], r["task"], r["attempt"], r["kernels"]))
@@ -1293,12 +1290,11 @@ def add_tasks_args(sub):
     t.add_argument("--repeat", action="store_true", help="time every call twice: first, and repeated right after")
     t.add_argument("--warmup", action="store_true", help="Generator.warmup() before timing (no capture in a call)")
     t.add_argument("--dtype", default="bfloat16")
-    t.add_argument("--kernels", nargs="+", choices=["exact", "unfused", "fast", "fused-heads", "8-columns"], default=["exact"],
+    t.add_argument("--kernels", nargs="+", choices=["exact", "unfused", "fast", "fused-heads"], default=["exact"],
                    help="kernel sets to run every method with (exact: the batch-invariant ones with fused layers, the "
                         "default; unfused: the same with the layers op by op, HYDRA_LITE_FUSED=0; fast: cuBLAS and the "
                         "tiled attention, HYDRA_LITE_EXACT=0; fused-heads: exact with each draft-head block one matmul, "
-                        "HYDRA_LITE_FUSED_HEADS=1; 8-columns: exact with 8 output columns a matmul program, "
-                        "HYDRA_LITE_MATMUL_COLUMNS=8), each against AR with the same")
+                        "HYDRA_LITE_FUSED_HEADS=1), each against AR with the same")
     return t
 
 
@@ -1321,8 +1317,6 @@ def add_steps_args(sub):
                    "launch (kernels.PDL, HYDRA_LITE_PDL=0) and with it for calls of every size (kernels.PDL_MAX_TOKENS)")
     s.add_argument("--matmul-wide-n", type=int, nargs="*", default=[], help="also time the matmul taking 64 columns "
                    "a program from outputs this wide (kernels.MATMUL_WIDE_N; below: 32), e.g. 4097")
-    s.add_argument("--matmul-columns", type=int, nargs="*", default=[], help="also time the matmuls with this many "
-                   "output columns a program below MATMUL_WIDE_N (kernels.MATMUL_COLUMNS; 0: 16 or 32), e.g. 8")
     s.add_argument("--path-programs", type=int, nargs="*", default=[], help="also time path_attention with about this "
                    "many programs for the splits below the cache length (kernels.PATH_PROGRAMS), e.g. 264 528")
     s.add_argument("--path-warps", type=int, nargs="*", default=[], help="also time path_attention with this many "

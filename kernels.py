@@ -957,11 +957,6 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K,
 # over N / BLOCK_N programs: at N = 4096 (a 7B model's attention output and down projection) 64 of them leave
 # half of an H100's SMs idle; 4097 gives those 128. Per (N, K), so a row's bits still do not depend on M.
 MATMUL_WIDE_N = int(os.environ.get("HYDRA_LITE_MATMUL_WIDE_N", "4096"))
-# Columns a program below MATMUL_WIDE_N (0: 16 up to N = 1024, else 32). A decode step's matmul streams w over
-# N / BLOCK_N programs: SmolLM2's (N = 576-1536) run on 30-48 programs of an H200's 132 SMs, and run 24's floor
-# (scripts/launch_floor.py) streams 1.8 MB in 11.7 us on 36 programs, 2.9 on 132. Per (N, K): a row's bits still
-# do not depend on M. To time: `benchmark.py steps --matmul-columns 8` (issue 14).
-MATMUL_COLUMNS = int(os.environ.get("HYDRA_LITE_MATMUL_COLUMNS", "0"))
 
 
 # Wider K steps (0: 128 where K allows, else 64): a decode step's matmul reads a narrow slice of w in K / BLOCK_K
@@ -991,7 +986,7 @@ def _matmul_tiles(N, K, cuda):
     2.25 ms: BENCHMARKS.md run 17.)"""
     if not cuda:
         return 64, 64, 64  # (the interpreter: few, large programs)
-    BLOCK_N = 64 if N >= MATMUL_WIDE_N else MATMUL_COLUMNS or (16 if N <= 1024 else 32)
+    BLOCK_N = 16 if N <= 1024 else 32 if N < MATMUL_WIDE_N else 64
     BLOCK_K = min(MATMUL_K_TILE, triton.next_power_of_2(K)) if MATMUL_K_TILE else 128 if K % 128 == 0 else 64
     while (64 + 2 * BLOCK_N) * BLOCK_K * 2 * _matmul_stages(BLOCK_K) > 200 * 1024:  # (shared memory: x, two w slices)
         BLOCK_K //= 2

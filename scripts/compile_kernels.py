@@ -100,15 +100,10 @@ def kernel_sets():
     yield ("matmul silu_add (a draft head's residual block) with bias, dependent launch=True", K._matmul_kernel, matmul,
            dict(HAS_BIAS=True, NORM=False, SWIGLU=False, SILU_ADD=True, RESIDUAL=False, SS_IN=False, SS_OUT=False,
                 UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True))
-    yield ("matmul norm residual, 8 columns a program (MATMUL_COLUMNS=8)", K._matmul_kernel, matmul,
-           dict(HAS_BIAS=False, NORM=True, SWIGLU=False, SILU_ADD=False, RESIDUAL=True, SS_IN=True, SS_OUT=True,
-                UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=8, BLOCK_K=64, BLOCK_P=64, PDL=True))
-    for columns in (16, 8):
-        yield (f"qkv_rope dependent launch=True, {columns} column pairs a program", K._qkv_rope_kernel,
-               bf16("x_ptr", "w_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(
-                   ss_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", lens_ptr="*i32", eps="fp32"),
-               dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=columns, BLOCK_K=64,
-                    BLOCK_P=64, PDL=True))
+    yield ("qkv_rope dependent launch=True", K._qkv_rope_kernel,
+           bf16("x_ptr", "w_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(
+               ss_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", lens_ptr="*i32", eps="fp32"),
+           dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True))
     path = bf16("q_ptr", "k_ptr", "v_ptr", "o_ptr") | dict(
         lens_ptr="*i32", path_ptr="*i64", depth_ptr="*i64", po_ptr="*fp32", plse_ptr="*fp32", cnt_ptr="*i32", scale="fp32")
     for merge in (False, True):
