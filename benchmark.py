@@ -150,17 +150,17 @@ def tree_for(heads_path, args, size=0):
     return None
 
 
-def profile_step(gen, prompt, path):
-    """GPU time of one speculative step by kernel (the step's graph is bypassed so kernels show up); CPU time
-    by op on a CPU."""
+def profile_step(gen, prompts, path):
+    """GPU time of one speculative step over a batch of prompts, by kernel (the step's graph is bypassed so
+    kernels show up); CPU time by op on a CPU."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = gen.device.type == "cuda"
 
-    gen.generate([prompt], 16 if cuda else 1)  # (compiles and captures on the GPU)
+    gen.generate(prompts, 16 if cuda else 1)  # (compiles and captures on the GPU)
     ws = gen.workspace
     with torch.inference_mode():
-        logits, h = gen._prefill(ws, [prompt])
+        logits, h = gen._prefill(ws, prompts)
         root = logits.argmax(-1)
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             for _ in range(5 if cuda else 1):  # (a CPU step is thousands of op events: one is plenty)
@@ -219,8 +219,8 @@ def e2e(args):
             if dtype == torch.float32 and exact < 1 and not args.temperature:
                 results[-1]["divergences"] = divergence_margins(model, prompts, out, ar_out)
                 log(f"b{batch} {name} divergences (token index, top-2 logit margin there): {results[-1]['divergences']}")
-            if args.profile and batch == 1:
-                profile_step(gen, prompts[0], os.path.join(args.out, f"profile_{name}.txt"))
+            if args.profile:
+                profile_step(gen, prompts[:batch], os.path.join(args.out, f"profile_{name}{f'_b{batch}' * (batch > 1)}.txt"))
             log(f"b{batch} {name}: {r['tokens_per_s']:.1f} tokens/s, accept {r['mean_accept']:.2f}, "
                 f"x{r['tokens_per_s'] / ar['tokens_per_s']:.2f}, match {exact:.2f}/{tm:.3f}")
     meta = dict(device=torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu", date=time.strftime("%Y-%m-%d"),

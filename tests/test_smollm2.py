@@ -103,7 +103,7 @@ def test_benchmark_e2e_writes_its_report(tmp_path, tiny_smol):
     prompts.write_text('{"turns": ["Name three colors."]}\n{"turns": ["What is 2+2?"]}\n')
     out = tmp_path / "new" / "dir"
     ckpt, heads = tiny_smol
-    rc = benchmark.main(["e2e", "--checkpoint", ckpt, "--prompts", str(prompts), "--batch", "1", "--max-new-tokens", "12",
+    rc = benchmark.main(["e2e", "--checkpoint", ckpt, "--prompts", str(prompts), "--batch", "1", "2", "--max-new-tokens", "12",
                          "--dtype", "float32", "--hf-limit", "1", "--profile", "--heads", f"hydra++={heads}", "--out", str(out),
                          "--tree-nodes", "8"])  # (the CPU's tree size: the 64-node tree is slow there)
     assert not rc
@@ -114,6 +114,7 @@ def test_benchmark_e2e_writes_its_report(tmp_path, tiny_smol):
     ar = [r for r in results if r["mode"] == "ar"][0]
     assert hf["exact_match"] == 1.0 and 0 < hf["new_tokens"] <= 12 < ar["new_tokens"]
     assert (out / "profile_hydra++.txt").exists() and (out / "e2e.md").exists()
+    assert "aten::" in (out / "profile_hydra++_b2.txt").read_text()  # (a step of both rows, by op on the CPU)
 
 
 def test_train_heads_cli_end_to_end(tmp_path, monkeypatch):
