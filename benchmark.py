@@ -342,6 +342,7 @@ def steps(args):
             first = dict(exact=True, tiles=args.path_tiles[0])
             checks = [dict(first, tiles=t) for t in args.path_tiles] + ([dict(first, merge=True)] if args.unfused else [])
             checks += [dict(first, programs=n) for n in args.path_programs] + [dict(first, warps=w) for w in args.path_warps]
+            checks += [dict(first, edge_parallel=True)] if args.path_edge_parallel else []
             for change in checks:  # each path_attention setting: a tree node == decoding its path
                 use_kernel_settings(K, **before | change)
                 log(f"path_attention {change}: tree node == decoding, bit for bit: {path_tiles_invariant(K, model.cfg, tree)}")
@@ -395,7 +396,7 @@ KERNEL_KNOBS = dict(exact=("hl", "EXACT"), fused=("hl", "FUSED"), merge=("K", "P
                     edge=("K", "PATH_EDGE_TOKENS"), pdl=("K", "PDL"), pdl_tokens=("K", "PDL_MAX_TOKENS"),
                     wide_n=("K", "MATMUL_WIDE_N"), programs=("K", "PATH_PROGRAMS"), warps=("K", "PATH_WARPS"),
                     k_tile=("K", "MATMUL_K_TILE"), merge_decode=("K", "PATH_MERGE_DECODE"), stages=("K", "MATMUL_STAGES"),
-                    path_stages=("K", "PATH_STAGES"))
+                    path_stages=("K", "PATH_STAGES"), edge_parallel=("K", "PATH_EDGE_PARALLEL"))
 
 
 def kernel_settings(K):
@@ -433,6 +434,8 @@ def step_kernel_sets(args, K):
     sets += [(f" (path_attention {n} stages)", default | dict(path_stages=n)) for n in args.path_stages]
     if args.merge_decode:
         sets.append((" (merge in kernel for decoding)", default | dict(merge_decode=True)))
+    if args.path_edge_parallel:
+        sets.append((" (edge tokens side by side)", default | dict(edge_parallel=True)))
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
     if args.unfused:
         sets += [(" (unfused layers)", default | dict(fused=False)), (" (merge in kernel)", default | dict(merge=True))]
@@ -1327,6 +1330,8 @@ def add_steps_args(sub):
                    "pipeline stages (kernels.PATH_STAGES), e.g. 3 4")
     s.add_argument("--merge-decode", action="store_true", help="also time path_attention merging its splits itself "
                    "in decode steps (kernels.PATH_MERGE_DECODE)")
+    s.add_argument("--path-edge-parallel", action="store_true", help="also time path_attention with an edge "
+                   "program's tokens side by side (kernels.PATH_EDGE_PARALLEL)")
     s.add_argument("--matmul-k-tile", type=int, nargs="*", default=[], help="also time the matmuls reducing K in steps "
                    "of this many (kernels.MATMUL_K_TILE), e.g. 256 512")
     s.add_argument("--edge-tokens", type=int, nargs="+", default=[0], help="path_attention's tokens per program at the "
