@@ -28,15 +28,41 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # Triton kernels are optional: without them (or without a GPU) the reference ops below run.
-    import kernels as _kernels
-except ImportError:
-    try:
-        from . import kernels as _kernels  # vendored inside a package
-    except ImportError:
-        _kernels = None
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_kernels():
+    """kernels.py beside this file (or in its package), else None: the Triton kernels are optional, and without
+    them (or without a GPU) the reference ops below run. A `kernels` found first on the path may be another
+    package of that name (Hugging Face's, which transformers >= 5.25 installs): then ours is loaded from its file,
+    under a name of its own."""
+    try:
+        from . import kernels as mod  # vendored inside a package
+        return mod
+    except ImportError:
+        pass
+    try:
+        import kernels as mod
+        if hasattr(mod, "path_attention"):
+            return mod
+    except ImportError:
+        pass
+    path = os.path.join(HERE, "kernels.py")
+    if not os.path.exists(path):
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hydra_lite_kernels", path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except ImportError:  # (no Triton)
+        return None
+    sys.modules[spec.name] = mod
+    return mod
+
+
+_kernels = _load_kernels()
 DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "smollm2-135m-instruct")
 DEFAULT_HEADS = os.path.join(HERE, "heads", "smollm2-135m-hydra++")
 

@@ -837,3 +837,19 @@ class FakeTokenizer:
 
     def decode(self, ids):
         return " ".join(map(str, ids))
+
+
+def test_another_package_named_kernels_does_not_shadow_ours(tmp_path):
+    """A `kernels` package earlier on the path (Hugging Face's, which transformers >= 5.25 installs) is not taken
+    for kernels.py: the runtime loads its own from beside hydra_lite.py (and keeps working without it)."""
+    import subprocess
+
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = object  # someone else's kernels\n")
+    code = ("import kernels, hydra_lite as hl; assert kernels.CUDAProperties is object; "
+            "print(hl._kernels.__file__, hasattr(hl._kernels, 'path_attention'))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    where, ours = run.stdout.split()
+    assert os.path.samefile(where, os.path.join(ROOT, "kernels.py")) and ours == "True"
