@@ -1021,11 +1021,12 @@ def tasks_bench(args):
     log(f"{len(rows)} prompts ({', '.join(families)}), {args.max_new_tokens} new tokens, {dev} {args.dtype}")
     import kernels as K
 
-    results, records, kernels_before = [], [], (hl.EXACT, hl.FUSED, hl.FUSED_HEADS, K.PATH_MERGE_IN_KERNEL)
+    results, records = [], []
+    kernels_before = (hl.EXACT, hl.FUSED, hl.FUSED_HEADS, K.PATH_MERGE_IN_KERNEL, hl.PREFILL_SKIP)
     for batch, kernels in itertools.product(args.batch, args.kernels):
         # (every method, AR included, with one set of kernels; read at capture)
-        hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = kernels != "fast", kernels in ("exact", "fused-heads"), False
-        hl.FUSED_HEADS = kernels == "fused-heads"
+        hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = kernels != "fast", kernels in ("exact", "fused-heads", "prefill-skip"), False
+        hl.FUSED_HEADS, hl.PREFILL_SKIP = kernels == "fused-heads", kernels == "prefill-skip"
         order = sorted(range(len(rows)), key=lambda i: (rows[i]["task"], i)) if batch == 1 else \
             random.Random(0).sample(range(len(rows)), len(rows))  # larger batches mix the families, as traffic does
         b_rows, b_ids = [rows[i] for i in order], [ids[i] for i in order]
@@ -1056,7 +1057,7 @@ def tasks_bench(args):
                                         warmup_s=warm, **s))
                 log(f"b{batch} {name} ({attempt} calls): {results[-1]['tokens_per_s']:.0f} tokens/s, "
                     f"accept {results[-1]['mean_accept']:.2f}")
-    hl.EXACT, hl.FUSED, hl.FUSED_HEADS, K.PATH_MERGE_IN_KERNEL = kernels_before
+    hl.EXACT, hl.FUSED, hl.FUSED_HEADS, K.PATH_MERGE_IN_KERNEL, hl.PREFILL_SKIP = kernels_before
     for r in results:  # against AR with the same kernels
         ar = next(a for a in results if a["method"].split(" ")[0] == "ar" and (a["batch"], a["task"], a["attempt"], a["kernels"])
                   == (r["batch"], r["task"], r["attempt"], r["kernels"]))
@@ -1293,11 +1294,13 @@ def add_tasks_args(sub):
     t.add_argument("--repeat", action="store_true", help="time every call twice: first, and repeated right after")
     t.add_argument("--warmup", action="store_true", help="Generator.warmup() before timing (no capture in a call)")
     t.add_argument("--dtype", default="bfloat16")
-    t.add_argument("--kernels", nargs="+", choices=["exact", "unfused", "fast", "fused-heads"], default=["exact"],
+    t.add_argument("--kernels", nargs="+", choices=["exact", "unfused", "fast", "fused-heads",
+                                                         "prefill-skip"], default=["exact"],
                    help="kernel sets to run every method with (exact: the batch-invariant ones with fused layers, the "
                         "default; unfused: the same with the layers op by op, HYDRA_LITE_FUSED=0; fast: cuBLAS and the "
                         "tiled attention, HYDRA_LITE_EXACT=0; fused-heads: exact with each draft-head block one matmul, "
-                        "HYDRA_LITE_FUSED_HEADS=1), each against AR with the same")
+                        "HYDRA_LITE_FUSED_HEADS=1; prefill-skip: exact, a batched prefill's padding skipped, "
+                        "HYDRA_LITE_PREFILL_SKIP=1), each against AR with the same")
     return t
 
 

@@ -189,10 +189,10 @@ def rope_cache_write_ref(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, l
     return q
 
 
-def qkv_rope_ref(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq=None):
+def qkv_rope_ref(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq=None, live=None):
     """A decoder layer's attention input in one op: q, k, v = RMSNorm(x) @ w.T (the norm's weight folded into w:
     fold_norm; eps rms_eps; sumsq: see matmul_ref), split into heads; then rope_cache_write_ref. x [B, T, dim] ->
-    rotated q [B, T, n_heads, D]."""
+    rotated q [B, T, n_heads, D]. live: see matmul_ref."""
     B, T, _ = x.shape
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     q, k, v = matmul_ref(x, w, rms_eps=rms_eps, sumsq=sumsq).split([n_heads * D, Hkv * D, Hkv * D], -1)
@@ -242,12 +242,15 @@ def fold_norm(w, norm_w):
     return (w.float() * norm_w.float()).to(w.dtype)
 
 
-def matmul_ref(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False, silu_add=False):
+def matmul_ref(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False, silu_add=False,
+               live=None):
     """x @ w.T (+ bias): every projection and the output layer (kernels.matmul: the batch-invariant kernel).
     Optionally fused with its neighbours in a decoder layer: rms_eps: RMSNorm of x first, its weight folded into
     w (fold_norm), its 1/RMS applied to the product in float32 (from sumsq [..., P] when given: the sum of
     squares of each row of x in P parts); swiglu: w stacks gate and up and the result is silu(gate) * up;
     residual: added to the result. sumsq_out: returns (y, y's rows' sums of squares [..., P'] (here P' = 1)).
+    live: x [B, T, ...] is a prefill and live (int32 [B]) its rows' real tokens: the kernel may skip blocks of
+    padding (their rows' results are unspecified); here every row is computed.
     silu_add: w (and bias) stack r and z, and the result is r + silu(z) (a draft head's residual block)."""
     if silu_add:
         y = F.linear(x, w, bias)
@@ -387,6 +390,10 @@ FUSED = os.environ.get("HYDRA_LITE_FUSED", "1") != "0"
 # silu_add=True)), instead of a cuBLAS GEMM and a silu_add kernel: two launches fewer per drafting depth.
 # HYDRA_LITE_FUSED_HEADS=1; off until timed on a GPU. Drafts only: the output stays the base model's either way.
 FUSED_HEADS = os.environ.get("HYDRA_LITE_FUSED_HEADS", "0") == "1"
+# A batched prefill pads every row to the longest prompt (on the held-out mix, 3.45x the real tokens at batch 8:
+# BENCHMARKS.md run 24). With PREFILL_SKIP, the fused layers' kernels skip blocks of padding only (the live
+# tokens' bits are unchanged). HYDRA_LITE_PREFILL_SKIP=1; off until timed and checked on a GPU (issues 14, 15).
+PREFILL_SKIP = os.environ.get("HYDRA_LITE_PREFILL_SKIP", "0") == "1"
 
 
 def _kernels_for(x):
@@ -415,30 +422,32 @@ def rope_cache_write(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, lens)
     return fn(q, k, v, cos_table, sin_table, pos, k_cache, v_cache, lens)
 
 
-def attention(q, k_cache, v_cache, lens, tree=None):
-    """tree: the TreeRows that the new tokens are (verification), or None: causal (prefill, decoding)."""
+def attention(q, k_cache, v_cache, lens, tree=None, live=None):
+    """tree: the TreeRows that the new tokens are (verification), or None: causal (prefill, decoding). live: a
+    prefill's real tokens per row (the padding's outputs may be skipped)."""
     if not _triton(q):
         return attention_ref(q, k_cache, v_cache, lens, None if tree is None else tree.mask)
     if EXACT and (tree is not None or q.shape[1] == 1):
         paths = () if tree is None else (tree.node_path, tree.node_depth)
         return _kernels.path_attention(q, k_cache, v_cache, lens, *paths)
     if EXACT:  # a prefill: tiles of tokens are fine (per-token rows), a split count that depends on the grid is not
-        return _kernels.tree_attention(q, k_cache, v_cache, lens, None, num_splits=1)
+        return _kernels.tree_attention(q, k_cache, v_cache, lens, None, num_splits=1, live=live)
     if q.shape[1] == 1:
         return _kernels.decode_attention(q, k_cache, v_cache, lens)
     return _kernels.tree_attention(q, k_cache, v_cache, lens, None if tree is None else tree.mask)
 
 
-def linear(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False, silu_add=False):
+def linear(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False, silu_add=False,
+           live=None):
     """x @ w.T (+ bias), optionally with a decoder layer's neighbours folded in (see matmul_ref): one kernel where
     it runs the batch-invariant matmul, else the ops one after another."""
     fn = _kernels.matmul if EXACT and _triton(x) else matmul_ref
-    return fn(x, w, bias, rms_eps, residual, swiglu, sumsq, sumsq_out, silu_add)
+    return fn(x, w, bias, rms_eps, residual, swiglu, sumsq, sumsq_out, silu_add, live)
 
 
-def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq=None):
+def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq=None, live=None):
     fn = _kernels.qkv_rope if EXACT and _triton(x) else qkv_rope_ref
-    return fn(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq)
+    return fn(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq, live)
 
 
 def kv_compact(k_all, v_all, lens, path):
@@ -569,21 +578,22 @@ class Block(nn.Module):
         h, residual = self.ffn_norm(self.wo(a), residual)
         return self.w2(swiglu(self.w13(h))), residual
 
-    def forward_fused(self, s, sumsq, rope, pos, kv=None, tree=None):
+    def forward_fused(self, s, sumsq, rope, pos, kv=None, tree=None, live=None):
         """forward with the norms, SwiGLU and residual adds inside the matmuls. s: the residual stream (the sum
         so far), sumsq: the partial sums of squares of its rows that the matmul which wrote it left (None: the
-        first matmul sums them). Returns the new stream and its sums of squares."""
+        first matmul sums them). live: a prefill's real tokens per row (blocks of padding only may be skipped:
+        their rows' results are unspecified). Returns the new stream and its sums of squares."""
         wqkv, w13 = self.folded_weights()
         eps = self.attn_norm.eps
         if kv is None:
             a = self.attend(linear(s, wqkv, rms_eps=eps, sumsq=sumsq), rope, pos, kv, tree)
         else:  # the projection, RoPE and the cache write in one kernel
             k_cache, v_cache, lens = kv
-            q = qkv_rope(s, wqkv, eps, rope[0], rope[1], pos, k_cache, v_cache, lens, self.cfg.n_heads, sumsq)
-            a = attention(q, k_cache, v_cache, lens, tree).reshape(*s.shape[:2], -1)
-        s, sumsq = linear(a, self.wo.weight, residual=s, sumsq_out=True)
-        h = linear(s, w13, rms_eps=self.ffn_norm.eps, swiglu=True, sumsq=sumsq)
-        return linear(h, self.w2.weight, residual=s, sumsq_out=True)
+            q = qkv_rope(s, wqkv, eps, rope[0], rope[1], pos, k_cache, v_cache, lens, self.cfg.n_heads, sumsq, live)
+            a = attention(q, k_cache, v_cache, lens, tree, live).reshape(*s.shape[:2], -1)
+        s, sumsq = linear(a, self.wo.weight, residual=s, sumsq_out=True, live=live)
+        h = linear(s, w13, rms_eps=self.ffn_norm.eps, swiglu=True, sumsq=sumsq, live=live)
+        return linear(h, self.w2.weight, residual=s, sumsq_out=True, live=live)
 
     def folded_weights(self):
         """wqkv and w13 with their norms' weights folded in (fold_norm), for forward_fused: made on first use and
@@ -610,15 +620,16 @@ class Block(nn.Module):
         return attention(q, k_cache, v_cache, lens, tree).reshape(B, T, -1)
 
 
-def run_decoder(layers, x, rope, pos, kv_of, tree, norm_w):
+def run_decoder(layers, x, rope, pos, kv_of, tree, norm_w, live=None):
     """x [B, T, dim] through decoder layers (layer i's (k_cache, v_cache, lens): kv_of(i); None: causal over x,
     no cache) and the norm after them (weight norm_w). Where _fused(x), the fused layers: each of their matmuls
-    that writes the residual stream leaves its rows' sums of squares for the next norm."""
+    that writes the residual stream leaves its rows' sums of squares for the next norm (and live, a prefill's
+    real tokens per row, lets them skip padding)."""
     eps = layers[0].cfg.norm_eps
     if _fused(x):
         sumsq = None
         for i, layer in enumerate(layers):
-            x, sumsq = layer.forward_fused(x, sumsq, rope, pos, kv_of(i), tree)
+            x, sumsq = layer.forward_fused(x, sumsq, rope, pos, kv_of(i), tree, live)
         return rms_norm(x, norm_w, eps)
     residual = None
     for i, layer in enumerate(layers):
@@ -643,15 +654,16 @@ class Llama(nn.Module):
         p = self.embed.weight
         return new_cache(self.cfg, self.cfg.n_layers, batch, max_len or self.cfg.max_seq_len, p.device, p.dtype)
 
-    def forward(self, tokens, cache, pos=None, tree=None):
+    def forward(self, tokens, cache, pos=None, tree=None, live=None):
         """tokens [B, T] -> last hidden states [B, T, dim] after the final norm. Writes the tokens' keys/values
         at slots lens[b] + t; the caller advances cache.lens (or compacts, for a tree). pos [B, T]: RoPE
         positions (default lens[b] + t); tree: the TreeRows the tokens are, which new tokens see which (default
-        causal)."""
+        causal); live: int32 [B], a prefill's real tokens per row (the rest is padding, whose hidden states and
+        cache slots may be left unwritten)."""
         B, T = tokens.shape
         if pos is None:
             pos = cache.lens[:, None].long() + torch.arange(T, device=tokens.device)
-        return run_decoder(self.layers, self.embed(tokens), cache.rope, pos, cache.layer, tree, self.norm)
+        return run_decoder(self.layers, self.embed(tokens), cache.rope, pos, cache.layer, tree, self.norm, live)
 
     def logits(self, h):
         return linear(h, self.output_weight)
@@ -2144,7 +2156,8 @@ class Generator:
         # Each row's last prompt position among the new tokens (0 for a row that ended in an earlier chunk).
         last = (ws.rows[:, 0], (lens - 1 - start).clamp(min=0).long())
         ws.cache.lens.copy_(start)
-        h = self.model(ids, ws.cache)
+        live = (lens - start).clamp(0, T).int() if PREFILL_SKIP else None
+        h = self.model(ids, ws.cache, live=live)
         ws.cache.lens.copy_(lens)
         if ws.history is not None:  # (padding lands in scratch slots past the row's length)
             slots = (start[:, None].long() + torch.arange(T, device=ids.device)).clamp(max=ws.history.shape[1] - 1)

@@ -74,6 +74,14 @@ def _pdl_start(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+@triton.jit
+def _all_padding(live_ptr, rows, M, T):
+    """Whether none of `rows` (of M, in rows of T tokens: row r is token r % T of batch row r // T) is one of its
+    batch row's live tokens (live_ptr[b]: how many; the rest are a prefill's padding, whose results nobody reads)."""
+    live = tl.load(live_ptr + rows // T, mask=rows < M, other=0)
+    return tl.max(((rows < M) & (rows % T < live)).to(tl.int32), axis=0) == 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # RMSNorm (+ residual add)
 
@@ -379,11 +387,12 @@ def _attn_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, sks, svs, scale, offs_n,
 
 
 @triton.jit
-def _attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, mask_ptr, o_ptr, po_ptr, plse_ptr,
+def _attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, mask_ptr, o_ptr, po_ptr, plse_ptr, live_ptr,
                  T, Hq, Hkv, D, scale, SPLIT_LEN, NUM_SPLITS,
                  sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, smb, smq, smk,
                  REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                 HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                 LIVE: tl.constexpr):
     TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
     pid_t = tl.program_id(0)
     b = (tl.program_id(1) // Hkv).to(tl.int64)
@@ -409,6 +418,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, mask_ptr, o_ptr, po_ptr, plse_pt
         hi = lens + tl.minimum(pid_t * TOK + TOK, T)
     lo = split * SPLIT_LEN
     hi = tl.minimum(hi, lo + SPLIT_LEN)
+    if LIVE:  # a tile of a prefill's padding only: no key blocks (not an early return: that spilled on sm_90)
+        hi = tl.where(pid_t * TOK >= tl.load(live_ptr + b), lo, hi)
 
     k_ptrs = k_ptr + b * skb + kvh * skh + offs_n[:, None] * sks + offs_d[None, :] * skd
     v_ptrs = v_ptr + b * svb + kvh * svh + offs_n[:, None] * svs + offs_d[None, :] * svd
@@ -471,7 +482,7 @@ def _sm_count(device):
     return _SM_COUNT[device]
 
 
-def _attention(q, k_cache, v_cache, lens, mask, num_splits=None):
+def _attention(q, k_cache, v_cache, lens, mask, num_splits=None, live=None):
     B, T, Hq, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     _require(Hq % Hkv == 0, f"Hq={Hq} is not a multiple of Hkv={Hkv}")
@@ -512,22 +523,26 @@ def _attention(q, k_cache, v_cache, lens, mask, num_splits=None):
                  f"nor [{B}, {T}, {T}]")
         sm = mask.stride() if mask.dim() == 3 else (0, *mask.stride())
     num_warps = 8 if BLOCK_M >= 128 else 4  # (only REP > 64 gets here with 128 rows)
+    _require(live is None or mask is None, "attention: live rows are for a causal prefill, not a tree")
     _attn_kernel[(n_tblocks, B * Hkv, num_splits)](
-        q, k_cache, v_cache, lens, m, out, po, plse, T, Hq, Hkv, D, 1.0 / math.sqrt(D) * 1.4426950408889634,
+        q, k_cache, v_cache, lens, m, out, po, plse, _live_rows(live, q)[0], T, Hq, Hkv, D,
+        1.0 / math.sqrt(D) * 1.4426950408889634,
         split_len, num_splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), *sm,
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_MASK=mask is not None, SPLIT=split,
-        UPCAST=upcast, PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", num_warps=num_warps, num_stages=3)
+        UPCAST=upcast, PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", LIVE=live is not None,
+        num_warps=num_warps, num_stages=3)
     if split:
         _attn_combine_kernel[(B * T * Hq,)](po, plse, out, D, num_splits, BLOCK_S=_pow2(num_splits, 2),
                                             BLOCK_D=BLOCK_D, num_warps=4)
     return out
 
 
-def tree_attention(q, k_cache, v_cache, lens, mask, num_splits=None):
+def tree_attention(q, k_cache, v_cache, lens, mask, num_splits=None, live=None):
     """Attention of T new tokens over their row's cache (see attention_ref). mask: [T, T] bool shared by all
     rows, [B, T, T] bool with row b's tree in mask[b] (any strides, e.g. an expanded view), or None = causal.
-    num_splits: override the split-K heuristic (tests, tuning)."""
-    return _attention(q, k_cache, v_cache, lens, mask, num_splits)
+    num_splits: override the split-K heuristic (tests, tuning). live: a causal prefill's real tokens per row
+    (int32 [B]): tiles of padding only are skipped (their outputs left unwritten)."""
+    return _attention(q, k_cache, v_cache, lens, mask, num_splits, live)
 
 
 def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
@@ -933,15 +948,19 @@ def _rms_scale(x_ptr, ss_ptr, rm, M, K, P, sxm, sxk, eps, SS_IN: tl.constexpr, B
 
 
 @triton.jit(do_not_specialize=["M"])
-def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, M, N, K, P, sxm, sxk, swn, swk, srm, eps,
+def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, ssi_ptr, sso_ptr, live_ptr, M, N, K, P, T, sxm, sxk, swn, swk,
+                   srm, eps,
                    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, SILU_ADD: tl.constexpr,
                    RESIDUAL: tl.constexpr,
                    SS_IN: tl.constexpr, SS_OUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BY_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_P: tl.constexpr, LIVE: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
     # Row blocks on axis 0: the programs that read one slice of w run side by side (rereads hit L2).
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if LIVE:  # a block of a prefill's padding only: nothing to compute
+        if _all_padding(live_ptr, rm, M, T):
+            return
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)  # (unused without NORM)
     if NORM:  # RMSNorm's 1/RMS, per row (its weight is in w's columns)
@@ -1022,13 +1041,16 @@ def _sumsq_in(sumsq, M, device):
     return parts.contiguous(), parts.shape[1], triton.next_power_of_2(parts.shape[1])
 
 
-def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False, silu_add=False):
+def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=None, sumsq_out=False, silu_add=False,
+           live=None):
     """Batch-invariant x @ w.T (+ bias), as F.linear: x [..., K], w [N, K] -> [..., N] in x's dtype. Fused on
     request (see matmul_ref): rms_eps: RMSNorm of x's rows first, its weight folded into w's columns (fold_norm),
     its scale from x's rows or from sumsq [..., P], the partial sums of squares that the matmul which wrote x left
     (sumsq_out); swiglu: w holds gate and up ([2H, K]) and the result is silu(gate) * up [..., H]; residual
     [..., N]: added to the result. sumsq_out: returns (y, the partial sums of squares of y's rows [..., P']).
-    silu_add: w and bias stack r and z ([2N, K], [2N]) and the result is r + silu(z) [..., N]."""
+    silu_add: w and bias stack r and z ([2N, K], [2N]) and the result is r + silu(z) [..., N]. live: x [B, T, K]
+    is a prefill and live [B] (int32) its rows' real tokens: blocks of padding only are skipped (their outputs
+    are left unwritten)."""
     K = x.shape[-1]
     _require(w.dim() == 2 and w.shape[1] == K, f"matmul: weight {tuple(w.shape)} does not take inputs of width {K}")
     _require(not swiglu or w.shape[0] % 2 == 0, f"matmul: swiglu needs an even number of weight rows, not {w.shape[0]}")
@@ -1053,15 +1075,25 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
     ss_in, P, BLOCK_P = _sumsq_in(sumsq if rms_eps is not None else None, M, x.device)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     ss_out = torch.empty(*x.shape[:-1], grid[1], dtype=torch.float32, device=x.device) if sumsq_out else ss_in
+    live_ptr, T = _live_rows(live, x)
     _matmul_kernel[grid](
-        x2, w, b, y, r2, ss_in, ss_out, M, N, K, P, *x2.stride(), *w.stride(), r2.stride(0),
+        x2, w, b, y, r2, ss_in, ss_out, live_ptr, M, N, K, P, T, *x2.stride(), *w.stride(), r2.stride(0),
         0.0 if rms_eps is None else rms_eps, HAS_BIAS=bias is not None, NORM=rms_eps is not None, SWIGLU=swiglu,
         SILU_ADD=silu_add,
         RESIDUAL=residual is not None, SS_IN=rms_eps is not None and sumsq is not None, SS_OUT=sumsq_out,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=_matmul_stages(BLOCK_K),
-        **_pdl(x))
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, LIVE=live is not None, num_warps=4,
+        num_stages=_matmul_stages(BLOCK_K), **_pdl(x))
     return (y, ss_out) if sumsq_out else y
+
+
+def _live_rows(live, x):
+    """(pointer, T) for a kernel's LIVE: the real tokens per batch row of x [B, T, ...], or a stand-in."""
+    if live is None:
+        return x, 1
+    _require(x.dim() >= 3 and tuple(live.shape) == (x.shape[0],) and live.dtype == torch.int32,
+             f"live: int32 [{x.shape[0]}] for x {tuple(x.shape)}, not {live.dtype} {tuple(live.shape)}")
+    return live, x.shape[1]
 
 
 # qkv_rope: a decoder layer's first matmul with what follows it: RMSNorm(x) @ wqkv.T (the norm's weight folded
@@ -1071,14 +1103,17 @@ def matmul(x, w, bias=None, rms_eps=None, residual=None, swiglu=False, sumsq=Non
 
 
 @triton.jit(do_not_specialize=["M", "T"])
-def _qkv_rope_kernel(x_ptr, w_ptr, ss_ptr, cos_ptr, sin_ptr, pos_ptr, lens_ptr, q_ptr, kc_ptr, vc_ptr,
+def _qkv_rope_kernel(x_ptr, w_ptr, ss_ptr, cos_ptr, sin_ptr, pos_ptr, lens_ptr, q_ptr, kc_ptr, vc_ptr, live_ptr,
                      M, T, K, P, Hq, Hkv, HALF, S, sxm, sxk, swn, swk, eps, scos, spb, spt,
                      sc_b, sc_s, sc_h, sc_d, sv_b, sv_s, sv_h, sv_d, SS_IN: tl.constexpr,
                      UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                     PDL: tl.constexpr):
+                     LIVE: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if LIVE:  # a block of a prefill's padding only: nothing to compute
+        if _all_padding(live_ptr, rm, M, T):
+            return
     pair = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (head, j): columns head*D + j and + HALF
     head, j = pair // HALF, pair % HALF
     n_ok = head < Hq + 2 * Hkv
@@ -1112,10 +1147,11 @@ def _qkv_rope_kernel(x_ptr, w_ptr, ss_ptr, cos_ptr, sin_ptr, pos_ptr, lens_ptr, 
     tl.store(dst_v + HALF * sv_d, r2.to(vc_ptr.dtype.element_ty), mask=ok_kv & is_v)
 
 
-def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq=None):
+def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n_heads, sumsq=None, live=None):
     """RMSNorm(x) @ w.T (the norm's weight folded into w: fold_norm) split into q, k, v heads; q and k rotated by
     RoPE at positions pos [B, T]; k and v written into the cache at slots lens[b] + t; returns q [B, T, n_heads,
-    D]. As matmul(x, w, rms_eps=rms_eps, sumsq=sumsq) then rope_cache_write, in one kernel (see qkv_rope_ref)."""
+    D]. As matmul(x, w, rms_eps=rms_eps, sumsq=sumsq) then rope_cache_write, in one kernel (see qkv_rope_ref).
+    live: as matmul's (a prefill's padding: q and its cache slots are left unwritten)."""
     B, T, K = x.shape
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     _require(D % 2 == 0, f"rotate-half RoPE needs an even head_dim, not {D}")
@@ -1129,12 +1165,12 @@ def qkv_rope(x, w, rms_eps, cos_table, sin_table, pos, k_cache, v_cache, lens, n
     upcast = (not x.is_cuda) or torch.float32 in (x.dtype, w.dtype) or x.dtype != w.dtype
     ss_in, P, BLOCK_P = _sumsq_in(sumsq, B * T, x.device)
     _qkv_rope_kernel[(triton.cdiv(B * T, BLOCK_M), triton.cdiv(pairs, BLOCK_N))](
-        x2, w, ss_in, cos_table, sin_table, pos, lens.contiguous(), q, k_cache, v_cache,
+        x2, w, ss_in, cos_table, sin_table, pos, lens.contiguous(), q, k_cache, v_cache, _live_rows(live, x)[0],
         B * T, T, K, P, n_heads, Hkv, D // 2, k_cache.shape[1], *x2.stride(), *w.stride(), rms_eps, cos_table.stride(0),
         *pos.stride(), *k_cache.stride(), *v_cache.stride(), SS_IN=sumsq is not None,
         UPCAST=upcast, BY_SUM=not x.is_cuda, PREC="ieee" if torch.float32 in (x.dtype, w.dtype) else "tf32",
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, num_warps=4, num_stages=_matmul_stages(BLOCK_K),
-        **_pdl(x))
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P, LIVE=live is not None, num_warps=4,
+        num_stages=_matmul_stages(BLOCK_K), **_pdl(x))
     return q
 
 

@@ -83,27 +83,40 @@ def registers(ptx):
 def kernel_sets():
     """(name, kernel, argument types, constexprs[, num_warps]): SmolLM2's shapes (GQA 9/3 heads, head_dim 64), bf16."""
     bf16 = lambda *names: {n: "*bf16" for n in names}
-    matmul = bf16("x_ptr", "w_ptr", "b_ptr", "y_ptr", "r_ptr") | dict(ssi_ptr="*fp32", sso_ptr="*fp32", eps="fp32")
+    matmul = bf16("x_ptr", "w_ptr", "b_ptr", "y_ptr", "r_ptr") | dict(ssi_ptr="*fp32", sso_ptr="*fp32", live_ptr="*i32",
+                                                                     eps="fp32")
     for norm, swiglu, residual, ss_in in ((False, False, False, False), (True, False, False, False),
                                           (True, False, False, True), (True, True, False, True), (False, False, True, False)):
         yield (f"matmul norm={norm} swiglu={swiglu} residual={residual} sums of squares in={ss_in} out={residual} "
                f"dependent launch={ss_in}", K._matmul_kernel, matmul,
                dict(HAS_BIAS=False, NORM=norm, SWIGLU=swiglu, SILU_ADD=False, RESIDUAL=residual, SS_IN=ss_in,
                     SS_OUT=residual, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64,
-                    BLOCK_P=64, PDL=ss_in))
+                    BLOCK_P=64, LIVE=False, PDL=ss_in))
     for N, K_ in ((49152, 576), (11008, 4096)):  # the widest tiles (the LM head; a 7B's gate/up) at their stages
         _, BLOCK_N, BLOCK_K = K._matmul_tiles(N, K_, True)
         yield (f"matmul norm swiglu N={N} K={K_}: {BLOCK_N} x {BLOCK_K} tiles", K._matmul_kernel, matmul,
                dict(HAS_BIAS=False, NORM=True, SWIGLU=True, SILU_ADD=False, RESIDUAL=False, SS_IN=True, SS_OUT=False,
                     UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=64,
-                    PDL=True))
+                    LIVE=False, PDL=True))
     yield ("matmul silu_add (a draft head's residual block) with bias, dependent launch=True", K._matmul_kernel, matmul,
            dict(HAS_BIAS=True, NORM=False, SWIGLU=False, SILU_ADD=True, RESIDUAL=False, SS_IN=False, SS_OUT=False,
-                UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True))
-    yield ("qkv_rope dependent launch=True", K._qkv_rope_kernel,
-           bf16("x_ptr", "w_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(
-               ss_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", lens_ptr="*i32", eps="fp32"),
-           dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True))
+                UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, LIVE=False, PDL=True))
+    yield ("matmul norm swiglu, a prefill skipping its padding (live)", K._matmul_kernel, matmul,
+           dict(HAS_BIAS=False, NORM=True, SWIGLU=True, SILU_ADD=False, RESIDUAL=False, SS_IN=True, SS_OUT=False,
+                UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_P=64, LIVE=True,
+                PDL=False))
+    for live in (False, True):
+        yield (f"qkv_rope dependent launch={not live}, skipping a prefill's padding={live}", K._qkv_rope_kernel,
+               bf16("x_ptr", "w_ptr", "q_ptr", "kc_ptr", "vc_ptr") | dict(
+                   ss_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", lens_ptr="*i32", live_ptr="*i32",
+                   eps="fp32"),
+               dict(SS_IN=True, UPCAST=False, PREC="tf32", BY_SUM=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64,
+                    LIVE=live, PDL=not live))
+    yield ("attention, a causal prefill skipping its padding (live)", K._attn_kernel,
+           bf16("q_ptr", "k_ptr", "v_ptr", "o_ptr") | dict(lens_ptr="*i32", mask_ptr="*bf16", po_ptr="*fp32",
+                                                           plse_ptr="*fp32", live_ptr="*i32", scale="fp32"),
+           dict(REP=3, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, HAS_MASK=False, SPLIT=False, UPCAST=False, PREC="tf32",
+                LIVE=True))
     path = bf16("q_ptr", "k_ptr", "v_ptr", "o_ptr") | dict(
         lens_ptr="*i32", path_ptr="*i64", depth_ptr="*i64", po_ptr="*fp32", plse_ptr="*fp32", cnt_ptr="*i32", scale="fp32")
     for merge, unroll in ((False, 0), (True, 0), (False, K.PATH_TILE_ROWS // 3)):

@@ -134,6 +134,12 @@ for stage in "$@"; do
               # method against AR with the same kernels, in one run: 45 prompts (5 per family), batches 1 and 8
       python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --limit ${KERNELS_LIMIT:-5} --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
         --batch 1 8 --context 0 default --context-only 0 --warmup --kernels exact fused-heads fast --out "$RES/kernels" 2>&1 | tee "$RES/kernels.txt" | grep -v "warm-up" ;;
+    prefill)  # issues 14, 15: a batched prefill's padding skipped (hl.PREFILL_SKIP): the GPU tests of it (bits), then
+              # tokens/s against the exact and the fast kernels in one run, 45 prompts, batches 1 and 8
+      HYDRA_LITE_CKPT=$(converted) python3 -m pytest -q tests/test_gpu.py -k "prefill_skipping or half_speculative" 2>&1 | tail -3
+      python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --limit 5 --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
+        --batch 1 8 --context default --context-only 0 --warmup --kernels exact prefill-skip fast --out "$RES/prefill" 2>&1 \
+        | tee "$RES/prefill.txt" | grep -v "warm-up" | grep -v "parts from AR" ;;
     sweep)  # head-tree nodes at larger batches: 45 prompts (5 per family), each size against AR in the same run
       for n in ${SWEEP_NODES:-8 16 32}; do
         python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --limit 5 --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \

@@ -251,3 +251,18 @@ def check_half_speculative(dtype, dynamic):
         got, stats = spec.generate(prompts, 96, stop_at_eos=False)
         assert got == alone, (name, "spec batch 8")
         assert stats.mean_accept > 1.5 or name == "near-tie", (name, stats.mean_accept)  # (it did speculate)
+
+
+def test_gpu_prefill_skipping_padding_changes_no_bits(monkeypatch):
+    """hl.PREFILL_SKIP (a batched prefill's blocks of padding skipped by the fused kernels): the same greedy
+    tokens, bf16, near-tie model, as computing the padding; and speculative == AR, alone == in the batch."""
+    monkeypatch.setattr(hl, "FUSED", True)
+    model = near_tie_model(torch.bfloat16)
+    torch.manual_seed(8)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),)).tolist() for n in (3, 700, 70, 1, 129, 40)]  # (chunked)
+    outputs = []
+    for skip in (False, True):
+        monkeypatch.setattr(hl, "PREFILL_SKIP", skip)
+        outputs.append(hl.Generator(model).generate(prompts, 48, stop_at_eos=False)[0])
+    assert outputs[0] == outputs[1]
+    check_half_speculative(torch.bfloat16, False)

@@ -1060,3 +1060,43 @@ def test_launch_floor_chain_counts_its_links(early):
         want += 1 + w[i].float().reshape(grid, per).sum(1)[program]
     out = launch_floor.chain(bufs, w, launches, grid, False, early)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
+
+
+def test_prefill_padding_blocks_are_skipped():
+    """live (a prefill's real tokens per row): matmul, qkv_rope and causal tree_attention give the live tokens
+    the same bits as without it, and skip what is only padding: its cache slots keep what they held (64-row
+    blocks on the interpreter: row 1's tail and all of row 2 here)."""
+    B, T, K, Hq, Hkv, D, S = 3, 40, 48, 6, 2, 16, 64
+    live = torch.tensor([T, 24, 0], dtype=torch.int32)
+    x = torch.randn(B, T, K)
+    w, w13 = torch.randn(2 * K, K) / K ** 0.5, torch.randn(4 * K, K) / K ** 0.5
+    res = torch.randn(B, T, 2 * K)
+    for kw in (dict(), dict(rms_eps=1e-5, swiglu=True), dict(residual=res, sumsq_out=True)):
+        wk = w13 if kw.get("swiglu") else w
+        full, part = kernels.matmul(x, wk, **kw), kernels.matmul(x, wk, live=live, **kw)
+        full, part = (full[0], part[0]) if kw.get("sumsq_out") else (full, part)
+        for b in range(B):
+            assert torch.equal(part[b, :live[b]], full[b, :live[b]]), (kw, b)
+    wqkv = torch.randn((Hq + 2 * Hkv) * D, K) / K ** 0.5
+    cos, sin = hl.rope_tables(hl.Config(dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv, hidden_dim=8,
+                                        vocab_size=8, head_dim=D), 128, "cpu")
+    lens = torch.tensor([3, 0, 10], dtype=torch.int32)
+    pos = lens[:, None].long() + torch.arange(T)
+    caches = [(torch.randn(B, S, Hkv, D), torch.randn(B, S, Hkv, D)) for _ in range(2)]
+    before = [(k.clone(), v.clone()) for k, v in caches]
+    q_full = kernels.qkv_rope(x, wqkv, 1e-5, cos, sin, pos, *caches[0], lens, Hq)
+    q_part = kernels.qkv_rope(x, wqkv, 1e-5, cos, sin, pos, *caches[1], lens, Hq, live=live)
+    for b in range(B):
+        n, lo = int(live[b]), int(lens[b])
+        assert torch.equal(q_part[b, :n], q_full[b, :n])
+        for c in range(2):  # the live tokens' keys and values, as without live
+            assert torch.equal(caches[1][c][b, lo:lo + n], caches[0][c][b, lo:lo + n])
+    for c in range(2):  # skipped blocks write nothing
+        assert torch.equal(caches[1][c][2], before[1][c][2])
+        assert torch.equal(caches[1][c][1, lens[1] + 64 - T:lens[1] + T], before[1][c][1, lens[1] + 64 - T:lens[1] + T])
+    out_full = kernels.tree_attention(q_full, *caches[0], lens, None)
+    out_part = kernels.tree_attention(q_full, *caches[0], lens, None, live=live)
+    for b in range(B):
+        assert torch.equal(out_part[b, :live[b]], out_full[b, :live[b]])
+    with pytest.raises(ValueError, match="live"):
+        kernels.matmul(x, w, live=live.long())
