@@ -1100,3 +1100,28 @@ def test_prefill_padding_blocks_are_skipped():
         assert torch.equal(out_part[b, :live[b]], out_full[b, :live[b]])
     with pytest.raises(ValueError, match="live"):
         kernels.matmul(x, w, live=live.long())
+
+
+def test_model_prefill_skipping_padding(monkeypatch):
+    """The model with live (the fused layers through the kernels, on the interpreter): the live tokens' hidden
+    states and cache entries are those computed without it, bit for bit, and a block of padding only (row 1's
+    tail, row 2) writes nothing into the cache."""
+    from test_runtime import tiny_model
+
+    monkeypatch.setattr(hl, "_kernels_for", lambda x: True)  # (the GPU's path, interpreted)
+    model = tiny_model(21, n_heads=4, n_kv_heads=2)
+    B, T = 3, 40
+    tokens = torch.randint(0, 97, (B, T))
+    live = torch.tensor([T, 24, 0], dtype=torch.int32)
+    runs = []
+    with torch.inference_mode():
+        assert hl._fused(torch.zeros(1))
+        for lv in (None, live):
+            cache = model.new_cache(B, 64)
+            runs.append((model(tokens, cache, live=lv), cache.k.clone(), cache.v.clone()))
+    (h0, k0, v0), (h1, k1, v1) = runs
+    for b in range(B):
+        n = int(live[b])
+        assert torch.equal(h1[b, :n], h0[b, :n]) and torch.equal(k1[:, b, :n], k0[:, b, :n])
+        assert torch.equal(v1[:, b, :n], v0[:, b, :n])
+    assert not k1[:, 2].any() and not v1[:, 2].any() and k0[:, 2, :T].any()
