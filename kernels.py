@@ -814,7 +814,8 @@ PATH_STAGES = int(os.environ.get("HYDRA_LITE_PATH_STAGES", "3"))
 # An edge program's tokens side by side instead of one after another (_path_edge_block; the same bits). Run 24's
 # profile of a batch-8 step (27-token trees, 8 rows): path_attention takes 16.5 us a layer against the tiled
 # attention's 6.5, and its longest program walks 5 tokens x 1-2 edge blocks in a chain. Off until timed on a GPU
-# (issue 15: `benchmark.py steps --tree-nodes 16 --tree-chain 10 --batch 8 --path-edge-parallel`).
+# (issue 15: `bash scripts/device.sh edge`; sm_90 registers a thread, loop / side by side: 168 / 146 at 1 token
+# a program, 236 at 2, 254 at 3, 255 and 104 bytes spilled at 5, batch 8's tile of tokens).
 PATH_EDGE_PARALLEL = os.environ.get("HYDRA_LITE_PATH_EDGE_PARALLEL", "0") == "1"
 _MERGE_COUNTS = {}  # device -> int32 counts, one per output row, all 0 between calls (each merge resets its rows)
 _DECODE_PATH = {}  # device -> the one-token path ([[[0]]], depth [[0]]): a decode step is a one-node tree

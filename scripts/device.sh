@@ -91,11 +91,15 @@ for stage in "$@"; do
       unset HYDRA_LITE_MATMUL_STAGES ;;
     floor)  # issue 14: what a dependent level of a step costs, whatever it computes
       timeout 200 python3 scripts/launch_floor.py 2>&1 | tee "$RES/launch_floor.txt" ;;
-    edge)  # issue 15: path_attention's edge tokens side by side (PATH_EDGE_PARALLEL) and per program, bits checked,
-           # timed with each batch's default tree (batch 8: 16 head nodes + a 10-token chain; batch 1: 32 + 24)
+    edge)  # issue 15: path_attention's edge tokens per program (PATH_EDGE_TOKENS), one after another and side by side
+           # (PATH_EDGE_PARALLEL: sm_90 registers 168 / 146, 236, 254, 255 + 104 spilled at 0 / 1, 2, 3, 5 tokens), bits
+           # checked, timed with each batch's default tree (batch 8: 16 head nodes + a 10-token chain; batch 1: 32 + 24)
       for bt in "8 16 10" "1 32 24"; do read -r b n c <<< "$bt"
-        python3 benchmark.py steps --shape smollm2-135m --batch "$b" --tree-nodes "$n" --tree-chain "$c" --context ${EDGE_CONTEXT:-1024} \
-          --path-edge-parallel --edge-tokens 0 1 2 --out "$RES/edge_b$b" 2>&1 | tee "$RES/edge_b$b.txt" | grep -E "^b|bit"
+        for par in 0 1; do
+          HYDRA_LITE_PATH_EDGE_PARALLEL=$par python3 benchmark.py steps --shape smollm2-135m --batch "$b" --tree-nodes "$n" \
+            --tree-chain "$c" --context ${EDGE_CONTEXT:-1024} --edge-tokens 0 1 2 3 --out "$RES/edge_b${b}_p$par" 2>&1 \
+            | tee "$RES/edge_b${b}_p$par.txt" | grep -E "^b|bit" | sed "s/^/side by side=$par: /"
+        done
       done ;;
     steps)
       python3 benchmark.py steps --shape 7b ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
