@@ -15,6 +15,8 @@
 #   stages the matmuls at MATMUL_STAGES (4) pipeline stages: kernel check and GPU tests, then step times by stages
 #   floor  the cost of one link in a chain of dependent kernels in a CUDA graph (scripts/launch_floor.py: empty
 #          and with 1.8 MB of weights a link, plain and dependent launch; no model, a few seconds)
+#   edge   path_attention's tokens past the cache per program, one after another and side by side
+#          (kernels.PATH_EDGE_TOKENS, PATH_EDGE_PARALLEL): bits checked, steps at batches 8 and 1 (no model)
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights); STEPS_FLAGS adds flags (e.g. --profile)
 #   fused  the fused decoder layers (the default; HYDRA_LITE_FUSED=0: op by op): kernel check, their GPU tests, step
 #          times against the unfused layers and the previous kernels (random weights: needs no model)
@@ -37,6 +39,8 @@
 #   tasks  the multi-task benchmark (tasks/heldout.jsonl + ShareGPT rows 80-99): AR vs TASK_HEADS (NAME=DIR ...)
 #          with and without context drafts, and context drafts alone, batches TASK_BATCH; TASK_FLAGS adds flags
 #   kernels  real-model tokens/s with each kernel set (exact, fused-heads, fast), heads with and without context drafts
+#   prefill  a batched prefill's padding skipped (hl.PREFILL_SKIP): its GPU tests, then tokens/s of exact,
+#          prefill-skip and fast kernels in one run, batches 1 and 8
 #   sweep  tree size at batches 8 and 32 (SWEEP_NODES head nodes, static and dynamic trees, beside a SWEEP_CONTEXT-token
 #          context chain, default 10; SWEEP_BATCH, SWEEP_TREES), 45 prompts
 #   latency  time to first token, per-token latency and per-call overhead by prompt length and batch, first vs
