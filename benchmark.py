@@ -342,7 +342,6 @@ def steps(args):
             first = dict(exact=True, tiles=args.path_tiles[0])
             checks = [dict(first, tiles=t) for t in args.path_tiles] + ([dict(first, merge=True)] if args.unfused else [])
             checks += [dict(first, programs=n) for n in args.path_programs] + [dict(first, warps=w) for w in args.path_warps]
-            checks += [dict(first, edge_parallel=True)] if args.path_edge_parallel else []
             for change in checks:  # each path_attention setting: a tree node == decoding its path
                 use_kernel_settings(K, **before | change)
                 log(f"path_attention {change}: tree node == decoding, bit for bit: {path_tiles_invariant(K, model.cfg, tree)}")
@@ -396,7 +395,7 @@ KERNEL_KNOBS = dict(exact=("hl", "EXACT"), fused=("hl", "FUSED"), merge=("K", "P
                     edge=("K", "PATH_EDGE_TOKENS"), pdl=("K", "PDL"), pdl_tokens=("K", "PDL_MAX_TOKENS"),
                     wide_n=("K", "MATMUL_WIDE_N"), programs=("K", "PATH_PROGRAMS"), warps=("K", "PATH_WARPS"),
                     k_tile=("K", "MATMUL_K_TILE"), merge_decode=("K", "PATH_MERGE_DECODE"), stages=("K", "MATMUL_STAGES"),
-                    path_stages=("K", "PATH_STAGES"), edge_parallel=("K", "PATH_EDGE_PARALLEL"))
+                    path_stages=("K", "PATH_STAGES"))
 
 
 def kernel_settings(K):
@@ -434,8 +433,6 @@ def step_kernel_sets(args, K):
     sets += [(f" (path_attention {n} stages)", default | dict(path_stages=n)) for n in args.path_stages]
     if args.merge_decode:
         sets.append((" (merge in kernel for decoding)", default | dict(merge_decode=True)))
-    if args.path_edge_parallel:
-        sets.append((" (edge tokens side by side)", default | dict(edge_parallel=True)))
     sets.append((" (fast kernels)", default | dict(exact=False, fused=False)))
     if args.unfused:
         sets += [(" (unfused layers)", default | dict(fused=False)), (" (merge in kernel)", default | dict(merge=True))]
@@ -1025,8 +1022,9 @@ def tasks_bench(args):
     kernels_before = (hl.EXACT, hl.FUSED, hl.FUSED_HEADS, K.PATH_MERGE_IN_KERNEL, hl.PREFILL_SKIP)
     for batch, kernels in itertools.product(args.batch, args.kernels):
         # (every method, AR included, with one set of kernels; read at capture)
-        hl.EXACT, hl.FUSED, K.PATH_MERGE_IN_KERNEL = kernels != "fast", kernels in ("exact", "fused-heads", "prefill-skip"), False
-        hl.FUSED_HEADS, hl.PREFILL_SKIP = kernels == "fused-heads", kernels == "prefill-skip"
+        hl.EXACT, K.PATH_MERGE_IN_KERNEL = kernels != "fast", False
+        hl.FUSED = kernels in ("exact", "fused-heads", "no-prefill-skip")
+        hl.FUSED_HEADS, hl.PREFILL_SKIP = kernels == "fused-heads", kernels != "no-prefill-skip"
         order = sorted(range(len(rows)), key=lambda i: (rows[i]["task"], i)) if batch == 1 else \
             random.Random(0).sample(range(len(rows)), len(rows))  # larger batches mix the families, as traffic does
         b_rows, b_ids = [rows[i] for i in order], [ids[i] for i in order]
@@ -1295,12 +1293,12 @@ def add_tasks_args(sub):
     t.add_argument("--warmup", action="store_true", help="Generator.warmup() before timing (no capture in a call)")
     t.add_argument("--dtype", default="bfloat16")
     t.add_argument("--kernels", nargs="+", choices=["exact", "unfused", "fast", "fused-heads",
-                                                         "prefill-skip"], default=["exact"],
+                                                         "no-prefill-skip"], default=["exact"],
                    help="kernel sets to run every method with (exact: the batch-invariant ones with fused layers, the "
                         "default; unfused: the same with the layers op by op, HYDRA_LITE_FUSED=0; fast: cuBLAS and the "
                         "tiled attention, HYDRA_LITE_EXACT=0; fused-heads: exact with each draft-head block one matmul, "
-                        "HYDRA_LITE_FUSED_HEADS=1; prefill-skip: exact, a batched prefill's padding skipped, "
-                        "HYDRA_LITE_PREFILL_SKIP=1), each against AR with the same")
+                        "HYDRA_LITE_FUSED_HEADS=1; no-prefill-skip: exact, a batched prefill's padding computed "
+                        "too, HYDRA_LITE_PREFILL_SKIP=0), each against AR with the same")
     return t
 
 
@@ -1333,8 +1331,6 @@ def add_steps_args(sub):
                    "pipeline stages (kernels.PATH_STAGES), e.g. 3 4")
     s.add_argument("--merge-decode", action="store_true", help="also time path_attention merging its splits itself "
                    "in decode steps (kernels.PATH_MERGE_DECODE)")
-    s.add_argument("--path-edge-parallel", action="store_true", help="also time path_attention with an edge "
-                   "program's tokens side by side (kernels.PATH_EDGE_PARALLEL)")
     s.add_argument("--matmul-k-tile", type=int, nargs="*", default=[], help="also time the matmuls reducing K in steps "
                    "of this many (kernels.MATMUL_K_TILE), e.g. 256 512")
     s.add_argument("--edge-tokens", type=int, nargs="+", default=[0], help="path_attention's tokens per program at the "

@@ -609,30 +609,17 @@ def _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t, n_
 @triton.jit
 def _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, tok, row_ok, n_tok, depth_ptr, path_ptr,
                      sdb, sdt, spb, spt, spj, sks, svs, scale, ok_d, BLOCK_N: tl.constexpr,
-                     SPLIT_LEN: tl.constexpr, EDGE_UNROLL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                     BY_SUM: tl.constexpr):
+                     SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
     """A block that reaches past the cache, token by token over the tile's n_tok tokens (each token's rows only,
-    the others kept bit for bit). EDGE_UNROLL > 0 (at least n_tok): the tokens side by side, each from the
-    block's incoming state (their rows are disjoint, so each row gets the bits of the loop), not one after
-    another: a program's chain of dependent steps is one token long, not n_tok."""
+    the others kept bit for bit). (Side by side, each token from the block's incoming state, was the same bits
+    and slower at batch 8: 1.61-1.74 ms against 1.53 for a verification step, run 25.)"""
     vp = start + tl.arange(0, BLOCK_N)  # the block's virtual positions
     j = vp - lens  # >= 0: the j-th node of the token's path
-    if EDGE_UNROLL > 0:
-        acc_in, m_in, l_in = acc, m_i, l_i
-        for g in tl.static_range(EDGE_UNROLL):
-            here = g < n_tok
-            n_g = tl.where(here, lens + tl.load(depth_ptr + b * sdb + (t0 + g) * sdt, mask=here, other=0) + 1, 0)
-            acc_g, m_g, l_g = _path_edge_token(acc_in, m_in, l_in, q, k_base, v_base, vp, j, lens, lo, b, t0 + g, n_g, tok + t0,
-                                               row_ok, path_ptr, spb, spt, spj, sks, svs, scale, ok_d, SPLIT_LEN,
-                                               UPCAST, PREC, BY_SUM)
-            mine = row_ok & (tok == g) & here
-            acc, m_i, l_i = tl.where(mine[:, None], acc_g, acc), tl.where(mine, m_g, m_i), tl.where(mine, l_g, l_i)
-    else:
-        for g in range(0, n_tok):
-            n_g = lens + tl.load(depth_ptr + b * sdb + (t0 + g) * sdt) + 1
-            acc, m_i, l_i = _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t0 + g, n_g,
-                                             tok + t0, row_ok, path_ptr, spb, spt, spj, sks, svs, scale, ok_d,
-                                             SPLIT_LEN, UPCAST, PREC, BY_SUM)
+    for g in range(0, n_tok):
+        n_g = lens + tl.load(depth_ptr + b * sdb + (t0 + g) * sdt) + 1
+        acc, m_i, l_i = _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t0 + g, n_g,
+                                         tok + t0, row_ok, path_ptr, spb, spt, spj, sks, svs, scale, ok_d,
+                                         SPLIT_LEN, UPCAST, PREC, BY_SUM)
     return acc, m_i, l_i
 
 
@@ -642,7 +629,7 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
                       sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, spb, spt, spj, sdb, sdt,
                       REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
-                      MERGE: tl.constexpr, EDGE_UNROLL: tl.constexpr, PDL: tl.constexpr):
+                      MERGE: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
     TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
     pid = tl.program_id(0)
@@ -688,7 +675,7 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
         for start in tl.range(shared_end, hi, BLOCK_N, num_stages=1):  # (1-2 blocks: a prefetch buys nothing)
             acc, m_i, l_i = _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, tok, row_ok,
                                              n_tok, depth_ptr, path_ptr, sdb, sdt, spb, spt, spj, sks, svs, scale,
-                                             ok_d, BLOCK_N, SPLIT_LEN, EDGE_UNROLL, UPCAST, PREC, BY_SUM)
+                                             ok_d, BLOCK_N, SPLIT_LEN, UPCAST, PREC, BY_SUM)
         row = ((b * T + t0 + tok) * Hq + h) * NUM_SPLITS + split  # [BLOCK_M] into [B, T, Hq, NUM_SPLITS]
         used = row_ok & (lo < n)
         l_safe = tl.where(used, l_i, 1.0)
@@ -787,8 +774,10 @@ PATH_SPLIT_LEN = 256  # virtual positions per split
 PATH_TILE_ROWS = 16  # tile rows (tokens x GQA heads) on the GPU, for every call
 # The last program of a row's splits merges them (an atomic count per row) instead of a combine kernel: one launch
 # less a layer, the same bits. Off until checked and timed on a GPU (HYDRA_LITE_PATH_MERGE=1; issue 15).
-# Tokens per program for the splits that reach lens (see the note above); 0: by batch (1 at batch 1, else a tile's
-# worth). 1 (one token per program, as before) until the others are timed on a GPU (issue 15: batch-8 verify).
+# Tokens per program for the splits that reach lens (see the note above); 0: by batch, 1 at batch 1, else 3. Run 25
+# (H200, SmolLM2 shape, 1,024 cached tokens): batch-8 verification (16 nodes + a 10-token chain) 1.79 / 1.59 / 1.53
+# ms with 1 / 2 / 3 tokens a program and ~1.74 with the tile's 5; end to end at batch 8, 3 tokens +4% tokens/s
+# over 5 (and 2 +2%); at batch 1, 1 token (3: -6%).
 PATH_EDGE_TOKENS = int(os.environ.get("HYDRA_LITE_PATH_EDGE_TOKENS", "0"))
 PATH_MERGE_IN_KERNEL = os.environ.get("HYDRA_LITE_PATH_MERGE", "0") == "1"
 # The merge in the kernel for decode steps only (T = 1): 30 combine launches fewer a step, where a row has only a
@@ -811,12 +800,6 @@ PATH_WARPS = int(os.environ.get("HYDRA_LITE_PATH_WARPS", "4"))
 # 2.062 / 2.058 / 2.132 (the one branching loop before: 0.912, 1.083, 1.006, 2.167). On the 7B shape 3 stages
 # verify 5% slower than 2 (7.12 vs 6.84 ms; AR 5.33 vs 5.34): 3, for the model we ship.
 PATH_STAGES = int(os.environ.get("HYDRA_LITE_PATH_STAGES", "3"))
-# An edge program's tokens side by side instead of one after another (_path_edge_block; the same bits). Run 24's
-# profile of a batch-8 step (27-token trees, 8 rows): path_attention takes 16.5 us a layer against the tiled
-# attention's 6.5, and its longest program walks 5 tokens x 1-2 edge blocks in a chain. Off until timed on a GPU
-# (issue 15: `bash scripts/device.sh edge`; sm_90 registers a thread, loop / side by side: 168 / 146 at 1 token
-# a program, 236 at 2, 254 at 3, 255 and 104 bytes spilled at 5, batch 8's tile of tokens).
-PATH_EDGE_PARALLEL = os.environ.get("HYDRA_LITE_PATH_EDGE_PARALLEL", "0") == "1"
 _MERGE_COUNTS = {}  # device -> int32 counts, one per output row, all 0 between calls (each merge resets its rows)
 _DECODE_PATH = {}  # device -> the one-token path ([[[0]]], depth [[0]]): a decode step is a one-node tree
 
@@ -860,7 +843,7 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     groups = num_splits if not programs else max(1, min(num_splits, triton.cdiv(programs, n_tiles * B * Hkv)))
     edge_progs = 1 if programs else 2
     n_shared = n_tiles * groups
-    edge_tok = min(PATH_EDGE_TOKENS or (1 if B == 1 else BLOCK_M // REP), BLOCK_M // REP)
+    edge_tok = min(PATH_EDGE_TOKENS or (1 if B == 1 else 3), BLOCK_M // REP)
     po = torch.empty(B * T * Hq * num_splits * D, dtype=torch.float32, device=q.device)
     plse = torch.empty(B * T * Hq * num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -874,7 +857,7 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,
-        MERGE=merge, EDGE_UNROLL=edge_tok if PATH_EDGE_PARALLEL else 0, num_warps=PATH_WARPS, num_stages=PATH_STAGES,
+        MERGE=merge, num_warps=PATH_WARPS, num_stages=PATH_STAGES,
         **_pdl(q, B * T))
     if merge:
         return out

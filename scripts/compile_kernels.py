@@ -119,15 +119,14 @@ def kernel_sets():
                 LIVE=True))
     path = bf16("q_ptr", "k_ptr", "v_ptr", "o_ptr") | dict(
         lens_ptr="*i32", path_ptr="*i64", depth_ptr="*i64", po_ptr="*fp32", plse_ptr="*fp32", cnt_ptr="*i32", scale="fp32")
-    for merge, unroll in ((False, 0), (True, 0), (False, K.PATH_TILE_ROWS // 3)):
-        yield (f"path_attention merge={merge} dependent launch={merge}, edge tokens side by side: {unroll}",
-               K._path_attn_kernel, path,
+    for merge in (False, True):
+        yield (f"path_attention merge={merge} dependent launch={merge}", K._path_attn_kernel, path,
                dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=K.PATH_SPLIT_LEN, UPCAST=False,
-                    PREC="tf32", BY_SUM=False, MERGE=merge, EDGE_UNROLL=unroll, PDL=merge))
+                    PREC="tf32", BY_SUM=False, MERGE=merge, PDL=merge))
     for warps in (1, 2):  # (PATH_WARPS, to time), with the shortest split steps --path-tiles offers
         yield (f"path_attention {warps} warps, splits of 64", K._path_attn_kernel, path,
                dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=64, UPCAST=False, PREC="tf32",
-                    BY_SUM=False, MERGE=False, EDGE_UNROLL=0, PDL=True), warps)
+                    BY_SUM=False, MERGE=False, PDL=True), warps)
     yield ("path_attention combine dependent launch=True", K._path_combine_kernel,
            {"po_ptr": "*fp32", "plse_ptr": "*fp32", "lens_ptr": "*i32", "depth_ptr": "*i64", "o_ptr": "*bf16"},
            dict(SPLIT_LEN=K.PATH_SPLIT_LEN, BLOCK_H=16, BLOCK_D=64, BLOCK_S=16, PDL=True))

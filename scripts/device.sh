@@ -15,8 +15,8 @@
 #   stages the matmuls at MATMUL_STAGES (4) pipeline stages: kernel check and GPU tests, then step times by stages
 #   floor  the cost of one link in a chain of dependent kernels in a CUDA graph (scripts/launch_floor.py: empty
 #          and with 1.8 MB of weights a link, plain and dependent launch; no model, a few seconds)
-#   edge   path_attention's tokens past the cache per program, one after another and side by side
-#          (kernels.PATH_EDGE_TOKENS, PATH_EDGE_PARALLEL): bits checked, steps at batches 8 and 1 (no model)
+#   edge   path_attention's tokens past the cache per program (kernels.PATH_EDGE_TOKENS): bits checked, steps at
+#          batches 8 and 1 (no model)
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights); STEPS_FLAGS adds flags (e.g. --profile)
 #   fused  the fused decoder layers (the default; HYDRA_LITE_FUSED=0: op by op): kernel check, their GPU tests, step
 #          times against the unfused layers and the previous kernels (random weights: needs no model)
@@ -39,8 +39,8 @@
 #   tasks  the multi-task benchmark (tasks/heldout.jsonl + ShareGPT rows 80-99): AR vs TASK_HEADS (NAME=DIR ...)
 #          with and without context drafts, and context drafts alone, batches TASK_BATCH; TASK_FLAGS adds flags
 #   kernels  real-model tokens/s with each kernel set (exact, fused-heads, fast), heads with and without context drafts
-#   prefill  a batched prefill's padding skipped (hl.PREFILL_SKIP): its GPU tests, then tokens/s of exact,
-#          prefill-skip and fast kernels in one run, batches 1 and 8
+#   prefill  a batched prefill's padding skipped (hl.PREFILL_SKIP, the default): its GPU tests, then tokens/s of
+#          exact, no-prefill-skip and fast kernels in one run, batches 1 and 8
 #   sweep  tree size at batches 8 and 32 (SWEEP_NODES head nodes, static and dynamic trees, beside a SWEEP_CONTEXT-token
 #          context chain, default 10; SWEEP_BATCH, SWEEP_TREES), 45 prompts
 #   latency  time to first token, per-token latency and per-call overhead by prompt length and batch, first vs
@@ -95,15 +95,11 @@ for stage in "$@"; do
       unset HYDRA_LITE_MATMUL_STAGES ;;
     floor)  # issue 14: what a dependent level of a step costs, whatever it computes
       timeout 200 python3 scripts/launch_floor.py 2>&1 | tee "$RES/launch_floor.txt" ;;
-    edge)  # issue 15: path_attention's edge tokens per program (PATH_EDGE_TOKENS), one after another and side by side
-           # (PATH_EDGE_PARALLEL: sm_90 registers 168 / 146, 236, 254, 255 + 104 spilled at 0 / 1, 2, 3, 5 tokens), bits
-           # checked, timed with each batch's default tree (batch 8: 16 head nodes + a 10-token chain; batch 1: 32 + 24)
+    edge)  # issue 15: path_attention's edge tokens per program (PATH_EDGE_TOKENS), bits checked, timed with each
+           # batch's default tree (batch 8: 16 head nodes + a 10-token chain; batch 1: 32 + 24)
       for bt in "8 16 10" "1 32 24"; do read -r b n c <<< "$bt"
-        for par in 0 1; do
-          HYDRA_LITE_PATH_EDGE_PARALLEL=$par python3 benchmark.py steps --shape smollm2-135m --batch "$b" --tree-nodes "$n" \
-            --tree-chain "$c" --context ${EDGE_CONTEXT:-1024} --edge-tokens 0 1 2 3 --out "$RES/edge_b${b}_p$par" 2>&1 \
-            | tee "$RES/edge_b${b}_p$par.txt" | grep -E "^b|bit" | sed "s/^/side by side=$par: /"
-        done
+        python3 benchmark.py steps --shape smollm2-135m --batch "$b" --tree-nodes "$n" --tree-chain "$c" \
+          --context ${EDGE_CONTEXT:-1024} --edge-tokens 1 2 3 5 --out "$RES/edge_b$b" 2>&1 | tee "$RES/edge_b$b.txt" | grep -E "^b|bit"
       done ;;
     steps)
       python3 benchmark.py steps --shape 7b ${STEPS_FLAGS:-} --out "$RES" 2>&1 | tee "$RES/steps_7b.txt"
@@ -146,7 +142,7 @@ for stage in "$@"; do
               # tokens/s against the exact and the fast kernels in one run, 45 prompts, batches 1 and 8
       HYDRA_LITE_CKPT=$(converted) python3 -m pytest -q tests/test_gpu.py -k "prefill_skipping or half_speculative" 2>&1 | tail -3
       python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" --limit 5 --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} \
-        --batch 1 8 --context default --context-only 0 --warmup --kernels exact prefill-skip fast --out "$RES/prefill" 2>&1 \
+        --batch 1 8 --context default --context-only 0 --warmup --kernels exact no-prefill-skip fast --out "$RES/prefill" 2>&1 \
         | tee "$RES/prefill.txt" | grep -v "warm-up" | grep -v "parts from AR" ;;
     sweep)  # head-tree nodes at larger batches: 45 prompts (5 per family), each size against AR in the same run
       for n in ${SWEEP_NODES:-8 16 32}; do

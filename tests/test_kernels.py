@@ -16,7 +16,6 @@ IN_PROCESS = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") =
 if IN_PROCESS:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import itertools  # noqa: E402
 import subprocess  # noqa: E402
 import zlib  # noqa: E402
 
@@ -484,7 +483,7 @@ def test_path_attention(dtype, B, T, Hq, Hkv, D, S, split, monkeypatch):
 def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
     """A tree node's output equals, bit for bit, one-token decoding over a cache that holds its path in order
     (what the cache holds once the path is accepted), whatever the other nodes, the batch, the cache's size or
-    the tokens per program at the splits that reach past the cache (one after another or side by side)."""
+    the tokens per program at the splits that reach past the cache."""
     monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 32)
     B, T, Hq, Hkv, D, S = 2, 8, 6, 2, 32, 200
     q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S - T, dtype)
@@ -493,12 +492,9 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
     lens[0], lens[1] = 29, 160 - 3
     path, depth = tree_paths([random_tree(T)[2] for _ in range(B)])
     out = kernels.path_attention(q, k_cache, v_cache, lens, path, depth)
-    for edge, side_by_side in itertools.product((1, 2, 16), (False, True)):  # tokens per program at the edge
-        # splits, one after another or side by side (PATH_EDGE_PARALLEL): how work is shared out, not a row's bits
+    for edge in (1, 2, 3, 16):  # tokens per program at the edge splits: how work is shared out, not a row's bits
         monkeypatch.setattr(kernels, "PATH_EDGE_TOKENS", edge)
-        monkeypatch.setattr(kernels, "PATH_EDGE_PARALLEL", side_by_side)
-        assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), (edge, side_by_side)
-    monkeypatch.setattr(kernels, "PATH_EDGE_PARALLEL", False)
+        assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), edge
     for programs in (1, 20):  # splits below lens looped by fewer programs: all by one per tile, or every 3rd
         monkeypatch.setattr(kernels, "PATH_PROGRAMS", programs)
         assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), programs

@@ -227,14 +227,14 @@ def test_benchmark_tasks_writes_its_report(tmp_path, tiny_smol):
     ckpt, heads = tiny_smol
     assert benchmark.main(["tasks", "--checkpoint", ckpt, "--tasks", "math", "chat", "--limit", "1", "--max-new-tokens", "6",
                            "--batch", "1", "2", "--dtype", "float32", "--heads", f"new={heads}", "--context", "4",
-                           "--tree-nodes", "8", "--kernels", "exact", "unfused", "prefill-skip",
+                           "--tree-nodes", "8", "--kernels", "exact", "unfused", "no-prefill-skip",
                            "--out", str(tmp_path)]) in (None, 0)
     report = json.loads((tmp_path / "tasks.json").read_text())
     rows = [r for r in report["results"] if r["attempt"] == "first"]
     assert {(r["method"], r["batch"], r["task"]) for r in rows} == {
-        (m + k, b, t) for m in ("ar", "new + context 4") for k in ("", " [unfused kernels]", " [prefill-skip kernels]")
+        (m + k, b, t) for m in ("ar", "new + context 4") for k in ("", " [unfused kernels]", " [no-prefill-skip kernels]")
         for b in (1, 2) for t in ("math", "chat", "all")}
     assert all(r["exact_match"] == 1.0 and r["mean_accept"] >= 1.0 for r in rows)
     assert set(report["meta"]["vocab_coverage"]["new"]) == {"math", "chat", "all"}
     assert (tmp_path / "tasks.md").exists() and len(report["records"]) == 2 * 2 * 3 * 2
-    assert hl.FUSED and not hl.PREFILL_SKIP  # the caller's settings back
+    assert hl.FUSED and hl.PREFILL_SKIP  # the caller's settings back
