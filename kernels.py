@@ -775,9 +775,9 @@ PATH_TILE_ROWS = 16  # tile rows (tokens x GQA heads) on the GPU, for every call
 # The last program of a row's splits merges them (an atomic count per row) instead of a combine kernel: one launch
 # less a layer, the same bits. Off until checked and timed on a GPU (HYDRA_LITE_PATH_MERGE=1; issue 15).
 # Tokens per program for the splits that reach lens (see the note above); 0: by batch, 1 at batch 1, else 3. Run 25
-# (H200, SmolLM2 shape, 1,024 cached tokens): batch-8 verification (16 nodes + a 10-token chain) 1.79 / 1.59 / 1.53
-# ms with 1 / 2 / 3 tokens a program and ~1.74 with the tile's 5; end to end at batch 8, 3 tokens +4% tokens/s
-# over 5 (and 2 +2%); at batch 1, 1 token (3: -6%).
+# (H200, SmolLM2 shape, 1,024 cached tokens): batch-8 verification (16 nodes + a 10-token chain) 1.79 / 1.59 / 1.54
+# / 1.56 ms with 1 / 2 / 3 / 5 (a tile's) tokens a program; end to end at batch 8 (60 held-out prompts), 3 tokens
+# +4% tokens/s over 5 (2: +2%); at batch 1, 1 token (3: -6%).
 PATH_EDGE_TOKENS = int(os.environ.get("HYDRA_LITE_PATH_EDGE_TOKENS", "0"))
 PATH_MERGE_IN_KERNEL = os.environ.get("HYDRA_LITE_PATH_MERGE", "0") == "1"
 # The merge in the kernel for decode steps only (T = 1): 30 combine launches fewer a step, where a row has only a

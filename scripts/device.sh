@@ -15,6 +15,8 @@
 #   stages the matmuls at MATMUL_STAGES (4) pipeline stages: kernel check and GPU tests, then step times by stages
 #   floor  the cost of one link in a chain of dependent kernels in a CUDA graph (scripts/launch_floor.py: empty
 #          and with 1.8 MB of weights a link, plain and dependent launch; no model, a few seconds)
+#   split  path_attention's split length 256 / 512 / 1,024: bits checked, steps at batches 8 and 1, short and long
+#          caches (no model)
 #   edge   path_attention's tokens past the cache per program (kernels.PATH_EDGE_TOKENS): bits checked, steps at
 #          batches 8 and 1 (no model)
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights); STEPS_FLAGS adds flags (e.g. --profile)
@@ -95,6 +97,12 @@ for stage in "$@"; do
       unset HYDRA_LITE_MATMUL_STAGES ;;
     floor)  # issue 14: what a dependent level of a step costs, whatever it computes
       timeout 200 python3 scripts/launch_floor.py 2>&1 | tee "$RES/launch_floor.txt" ;;
+    split)  # issue 15: path_attention's split length (PATH_SPLIT_LEN; 16-row tiles): batch 8's verification grows
+            # with the cache 3x faster than the fast kernels' (run 25); longer splits: fewer programs and partials
+      for bt in "8 16 10 1024" "8 16 10 2048" "1 32 24 512" "1 32 24 2048"; do read -r b n c x <<< "$bt"
+        python3 benchmark.py steps --shape smollm2-135m --batch "$b" --tree-nodes "$n" --tree-chain "$c" --context "$x" \
+          --path-tiles 16x256 16x512 16x1024 --out "$RES/split_b${b}_c$x" 2>&1 | tee "$RES/split_b${b}_c$x.txt" | grep -E "^b|bit"
+      done ;;
     edge)  # issue 15: path_attention's edge tokens per program (PATH_EDGE_TOKENS), bits checked, timed with each
            # batch's default tree (batch 8: 16 head nodes + a 10-token chain; batch 1: 32 + 24)
       for bt in "8 16 10" "1 32 24"; do read -r b n c <<< "$bt"
