@@ -990,11 +990,13 @@ def mark_partings(records, ar_records, label):
 
 
 def summarize(records, ar_records=None):
-    """Mean acceptance, tokens/s by the wall clock per call (prefill included) and exact match with AR."""
-    calls = {r["call"]: (r["call_s"], r["call_tokens"]) for r in records}  # (one attempt's records)
-    secs, toks = sum(s for s, _ in calls.values()), sum(t for _, t in calls.values())
+    """Mean acceptance, tokens/s by the wall clock per call (prefill included), the share of that clock spent in
+    prefill, and exact match with AR."""
+    calls = {r["call"]: (r["call_s"], r["call_tokens"], r["prefill_s"]) for r in records}  # (one attempt's records)
+    secs, toks = sum(c[0] for c in calls.values()), sum(c[1] for c in calls.values())
     out = dict(prompts=len(records), new_tokens=sum(r["new_tokens"] for r in records), wall_s=secs,
                tokens_per_s=toks / secs if secs else 0.0,
+               prefill_share=sum(c[2] for c in calls.values()) / secs if secs else 0.0,
                mean_accept=sum(r["accepted"] for r in records) / max(sum(r["steps"] for r in records), 1))
     if ar_records is not None:
         ar = {r["id"]: r["out"] for r in ar_records}
@@ -1054,7 +1056,7 @@ def tasks_bench(args):
                     results.append(dict(method=name, batch=batch, task=family, attempt=attempt, kernels=kernels,
                                         warmup_s=warm, **s))
                 log(f"b{batch} {name} ({attempt} calls): {results[-1]['tokens_per_s']:.0f} tokens/s, "
-                    f"accept {results[-1]['mean_accept']:.2f}")
+                    f"accept {results[-1]['mean_accept']:.2f}, prefill {results[-1]['prefill_share']:.1%} of the wall clock")
     hl.EXACT, hl.FUSED, hl.FUSED_HEADS, K.PATH_MERGE_IN_KERNEL, hl.PREFILL_SKIP = kernels_before
     for r in results:  # against AR with the same kernels
         ar = next(a for a in results if a["method"].split(" ")[0] == "ar" and (a["batch"], a["task"], a["attempt"], a["kernels"])

@@ -234,7 +234,7 @@ def test_benchmark_tasks_writes_its_report(tmp_path, tiny_smol):
     assert {(r["method"], r["batch"], r["task"]) for r in rows} == {
         (m + k, b, t) for m in ("ar", "new + context 4") for k in ("", " [unfused kernels]", " [no-prefill-skip kernels]")
         for b in (1, 2) for t in ("math", "chat", "all")}
-    assert all(r["exact_match"] == 1.0 and r["mean_accept"] >= 1.0 for r in rows)
+    assert all(r["exact_match"] == 1.0 and r["mean_accept"] >= 1.0 and 0.0 < r["prefill_share"] < 1.0 for r in rows)
     assert set(report["meta"]["vocab_coverage"]["new"]) == {"math", "chat", "all"}
     assert (tmp_path / "tasks.md").exists() and len(report["records"]) == 2 * 2 * 3 * 2
     assert hl.FUSED and hl.PREFILL_SKIP  # the caller's settings back
