@@ -771,7 +771,9 @@ def _path_split(po_ptr, plse_ptr, row, d, d_ok, m, s, here, NUM_SPLITS, D):
 # batch 8 in 2.45 ms, against 3.06 ms with 64 x 128, and steps about as fast (1.23 vs 1.21 ms). Fewer rows waste
 # less of a decode step's tile (3 rows of 16, not 64). Longer splits mean fewer partials for the combine.
 PATH_SPLIT_LEN = int(os.environ.get("HYDRA_LITE_PATH_SPLIT_LEN", "256"))  # virtual positions per split (64k)
-PATH_TILE_ROWS = 16  # tile rows (tokens x GQA heads) on the GPU, for every call
+PATH_TILE_ROWS = int(os.environ.get("HYDRA_LITE_PATH_TILE_ROWS", "16"))  # tile rows (tokens x GQA heads) on the GPU,
+# for every call. (Run 25, 64 rows: verification 5-7% faster at batches 1 and 8, AR steps 4-5% slower; to time end
+# to end with the split length.)
 # The last program of a row's splits merges them (an atomic count per row) instead of a combine kernel: one launch
 # less a layer, the same bits. Off until checked and timed on a GPU (HYDRA_LITE_PATH_MERGE=1; issue 15).
 # Tokens per program for the splits that reach lens (see the note above); 0: by batch, 1 at batch 1, else 3. Run 25

@@ -15,8 +15,9 @@
 #   stages the matmuls at MATMUL_STAGES (4) pipeline stages: kernel check and GPU tests, then step times by stages
 #   floor  the cost of one link in a chain of dependent kernels in a CUDA graph (scripts/launch_floor.py: empty
 #          and with 1.8 MB of weights a link, plain and dependent launch; no model, a few seconds)
-#   split  path_attention's split length 256 / 512 / 1,024: bits checked, steps at batches 8 and 1, short and long
+#   split  path_attention's split length 256 / 512 / 1,024 and tiles of 16 / 64 rows: bits checked, steps at batches 8 and 1, short and long
 #          caches (no model)
+#   split-e2e  the same end to end (SPLIT_TILES="16x256 64x512 ...": rows x split length), 60 prompts, batches 1, 8
 #   edge   path_attention's tokens past the cache per program (kernels.PATH_EDGE_TOKENS): bits checked, steps at
 #          batches 8 and 1 (no model)
 #   steps  step-time roofline tables (7B shape and SmolLM2 shape, random weights); STEPS_FLAGS adds flags (e.g. --profile)
@@ -101,7 +102,15 @@ for stage in "$@"; do
             # with the cache 3x faster than the fast kernels' (run 25); longer splits: fewer programs and partials
       for bt in "8 16 10 1024" "8 16 10 2048" "1 32 24 512" "1 32 24 2048"; do read -r b n c x <<< "$bt"
         python3 benchmark.py steps --shape smollm2-135m --batch "$b" --tree-nodes "$n" --tree-chain "$c" --context "$x" \
-          --path-tiles 16x256 16x512 16x1024 --out "$RES/split_b${b}_c$x" 2>&1 | tee "$RES/split_b${b}_c$x.txt" | grep -E "^b|bit"
+          --path-tiles 16x256 16x512 16x1024 64x256 64x512 --out "$RES/split_b${b}_c$x" 2>&1 | tee "$RES/split_b${b}_c$x.txt" | grep -E "^b|bit"
+      done ;;
+    split-e2e)  # issue 15: the same, end to end (60 prompts, batches 1 and 8, the default trees), each setting
+                # against AR with it; fast kernels once, beside them
+      for ts in ${SPLIT_TILES:-16x256 16x512 64x256 64x512}; do
+        HYDRA_LITE_PATH_TILE_ROWS=${ts%x*} HYDRA_LITE_PATH_SPLIT_LEN=${ts#*x} python3 benchmark.py tasks --checkpoint "$CKPT" \
+          --sharegpt "$PROMPTS" --limit 5 --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} --batch 1 8 --context default \
+          --context-only 0 --warmup --kernels exact $([ "$ts" = 16x256 ] && echo fast) --out "$RES/split_$ts" 2>&1 \
+          | tee "$RES/split_$ts.txt" | grep -E "^b[0-9]+ .*tokens/s" | sed "s/^/$ts: /"
       done ;;
     edge)  # issue 15: path_attention's edge tokens per program (PATH_EDGE_TOKENS), bits checked, timed with each
            # batch's default tree (batch 8: 16 head nodes + a 10-token chain; batch 1: 32 + 24)
