@@ -770,7 +770,7 @@ def _path_split(po_ptr, plse_ptr, row, d, d_ok, m, s, here, NUM_SPLITS, D):
 # `benchmark.py steps --path-tiles`, BENCHMARKS.md run 14): 16 rows x 256 positions verifies a 64-node tree at
 # batch 8 in 2.45 ms, against 3.06 ms with 64 x 128, and steps about as fast (1.23 vs 1.21 ms). Fewer rows waste
 # less of a decode step's tile (3 rows of 16, not 64). Longer splits mean fewer partials for the combine.
-PATH_SPLIT_LEN = int(os.environ.get("HYDRA_LITE_PATH_SPLIT_LEN", "256"))  # virtual positions per split (64k)
+PATH_SPLIT_LEN = int(os.environ.get("HYDRA_LITE_PATH_SPLIT_LEN", "256"))  # virtual positions per split (x 64)
 PATH_TILE_ROWS = int(os.environ.get("HYDRA_LITE_PATH_TILE_ROWS", "16"))  # tile rows (tokens x GQA heads) on the GPU,
 # for every call. (Run 25, 64 rows: verification 5-7% faster at batches 1 and 8, AR steps 4-5% slower; to time end
 # to end with the split length.)
