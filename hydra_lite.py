@@ -71,6 +71,10 @@ class HydraLiteError(Exception):
     """Bad input from the user: a missing file, a wrong shape, an impossible setting."""
 
 
+# What the CLI reports in one line: the user's mistakes, and inputs a kernel cannot take (a model's shape, a knob).
+USER_ERRORS = (HydraLiteError,) + ((_kernels.KernelInputError,) if _kernels is not None else ())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Config
 
@@ -2353,7 +2357,7 @@ def main(argv=None):
     args.chat = args.chat or (not args.prompt and sys.stdin.isatty())  # no prompt in a terminal: chat
     try:
         return _run_cli(args)
-    except HydraLiteError as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except GenerationInterrupted as e:  # Ctrl-C: what was generated so far, and its stats

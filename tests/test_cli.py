@@ -149,3 +149,19 @@ def test_fast_kernels_flag(monkeypatch, capsys):
     monkeypatch.setattr(hl, "EXACT", True)
     assert hl.main(["--checkpoint", CKPT, "--prompt", "Hi", "--mode", "ar", "--max-new-tokens", "2", "--fast-kernels"]) == 0
     assert hl.EXACT is False and "tokens/s" in capsys.readouterr().err
+
+
+def test_a_kernel_refusing_its_input_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """A kernel's KernelInputError (a model shape it does not take, a bad HYDRA_LITE_PATH_SPLIT_LEN) reaches the
+    user as `error: ...` and exit 2, as a user's mistake does; any other exception still propagates."""
+    kernels = hl._kernels  # (the module hydra_lite loaded, whatever its name)
+    if kernels is None:
+        pytest.skip("no Triton: no kernels to refuse anything")
+    message = f"PATH_SPLIT_LEN={torch.randint(65, 127, ()).item()} is not a multiple of 64"
+    monkeypatch.setattr(hl, "_run_cli", lambda args: (_ for _ in ()).throw(kernels.KernelInputError(message)))
+    assert hl.main(["--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {message}" and "Traceback" not in err
+    monkeypatch.setattr(hl, "_run_cli", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError):
+        hl.main(["--prompt", "hi"])
