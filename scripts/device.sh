@@ -15,7 +15,7 @@
 #   stages the matmuls at MATMUL_STAGES (4) pipeline stages: kernel check and GPU tests, then step times by stages
 #   floor  the cost of one link in a chain of dependent kernels in a CUDA graph (scripts/launch_floor.py: empty
 #          and with 1.8 MB of weights a link, plain and dependent launch; no model, a few seconds)
-#   split  path_attention's split length 256 / 512 / 1,024, tiles of 16 / 64 rows, 8 warps, 1-2 stages: bits
+#   split  path_attention's split length 256 / 512 / 1,024, tiles of 16 / 64 rows, 8 warps, 1-2 stages, programs: bits
 #          checked, steps at batches 8 and 1, short and long caches (no model)
 #   split-e2e  the same end to end (SPLIT_TILES="16x256 64x512 ...": rows x split length), 60 prompts, batches 1, 8
 #   edge   path_attention's tokens past the cache per program (kernels.PATH_EDGE_TOKENS): bits checked, steps at
@@ -104,7 +104,8 @@ for stage in "$@"; do
             # registers with 4 warps (the pipelined loop takes the rest), 2: 166 (run 20 timed 2-4 at 512 cached only)
       for bt in "8 16 10 1024" "8 16 10 2048" "1 32 24 512" "1 32 24 2048"; do read -r b n c x <<< "$bt"
         python3 benchmark.py steps --shape smollm2-135m --batch "$b" --tree-nodes "$n" --tree-chain "$c" --context "$x" \
-          --path-tiles 16x256 16x512 16x1024 64x256 64x512 --path-warps 8 --path-stages 1 2 --out "$RES/split_b${b}_c$x" 2>&1 | tee "$RES/split_b${b}_c$x.txt" | grep -E "^b|bit"
+          --path-tiles 16x256 16x512 16x1024 64x256 64x512 --path-warps 8 --path-stages 1 2 --path-programs 528 2112 \
+          --out "$RES/split_b${b}_c$x" 2>&1 | tee "$RES/split_b${b}_c$x.txt" | grep -E "^b|bit"
       done ;;
     split-e2e)  # issue 15: the same, end to end (60 prompts, batches 1 and 8, the default trees), each setting
                 # against AR with it; fast kernels once, beside them
