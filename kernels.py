@@ -608,8 +608,8 @@ def _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t, n_
 
 @triton.jit
 def _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, tok, row_ok, n_tok, depth_ptr, path_ptr,
-                     sdb, sdt, spb, spt, spj, sks, svs, scale, ok_d, BLOCK_N: tl.constexpr,
-                     SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
+                     sdb, sdt, spb, spt, spj, sks, svs, scale, ok_d, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr,
+                     UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
     """A block that reaches past the cache, token by token over the tile's n_tok tokens (each token's rows only,
     the others kept bit for bit). (Side by side, each token from the block's incoming state, was the same bits
     and slower at batch 8: 1.61-1.74 ms against 1.53 for a verification step, run 25.)"""
@@ -617,9 +617,9 @@ def _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, t
     j = vp - lens  # >= 0: the j-th node of the token's path
     for g in range(0, n_tok):
         n_g = lens + tl.load(depth_ptr + b * sdb + (t0 + g) * sdt) + 1
-        acc, m_i, l_i = _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t0 + g, n_g,
-                                         tok + t0, row_ok, path_ptr, spb, spt, spj, sks, svs, scale, ok_d,
-                                         SPLIT_LEN, UPCAST, PREC, BY_SUM)
+        acc, m_i, l_i = _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t0 + g, n_g, tok + t0,
+                                         row_ok, path_ptr, spb, spt, spj, sks, svs, scale, ok_d, SPLIT_LEN, UPCAST,
+                                         PREC, BY_SUM)
     return acc, m_i, l_i
 
 
@@ -859,8 +859,7 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,
-        MERGE=merge, num_warps=PATH_WARPS, num_stages=PATH_STAGES,
-        **_pdl(q, B * T))
+        MERGE=merge, num_warps=PATH_WARPS, num_stages=PATH_STAGES, **_pdl(q, B * T))
     if merge:
         return out
     _path_combine_kernel[(T, B)](po, plse, lens, depth, out, T, Hq, D, num_splits, *depth.stride(),

@@ -116,8 +116,7 @@ def test_steps_times_every_kernel_set_and_restores_the_settings(tmp_path, monkey
     assert benchmark.main(["steps", "--shape", "tiny", "--device", "cpu", "--batch", "1", "2", "--context", "20",
                            "--path-tiles", "16x256", "64x128", "--unfused", "--edge-tokens", "1", "0", "--pdl",
                            "--matmul-wide-n", "4097", "--path-programs", "264", "--path-warps", "2", "--matmul-k-tile", "256",
-                           "--merge-decode", "--matmul-stages", "5", "--path-stages", "4",
-                           "--profile",
+                           "--merge-decode", "--matmul-stages", "5", "--path-stages", "4", "--profile",
                            "--out", str(tmp_path)]) in (None, 0)
     rows = json.loads((tmp_path / "steps_tiny.json").read_text())["rows"]
     names = {r["step"] for r in rows}
