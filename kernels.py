@@ -792,7 +792,9 @@ PATH_MERGE_DECODE = os.environ.get("HYDRA_LITE_PATH_MERGE_DECODE", "0") == "1"
 # bit (a split is reduced alike whichever program does it), from fewer launches. Trees only (T > 1): run 18
 # (H200, random SmolLM2 weights, context 512), ~1056 programs: verification 1.13 vs 1.22 ms at batch 1, 2.05 vs
 # 2.25 ms at batch 8; a decode step 1.07 vs 1.03 ms at batch 1 (its 9 heads x 2 splits are few programs anyway).
-PATH_PROGRAMS = int(os.environ.get("HYDRA_LITE_PATH_PROGRAMS", "1056"))
+# Run 26 (SmolLM2 shape, batch-8 tree of 216 tokens): ~528 verify in 1.485 / 1.810 ms with 1,024 / 2,048 cached
+# against 1.545 / 1.891 with ~1056 (~2112: 1.609 / 1.925); batch 1 the same; end to end (60 prompts) batch 8 +1.4%.
+PATH_PROGRAMS = int(os.environ.get("HYDRA_LITE_PATH_PROGRAMS", "528"))
 # Warps per path_attention program. Constant for every call, like the tiles: the row reductions of the online
 # softmax are laid out by warps, so decoding and verification must share it. 4 until others are timed (issue 15).
 PATH_WARPS = int(os.environ.get("HYDRA_LITE_PATH_WARPS", "4"))

@@ -104,7 +104,7 @@ for stage in "$@"; do
             # registers with 4 warps (the pipelined loop takes the rest), 2: 166 (run 20 timed 2-4 at 512 cached only)
       for bt in "8 16 10 1024" "8 16 10 2048" "1 32 24 512" "1 32 24 2048"; do read -r b n c x <<< "$bt"
         python3 benchmark.py steps --shape smollm2-135m --batch "$b" --tree-nodes "$n" --tree-chain "$c" --context "$x" \
-          --path-tiles 16x256 16x512 16x1024 64x256 64x512 --path-warps 8 --path-stages 1 2 --path-programs 528 2112 \
+          --path-tiles 16x256 16x512 16x1024 64x256 64x512 --path-warps 8 --path-stages 1 2 --path-programs 1056 2112 \
           --out "$RES/split_b${b}_c$x" 2>&1 | tee "$RES/split_b${b}_c$x.txt" | grep -E "^b|bit"
       done ;;
     split-e2e)  # issue 15: the same, end to end (60 prompts, batches 1 and 8, the default trees), each setting
