@@ -510,6 +510,14 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
             k1[0, :len(slots)], v1[0, :len(slots)] = k_cache[b, slots], v_cache[b, slots]
             ar = kernels.path_attention(q[b:b + 1, t:t + 1], k1, v1, torch.tensor([len(slots) - 1], dtype=torch.int32))
             assert torch.equal(ar[0, 0], out[b, t]), (b, t)
+    # Splits of two blocks (the interpreter's blocks are 32 positions): a program that loops over several splits
+    # starts each from nothing, at the split's first block.
+    monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 64)
+    lens[1] = int(torch.randint(130, 190 - int(depth[1].max()), ()))
+    out = kernels.path_attention(q, k_cache, v_cache, lens, path, depth)
+    for programs in (1, 20):
+        monkeypatch.setattr(kernels, "PATH_PROGRAMS", programs)
+        assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), programs
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
