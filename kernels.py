@@ -565,11 +565,11 @@ def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
 # only) is one key tile for all of them; a block that reaches past lens is done token by token, each with its own
 # keys (its path), updating only that token's rows (the others keep their state bit for bit). An MMA row depends
 # only on its own row of q and on the key tile, so each row gets the same bits either way: those of decoding.
-# Grid axis 0: n_tiles x GROUPS programs for the splits below lens (GROUPS = NUM_SPLITS unless PATH_PROGRAMS:
-# one split each, those past lens idle), then 2 per EDGE_TOK tokens (1 with PATH_PROGRAMS) for the (at most two)
-# splits that reach lens. GROUPS, EDGE_TOK and the edge programs change how the work is shared out, not a row's
-# bits: one token per program keeps a small batch's edge in parallel, a tile of tokens per program saves a large
-# batch from reading the cached part of the edge split once per token.
+# Grid axis 1 (axis 0: row and KV head): 2 programs per EDGE_TOK tokens (1 with PATH_PROGRAMS) for the (at most
+# two) splits that reach lens, then n_tiles x GROUPS for the splits below lens (GROUPS = NUM_SPLITS unless
+# PATH_PROGRAMS: one split each, those past lens idle). GROUPS, EDGE_TOK and the edge programs change how the
+# work is shared out, not a row's bits: one token per program keeps a small batch's edge in parallel, a tile of
+# tokens per program saves a large batch from reading the cached part of the edge split once per token.
 
 
 @triton.jit
@@ -625,23 +625,26 @@ def _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, t
 
 @triton.jit(do_not_specialize=["T"])
 def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr, plse_ptr, o_ptr, cnt_ptr,
-                      T, Hq, Hkv, D, scale, NUM_SPLITS, N_SHARED, EDGE_TOK, GROUPS, EDGE_PROGS,
+                      T, Hq, Hkv, D, scale, NUM_SPLITS, N_EDGE, EDGE_TOK, GROUPS, EDGE_PROGS,
                       sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, spb, spt, spj, sdb, sdt,
                       REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
                       MERGE: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
     TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
-    pid = tl.program_id(0)
-    b = (tl.program_id(1) // Hkv).to(tl.int64)
-    kvh = tl.program_id(1) % Hkv
+    pid = tl.program_id(1)
+    b = (tl.program_id(0) // Hkv).to(tl.int64)
+    kvh = tl.program_id(0) % Hkv
     lens = tl.load(lens_ptr + b)
-    # Programs past N_SHARED take the (at most two) splits that reach past the cache, lens' own and the next (a
-    # path may cross into it): EDGE_PROGS 2, one each; 1, both. One below takes the splits wholly below lens of
-    # its group, every GROUPS-th of them. (Which program reduces a split is not in the split's bits.)
-    edge = pid >= N_SHARED
-    t0 = tl.where(edge, (pid - N_SHARED) // EDGE_PROGS * EDGE_TOK, pid // GROUPS * TOK)
-    first = tl.where(edge, lens // SPLIT_LEN + (pid - N_SHARED) % EDGE_PROGS, pid % GROUPS)
+    # Programs below N_EDGE take the (at most two) splits that reach past the cache, lens' own and the next (a
+    # path may cross into it): EDGE_PROGS 2, one each; 1, both. One past them takes the splits wholly below lens
+    # of its group, every GROUPS-th of them. (Which program reduces a split is not in the split's bits.) The edge
+    # programs, the longest, come first in the grid's order (axis 0 is the row and KV head), so that the GPU
+    # starts them first and the short ones fill in around them.
+    edge = pid < N_EDGE
+    pid = tl.where(edge, pid, pid - N_EDGE)
+    t0 = tl.where(edge, pid // EDGE_PROGS * EDGE_TOK, pid // GROUPS * TOK)
+    first = tl.where(edge, lens // SPLIT_LEN + pid % EDGE_PROGS, pid % GROUPS)
     last = tl.where(edge, tl.minimum(first + 3 - EDGE_PROGS, NUM_SPLITS), lens // SPLIT_LEN)
     stride = tl.where(edge, 1, GROUPS)
     offs_m = tl.arange(0, BLOCK_M)
@@ -846,8 +849,8 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     programs = PATH_PROGRAMS if T > 1 else 0
     groups = num_splits if not programs else max(1, min(num_splits, triton.cdiv(programs, n_tiles * B * Hkv)))
     edge_progs = 1 if programs else 2
-    n_shared = n_tiles * groups
     edge_tok = min(PATH_EDGE_TOKENS or (1 if B == 1 else 3), BLOCK_M // REP)
+    n_edge = edge_progs * triton.cdiv(T, edge_tok)
     po = torch.empty(B * T * Hq * num_splits * D, dtype=torch.float32, device=q.device)
     plse = torch.empty(B * T * Hq * num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -855,9 +858,9 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     lens = lens.contiguous()
     merge = PATH_MERGE_IN_KERNEL or (PATH_MERGE_DECODE and T == 1)
     counts = _merge_counts(q.device, B * T * Hq) if merge else lens  # (unused without the merge)
-    _path_attn_kernel[(n_shared + edge_progs * triton.cdiv(T, edge_tok), B * Hkv)](
+    _path_attn_kernel[(B * Hkv, n_edge + n_tiles * groups)](
         q, k_cache, v_cache, lens, path, depth, po, plse, out, counts, T, Hq, Hkv, D,
-        1.0 / math.sqrt(D) * 1.4426950408889634, num_splits, n_shared, edge_tok, groups, edge_progs,
+        1.0 / math.sqrt(D) * 1.4426950408889634, num_splits, n_edge, edge_tok, groups, edge_progs,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
         PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,
