@@ -15,6 +15,9 @@
 #   stages the matmuls at MATMUL_STAGES (4) pipeline stages: kernel check and GPU tests, then step times by stages
 #   floor  the cost of one link in a chain of dependent kernels in a CUDA graph (scripts/launch_floor.py: empty
 #          and with 1.8 MB of weights a link, plain and dependent launch; no model, a few seconds)
+#   ab     a kernel change against the kernels before it, in one call: step times at batches 8 and 1, short and long
+#          caches, from this tree and from a copy of it with runs/old_kernels.py (`git show REV:kernels.py >
+#          runs/old_kernels.py`, carried: runs/ is ignored), one after the other, twice (no model)
 #   split  path_attention's split length 256 / 512 / 1,024, tiles of 16 / 64 rows, 8 warps, 1-2 stages, programs: bits
 #          checked, steps at batches 8 and 1, short and long caches (no model)
 #   split-e2e  the same end to end (SPLIT_TILES="16x256 64x512 ...": rows x split length), 60 prompts, batches 1, 8
@@ -98,6 +101,19 @@ for stage in "$@"; do
       unset HYDRA_LITE_MATMUL_STAGES ;;
     floor)  # issue 14: what a dependent level of a step costs, whatever it computes
       timeout 200 python3 scripts/launch_floor.py 2>&1 | tee "$RES/launch_floor.txt" ;;
+    ab)  # the A/B of run 26 (edge programs first): the same steps from both trees; the bits line checks the new one
+      [ -f runs/old_kernels.py ] || { echo "ab: carry runs/old_kernels.py (the kernels.py to compare against)" >&2; exit 2; }
+      old=$WORK/ab_old && rm -rf "$old" && mkdir -p "$old" && cp ./*.py "$old/" && cp runs/old_kernels.py "$old/kernels.py"
+      for round in 1 2; do
+        for bt in "8 16 10 1024" "8 16 10 2048" "1 32 24 512" "1 32 24 2048"; do read -r b n c x <<< "$bt"
+          for v in new old; do
+            (cd "$([ $v = old ] && echo "$old" || echo .)" && python3 benchmark.py steps --shape smollm2-135m --batch "$b" \
+              --tree-nodes "$n" --tree-chain "$c" --context "$x" $([ $v = new ] && echo --path-tiles 16x256) \
+              --out "$RES/ab_${v}_b${b}_c${x}_$round" 2>&1 | grep -E "^b|bit" | grep -v "fast\|path tiles" \
+              | sed -E "s/, HBM floor.*//; s/^/$v c$x: /")
+          done
+        done
+      done ;;
     split)  # issue 15: path_attention's split length (PATH_SPLIT_LEN; 16-row tiles): batch 8's verification grows
             # with the cache 3x faster than the fast kernels' (run 25); longer splits: fewer programs and partials;
             # 8 warps: 128 registers a thread (16 warps an SM) against 4 warps' 168 (12 warps an SM); 1 stage: 128
