@@ -574,21 +574,26 @@ def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
 
 @triton.jit
 def _path_block(acc, m_i, l_i, q, k_base, v_base, slot, seen, rows, sks, svs, scale, ok_d,
-                UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
+                UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr, SUM_BY_MMA: tl.constexpr):
     """One block of virtual positions (key slots `slot`, columns `seen`) into the online softmax of the tile's
-    rows where `rows`; the other rows keep their state, bit for bit."""
+    rows where `rows`; the other rows keep their state, bit for bit. SUM_BY_MMA: the rows' sums of p by an MMA
+    (p rounded as for p @ v, times ones), whose order over the block is the instruction's, not the tile's layout
+    across threads and warps as a tl.sum's is: so that tiles of other rows can give a row the same bits."""
     ld = seen[:, None] & ok_d[None, :]
     k = tl.load(k_base + slot[:, None] * sks, mask=ld, other=0.0)
     qk = tl.where(seen[None, :], _dot(q, tl.trans(k), UPCAST, PREC, BY_SUM) * scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
-    l_new = l_i * alpha + tl.sum(p, axis=1)
+    if not SUM_BY_MMA:
+        l_new = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(v_base + slot[:, None] * svs, mask=ld, other=0.0)
     if UPCAST:
         p = p.to(q.dtype).to(tl.float32)  # rounded as the GPU path rounds it
     else:
         p = p.to(v.dtype)
+    if SUM_BY_MMA:  # (16 equal columns, the MMA's narrowest; their max is any of them)
+        l_new = l_i * alpha + tl.max(_dot(p, tl.full([p.shape[1], 16], 1.0, p.dtype), UPCAST, PREC, BY_SUM), axis=1)
     acc_new = acc * alpha[:, None] + _dot(p, v, UPCAST, PREC, BY_SUM)
     return tl.where(rows[:, None], acc_new, acc), tl.where(rows, m_new, m_i), tl.where(rows, l_new, l_i)
 
@@ -596,20 +601,20 @@ def _path_block(acc, m_i, l_i, q, k_base, v_base, slot, seen, rows, sks, svs, sc
 @triton.jit
 def _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t, n_t, row_t, row_ok, path_ptr, spb, spt,
                      spj, sks, svs, scale, ok_d, SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                     BY_SUM: tl.constexpr):
+                     BY_SUM: tl.constexpr, SUM_BY_MMA: tl.constexpr):
     """Token t's rows (row_t: each tile row's token) through a block that reaches past the cache, its keys at its
     path's slots there (n_t: the token's positions, 0 for none)."""
     seen = vp < tl.minimum(n_t, lo + SPLIT_LEN)
     node = tl.load(path_ptr + b * spb + t * spt + j * spj, mask=seen & (j >= 0), other=0)
     slot = tl.where(j >= 0, lens + node, vp).to(tl.int64)
     return _path_block(acc, m_i, l_i, q, k_base, v_base, slot, seen, row_ok & (row_t == t), sks, svs, scale, ok_d,
-                       UPCAST, PREC, BY_SUM)
+                       UPCAST, PREC, BY_SUM, SUM_BY_MMA)
 
 
 @triton.jit
 def _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, tok, row_ok, n_tok, depth_ptr, path_ptr,
                      sdb, sdt, spb, spt, spj, sks, svs, scale, ok_d, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr,
-                     UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
+                     UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr, SUM_BY_MMA: tl.constexpr):
     """A block that reaches past the cache, token by token over the tile's n_tok tokens (each token's rows only,
     the others kept bit for bit). (Side by side, each token from the block's incoming state, was the same bits
     and slower at batch 8: 1.61-1.74 ms against 1.53 for a verification step, run 25.)"""
@@ -619,7 +624,7 @@ def _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, t
         n_g = lens + tl.load(depth_ptr + b * sdb + (t0 + g) * sdt) + 1
         acc, m_i, l_i = _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t0 + g, n_g, tok + t0,
                                          row_ok, path_ptr, spb, spt, spj, sks, svs, scale, ok_d, SPLIT_LEN, UPCAST,
-                                         PREC, BY_SUM)
+                                         PREC, BY_SUM, SUM_BY_MMA)
     return acc, m_i, l_i
 
 
@@ -629,7 +634,7 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
                       sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, spb, spt, spj, sdb, sdt,
                       REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
-                      MERGE: tl.constexpr, PDL: tl.constexpr):
+                      SUM_BY_MMA: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
     TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
     pid = tl.program_id(1)
@@ -674,11 +679,11 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
         for start in range(lo, shared_end, BLOCK_N):
             vp = start + offs_n  # the block's virtual positions
             acc, m_i, l_i = _path_block(acc, m_i, l_i, q, k_base, v_base, vp.to(tl.int64), vp < hi, row_ok, sks, svs,
-                                        scale, ok_d, UPCAST, PREC, BY_SUM)
+                                        scale, ok_d, UPCAST, PREC, BY_SUM, SUM_BY_MMA)
         for start in tl.range(shared_end, hi, BLOCK_N, num_stages=1):  # (1-2 blocks: a prefetch buys nothing)
             acc, m_i, l_i = _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, tok, row_ok,
                                              n_tok, depth_ptr, path_ptr, sdb, sdt, spb, spt, spj, sks, svs, scale,
-                                             ok_d, BLOCK_N, SPLIT_LEN, UPCAST, PREC, BY_SUM)
+                                             ok_d, BLOCK_N, SPLIT_LEN, UPCAST, PREC, BY_SUM, SUM_BY_MMA)
         row = ((b * T + t0 + tok) * Hq + h) * NUM_SPLITS + split  # [BLOCK_M] into [B, T, Hq, NUM_SPLITS]
         used = row_ok & (lo < n)
         l_safe = tl.where(used, l_i, 1.0)
@@ -777,6 +782,12 @@ PATH_SPLIT_LEN = int(os.environ.get("HYDRA_LITE_PATH_SPLIT_LEN", "256"))  # virt
 PATH_TILE_ROWS = int(os.environ.get("HYDRA_LITE_PATH_TILE_ROWS", "16"))  # tile rows (tokens x GQA heads) on the GPU,
 # for every call. (Run 25, 64 rows: verification 5-7% faster at batches 1 and 8, AR steps 4-5% slower; to time end
 # to end with the split length.)
+# Tile rows for trees only (T > 1; 0: PATH_TILE_ROWS for every call). Trees want wide tiles (fewer re-reads of the
+# cache), decoding narrow ones (a token is 3 rows). With another width for trees every call sums the softmax's rows
+# by MMA (SUM_BY_MMA in _path_block), so that a row's sums do not follow the tile's layout; whether the MMAs of two
+# tile widths give a row the same bits is the GPU's to say (`benchmark.py steps --path-tree-rows`: the bits line).
+# An experiment (issue 15), off until the GPU says so and timing says it pays.
+PATH_TREE_TILE_ROWS = int(os.environ.get("HYDRA_LITE_PATH_TREE_ROWS", "0"))
 # The last program of a row's splits merges them (an atomic count per row) instead of a combine kernel: one launch
 # less a layer, the same bits. Off until checked and timed on a GPU (HYDRA_LITE_PATH_MERGE=1; issue 15).
 # Tokens per program for the splits that reach lens (see the note above); 0: by batch, 1 at batch 1, else 3. Run 25
@@ -838,10 +849,12 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
              f"path_attention: path {tuple(path.shape)} / depth {tuple(depth.shape)} do not fit q {tuple(q.shape)}")
     REP = Hq // Hkv
     # One tile shape for every call (decoding's one token in a tile of PATH_TILE_ROWS rows too: the same MMA
-    # instructions).
-    BLOCK_M, BLOCK_N, BLOCK_D = _pow2(REP, PATH_TILE_ROWS), 64, _pow2(D, 16)
-    if not q.is_cuda:
-        BLOCK_M, BLOCK_N = _pow2(REP, 16), 32  # the interpreter: small tiles
+    # instructions), unless PATH_TREE_TILE_ROWS gives trees their own (then every call sums rows by MMA).
+    by_mma = PATH_TREE_TILE_ROWS not in (0, PATH_TILE_ROWS)
+    rows = PATH_TREE_TILE_ROWS if by_mma and T > 1 else PATH_TILE_ROWS
+    BLOCK_M, BLOCK_N, BLOCK_D = _pow2(REP, rows), 64, _pow2(D, 16)
+    if not q.is_cuda:  # the interpreter: small tiles (trees' own rows kept, to test them)
+        BLOCK_M, BLOCK_N = _pow2(REP, 32 if by_mma and T > 1 else 16), 32
     _require(PATH_SPLIT_LEN % BLOCK_N == 0, f"PATH_SPLIT_LEN={PATH_SPLIT_LEN} is not a multiple of {BLOCK_N}")
     _require(path.shape[2] <= PATH_SPLIT_LEN, f"path_attention: paths of {path.shape[2]} nodes (at most {PATH_SPLIT_LEN})")
     num_splits = triton.cdiv(S, PATH_SPLIT_LEN)
@@ -863,7 +876,7 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
         1.0 / math.sqrt(D) * 1.4426950408889634, num_splits, n_edge, edge_tok, groups, edge_progs,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
-        PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,
+        PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda, SUM_BY_MMA=by_mma,
         MERGE=merge, num_warps=PATH_WARPS, num_stages=PATH_STAGES, **_pdl(q, B * T))
     if merge:
         return out

@@ -521,6 +521,30 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_path_attention_trees_in_their_own_tiles(dtype, monkeypatch):
+    """PATH_TREE_TILE_ROWS (an experiment): trees in wider tiles than decoding's (the interpreter: 32 rows against
+    16), every row's sums by MMA: the reference's values, and a node's output is decoding's over its path, bit
+    for bit (on the interpreter, whose dot is a plain sum, by construction; on the GPU the bits line of
+    `benchmark.py steps --path-tree-rows` says whether two MMA shapes agree)."""
+    monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 64)
+    monkeypatch.setattr(kernels, "PATH_TREE_TILE_ROWS", 32)
+    B, T, Hq, Hkv, D, S = 2, 12, 6, 2, 32, 160
+    q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S - T, dtype)
+    k_cache, v_cache = (torch.cat([c, torch.randn(B, T, Hkv, D).to(dtype)], 1) for c in (k_cache, v_cache))
+    lens[1] = int(torch.randint(60, S - 2 * T, ()))
+    path, depth = tree_paths([random_tree(T)[2] for _ in range(B)])
+    out = kernels.path_attention(q, k_cache, v_cache, lens, path, depth)
+    close(out, hl.path_attention_ref(q, k_cache, v_cache, lens, path, depth), dtype)
+    for b in range(B):
+        t = int(torch.randint(0, T, ()))
+        n = int(lens[b])
+        slots = torch.cat([torch.arange(n), n + path[b, t, :depth[b, t] + 1]])
+        k1, v1 = k_cache[b:b + 1, slots], v_cache[b:b + 1, slots]
+        ar = kernels.path_attention(q[b:b + 1, t:t + 1], k1, v1, torch.tensor([len(slots) - 1], dtype=torch.int32))
+        assert torch.equal(ar[0, 0], out[b, t]), (b, t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_path_attention_merge_in_kernel_equals_combine(dtype, monkeypatch):
     """PATH_MERGE_IN_KERNEL: the last program of a row's splits merges them in place of the combine kernel; the
     same bits (ragged rows, 1 to 6 splits, decoding and a tree), and every count back at 0 afterwards."""
