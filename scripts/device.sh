@@ -2,10 +2,11 @@
 # Everything the GPU runs, in stages, from the repo root:  bash scripts/device.sh STAGE [STAGE...]
 #   model  assemble the SmolLM2 GGUF from /root/smol/part_* and convert it (the parts travel in earlier calls:
 #          split the GGUF so each call's working tree stays under the device tool's 64 MiB, copy each to /root/smol).
-#          The tree with the six shipped heads is 55 MB, so the GGUF (from ../shared/tools/smollm2_gguf.sh) travels
-#          in two calls from a branch with heads/ removed (9 MB): .models/p1/part_aa (26,000,000 bytes) with
-#          p3/part_ac (the rest after 76,000,000), then p2/part_ab (50,000,000); each command starts
-#          `cp .models/pN/* /root/smol/`; later calls from main carry nothing (the heads are in its tree)
+#          The tree with the six shipped heads is 57 MB, so the GGUF travels in two calls from a branch with heads/
+#          removed (7 MB): `../shared/tools/smollm2_gguf.sh .models --split` leaves .models/half_a/part_aa (52 MB)
+#          and .models/half_b/part_ab (46 MB); carry half_a with `cp .models/half_a/* /root/smol/`, then half_b with
+#          `cp .models/half_b/* /root/smol/ && bash scripts/device.sh model`; later calls from main carry nothing
+#          (the heads are in its tree; keep it under 64 MiB: bench/ JSON over 100 kB is gzipped)
 #          Stages that read the ShareGPT prompts (data, e2e, data-mix, tasks, kernels, sweep) need PROMPTS
 #          (.models/sharegpt_questions.jsonl, git-ignored): carry it on each such call.
 #   check  kernel check (benchmark.py check) and GPU tests
