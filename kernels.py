@@ -864,6 +864,8 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
     edge_progs = 1 if programs else 2
     edge_tok = min(PATH_EDGE_TOKENS or (1 if B == 1 else 3), BLOCK_M // REP)
     n_edge = edge_progs * triton.cdiv(T, edge_tok)
+    _require(n_edge + n_tiles * groups < 65536, f"path_attention: {T} tokens over {S} cache slots need "
+             f"{n_edge + n_tiles * groups} programs a row (at most 65,535: set HYDRA_LITE_PATH_PROGRAMS)")
     po = torch.empty(B * T * Hq * num_splits * D, dtype=torch.float32, device=q.device)
     plse = torch.empty(B * T * Hq * num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -520,6 +520,18 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
         assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), programs
 
 
+def test_path_attention_refuses_a_grid_too_tall(monkeypatch):
+    """Programs go on the grid's second axis (at most 65,535): one per split and tile over a huge cache is refused
+    with a one-line KernelInputError naming the knob, not a launch failure."""
+    monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 32)
+    monkeypatch.setattr(kernels, "PATH_PROGRAMS", 0)
+    T, S = 256, 32 * 4096  # 16 tiles of 16 tokens x 4,096 splits
+    q, cache = torch.randn(1, T, 1, 16), torch.zeros(1, S, 1, 16)
+    path, depth = torch.zeros(1, T, 1, dtype=torch.long), torch.zeros(1, T, dtype=torch.long)
+    with pytest.raises(kernels.KernelInputError, match="HYDRA_LITE_PATH_PROGRAMS"):
+        kernels.path_attention(q, cache, cache, torch.tensor([5], dtype=torch.int32), path, depth)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_path_attention_trees_in_their_own_tiles(dtype, monkeypatch):
     """PATH_TREE_TILE_ROWS (an experiment): trees in wider tiles than decoding's (the interpreter: 32 rows against
