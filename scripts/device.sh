@@ -19,10 +19,11 @@
 #   ab     a kernel change against the kernels before it, in one call: step times at batches 8 and 1, short and long
 #          caches, from this tree and from a copy of it with runs/old_kernels.py (`git show REV:kernels.py >
 #          runs/old_kernels.py`, carried: runs/ is ignored), one after the other, twice (no model)
-#   tree-rows  trees in wider path_attention tiles than decoding's (kernels.PATH_TREE_TILE_ROWS 32 / 64, rows summed
-#          by MMA): the bits line says whether a tree node still equals decoding (32: mma.sync like decoding's 16;
-#          64: wgmma), then steps at batches 8 and 1, short and long caches (no model). End to end, for a setting
-#          whose bits line is True: HYDRA_LITE_PATH_TREE_ROWS=N in front of `benchmark.py tasks`
+#   trees  two path_attention experiments: trees in wider tiles than decoding's (kernels.PATH_TREE_TILE_ROWS 32 / 64,
+#          rows summed by MMA; the bits line says whether a tree node still equals decoding: 32 is mma.sync like
+#          decoding's 16, 64 wgmma) and blocks past the cache by path (PATH_EDGE_GROUPS); steps at batches 8 and 1,
+#          short and long caches (no model). End to end, for a setting whose bits line is True:
+#          HYDRA_LITE_PATH_TREE_ROWS=N or HYDRA_LITE_PATH_EDGE_GROUPS=1 in front of `benchmark.py tasks`
 #   split  path_attention's split length 256 / 512 / 1,024, tiles of 16 / 64 rows, 8 warps, 1-2 stages, programs: bits
 #          checked, steps at batches 8 and 1, short and long caches (no model)
 #   split-e2e  the same end to end (SPLIT_TILES="16x256 64x512 ...": rows x split length), 60 prompts, batches 1, 8
@@ -119,12 +120,12 @@ for stage in "$@"; do
           done
         done
       done ;;
-    tree-rows)  # issue 15: wide tiles verify long caches faster (run 26: 64 x 512 slope = the fast kernels'), narrow
+    trees)  # issue 15: wide tiles verify long caches faster (run 26: 64 x 512 slope = the fast kernels'), narrow
                 # ones decode faster; with row sums by MMA only the MMA instruction could part a row's bits
       for bt in "8 16 10 1024" "8 16 10 2048" "1 32 24 512" "1 32 24 2048"; do read -r b n c x <<< "$bt"
         python3 benchmark.py steps --shape smollm2-135m --batch "$b" --tree-nodes "$n" --tree-chain "$c" --context "$x" \
-          --path-tree-rows 32 64 --out "$RES/tree_rows_b${b}_c$x" 2>&1 | tee "$RES/tree_rows_b${b}_c$x.txt" | grep -E "^b|bit" \
-          | sed -E "s/, HBM floor.*//; s/^/c$x: /"
+          --path-tree-rows 32 64 --path-edge-groups --out "$RES/trees_b${b}_c$x" 2>&1 | tee "$RES/trees_b${b}_c$x.txt" \
+          | grep -E "^b|bit" | sed -E "s/, HBM floor.*//; s/^/c$x: /"
       done ;;
     split)  # issue 15: path_attention's split length (PATH_SPLIT_LEN; 16-row tiles): batch 8's verification grows
             # with the cache 3x faster than the fast kernels' (run 25); longer splits: fewer programs and partials;

@@ -495,6 +495,14 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
     for edge in (1, 2, 3, 16):  # tokens per program at the edge splits: how work is shared out, not a row's bits
         monkeypatch.setattr(kernels, "PATH_EDGE_TOKENS", edge)
         assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), edge
+    chain, steps = torch.arange(T).expand(B, T, T).tril(), torch.arange(T).expand(B, T)  # token t's path: 0, ..., t
+    by_token = kernels.path_attention(q, k_cache, v_cache, lens, chain, steps)
+    monkeypatch.setattr(kernels, "PATH_EDGE_GROUPS", True)  # blocks past the cache by path (a chain: one group)
+    for edge in (3, 16):
+        monkeypatch.setattr(kernels, "PATH_EDGE_TOKENS", edge)
+        assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), ("groups", edge)
+        assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, chain, steps), by_token), ("chain", edge)
+    monkeypatch.setattr(kernels, "PATH_EDGE_GROUPS", False)
     for programs in (1, 20):  # splits below lens looped by fewer programs: all by one per tile, or every 3rd
         monkeypatch.setattr(kernels, "PATH_PROGRAMS", programs)
         assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), programs
