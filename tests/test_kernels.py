@@ -492,17 +492,9 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
     lens[0], lens[1] = 29, 160 - 3
     path, depth = tree_paths([random_tree(T)[2] for _ in range(B)])
     out = kernels.path_attention(q, k_cache, v_cache, lens, path, depth)
-    for edge in (1, 2, 3, 16):  # tokens per program at the edge splits: how work is shared out, not a row's bits
+    for edge in (1, 3, 16):  # tokens per program at the edge splits: how work is shared out, not a row's bits
         monkeypatch.setattr(kernels, "PATH_EDGE_TOKENS", edge)
         assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), edge
-    chain, steps = torch.arange(T).expand(B, T, T).tril(), torch.arange(T).expand(B, T)  # token t's path: 0, ..., t
-    by_token = kernels.path_attention(q, k_cache, v_cache, lens, chain, steps)
-    monkeypatch.setattr(kernels, "PATH_EDGE_GROUPS", True)  # blocks past the cache by path (a chain: one group)
-    for edge in (3, 16):
-        monkeypatch.setattr(kernels, "PATH_EDGE_TOKENS", edge)
-        assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), ("groups", edge)
-        assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, chain, steps), by_token), ("chain", edge)
-    monkeypatch.setattr(kernels, "PATH_EDGE_GROUPS", False)
     for programs in (1, 20):  # splits below lens looped by fewer programs: all by one per tile, or every 3rd
         monkeypatch.setattr(kernels, "PATH_PROGRAMS", programs)
         assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), programs
@@ -518,14 +510,30 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
             k1[0, :len(slots)], v1[0, :len(slots)] = k_cache[b, slots], v_cache[b, slots]
             ar = kernels.path_attention(q[b:b + 1, t:t + 1], k1, v1, torch.tensor([len(slots) - 1], dtype=torch.int32))
             assert torch.equal(ar[0, 0], out[b, t]), (b, t)
-    # Splits of two blocks (the interpreter's blocks are 32 positions): a program that loops over several splits
-    # starts each from nothing, at the split's first block.
+
+
+def test_path_attention_sharing_out_changes_no_bits(monkeypatch):
+    """More ways of sharing the work out, each the same bits as the default's (which the test above holds to
+    decoding): blocks past the cache by path (PATH_EDGE_GROUPS: a chain is one group; a random tree), and splits
+    of two blocks (the interpreter's blocks are 32 positions) that one program a tile loops over, each split
+    from nothing at its first block. (One dtype: the interpreter's bits do not depend on it here.)"""
+    B, T, Hq, Hkv, D, S = 2, 8, 6, 2, 32, 200
+    q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S - T, torch.bfloat16)
+    k_cache, v_cache = (torch.cat([c, torch.randn(B, T, Hkv, D).to(torch.bfloat16)], 1) for c in (k_cache, v_cache))
+    lens[1] = int(torch.randint(130, S - T, ()))
+    tree = tree_paths([random_tree(T)[2] for _ in range(B)])
+    chain = torch.arange(T).expand(B, T, T).tril(), torch.arange(T).expand(B, T)  # token t's path: 0, 1, ..., t
+    monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 32)
+    monkeypatch.setattr(kernels, "PATH_EDGE_TOKENS", 3)  # (groups form within a program's tokens)
+    for path, depth in (tree, chain):
+        want = kernels.path_attention(q, k_cache, v_cache, lens, path, depth)
+        monkeypatch.setattr(kernels, "PATH_EDGE_GROUPS", True)
+        assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), want)
+        monkeypatch.setattr(kernels, "PATH_EDGE_GROUPS", False)
     monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 64)
-    lens[1] = int(torch.randint(130, 190 - int(depth[1].max()), ()))
-    out = kernels.path_attention(q, k_cache, v_cache, lens, path, depth)
-    for programs in (1, 20):
-        monkeypatch.setattr(kernels, "PATH_PROGRAMS", programs)
-        assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), out), programs
+    want = kernels.path_attention(q, k_cache, v_cache, lens, *tree)
+    monkeypatch.setattr(kernels, "PATH_PROGRAMS", 1)
+    assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, *tree), want)
 
 
 def test_path_attention_refuses_a_grid_too_tall(monkeypatch):
