@@ -23,7 +23,10 @@
 #          rows summed by MMA; the bits line says whether a tree node still equals decoding: 32 is mma.sync like
 #          decoding's 16, 64 wgmma) and blocks past the cache by path (PATH_EDGE_GROUPS); steps at batches 8 and 1,
 #          short and long caches (no model). End to end, for a setting whose bits line is True:
-#          HYDRA_LITE_PATH_TREE_ROWS=N or HYDRA_LITE_PATH_EDGE_GROUPS=1 in front of `benchmark.py tasks`
+#          HYDRA_LITE_PATH_TREE_ROWS=N or HYDRA_LITE_PATH_EDGE_GROUPS=1 in front of `benchmark.py tasks`, or:
+#   trees-e2e  the default and each of TREES_SETTINGS (default "HYDRA_LITE_PATH_TREE_ROWS=32
+#          HYDRA_LITE_PATH_EDGE_GROUPS=1": the ones whose bits line in `trees` was True) end to end, 60 prompts,
+#          batches 1 and 8, each against AR with it (every output == AR is in each tasks.json)
 #   split  path_attention's split length 256 / 512 / 1,024, tiles of 16 / 64 rows, 8 warps, 1-2 stages, programs: bits
 #          checked, steps at batches 8 and 1, short and long caches (no model)
 #   split-e2e  the same end to end (SPLIT_TILES="16x256 64x512 ...": rows x split length), 60 prompts, batches 1, 8
@@ -126,6 +129,13 @@ for stage in "$@"; do
         python3 benchmark.py steps --shape smollm2-135m --batch "$b" --tree-nodes "$n" --tree-chain "$c" --context "$x" \
           --path-tree-rows 32 64 --path-edge-groups --out "$RES/trees_b${b}_c$x" 2>&1 | tee "$RES/trees_b${b}_c$x.txt" \
           | grep -E "^b|bit" | sed -E "s/, HBM floor.*//; s/^/c$x: /"
+      done ;;
+    trees-e2e)  # issue 15: the experiments of `trees`, end to end (needs the model)
+      for setting in default ${TREES_SETTINGS:-HYDRA_LITE_PATH_TREE_ROWS=32 HYDRA_LITE_PATH_EDGE_GROUPS=1}; do
+        env $([ "$setting" = default ] || echo "$setting") python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" \
+          --limit 5 --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} --batch 1 8 --context default --context-only 0 \
+          --warmup --kernels exact --out "$RES/trees_e2e_${setting##*_}" 2>&1 | tee "$RES/trees_e2e_${setting##*_}.txt" \
+          | grep -E "^b[0-9]+ .*tokens/s|^\| shipped" | sed "s/^/$setting: /"
       done ;;
     split)  # issue 15: path_attention's split length (PATH_SPLIT_LEN; 16-row tiles): batch 8's verification grows
             # with the cache 3x faster than the fast kernels' (run 25); longer splits: fewer programs and partials;
