@@ -577,9 +577,9 @@ def _path_block(acc, m_i, l_i, q, k_base, v_base, slot, seen, vis, rows, sks, sv
                 UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr, SUM_BY_MMA: tl.constexpr):
     """One block of virtual positions (key slots `slot`, loaded where `seen`; a row sees the columns where `vis`,
     [1 or BLOCK_M, BLOCK_N]) into the online softmax of the tile's rows where `rows`; the other rows keep their
-    state, bit for bit. SUM_BY_MMA: the rows' sums of p by an MMA
-    (p rounded as for p @ v, times ones), whose order over the block is the instruction's, not the tile's layout
-    across threads and warps as a tl.sum's is: so that tiles of other rows can give a row the same bits."""
+    state, bit for bit. SUM_BY_MMA: the rows' sums of p by an MMA (p rounded as for p @ v, times ones), whose
+    order over the block is the instruction's, not the tile's layout across threads and warps as a tl.sum's is:
+    so that tiles of other rows can give a row the same bits."""
     ld = seen[:, None] & ok_d[None, :]
     k = tl.load(k_base + slot[:, None] * sks, mask=ld, other=0.0)
     qk = tl.where(vis, _dot(q, tl.trans(k), UPCAST, PREC, BY_SUM) * scale, float("-inf"))
@@ -631,12 +631,10 @@ def _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, g
     for g in range(0, n_tok):
         rows = row_ok & (group == g)
         n_g = lens + tl.load(depth_ptr + b * sdb + (t0 + g) * sdt) + 1
+        has_rows = True  # (by token every token has its rows: no branch; by path, a token in another's group none)
         if GROUP_PATHS:
-            if tl.max(rows.to(tl.int32), axis=0) > 0:  # (a token in another's group has no group of its own)
-                acc, m_i, l_i = _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t0 + g, n_g,
-                                                 rows, n_rows, path_ptr, spb, spt, spj, sks, svs, scale, ok_d,
-                                                 SPLIT_LEN, UPCAST, PREC, BY_SUM, SUM_BY_MMA, GROUP_PATHS)
-        else:
+            has_rows = tl.max(rows.to(tl.int32), axis=0) > 0
+        if has_rows:
             acc, m_i, l_i = _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t0 + g, n_g, rows,
                                              n_rows, path_ptr, spb, spt, spj, sks, svs, scale, ok_d, SPLIT_LEN, UPCAST,
                                              PREC, BY_SUM, SUM_BY_MMA, GROUP_PATHS)

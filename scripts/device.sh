@@ -72,6 +72,9 @@ RES=$WORK/results
 CKPT=$WORK/smollm2-135m-instruct
 PROMPTS=${PROMPTS:-.models/sharegpt_questions.jsonl}
 DATA=${DATA:-$WORK/data.npz}  # (a data.npz brought from an earlier run works too)
+# The step cases of the path_attention stages (split, trees, ab): "batch head-nodes chain cached-tokens", each
+# batch's default tree over a short and a long cache.
+STEP_CASES=("8 16 10 1024" "8 16 10 2048" "1 32 24 512" "1 32 24 2048")
 mkdir -p "$OUT" "$WORK" "$RES"
 converted() { if [ -f "$CKPT/config.json" ]; then echo "$CKPT"; fi; }  # the checkpoint once `model` made it, else ""
 for stage in "$@"; do
@@ -114,7 +117,7 @@ for stage in "$@"; do
       [ -f runs/old_kernels.py ] || { echo "ab: carry runs/old_kernels.py (the kernels.py to compare against)" >&2; exit 2; }
       old=$WORK/ab_old && rm -rf "$old" && mkdir -p "$old" && cp ./*.py "$old/" && cp runs/old_kernels.py "$old/kernels.py"
       for round in 1 2; do
-        for bt in "8 16 10 1024" "8 16 10 2048" "1 32 24 512" "1 32 24 2048"; do read -r b n c x <<< "$bt"
+        for bt in "${STEP_CASES[@]}"; do read -r b n c x <<< "$bt"
           for v in new old; do
             (cd "$([ $v = old ] && echo "$old" || echo .)" && python3 benchmark.py steps --shape smollm2-135m --batch "$b" \
               --tree-nodes "$n" --tree-chain "$c" --context "$x" $([ $v = new ] && echo --path-tiles 16x256) \
@@ -125,7 +128,7 @@ for stage in "$@"; do
       done ;;
     trees)  # issue 15: wide tiles verify long caches faster (run 26: 64 x 512 slope = the fast kernels'), narrow
                 # ones decode faster; with row sums by MMA only the MMA instruction could part a row's bits
-      for bt in "8 16 10 1024" "8 16 10 2048" "1 32 24 512" "1 32 24 2048"; do read -r b n c x <<< "$bt"
+      for bt in "${STEP_CASES[@]}"; do read -r b n c x <<< "$bt"
         python3 benchmark.py steps --shape smollm2-135m --batch "$b" --tree-nodes "$n" --tree-chain "$c" --context "$x" \
           --path-tree-rows 32 64 --path-edge-groups --out "$RES/trees_b${b}_c$x" 2>&1 | tee "$RES/trees_b${b}_c$x.txt" \
           | grep -E "^b|bit" | sed -E "s/, HBM floor.*//; s/^/c$x: /"
@@ -141,7 +144,7 @@ for stage in "$@"; do
             # with the cache 3x faster than the fast kernels' (run 25); longer splits: fewer programs and partials;
             # 8 warps: 128 registers a thread (16 warps an SM) against 4 warps' 168 (12 warps an SM); 1 stage: 128
             # registers with 4 warps (the pipelined loop takes the rest), 2: 166 (run 20 timed 2-4 at 512 cached only)
-      for bt in "8 16 10 1024" "8 16 10 2048" "1 32 24 512" "1 32 24 2048"; do read -r b n c x <<< "$bt"
+      for bt in "${STEP_CASES[@]}"; do read -r b n c x <<< "$bt"
         python3 benchmark.py steps --shape smollm2-135m --batch "$b" --tree-nodes "$n" --tree-chain "$c" --context "$x" \
           --path-tiles 16x256 16x512 16x1024 64x256 64x512 --path-warps 8 --path-stages 1 2 --path-programs 1056 2112 \
           --out "$RES/split_b${b}_c$x" 2>&1 | tee "$RES/split_b${b}_c$x.txt" | grep -E "^b|bit"
