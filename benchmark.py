@@ -342,8 +342,6 @@ def steps(args):
             first = dict(exact=True, tiles=args.path_tiles[0])
             checks = [dict(first, tiles=t) for t in args.path_tiles] + ([dict(first, merge=True)] if args.unfused else [])
             checks += [dict(first, programs=n) for n in args.path_programs] + [dict(first, warps=w) for w in args.path_warps]
-            checks += [dict(first, tree_rows=n) for n in args.path_tree_rows]
-            checks += [dict(first, edge_groups=True)] if args.path_edge_groups else []
             for change in checks:  # each path_attention setting: a tree node == decoding its path
                 use_kernel_settings(K, **before | change)
                 log(f"path_attention {change}: tree node == decoding, bit for bit: {path_tiles_invariant(K, model.cfg, tree)}")
@@ -397,8 +395,7 @@ KERNEL_KNOBS = dict(exact=("hl", "EXACT"), fused=("hl", "FUSED"), merge=("K", "P
                     edge=("K", "PATH_EDGE_TOKENS"), pdl=("K", "PDL"), pdl_tokens=("K", "PDL_MAX_TOKENS"),
                     wide_n=("K", "MATMUL_WIDE_N"), programs=("K", "PATH_PROGRAMS"), warps=("K", "PATH_WARPS"),
                     k_tile=("K", "MATMUL_K_TILE"), merge_decode=("K", "PATH_MERGE_DECODE"), stages=("K", "MATMUL_STAGES"),
-                    path_stages=("K", "PATH_STAGES"), tree_rows=("K", "PATH_TREE_TILE_ROWS"),
-                    edge_groups=("K", "PATH_EDGE_GROUPS"))
+                    path_stages=("K", "PATH_STAGES"))
 
 
 def kernel_settings(K):
@@ -431,8 +428,6 @@ def step_kernel_sets(args, K):
     sets += [(f" (matmul 64 columns from N={n})", default | dict(wide_n=n)) for n in args.matmul_wide_n]
     sets += [(f" (path_attention ~{n} programs)", default | dict(programs=n)) for n in args.path_programs]
     sets += [(f" (path_attention {w} warps)", default | dict(warps=w)) for w in args.path_warps]
-    sets += [(f" (trees in {n}-row tiles)", default | dict(tree_rows=n)) for n in args.path_tree_rows]
-    sets += [(" (edge blocks by path)", default | dict(edge_groups=True))] if args.path_edge_groups else []
     sets += [(f" (matmul K steps of {k})", default | dict(k_tile=k)) for k in args.matmul_k_tile]
     sets += [(f" (matmul {n} stages)", default | dict(stages=n)) for n in args.matmul_stages]
     sets += [(f" (path_attention {n} stages)", default | dict(path_stages=n)) for n in args.path_stages]
@@ -1332,11 +1327,6 @@ def add_steps_args(sub):
                    "many programs for the splits below the cache length (kernels.PATH_PROGRAMS), e.g. 264 528")
     s.add_argument("--path-warps", type=int, nargs="*", default=[], help="also time path_attention with this many "
                    "warps a program (kernels.PATH_WARPS), e.g. 1 2")
-    s.add_argument("--path-tree-rows", type=int, nargs="*", default=[], choices=(16, 32, 64, 128), help="also time "
-                   "path_attention with trees in tiles of this many rows, decoding's as they are (kernels."
-                   "PATH_TREE_TILE_ROWS: every call then sums rows by MMA; the bits line says if decoding agrees)")
-    s.add_argument("--path-edge-groups", action="store_true", help="also time path_attention taking the blocks past "
-                   "the cache by path, not by token (kernels.PATH_EDGE_GROUPS)")
     s.add_argument("--matmul-stages", type=int, nargs="*", default=[], help="also time the matmuls with this many "
                    "pipeline stages (kernels.MATMUL_STAGES), e.g. 4 5")
     s.add_argument("--path-stages", type=int, nargs="*", default=[], help="also time path_attention with this many "

@@ -573,86 +573,56 @@ def decode_attention(q, k_cache, v_cache, lens, num_splits=None):
 
 
 @triton.jit
-def _path_block(acc, m_i, l_i, q, k_base, v_base, slot, seen, vis, rows, sks, svs, scale, ok_d,
-                UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr, SUM_BY_MMA: tl.constexpr):
-    """One block of virtual positions (key slots `slot`, loaded where `seen`; a row sees the columns where `vis`,
-    [1 or BLOCK_M, BLOCK_N]) into the online softmax of the tile's rows where `rows`; the other rows keep their
-    state, bit for bit. SUM_BY_MMA: the rows' sums of p by an MMA (p rounded as for p @ v, times ones), whose
-    order over the block is the instruction's, not the tile's layout across threads and warps as a tl.sum's is:
-    so that tiles of other rows can give a row the same bits."""
+def _path_block(acc, m_i, l_i, q, k_base, v_base, slot, seen, rows, sks, svs, scale, ok_d,
+                UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
+    """One block of virtual positions (key slots `slot`, columns `seen`) into the online softmax of the tile's
+    rows where `rows`; the other rows keep their state, bit for bit."""
     ld = seen[:, None] & ok_d[None, :]
     k = tl.load(k_base + slot[:, None] * sks, mask=ld, other=0.0)
-    qk = tl.where(vis, _dot(q, tl.trans(k), UPCAST, PREC, BY_SUM) * scale, float("-inf"))
+    qk = tl.where(seen[None, :], _dot(q, tl.trans(k), UPCAST, PREC, BY_SUM) * scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
-    if not SUM_BY_MMA:
-        l_new = l_i * alpha + tl.sum(p, axis=1)
+    l_new = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(v_base + slot[:, None] * svs, mask=ld, other=0.0)
     if UPCAST:
         p = p.to(q.dtype).to(tl.float32)  # rounded as the GPU path rounds it
     else:
         p = p.to(v.dtype)
-    if SUM_BY_MMA:  # (16 equal columns, the MMA's narrowest; their max is any of them)
-        l_new = l_i * alpha + tl.max(_dot(p, tl.full([p.shape[1], 16], 1.0, p.dtype), UPCAST, PREC, BY_SUM), axis=1)
     acc_new = acc * alpha[:, None] + _dot(p, v, UPCAST, PREC, BY_SUM)
     return tl.where(rows[:, None], acc_new, acc), tl.where(rows, m_new, m_i), tl.where(rows, l_new, l_i)
 
 
 @triton.jit
-def _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t, n_t, rows, n_rows, path_ptr, spb, spt,
+def _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t, n_t, row_t, row_ok, path_ptr, spb, spt,
                      spj, sks, svs, scale, ok_d, SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                     BY_SUM: tl.constexpr, SUM_BY_MMA: tl.constexpr, GROUP_PATHS: tl.constexpr):
-    """The tile's `rows` through a block that reaches past the cache, with token t's keys at its path's slots
-    there (n_t: the token's positions, 0 for none): t's own rows and, with PATH_EDGE_GROUPS, those of tokens on
-    t's path, each seeing its own positions (n_rows), whose keys are t's. (Past a row's own positions it sees
-    -inf, so p is +0 there, as in decoding: only the signs of zeros could differ, where a whole p @ v sum is 0.)"""
+                     BY_SUM: tl.constexpr):
+    """Token t's rows (row_t: each tile row's token) through a block that reaches past the cache, its keys at its
+    path's slots there (n_t: the token's positions, 0 for none)."""
     seen = vp < tl.minimum(n_t, lo + SPLIT_LEN)
     node = tl.load(path_ptr + b * spb + t * spt + j * spj, mask=seen & (j >= 0), other=0)
     slot = tl.where(j >= 0, lens + node, vp).to(tl.int64)
-    vis = seen[None, :]  # (t's rows only: t's positions; 2-D below only where needed, it costs registers)
-    if GROUP_PATHS:
-        vis = vis & (vp[None, :] < n_rows[:, None])
-    return _path_block(acc, m_i, l_i, q, k_base, v_base, slot, seen, vis, rows, sks, svs, scale, ok_d,
-                       UPCAST, PREC, BY_SUM, SUM_BY_MMA)
+    return _path_block(acc, m_i, l_i, q, k_base, v_base, slot, seen, row_ok & (row_t == t), sks, svs, scale, ok_d,
+                       UPCAST, PREC, BY_SUM)
 
 
 @triton.jit
-def _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, group, row_ok, n_rows, n_tok, depth_ptr,
-                     path_ptr, sdb, sdt, spb, spt, spj, sks, svs, scale, ok_d, BLOCK_N: tl.constexpr,
-                     SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
-                     SUM_BY_MMA: tl.constexpr, GROUP_PATHS: tl.constexpr):
-    """A block that reaches past the cache, group by group over the tile's n_tok tokens (group: each row's token
-    whose keys it takes, its own or, with PATH_EDGE_GROUPS, a descendant's; each group's rows only, the others
-    kept bit for bit). (Side by side, each token from the block's incoming state, was the same bits and slower at
-    batch 8: 1.61-1.74 ms against 1.53 for a verification step, run 25.)"""
+def _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, tok, row_ok, n_tok, depth_ptr, path_ptr,
+                     sdb, sdt, spb, spt, spj, sks, svs, scale, ok_d, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr,
+                     UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr):
+    """A block that reaches past the cache, token by token over the tile's n_tok tokens (each token's rows only,
+    the others kept bit for bit). (Side by side, each token from the block's incoming state, was the same bits
+    and slower at batch 8: 1.61-1.74 ms against 1.53 for a verification step, run 25. By path, a chain's tokens
+    in one MMA with the deepest one's keys, each row up to its own depth: the same bits, 210 registers against
+    168, and slower: 1.55 / 1.96 ms against 1.44 / 1.80 at 1,024 / 2,048 cached, run 27.)"""
     vp = start + tl.arange(0, BLOCK_N)  # the block's virtual positions
     j = vp - lens  # >= 0: the j-th node of the token's path
     for g in range(0, n_tok):
-        rows = row_ok & (group == g)
         n_g = lens + tl.load(depth_ptr + b * sdb + (t0 + g) * sdt) + 1
-        has_rows = True  # (by token every token has its rows: no branch; by path, a token in another's group none)
-        if GROUP_PATHS:
-            has_rows = tl.max(rows.to(tl.int32), axis=0) > 0
-        if has_rows:
-            acc, m_i, l_i = _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t0 + g, n_g, rows,
-                                             n_rows, path_ptr, spb, spt, spj, sks, svs, scale, ok_d, SPLIT_LEN, UPCAST,
-                                             PREC, BY_SUM, SUM_BY_MMA, GROUP_PATHS)
+        acc, m_i, l_i = _path_edge_token(acc, m_i, l_i, q, k_base, v_base, vp, j, lens, lo, b, t0 + g, n_g, tok + t0,
+                                         row_ok, path_ptr, spb, spt, spj, sks, svs, scale, ok_d, SPLIT_LEN, UPCAST,
+                                         PREC, BY_SUM)
     return acc, m_i, l_i
-
-
-@triton.jit
-def _path_groups(path_ptr, depth_ptr, b, t0, tok, depth, row_ok, n_tok, sdb, sdt, spb, spt, spj):
-    """Each tile row's group: the last of the program's n_tok tokens whose path holds the row's token (itself,
-    or a descendant: node indices are unique, so the same node at the same depth means the same path up to it)."""
-    own = tl.load(path_ptr + b * spb + (t0 + tok) * spt + depth * spj, mask=row_ok, other=-1)
-    group = tok
-    for g in range(0, n_tok):
-        d_g = tl.load(depth_ptr + b * sdb + (t0 + g) * sdt)
-        on = row_ok & (depth <= d_g)
-        at = tl.load(path_ptr + b * spb + (t0 + g) * spt + depth * spj, mask=on, other=-2)
-        group = tl.where(on & (at == own), g, group)
-    return group
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -661,7 +631,7 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
                       sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, spb, spt, spj, sdb, sdt,
                       REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SPLIT_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BY_SUM: tl.constexpr,
-                      SUM_BY_MMA: tl.constexpr, GROUP_PATHS: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr):
+                      MERGE: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
     TOK: tl.constexpr = BLOCK_M // REP  # tokens per tile
     pid = tl.program_id(1)
@@ -692,10 +662,6 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
     k_base = k_ptr + b * skb + kvh * skh + offs_d[None, :] * skd
     v_base = v_ptr + b * svb + kvh * svh + offs_d[None, :] * svd
     n_tok = tl.minimum(T - t0, tl.where(edge, EDGE_TOK, TOK))
-    group = tok
-    if GROUP_PATHS:  # (edge programs only: the others have no blocks past the cache)
-        group = _path_groups(path_ptr, depth_ptr, b, t0, tok, depth, row_ok, tl.where(edge, n_tok, 0), sdb, sdt,
-                             spb, spt, spj)
     for split in range(first, last, stride):
         lo = split * SPLIT_LEN
         n = tl.minimum(tl.where(row_ok, lens + depth + 1, 0), lo + SPLIT_LEN)  # each row's positions in the split
@@ -709,12 +675,12 @@ def _path_attn_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, path_ptr, depth_ptr, po_ptr
         shared_end = tl.minimum(hi, lo + tl.maximum(lens - lo, 0) // BLOCK_N * BLOCK_N)
         for start in range(lo, shared_end, BLOCK_N):
             vp = start + offs_n  # the block's virtual positions
-            acc, m_i, l_i = _path_block(acc, m_i, l_i, q, k_base, v_base, vp.to(tl.int64), vp < hi, (vp < hi)[None, :],
-                                        row_ok, sks, svs, scale, ok_d, UPCAST, PREC, BY_SUM, SUM_BY_MMA)
+            acc, m_i, l_i = _path_block(acc, m_i, l_i, q, k_base, v_base, vp.to(tl.int64), vp < hi, row_ok, sks, svs,
+                                        scale, ok_d, UPCAST, PREC, BY_SUM)
         for start in tl.range(shared_end, hi, BLOCK_N, num_stages=1):  # (1-2 blocks: a prefetch buys nothing)
-            acc, m_i, l_i = _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, group, row_ok,
-                                             n, n_tok, depth_ptr, path_ptr, sdb, sdt, spb, spt, spj, sks, svs, scale,
-                                             ok_d, BLOCK_N, SPLIT_LEN, UPCAST, PREC, BY_SUM, SUM_BY_MMA, GROUP_PATHS)
+            acc, m_i, l_i = _path_edge_block(acc, m_i, l_i, q, k_base, v_base, start, lens, lo, b, t0, tok, row_ok,
+                                             n_tok, depth_ptr, path_ptr, sdb, sdt, spb, spt, spj, sks, svs, scale,
+                                             ok_d, BLOCK_N, SPLIT_LEN, UPCAST, PREC, BY_SUM)
         row = ((b * T + t0 + tok) * Hq + h) * NUM_SPLITS + split  # [BLOCK_M] into [B, T, Hq, NUM_SPLITS]
         used = row_ok & (lo < n)
         l_safe = tl.where(used, l_i, 1.0)
@@ -813,17 +779,6 @@ PATH_SPLIT_LEN = int(os.environ.get("HYDRA_LITE_PATH_SPLIT_LEN", "256"))  # virt
 PATH_TILE_ROWS = int(os.environ.get("HYDRA_LITE_PATH_TILE_ROWS", "16"))  # tile rows (tokens x GQA heads) on the GPU,
 # for every call. (Run 25, 64 rows: verification 5-7% faster at batches 1 and 8, AR steps 4-5% slower; to time end
 # to end with the split length.)
-# Tile rows for trees only (T > 1; 0: PATH_TILE_ROWS for every call). Trees want wide tiles (fewer re-reads of the
-# cache), decoding narrow ones (a token is 3 rows). With another width for trees every call sums the softmax's rows
-# by MMA (SUM_BY_MMA in _path_block), so that a row's sums do not follow the tile's layout; whether the MMAs of two
-# tile widths give a row the same bits is the GPU's to say (`benchmark.py steps --path-tree-rows`: the bits line).
-# An experiment (issue 15), off until the GPU says so and timing says it pays.
-PATH_TREE_TILE_ROWS = int(os.environ.get("HYDRA_LITE_PATH_TREE_ROWS", "0"))
-# Blocks past the cache by path, not by token (an experiment, issue 15): an edge program's tokens on one path (a
-# chain, a node and its children) go through such a block in one MMA with the deepest one's keys, each row seeing
-# up to its own depth, instead of one MMA a token (the batch-8 default tree's 10-token chain: 1 instead of up to
-# 3 a program). Off until timed (`benchmark.py steps --path-edge-groups`).
-PATH_EDGE_GROUPS = os.environ.get("HYDRA_LITE_PATH_EDGE_GROUPS", "0") == "1"
 # The last program of a row's splits merges them (an atomic count per row) instead of a combine kernel: one launch
 # less a layer, the same bits. Off until checked and timed on a GPU (HYDRA_LITE_PATH_MERGE=1; issue 15).
 # Tokens per program for the splits that reach lens (see the note above); 0: by batch, 1 at batch 1, else 3. Run 25
@@ -885,12 +840,11 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
              f"path_attention: path {tuple(path.shape)} / depth {tuple(depth.shape)} do not fit q {tuple(q.shape)}")
     REP = Hq // Hkv
     # One tile shape for every call (decoding's one token in a tile of PATH_TILE_ROWS rows too: the same MMA
-    # instructions), unless PATH_TREE_TILE_ROWS gives trees their own (then every call sums rows by MMA).
-    by_mma = PATH_TREE_TILE_ROWS not in (0, PATH_TILE_ROWS)
-    rows = PATH_TREE_TILE_ROWS if by_mma and T > 1 else PATH_TILE_ROWS
-    BLOCK_M, BLOCK_N, BLOCK_D = _pow2(REP, rows), 64, _pow2(D, 16)
-    if not q.is_cuda:  # the interpreter: small tiles (trees' own rows kept, to test them)
-        BLOCK_M, BLOCK_N = _pow2(REP, 32 if by_mma and T > 1 else 16), 32
+    # instructions; trees in wider tiles of their own, their rows summed by MMA, verified long caches faster and
+    # were slower end to end: run 27).
+    BLOCK_M, BLOCK_N, BLOCK_D = _pow2(REP, PATH_TILE_ROWS), 64, _pow2(D, 16)
+    if not q.is_cuda:
+        BLOCK_M, BLOCK_N = _pow2(REP, 16), 32  # the interpreter: small tiles
     _require(PATH_SPLIT_LEN % BLOCK_N == 0, f"PATH_SPLIT_LEN={PATH_SPLIT_LEN} is not a multiple of {BLOCK_N}")
     _require(path.shape[2] <= PATH_SPLIT_LEN, f"path_attention: paths of {path.shape[2]} nodes (at most {PATH_SPLIT_LEN})")
     num_splits = triton.cdiv(S, PATH_SPLIT_LEN)
@@ -914,8 +868,7 @@ def path_attention(q, k_cache, v_cache, lens, path=None, depth=None):
         1.0 / math.sqrt(D) * 1.4426950408889634, num_splits, n_edge, edge_tok, groups, edge_progs,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *path.stride(), *depth.stride(),
         REP=REP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT_LEN=PATH_SPLIT_LEN, UPCAST=upcast,
-        PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda, SUM_BY_MMA=by_mma,
-        GROUP_PATHS=PATH_EDGE_GROUPS,
+        PREC="ieee" if torch.float32 in (q.dtype, k_cache.dtype) else "tf32", BY_SUM=not q.is_cuda,
         MERGE=merge, num_warps=PATH_WARPS, num_stages=PATH_STAGES, **_pdl(q, B * T))
     if merge:
         return out

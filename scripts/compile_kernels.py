@@ -122,18 +122,11 @@ def kernel_sets():
     for merge in (False, True):
         yield (f"path_attention merge={merge} dependent launch={merge}", K._path_attn_kernel, path,
                dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=K.PATH_SPLIT_LEN, UPCAST=False,
-                    PREC="tf32", BY_SUM=False, SUM_BY_MMA=False, GROUP_PATHS=False, MERGE=merge, PDL=merge))
-    for rows in (16, 64):  # (trees in tiles of other rows than decoding's: PATH_TREE_TILE_ROWS, an experiment)
-        yield (f"path_attention {rows} rows, rows summed by MMA", K._path_attn_kernel, path,
-               dict(REP=3, BLOCK_M=rows, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=K.PATH_SPLIT_LEN, UPCAST=False,
-                    PREC="tf32", BY_SUM=False, SUM_BY_MMA=True, GROUP_PATHS=False, MERGE=False, PDL=True))
-    yield ("path_attention, blocks past the cache by path", K._path_attn_kernel, path,
-           dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=K.PATH_SPLIT_LEN, UPCAST=False,
-                PREC="tf32", BY_SUM=False, SUM_BY_MMA=False, GROUP_PATHS=True, MERGE=False, PDL=True))
+                    PREC="tf32", BY_SUM=False, MERGE=merge, PDL=merge))
     for warps in (1, 2):  # (PATH_WARPS, to time), with the shortest split steps --path-tiles offers
         yield (f"path_attention {warps} warps, splits of 64", K._path_attn_kernel, path,
                dict(REP=3, BLOCK_M=K.PATH_TILE_ROWS, BLOCK_N=64, BLOCK_D=64, SPLIT_LEN=64, UPCAST=False, PREC="tf32",
-                    BY_SUM=False, SUM_BY_MMA=False, GROUP_PATHS=False, MERGE=False, PDL=True), warps)
+                    BY_SUM=False, MERGE=False, PDL=True), warps)
     yield ("path_attention combine dependent launch=True", K._path_combine_kernel,
            {"po_ptr": "*fp32", "plse_ptr": "*fp32", "lens_ptr": "*i32", "depth_ptr": "*i64", "o_ptr": "*bf16"},
            dict(SPLIT_LEN=K.PATH_SPLIT_LEN, BLOCK_H=16, BLOCK_D=64, BLOCK_S=16, PDL=True))

@@ -19,14 +19,9 @@
 #   ab     a kernel change against the kernels before it, in one call: step times at batches 8 and 1, short and long
 #          caches, from this tree and from a copy of it with runs/old_kernels.py (`git show REV:kernels.py >
 #          runs/old_kernels.py`, carried: runs/ is ignored), one after the other, twice (no model)
-#   trees  two path_attention experiments: trees in wider tiles than decoding's (kernels.PATH_TREE_TILE_ROWS 32 / 64,
-#          rows summed by MMA; the bits line says whether a tree node still equals decoding: 32 is mma.sync like
-#          decoding's 16, 64 wgmma) and blocks past the cache by path (PATH_EDGE_GROUPS); steps at batches 8 and 1,
-#          short and long caches (no model). End to end, for a setting whose bits line is True:
-#          HYDRA_LITE_PATH_TREE_ROWS=N or HYDRA_LITE_PATH_EDGE_GROUPS=1 in front of `benchmark.py tasks`, or:
-#   trees-e2e  the default and each of TREES_SETTINGS (default "HYDRA_LITE_PATH_TREE_ROWS=32
-#          HYDRA_LITE_PATH_EDGE_GROUPS=1": the ones whose bits line in `trees` was True) end to end, 60 prompts,
-#          batches 1 and 8, each against AR with it (every output == AR is in each tasks.json)
+#   settings-e2e  the default and each of SETTINGS (e.g. "HYDRA_LITE_PATH_EDGE_TOKENS=5 HYDRA_LITE_PDL=0": one
+#          environment setting each) end to end, 60 prompts, batches 1 and 8, each against AR with it (every output
+#          == AR is in each tasks.json)
 #   split  path_attention's split length 256 / 512 / 1,024, tiles of 16 / 64 rows, 8 warps, 1-2 stages, programs: bits
 #          checked, steps at batches 8 and 1, short and long caches (no model)
 #   split-e2e  the same end to end (SPLIT_TILES="16x256 64x512 ...": rows x split length), 60 prompts, batches 1, 8
@@ -72,7 +67,7 @@ RES=$WORK/results
 CKPT=$WORK/smollm2-135m-instruct
 PROMPTS=${PROMPTS:-.models/sharegpt_questions.jsonl}
 DATA=${DATA:-$WORK/data.npz}  # (a data.npz brought from an earlier run works too)
-# The step cases of the path_attention stages (split, trees, ab): "batch head-nodes chain cached-tokens", each
+# The step cases of the path_attention stages (split, ab): "batch head-nodes chain cached-tokens", each
 # batch's default tree over a short and a long cache.
 STEP_CASES=("8 16 10 1024" "8 16 10 2048" "1 32 24 512" "1 32 24 2048")
 mkdir -p "$OUT" "$WORK" "$RES"
@@ -126,18 +121,12 @@ for stage in "$@"; do
           done
         done
       done ;;
-    trees)  # issue 15: wide tiles verify long caches faster (run 26: 64 x 512 slope = the fast kernels'), narrow
-                # ones decode faster; with row sums by MMA only the MMA instruction could part a row's bits
-      for bt in "${STEP_CASES[@]}"; do read -r b n c x <<< "$bt"
-        python3 benchmark.py steps --shape smollm2-135m --batch "$b" --tree-nodes "$n" --tree-chain "$c" --context "$x" \
-          --path-tree-rows 32 64 --path-edge-groups --out "$RES/trees_b${b}_c$x" 2>&1 | tee "$RES/trees_b${b}_c$x.txt" \
-          | grep -E "^b|bit" | sed -E "s/, HBM floor.*//; s/^/c$x: /"
-      done ;;
-    trees-e2e)  # issue 15: the experiments of `trees`, end to end (needs the model)
-      for setting in default ${TREES_SETTINGS:-HYDRA_LITE_PATH_TREE_ROWS=32 HYDRA_LITE_PATH_EDGE_GROUPS=1}; do
+    settings-e2e)  # kernel settings end to end (needs the model): a setting's AR runs with it too, so its outputs
+                   # can part from the default's (other bits), never from its own AR
+      for setting in default ${SETTINGS:?SETTINGS: one or more VAR=VALUE to time against the default}; do
         env $([ "$setting" = default ] || echo "$setting") python3 benchmark.py tasks --checkpoint "$CKPT" --sharegpt "$PROMPTS" \
           --limit 5 --heads ${TASK_HEADS:-shipped=heads/smollm2-135m-hydra++} --batch 1 8 --context default --context-only 0 \
-          --warmup --kernels exact --out "$RES/trees_e2e_${setting##*_}" 2>&1 | tee "$RES/trees_e2e_${setting##*_}.txt" \
+          --warmup --kernels exact --out "$RES/settings_${setting##*_}" 2>&1 | tee "$RES/settings_${setting##*_}.txt" \
           | grep -E "^b[0-9]+ .*tokens/s|^\| shipped" | sed "s/^/$setting: /"
       done ;;
     split)  # issue 15: path_attention's split length (PATH_SPLIT_LEN; 16-row tiles): batch 8's verification grows

@@ -109,28 +109,27 @@ def test_steps_times_every_kernel_set_and_restores_the_settings(tmp_path, monkey
         (hl.EXACT, hl.FUSED, kernels.PATH_MERGE_IN_KERNEL, kernels.PATH_SPLIT_LEN, kernels.PATH_EDGE_TOKENS, kernels.PDL,
          kernels.PDL_MAX_TOKENS, kernels.MATMUL_WIDE_N, kernels.PATH_PROGRAMS, kernels.PATH_WARPS,
          kernels.MATMUL_K_TILE, kernels.PATH_MERGE_DECODE, kernels.MATMUL_STAGES,
-         kernels.PATH_STAGES, kernels.PATH_TREE_TILE_ROWS, kernels.PATH_EDGE_GROUPS)) or 1.0)
+         kernels.PATH_STAGES)) or 1.0)
     monkeypatch.setattr(benchmark, "hbm_bandwidth", lambda device: 4e12)
     monkeypatch.setattr(benchmark, "path_tiles_invariant", lambda K, cfg, tree: True)
     before = benchmark.kernel_settings(kernels)
     assert benchmark.main(["steps", "--shape", "tiny", "--device", "cpu", "--batch", "1", "2", "--context", "20",
                            "--path-tiles", "16x256", "64x128", "--unfused", "--edge-tokens", "1", "0", "--pdl",
                            "--matmul-wide-n", "4097", "--path-programs", "264", "--path-warps", "2", "--matmul-k-tile", "256",
-                           "--merge-decode", "--matmul-stages", "5", "--path-stages", "4", "--path-tree-rows", "32",
-                           "--path-edge-groups", "--profile",
+                           "--merge-decode", "--matmul-stages", "5", "--path-stages", "4", "--profile",
                            "--out", str(tmp_path)]) in (None, 0)
     rows = json.loads((tmp_path / "steps_tiny.json").read_text())["rows"]
     names = {r["step"] for r in rows}
-    assert len(rows) == 2 * 2 * 17 and len(names) == 2 * 17
+    assert len(rows) == 2 * 2 * 15 and len(names) == 2 * 15
     assert "aten::" in (tmp_path / "profile_tiny_b2_verify_fast.txt").read_text()  # (on the CPU: ops)
     assert len(list(tmp_path.glob("profile_*.txt"))) == 2 * 2 * 2  # batches x steps x (default, fast)
     assert {"tree verify (merge in kernel)", "AR step (unfused layers)", "tree verify (edge tokens 0)",
             "AR step (no dependent launch)"} <= names
     base = (True, True, False, 256, 1, True, 64, kernels.MATMUL_WIDE_N, kernels.PATH_PROGRAMS, kernels.PATH_WARPS,
             kernels.MATMUL_K_TILE, kernels.PATH_MERGE_DECODE, kernels.MATMUL_STAGES,
-            kernels.PATH_STAGES, kernels.PATH_TREE_TILE_ROWS, kernels.PATH_EDGE_GROUPS)
+            kernels.PATH_STAGES)
     changed = [{0: False, 1: False}, {3: 128}, {4: 0}, {5: False}, {6: 0}, {1: False}, {2: True}, {7: 4097}, {8: 264},
-               {9: 2}, {10: 256}, {11: True}, {12: 5}, {13: 4}, {14: 32}, {15: True}]
+               {9: 2}, {10: 256}, {11: True}, {12: 5}, {13: 4}]
     want = {base} | {tuple(ch.get(i, v) for i, v in enumerate(base)) for ch in changed}
     assert sorted(set(seen)) == sorted(want)
     assert benchmark.kernel_settings(kernels) == before

@@ -513,23 +513,14 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
 
 
 def test_path_attention_sharing_out_changes_no_bits(monkeypatch):
-    """More ways of sharing the work out, each the same bits as the default's (which the test above holds to
-    decoding): blocks past the cache by path (PATH_EDGE_GROUPS: a chain is one group; a random tree), and splits
-    of two blocks (the interpreter's blocks are 32 positions) that one program a tile loops over, each split
-    from nothing at its first block. (One dtype: the interpreter's bits do not depend on it here.)"""
+    """Splits of two blocks (the interpreter's blocks are 32 positions) that one program a tile loops over, each
+    split from nothing at its first block: the same bits as the default's (which the test above holds to
+    decoding). (One dtype: the interpreter's bits do not depend on it here.)"""
     B, T, Hq, Hkv, D, S = 2, 8, 6, 2, 32, 200
     q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S - T, torch.bfloat16)
     k_cache, v_cache = (torch.cat([c, torch.randn(B, T, Hkv, D).to(torch.bfloat16)], 1) for c in (k_cache, v_cache))
     lens[1] = int(torch.randint(130, S - T, ()))
     tree = tree_paths([random_tree(T)[2] for _ in range(B)])
-    chain = torch.arange(T).expand(B, T, T).tril(), torch.arange(T).expand(B, T)  # token t's path: 0, 1, ..., t
-    monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 32)
-    monkeypatch.setattr(kernels, "PATH_EDGE_TOKENS", 3)  # (groups form within a program's tokens)
-    for path, depth in (tree, chain):
-        want = kernels.path_attention(q, k_cache, v_cache, lens, path, depth)
-        monkeypatch.setattr(kernels, "PATH_EDGE_GROUPS", True)
-        assert torch.equal(kernels.path_attention(q, k_cache, v_cache, lens, path, depth), want)
-        monkeypatch.setattr(kernels, "PATH_EDGE_GROUPS", False)
     monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 64)
     want = kernels.path_attention(q, k_cache, v_cache, lens, *tree)
     monkeypatch.setattr(kernels, "PATH_PROGRAMS", 1)
@@ -546,30 +537,6 @@ def test_path_attention_refuses_a_grid_too_tall(monkeypatch):
     path, depth = torch.zeros(1, T, 1, dtype=torch.long), torch.zeros(1, T, dtype=torch.long)
     with pytest.raises(kernels.KernelInputError, match="HYDRA_LITE_PATH_PROGRAMS"):
         kernels.path_attention(q, cache, cache, torch.tensor([5], dtype=torch.int32), path, depth)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_path_attention_trees_in_their_own_tiles(dtype, monkeypatch):
-    """PATH_TREE_TILE_ROWS (an experiment): trees in wider tiles than decoding's (the interpreter: 32 rows against
-    16), every row's sums by MMA: the reference's values, and a node's output is decoding's over its path, bit
-    for bit (on the interpreter, whose dot is a plain sum, by construction; on the GPU the bits line of
-    `benchmark.py steps --path-tree-rows` says whether two MMA shapes agree)."""
-    monkeypatch.setattr(kernels, "PATH_SPLIT_LEN", 64)
-    monkeypatch.setattr(kernels, "PATH_TREE_TILE_ROWS", 32)
-    B, T, Hq, Hkv, D, S = 2, 12, 6, 2, 32, 160
-    q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S - T, dtype)
-    k_cache, v_cache = (torch.cat([c, torch.randn(B, T, Hkv, D).to(dtype)], 1) for c in (k_cache, v_cache))
-    lens[1] = int(torch.randint(60, S - 2 * T, ()))
-    path, depth = tree_paths([random_tree(T)[2] for _ in range(B)])
-    out = kernels.path_attention(q, k_cache, v_cache, lens, path, depth)
-    close(out, hl.path_attention_ref(q, k_cache, v_cache, lens, path, depth), dtype)
-    for b in range(B):
-        t = int(torch.randint(0, T, ()))
-        n = int(lens[b])
-        slots = torch.cat([torch.arange(n), n + path[b, t, :depth[b, t] + 1]])
-        k1, v1 = k_cache[b:b + 1, slots], v_cache[b:b + 1, slots]
-        ar = kernels.path_attention(q[b:b + 1, t:t + 1], k1, v1, torch.tensor([len(slots) - 1], dtype=torch.int32))
-        assert torch.equal(ar[0, 0], out[b, t]), (b, t)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
