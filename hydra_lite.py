@@ -543,6 +543,10 @@ class KVCache:
         """What one decoder layer reads and writes: (k_cache, v_cache, lens)."""
         return self.k[i], self.v[i], self.lens
 
+    def first(self, batch):
+        """A cache over this one's first `batch` rows: the same memory."""
+        return KVCache(self.k[:, :batch], self.v[:, :batch], self.lens[:batch], self.rope)
+
 
 def new_cache(cfg, n_layers, batch, max_len, device, dtype, rope=None):
     """An empty cache for n_layers layers shaped like cfg's; rope: tables to share (built for max_len if None)."""
@@ -1677,6 +1681,7 @@ class Stats:
     row_active: list = field(default_factory=list)
     step_times: list = field(default_factory=list)  # when the host read each step (perf_counter s): token latency
     cut_short: list = field(default_factory=list)  # rows stopped before their budget, EOS or stop: no room left
+    batches: list = field(default_factory=list)  # the batch sizes the steps ran at, in order (see SHRINK)
 
     @property
     def tokens_per_s(self):
@@ -1754,6 +1759,37 @@ class Workspace:
     host: list = field(default_factory=list)  # two pinned buffers that step outputs take turns in
     prefills: dict = field(default_factory=dict)  # prompt-length bucket -> its captured prefill (StepGraph)
     calls: int = 0  # generate() calls it served (a Conversation checks its cache is still its own)
+    smaller: dict = field(default_factory=dict)  # batch -> a workspace over this one's first rows (shrink_batch)
+
+
+# A speculative batch shrinks as its rows finish: once the rows still going fit a smaller batch size (a power of
+# two), they move to the front of the caches and the steps go on over those rows only, with that batch size's
+# captured step and tree (a larger tree: see TREE_NODES_BESIDE_CHAIN_BY_BATCH). Rows finish at very different
+# steps (acceptance differs by prompt: on the held-out mix at batch 8 only 58% of row-steps were of rows still
+# going, run 26), and a verification's cost grows with the batch. The rows' tokens are the same bits either way
+# (the batch-invariant kernels). HYDRA_LITE_SHRINK=0: the batch keeps its size to the end.
+SHRINK = os.environ.get("HYDRA_LITE_SHRINK", "1") != "0"
+
+
+def shrink_sizes(batch):
+    """The smaller batch sizes a speculative batch of this size may shrink to: the powers of two below it."""
+    return [1 << i for i in range(max(batch - 1, 0).bit_length())] if SHRINK else []
+
+
+def move_rows(ws, rows, n):
+    """Copy workspace rows `rows` (ascending) to its first len(rows) rows: the first n slots of their caches,
+    the Hydra++ layer's, their lengths and token history. (Each row moves to a place at or before its own, in
+    order, so no row is overwritten before it has moved.)"""
+    caches = [c for c in (ws.cache, ws.prefix_cache) if c is not None]
+    for i, r in enumerate(rows):
+        if i == r:
+            continue
+        for c in caches:
+            c.k[:, i, :n] = c.k[:, r, :n]
+            c.v[:, i, :n] = c.v[:, r, :n]
+            c.lens[i] = c.lens[r]
+        if ws.history is not None:
+            ws.history[i] = ws.history[r]
 
 
 def carry_over(old, new, n):
@@ -1827,28 +1863,34 @@ class Output:
             if len(self.tokens[b]) >= self.max_new_tokens:
                 self.done[b] = True
 
-    def live_mask(self, device):
-        """live[b] = 0 freezes a finished row's cache. Made anew only when a row finishes; sent from pinned
-        memory, so it need not wait for the step in flight."""
-        rows = tuple(b for b, d in enumerate(self.done) if not d)
+    def active(self, order):
+        """[(workspace row, prompt)] of the prompts not done; order: each workspace row's prompt (None: a row
+        that holds none, after the batch shrank)."""
+        return [(i, b) for i, b in enumerate(order) if b is not None and not self.done[b]]
+
+    def live_mask(self, device, order):
+        """live[i] = 0 freezes workspace row i's cache (its prompt is done, or it holds none). Made anew only
+        when that changes; sent from pinned memory, so it need not wait for the step in flight."""
+        rows = (len(order), tuple(self.active(order)))
         if self._live[0] != rows:
-            live = torch.tensor([0 if d else 1 for d in self.done], dtype=torch.int32)
+            live = torch.zeros(len(order), dtype=torch.int32)
+            live[[i for i, _ in rows[1]]] = 1
             if torch.device(device).type == "cuda":
                 live = live.pin_memory().to(device, non_blocking=True)
             self._live = (rows, live)
         return self._live[1]
 
-    def take_step(self, mode, rows, lens):
-        """Emit one step's tokens (rows: the host copy of its output) and count them; lens: the host's copy of
-        each row's cache length."""
-        active = [b for b in range(len(rows)) if not self.done[b]]
-        for b in active:
+    def take_step(self, mode, rows, lens, order):
+        """Emit one step's tokens (rows: the host copy of its output, a row per workspace row) and count them;
+        lens: the host's copy of each prompt's cache length."""
+        active = self.active(order)
+        for i, b in active:
             if mode == "ar":
                 n = 1
-                self.emit(b, rows[b])
+                self.emit(b, rows[i])
             else:  # the tree's root was emitted last step; emit the rest and the next root
-                n = rows[b][-2]
-                self.emit(b, rows[b][1:n] + [rows[b][-1]])
+                n = rows[i][-2]
+                self.emit(b, rows[i][1:n] + [rows[i][-1]])
             lens[b] += n  # a live row's cache grew by its accepted tokens
             self.stats.row_accepted[b] += n
             self.stats.row_active[b] += 1
@@ -1986,12 +2028,13 @@ class Generator:
         cache (a Conversation's earlier turns), and only the rest is prefilled."""
         sampling = sampling or SamplingParams()
         mode = self._check_call(prompts, mode, stop)
-        tree = self.tree_for(len(prompts)) if mode == "spec" else None
-        room = 2 * ((tree.size if tree else 1) + 1)  # a step in flight, a tree
+        # (the trees of this batch size and of those it may shrink to)
+        trees = [self.tree_for(b) for b in [len(prompts)] + shrink_sizes(len(prompts))] if mode == "spec" else []
+        room = 2 * (max((t.size for t in trees), default=1) + 1)  # a step in flight, a tree
         # A row's last step may accept up to tree.depth tokens past its budget, and that row's length still counts
         # in the room check while the others go on: the cache holds it too, else they stop short of their
         # budget (a row cut short by its batch partner: most likely run 22's parting from AR at batch 2).
-        overshoot = tree.depth if tree else 0
+        overshoot = max((t.depth for t in trees), default=0)
         ws = self._workspace(len(prompts), self._max_len(prompts, max_new_tokens, room + overshoot), mode, sampling)
         if cached and previous is not ws:
             carry_over(previous, ws, cached)
@@ -2081,14 +2124,21 @@ class Generator:
             if kv is not None:
                 kv.lens.zero_()
 
-    def _build_workspace(self, key):
+    def _build_workspace(self, key, within=None):
+        """The caches and captured step for a GraphKey; within: a workspace whose first key.batch rows this one
+        works on (shrink_batch: the same memory), else its own. A speculative one also gets those over its first
+        rows for each of shrink_sizes()."""
         B, c, dtype, spec = key.batch, self.model.cfg, self.model.embed.weight.dtype, key.mode == "spec"
-        cache = self.model.new_cache(B, key.max_len)
-        prefix_cache = history = None
-        if spec and self.heads is not None and self.heads.prefix is not None:
-            prefix_cache = new_cache(c, 1, B, key.max_len, self.device, dtype, rope=cache.rope)
-        if spec and self.context_drafts:
-            history = torch.zeros(B, key.max_len, dtype=torch.long, device=self.device)
+        if within is not None:
+            cache, prefix_cache, history = (None if x is None else x.first(B) if isinstance(x, KVCache) else x[:B]
+                                            for x in (within.cache, within.prefix_cache, within.history))
+        else:
+            cache = self.model.new_cache(B, key.max_len)
+            prefix_cache = history = None
+            if spec and self.heads is not None and self.heads.prefix is not None:
+                prefix_cache = new_cache(c, 1, B, key.max_len, self.device, dtype, rope=cache.rope)
+            if spec and self.context_drafts:
+                history = torch.zeros(B, key.max_len, dtype=torch.long, device=self.device)
         ws = Workspace(key, cache, prefix_cache, torch.arange(B, device=self.device)[:, None],
                        self.tree_for(B) if spec else None, history)
         zeros = torch.zeros(B, dtype=torch.long, device=self.device)
@@ -2107,6 +2157,10 @@ class Generator:
         if self.device.type == "cuda":  # the step outputs' pinned host buffers (allocating them costs a first call ms)
             width = 1 if key.mode == "ar" else ws.tree.depth + 3
             ws.host[:] = [torch.empty((B, width), dtype=torch.long, pin_memory=True) for _ in range(2)]
+        if spec and within is None:  # (each over the first rows of this one's memory, as are those below it)
+            ws.smaller = {b: self._build_workspace(key._replace(batch=b), ws) for b in shrink_sizes(B)}
+            for w in ws.smaller.values():
+                w.smaller = {b: x for b, x in ws.smaller.items() if b < w.key.batch}
         return ws
 
     def _prefill(self, ws, prompts, cached=0):
@@ -2180,11 +2234,17 @@ class Generator:
         tokens, so the host's work (reading, emitting, stop checks) overlaps the GPU's. The host learns that a
         row is done one step late: that row's next step is wasted, and its cache may grow by one more step,
         which the room allows for. lens: the host's copy of each row's cache length."""
-        pending = None
+        pending, order = None, list(range(ws.key.batch))  # order: each workspace row's prompt
+        out.stats.batches.append(ws.key.batch)
         while True:
             step = None
+            if pending is not None and self._smaller(ws, out, order) is not None:  # (then the step in flight first)
+                out.take_step(ws.key.mode, self._read(pending), lens, order)
+                pending = None
+                ws, token, h, order = self.shrink_batch(ws, out, order, token, h, lens)
+                out.stats.batches.append(ws.key.batch)
             if not all(out.done) and max(lens) + room <= ws.key.max_len:
-                live = out.live_mask(self.device)
+                live = out.live_mask(self.device, order)
                 if ws.key.mode == "ar":
                     token = sample(ws.step(token, live), sampling)
                     step = self._to_host(ws, token[:, None])
@@ -2193,11 +2253,29 @@ class Generator:
                     token = packed[:, -1]
                     step = self._to_host(ws, packed)
             if pending is not None:
-                out.take_step(ws.key.mode, self._read(pending), lens)
+                out.take_step(ws.key.mode, self._read(pending), lens, order)
             if step is None:  # (rows not done here ran out of cache: the model's context)
                 out.stats.cut_short = [b for b, done in enumerate(out.done) if not done]
                 return
             pending = step
+
+    @staticmethod
+    def _smaller(ws, out, order):
+        """The smallest of ws.smaller that holds the rows still going, if any."""
+        n = len(out.active(order))
+        return min((w for b, w in ws.smaller.items() if b >= n), key=lambda w: w.key.batch, default=None) if n else None
+
+    def shrink_batch(self, ws, out, order, token, h, lens):
+        """Move the rows still going to the front and go on with the smallest workspace over them (see SHRINK):
+        returns its (ws, token, h, order). No step may be in flight."""
+        smaller = self._smaller(ws, out, order)
+        if smaller is None:
+            return ws, token, h, order
+        rows = [i for i, _ in out.active(order)]
+        move_rows(ws, rows, max(lens[order[i]] for i in rows) if rows else 0)
+        keep = torch.tensor(rows + [0] * (smaller.key.batch - len(rows)), device=token.device)
+        order = [order[i] for i in rows] + [None] * (smaller.key.batch - len(rows))
+        return smaller, token[keep], h[keep], order
 
     # -- one step of each mode (captured as a CUDA graph on GPU). live[b] = 0 freezes a finished row's cache,
     # so rows that stopped early never run out of room while the others go on.

@@ -187,7 +187,8 @@ def test_gpu_verification_logits_equal_decoding_bit_for_bit(dtype, fused, monkey
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_gpu_half_speculative_equals_autoregressive(dtype, dynamic):
     """Greedy speculative decoding gives greedy decoding's tokens in bf16/fp16, batch 1 and a ragged batch of 8,
-    under CUDA graphs; and each prompt's output is the same alone and inside the batch. On a near-tie model with
+    under CUDA graphs; and each prompt's output is the same alone and inside the batch (which shrinks as its rows
+    finish, on the way). On a near-tie model with
     random heads, and (HYDRA_LITE_CKPT) on SmolLM2 with the shipped heads and real prompts of every family."""
     check_half_speculative(dtype, dynamic)
 
@@ -251,6 +252,8 @@ def check_half_speculative(dtype, dynamic):
         got, stats = spec.generate(prompts, 96, stop_at_eos=False)
         assert got == alone, (name, "spec batch 8")
         assert stats.mean_accept > 1.5 or name == "near-tie", (name, stats.mean_accept)  # (it did speculate)
+        # (real prompts end at different steps: the batch shrank on the way, hl.SHRINK, and kept the bits)
+        assert len(stats.batches) > 1 or name == "near-tie" or not hl.SHRINK, (name, stats.batches)
 
 
 def test_gpu_prefill_skipping_padding_changes_no_bits(monkeypatch):

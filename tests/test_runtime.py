@@ -244,9 +244,11 @@ def test_heads_save_load_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["ar", "spec"])
-def test_finished_rows_stop_growing(mode):
+def test_finished_rows_stop_growing(mode, monkeypatch):
     """A row that hits EOS early keeps its cache length while the others go on (else it could fill the cache
-    and end the whole batch early, cutting the other rows' answers short)."""
+    and end the whole batch early, cutting the other rows' answers short). (The batch kept whole: shrinking it
+    would move the other row into the finished one's place.)"""
+    monkeypatch.setattr(hl, "SHRINK", False)
     model = tiny_model(12)
     heads = tiny_heads(model, True, True)
     prompts = [torch.randint(0, 97, (n,)).tolist() for n in (25, 4)]
@@ -263,6 +265,30 @@ def test_finished_rows_stop_growing(mode):
     # the host learns of the EOS one step late (one step is always in flight), so one more step may land
     grow = 1 if mode == "ar" else gen.tree.depth + 1
     assert int(gen.workspace.cache.lens[0]) <= len(prompts[0]) + 2 + 2 * grow
+
+
+@pytest.mark.parametrize("heads", [False, True])
+def test_a_batch_shrinks_as_its_rows_finish(heads, monkeypatch):
+    """Rows that end at different steps (EOS tokens that each row meets at another point): the batch of 7 goes
+    on over fewer rows, moved to the front of the caches, down to 1, and every row's output is the same as with
+    the batch kept whole and as AR's for its prompt alone (float32)."""
+    model = tiny_model(21)
+    kw = dict(heads=tiny_heads(model, True, True), context_drafts=4) if heads else dict(context_drafts=6)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (9, 30, 4, 17, 25, 6, 12)]
+    free, _ = hl.Generator(model).generate(prompts, 50, stop_at_eos=False)
+    model.cfg.eos_ids = sorted({row[at] for row, at in zip(free, (45, 2, 30, 8, 38, 5, 14))})
+    try:
+        ar = [hl.Generator(model).generate([p], 50)[0][0] for p in prompts]
+        runs = {}
+        for shrink in (False, True):
+            monkeypatch.setattr(hl, "SHRINK", shrink)
+            runs[shrink] = hl.Generator(model, **kw).generate(prompts, 50)
+    finally:
+        model.cfg.eos_ids = []
+    (whole, whole_stats), (shrunk, stats) = runs[False], runs[True]
+    assert len({len(o) for o in ar}) > 3  # (rows end at different points)
+    assert whole_stats.batches == [7] and stats.batches[0] == 7 and stats.batches[-1] == 1, stats.batches
+    assert shrunk == whole == ar
 
 
 def test_accept_typical():
@@ -540,14 +566,17 @@ def test_context_drafts_are_accepted_and_recorded(monkeypatch, with_heads):
     assert stats.mean_accept > 5.0, stats.mean_accept
 
 
-def test_a_row_past_its_budget_does_not_stop_the_others(monkeypatch):
+@pytest.mark.parametrize("shrink", [False, True])
+def test_a_row_past_its_budget_does_not_stop_the_others(shrink, monkeypatch):
     """A row whose last step accepts a long chain past its budget (an oracle chain: the true continuation) ends
     while the other row, drafted nothing useful, goes on; with the longest prompt just short of a cache-size
     boundary, the finished row's length must not stop the other row short of its tokens (it did: the cache had
-    no room for the overshoot). Output equals AR for every prompt length around the boundary."""
+    no room for the overshoot). Output equals AR for every prompt length around the boundary, with the batch
+    kept whole and shrunk to the other row once row 0 is done."""
     model = tiny_model(7)
+    monkeypatch.setattr(hl, "SHRINK", shrink)
     gen, n_new = hl.Generator(model, context_drafts=16), 60
-    tree = gen.tree_for(2)
+    tree = gen.tree_for(2)  # (the same as batch 1's: context drafts of 16 at every batch size)
     tight = 256 - n_new - 2 * (tree.size + 1)  # the longest prompt that fits the smallest cache, before the fix
     for L in (tight - tree.depth + 1, tight - 3, tight):
         torch.manual_seed(L)
@@ -555,9 +584,9 @@ def test_a_row_past_its_budget_does_not_stop_the_others(monkeypatch):
         longer, _ = hl.Generator(model).generate(prompts, n_new + tree.depth + 1, stop_at_eos=False)
 
         def oracle(history, lens, k, ngram=4, prompts=prompts, longer=longer):  # row 0: the truth; row 1: zeros
-            at = int(lens[0]) - len(prompts[0])
-            rows = [(longer[0][at + 1:at + 1 + k] + [0] * k)[:k], [0] * k]
-            return torch.tensor(rows), torch.full((2,), ngram)
+            at = int(lens[0]) - len(prompts[0])  # (< 0: prompt 1 moved up into row 0, prompt 0 done)
+            rows = [(longer[0][at + 1:at + 1 + k] + [0] * k)[:k] if at >= 0 else [0] * k] + [[0] * k] * (len(lens) - 1)
+            return torch.tensor(rows), torch.full((len(lens),), ngram)
 
         monkeypatch.setattr(hl, "context_match", oracle)
         spec, stats = gen.generate(prompts, n_new, stop_at_eos=False)
