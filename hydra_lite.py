@@ -1759,7 +1759,7 @@ class Workspace:
     host: list = field(default_factory=list)  # two pinned buffers that step outputs take turns in
     prefills: dict = field(default_factory=dict)  # prompt-length bucket -> its captured prefill (StepGraph)
     calls: int = 0  # generate() calls it served (a Conversation checks its cache is still its own)
-    smaller: dict = field(default_factory=dict)  # batch -> a workspace over this one's first rows (shrink_batch)
+    smaller: dict = field(default_factory=dict)  # batch -> a workspace over this one's first rows (SHRINK)
 
 
 # A speculative batch shrinks as its rows finish: once the rows still going fit a smaller batch size (a power of
@@ -2028,14 +2028,14 @@ class Generator:
         cache (a Conversation's earlier turns), and only the rest is prefilled."""
         sampling = sampling or SamplingParams()
         mode = self._check_call(prompts, mode, stop)
-        # (the trees of this batch size and of those it may shrink to)
-        trees = [self.tree_for(b) for b in [len(prompts)] + shrink_sizes(len(prompts))] if mode == "spec" else []
-        room = 2 * (max((t.size for t in trees), default=1) + 1)  # a step in flight, a tree
-        # A row's last step may accept up to tree.depth tokens past its budget, and that row's length still counts
-        # in the room check while the others go on: the cache holds it too, else they stop short of their
-        # budget (a row cut short by its batch partner: most likely run 22's parting from AR at batch 2).
-        overshoot = max((t.depth for t in trees), default=0)
-        ws = self._workspace(len(prompts), self._max_len(prompts, max_new_tokens, room + overshoot), mode, sampling)
+        B, spec = len(prompts), mode == "spec"
+        room, overshoot = self._room([self.tree_for(B)] if spec else [])
+        # The cache is sized for the trees of the batch sizes it may shrink to (larger) too, unless the context
+        # caps it: then the batch stays whole.
+        room_all, overshoot_all = self._room([self.tree_for(b) for b in [B] + shrink_sizes(B)] if spec else [])
+        max_len = self._max_len(prompts, max_new_tokens, room + overshoot, room_all + overshoot_all)
+        shrink = max(map(len, prompts)) + max_new_tokens + room_all + overshoot_all <= max_len
+        ws = self._workspace(B, max_len, mode, sampling)
         if cached and previous is not ws:
             carry_over(previous, ws, cached)
         ws.calls += 1
@@ -2052,7 +2052,7 @@ class Generator:
         try:
             for b, t in enumerate(token.tolist()):
                 out.emit(b, [t])
-            self._decode(ws, out, token, h, [len(p) for p in prompts], room, sampling)
+            self._decode(ws, out, token, h, [len(p) for p in prompts], room_all if shrink else room, sampling, shrink)
         except KeyboardInterrupt:
             sync(self.device)
             out.stats.decode_s = time.perf_counter() - t0
@@ -2071,13 +2071,22 @@ class Generator:
             raise HydraLiteError("every prompt needs at least one token")
         return mode
 
-    def _max_len(self, prompts, max_new_tokens, room):
-        """Cache slots per row: room for the longest prompt, its new tokens and the steps in flight, rounded up
-        to a power of two (at least 256, at most the context), so that calls share a few workspaces."""
+    @staticmethod
+    def _room(trees):
+        """(room, overshoot) for decoding with these trees: cache slots past the rows' lengths that a step in
+        flight and a tree take, and how far a row's last step may go past its budget (its tree's depth: that
+        row's length still counts in the room check while the others go on, so the cache holds it too, else they
+        stop short of their budget: run 22's row cut short by its batch partner)."""
+        return 2 * (max((t.size for t in trees), default=1) + 1), max((t.depth for t in trees), default=0)
+
+    def _max_len(self, prompts, max_new_tokens, room, sized_room=0):
+        """Cache slots per row: room for the longest prompt, its new tokens and the steps in flight (sized_room,
+        where more), rounded up to a power of two (at least 256, at most the context), so that calls share a few
+        workspaces."""
         longest, context = max(len(p) for p in prompts), self.model.cfg.max_seq_len
         if longest + room > context:
             raise HydraLiteError(f"prompt of {longest} tokens does not fit the context of {context}")
-        return cache_bucket(longest + max_new_tokens + room, context)
+        return cache_bucket(longest + max_new_tokens + max(room, sized_room), context)
 
     @property
     def workspace(self):
@@ -2126,7 +2135,7 @@ class Generator:
 
     def _build_workspace(self, key, within=None):
         """The caches and captured step for a GraphKey; within: a workspace whose first key.batch rows this one
-        works on (shrink_batch: the same memory), else its own. A speculative one also gets those over its first
+        works on (SHRINK: the same memory), else its own. A speculative one also gets those over its first
         rows for each of shrink_sizes()."""
         B, c, dtype, spec = key.batch, self.model.cfg, self.model.embed.weight.dtype, key.mode == "spec"
         if within is not None:
@@ -2228,20 +2237,21 @@ class Generator:
             ws.prefix_cache.lens.copy_(lens)
         return logits, h[last]
 
-    def _decode(self, ws, out, token, h, lens, room, sampling):
+    def _decode(self, ws, out, token, h, lens, room, sampling, shrink=False):
         """Decoding steps until every row is done or out of room. One step stays in flight: step i+1 is queued
         on the GPU (its inputs are step i's outputs, still on the device) before the host reads step i's
         tokens, so the host's work (reading, emitting, stop checks) overlaps the GPU's. The host learns that a
         row is done one step late: that row's next step is wasted, and its cache may grow by one more step,
-        which the room allows for. lens: the host's copy of each row's cache length."""
+        which the room allows for. lens: the host's copy of each row's cache length. shrink: the batch may
+        shrink as its rows finish (_shrink_batch)."""
         pending, order = None, list(range(ws.key.batch))  # order: each workspace row's prompt
         out.stats.batches.append(ws.key.batch)
         while True:
             step = None
-            if pending is not None and self._smaller(ws, out, order) is not None:  # (then the step in flight first)
+            if shrink and pending is not None and self._smaller(ws, out, order) is not None:  # (in flight: read first)
                 out.take_step(ws.key.mode, self._read(pending), lens, order)
                 pending = None
-                ws, token, h, order = self.shrink_batch(ws, out, order, token, h, lens)
+                ws, token, h, order = self._shrink_batch(ws, out, order, token, h, lens)
                 out.stats.batches.append(ws.key.batch)
             if not all(out.done) and max(lens) + room <= ws.key.max_len:
                 live = out.live_mask(self.device, order)
@@ -2265,7 +2275,7 @@ class Generator:
         n = len(out.active(order))
         return min((w for b, w in ws.smaller.items() if b >= n), key=lambda w: w.key.batch, default=None) if n else None
 
-    def shrink_batch(self, ws, out, order, token, h, lens):
+    def _shrink_batch(self, ws, out, order, token, h, lens):
         """Move the rows still going to the front and go on with the smallest workspace over them (see SHRINK):
         returns its (ws, token, h, order). No step may be in flight."""
         smaller = self._smaller(ws, out, order)

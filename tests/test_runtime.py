@@ -291,6 +291,24 @@ def test_a_batch_shrinks_as_its_rows_finish(heads, monkeypatch):
     assert shrunk == whole == ar
 
 
+def test_a_batch_near_the_context_stays_whole():
+    """The smaller batch sizes verify bigger trees, which need more room past the rows' lengths: where the
+    context cannot give it, the batch keeps its size (rather than refusing the prompt or cutting rows short),
+    and every row is AR's."""
+    model = tiny_model(23)
+    model.cfg.max_seq_len = 160
+    gen = hl.Generator(model, heads=tiny_heads(model, True, True))
+    room, over = gen._room([gen.tree_for(8)])
+    room_all, over_all = gen._room([gen.tree_for(b) for b in (8, 4, 2, 1)])
+    n_new = 20
+    longest = 160 - n_new - room - over  # fits with the batch's own tree, not with the smaller sizes' trees
+    assert longest + n_new + room_all + over_all > 160
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (longest, 5, 9, 30, 12, 3, 40, 7)]
+    out, stats = gen.generate(prompts, n_new, stop_at_eos=False)
+    assert stats.batches == [8] and stats.cut_short == []
+    assert out == [hl.Generator(model).generate([p], n_new, stop_at_eos=False)[0][0] for p in prompts]
+
+
 def test_accept_typical():
     tree = hl.Tree([[0], [1], [0, 0]])  # nodes: 0 root, 1 [0], 2 [1], 3 [0,0]
     tokens = torch.tensor([[5, 6, 7, 8]])
