@@ -2590,6 +2590,8 @@ def print_stats(mode, stats, args):
     print(f"\n[{mode}] {stats.prompt_tokens} prompt tokens, {stats.new_tokens} new tokens in {stats.decode_s:.2f}s: "
           f"{stats.tokens_per_s:.1f} tokens/s, {stats.steps} steps, mean acceptance length {stats.mean_accept:.2f} "
           f"(prefill {stats.prefill_s * 1000:.0f} ms, {args.device})", file=sys.stderr)
+    if len(stats.batches) > 1:
+        print(f"[the batch shrank as its answers ended: {' -> '.join(map(str, stats.batches))}]", file=sys.stderr)
     if stats.cut_short:
         rows = ", ".join(str(b + 1) for b in stats.cut_short)
         print(f"[answer {rows} stopped short of --max-new-tokens: the model's context is full]", file=sys.stderr)

@@ -628,6 +628,8 @@ def test_rows_cut_short_by_the_context_are_reported(capsys):
         assert stats.cut_short == [] and [len(o) for o in out] == [5, 5]
     hl.print_stats("ar", hl.Stats(cut_short=[0, 2]), argparse.Namespace(device="cpu"))
     assert "answer 1, 3 stopped short of --max-new-tokens" in capsys.readouterr().err
+    hl.print_stats("spec", hl.Stats(batches=[8, 4, 1]), argparse.Namespace(device="cpu"))
+    assert "the batch shrank as its answers ended: 8 -> 4 -> 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("batch", [1, 3])
