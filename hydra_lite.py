@@ -2029,12 +2029,13 @@ class Generator:
         sampling = sampling or SamplingParams()
         mode = self._check_call(prompts, mode, stop)
         B, spec = len(prompts), mode == "spec"
+        smaller = shrink_sizes(B) if spec else []
         room, overshoot = self._room([self.tree_for(B)] if spec else [])
         # The cache is sized for the trees of the batch sizes it may shrink to (larger) too, unless the context
         # caps it: then the batch stays whole.
-        room_all, overshoot_all = self._room([self.tree_for(b) for b in [B] + shrink_sizes(B)] if spec else [])
+        room_all, overshoot_all = self._room([self.tree_for(b) for b in [B] + smaller] if spec else [])
         max_len = self._max_len(prompts, max_new_tokens, room + overshoot, room_all + overshoot_all)
-        shrink = max(map(len, prompts)) + max_new_tokens + room_all + overshoot_all <= max_len
+        shrink = bool(smaller) and max(map(len, prompts)) + max_new_tokens + room_all + overshoot_all <= max_len
         ws = self._workspace(B, max_len, mode, sampling)
         if cached and previous is not ws:
             carry_over(previous, ws, cached)
@@ -2273,7 +2274,7 @@ class Generator:
     def _smaller(ws, out, order):
         """The smallest of ws.smaller that holds the rows still going, if any."""
         n = len(out.active(order))
-        return min((w for b, w in ws.smaller.items() if b >= n), key=lambda w: w.key.batch, default=None) if n else None
+        return next((ws.smaller[b] for b in sorted(ws.smaller) if b >= n), None) if n else None
 
     def _shrink_batch(self, ws, out, order, token, h, lens):
         """Move the rows still going to the front and go on with the smallest workspace over them (see SHRINK):
@@ -2282,7 +2283,7 @@ class Generator:
         if smaller is None:
             return ws, token, h, order
         rows = [i for i, _ in out.active(order)]
-        move_rows(ws, rows, max(lens[order[i]] for i in rows) if rows else 0)
+        move_rows(ws, rows, max(lens[order[i]] for i in rows))
         keep = torch.tensor(rows + [0] * (smaller.key.batch - len(rows)), device=token.device)
         order = [order[i] for i in rows] + [None] * (smaller.key.batch - len(rows))
         return smaller, token[keep], h[keep], order
