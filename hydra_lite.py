@@ -2107,7 +2107,8 @@ class Generator:
 
     def warmup(self, batch_sizes=(1,), sampling=None, modes=None, progress=None):
         """Build the workspaces (caches, captured steps, compiled kernels) that calls of these batch sizes can
-        need, every cache size up to the context, so that no call pays for a capture; modes: the default mode's
+        need, every cache size up to the context (a speculative one with the steps of the smaller sizes it may
+        shrink to), so that no call pays for a capture; modes: the default mode's
         (spec with drafts, else ar) unless named. progress(text): told before each. Returns the seconds it took."""
         t0, context = time.perf_counter(), self.model.cfg.max_seq_len
         sizes = sorted({cache_bucket(n, context) for n in (256 << i for i in range(16)) if n // 2 < context})
