@@ -965,7 +965,7 @@ def time_calls(gen, rows, ids, batch, max_new, mode, repeat):
                 records.append(dict(task=rows[j]["task"], id=rows[j].get("id", str(j)), call=i // batch, attempt=attempt,
                                     new_tokens=len(outs[b]), accepted=stats.row_accepted[b], steps=stats.row_active[b],
                                     call_s=wall, call_tokens=stats.new_tokens, prefill_s=stats.prefill_s, out=outs[b],
-                                    cut_short=b in stats.cut_short))
+                                    cut_short=b in stats.cut_short, call_steps=stats.steps, batches=stats.batches))
     return records
 
 
