@@ -2141,8 +2141,9 @@ class Generator:
         rows for each of shrink_sizes()."""
         B, c, dtype, spec = key.batch, self.model.cfg, self.model.embed.weight.dtype, key.mode == "spec"
         if within is not None:
-            cache, prefix_cache, history = (None if x is None else x.first(B) if isinstance(x, KVCache) else x[:B]
-                                            for x in (within.cache, within.prefix_cache, within.history))
+            cache = within.cache.first(B)
+            prefix_cache = None if within.prefix_cache is None else within.prefix_cache.first(B)
+            history = None if within.history is None else within.history[:B]
         else:
             cache = self.model.new_cache(B, key.max_len)
             prefix_cache = history = None

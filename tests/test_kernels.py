@@ -514,8 +514,8 @@ def test_path_attention_is_decoding_bit_for_bit(dtype, monkeypatch):
 
 def test_path_attention_sharing_out_changes_no_bits(monkeypatch):
     """Splits of two blocks (the interpreter's blocks are 32 positions) that one program a tile loops over, each
-    split from nothing at its first block: the same bits as the default's (which the test above holds to
-    decoding). (One dtype: the interpreter's bits do not depend on it here.)"""
+    split from nothing at its first block: the same bits as one program per split (the test above holds splits
+    of one block to decoding). (One dtype: the interpreter's bits do not depend on it here.)"""
     B, T, Hq, Hkv, D, S = 2, 8, 6, 2, 32, 200
     q, k_cache, v_cache, lens = attn_inputs(B, T, Hq, Hkv, D, S - T, torch.bfloat16)
     k_cache, v_cache = (torch.cat([c, torch.randn(B, T, Hkv, D).to(torch.bfloat16)], 1) for c in (k_cache, v_cache))
